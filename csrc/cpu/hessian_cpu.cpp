@@ -1,0 +1,316 @@
+// CPU kernels of the `hessian` operator library (see csrc/hessian.cpp for the schemas).
+//
+// Multi-tensor solver steps: one pass per phase over every parameter tensor, no flattening copies,
+// all reductions accumulated in float64 (at::parallel_reduce over each tensor's elements).
+// Softmax cross-entropy: row-parallel; the forward saves the softmax probabilities (one logits-sized
+// buffer) so that the backward and the double backward need no exp() at all.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace hessian {
+namespace {
+
+constexpr int64_t kGrain = 32768;
+
+inline double to_d(float x) { return static_cast<double>(x); }
+inline double to_d(double x) { return x; }
+inline double to_d(c10::BFloat16 x) { return static_cast<double>(static_cast<float>(x)); }
+inline double to_d(c10::Half x) { return static_cast<double>(static_cast<float>(x)); }
+
+void check_lists(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, const char* what) {
+  TORCH_CHECK(a.size() == b.size(), what, ": tensor lists differ in length (", a.size(), " vs ", b.size(), ")");
+  for (size_t i = 0; i < a.size(); ++i) {
+    TORCH_CHECK(a[i].numel() == b[i].numel(), what, ": tensor ", i, " sizes differ");
+    TORCH_CHECK(a[i].scalar_type() == b[i].scalar_type(), what, ": tensor ", i, " dtypes differ");
+    TORCH_CHECK(a[i].device().is_cpu() && b[i].device().is_cpu(), what, ": CPU kernel got a non-CPU tensor");
+  }
+}
+
+// sum_i a_i * b_i over all tensors, float64 accumulation
+double multi_dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  double total = 0.0;
+  for (size_t t = 0; t < a.size(); ++t) {
+    at::Tensor ac = a[t].contiguous(), bc = b[t].contiguous();  // no copy when already contiguous
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ac.scalar_type(), "multi_dot", [&] {
+      const scalar_t* pa = ac.data_ptr<scalar_t>();
+      const scalar_t* pb = bc.data_ptr<scalar_t>();
+      total += at::parallel_reduce(
+          0, ac.numel(), kGrain, 0.0,
+          [&](int64_t lo, int64_t hi, double acc) {
+            for (int64_t i = lo; i < hi; ++i) acc += to_d(pa[i]) * to_d(pb[i]);
+            return acc;
+          },
+          std::plus<double>());
+    });
+  }
+  return total;
+}
+
+}  // namespace
+
+// Lanczos three-term recurrence step.
+//   alpha = <w, v>;  r = w - alpha v - beta v_prev;  beta_next = ||r||;  v_prev <- r / beta_next
+// v_prev is overwritten with the next Lanczos vector (the caller swaps v and v_prev afterwards).
+at::Tensor lanczos_step_cpu(at::TensorList w_, at::TensorList v_, at::TensorList vp_, const at::Tensor& beta_t) {
+  std::vector<at::Tensor> w(w_.begin(), w_.end()), v(v_.begin(), v_.end()), vp(vp_.begin(), vp_.end());
+  check_lists(w, v, "lanczos_step");
+  check_lists(w, vp, "lanczos_step");
+  for (auto& t : vp) TORCH_CHECK(t.is_contiguous(), "lanczos_step: v_prev tensors must be contiguous");
+  const double beta = beta_t.item<double>();
+  const double alpha = multi_dot(w, v);
+  double sq = 0.0;
+  for (size_t t = 0; t < w.size(); ++t) {
+    at::Tensor wc = w[t].contiguous(), vc = v[t].contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wc.scalar_type(), "lanczos_step", [&] {
+      const scalar_t* pw = wc.data_ptr<scalar_t>();
+      const scalar_t* pv = vc.data_ptr<scalar_t>();
+      scalar_t* pp = vp[t].data_ptr<scalar_t>();
+      sq += at::parallel_reduce(
+          0, wc.numel(), kGrain, 0.0,
+          [&](int64_t lo, int64_t hi, double acc) {
+            for (int64_t i = lo; i < hi; ++i) {
+              const scalar_t r = static_cast<scalar_t>(to_d(pw[i]) - alpha * to_d(pv[i]) - beta * to_d(pp[i]));
+              pp[i] = r;
+              const double rd = to_d(r);
+              acc += rd * rd;
+            }
+            return acc;
+          },
+          std::plus<double>());
+    });
+  }
+  const double beta_next = std::sqrt(sq);
+  const double inv = beta_next > 0.0 ? 1.0 / beta_next : 0.0;
+  for (size_t t = 0; t < vp.size(); ++t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vp[t].scalar_type(), "lanczos_scale", [&] {
+      scalar_t* pp = vp[t].data_ptr<scalar_t>();
+      at::parallel_for(0, vp[t].numel(), kGrain, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) pp[i] = static_cast<scalar_t>(to_d(pp[i]) * inv);
+      });
+    });
+  }
+  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
+  out.data_ptr<double>()[0] = alpha;
+  out.data_ptr<double>()[1] = beta_next;
+  return out;
+}
+
+// Power iteration step: rq = <w, v>, nrm = ||w||, v <- w / nrm. Returns [rq, nrm] in float64.
+at::Tensor power_step_cpu(at::TensorList w_, at::TensorList v_) {
+  std::vector<at::Tensor> w(w_.begin(), w_.end()), v(v_.begin(), v_.end());
+  check_lists(w, v, "power_step");
+  for (auto& t : v) TORCH_CHECK(t.is_contiguous(), "power_step: v tensors must be contiguous");
+  double rq = 0.0, sq = 0.0;
+  for (size_t t = 0; t < w.size(); ++t) {
+    at::Tensor wc = w[t].contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wc.scalar_type(), "power_dot", [&] {
+      const scalar_t* pw = wc.data_ptr<scalar_t>();
+      const scalar_t* pv = v[t].data_ptr<scalar_t>();
+      using P = std::pair<double, double>;
+      P r = at::parallel_reduce(
+          0, wc.numel(), kGrain, P(0.0, 0.0),
+          [&](int64_t lo, int64_t hi, P acc) {
+            for (int64_t i = lo; i < hi; ++i) {
+              const double a = to_d(pw[i]);
+              acc.first += a * to_d(pv[i]);
+              acc.second += a * a;
+            }
+            return acc;
+          },
+          [](P x, P y) { return P(x.first + y.first, x.second + y.second); });
+      rq += r.first;
+      sq += r.second;
+    });
+  }
+  const double nrm = std::sqrt(sq);
+  const double inv = nrm > 0.0 ? 1.0 / nrm : 0.0;
+  for (size_t t = 0; t < w.size(); ++t) {
+    at::Tensor wc = w[t].contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wc.scalar_type(), "power_scale", [&] {
+      const scalar_t* pw = wc.data_ptr<scalar_t>();
+      scalar_t* pv = v[t].data_ptr<scalar_t>();
+      at::parallel_for(0, wc.numel(), kGrain, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) pv[i] = static_cast<scalar_t>(to_d(pw[i]) * inv);
+      });
+    });
+  }
+  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
+  out.data_ptr<double>()[0] = rq;
+  out.data_ptr<double>()[1] = nrm;
+  return out;
+}
+
+namespace {
+void check_xent(const at::Tensor& x, const at::Tensor& labels) {
+  TORCH_CHECK(x.dim() == 2, "softmax_xent: expected 2-D [rows, vocab] tensor, got ", x.dim(), "-D");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), "softmax_xent: labels must be [rows]");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "softmax_xent: labels must be int64");
+  TORCH_CHECK(x.device().is_cpu() && labels.device().is_cpu(), "softmax_xent: CPU kernel got a non-CPU tensor");
+}
+at::ScalarType loss_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+}  // namespace
+
+// loss_i = logsumexp(x_i) - x_i[y_i] (0 where y_i == ignore_index); probs_i = softmax(x_i) (0 rows where ignored)
+std::tuple<at::Tensor, at::Tensor> softmax_xent_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                    int64_t ignore_index) {
+  check_xent(logits, labels);
+  at::Tensor x = logits.contiguous(), y = labels.contiguous();
+  const int64_t N = x.size(0), V = x.size(1);
+  at::Tensor probs = at::empty_like(x);
+  at::Tensor loss = at::empty({N}, x.options().dtype(loss_dtype(x.scalar_type())));
+  const int64_t* py = y.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i)
+    TORCH_CHECK(py[i] == ignore_index || (py[i] >= 0 && py[i] < V), "softmax_xent: label ", py[i],
+                " out of range [0, ", V, ")");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "softmax_xent", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    scalar_t* pp = probs.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> e(V);
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t* xr = px + r * V;
+        scalar_t* prow = pp + r * V;
+        if (py[r] == ignore_index) {
+          for (int64_t j = 0; j < V; ++j) prow[j] = scalar_t(0);
+          if constexpr (std::is_same_v<scalar_t, double>) loss.data_ptr<double>()[r] = 0.0;
+          else loss.data_ptr<float>()[r] = 0.f;
+          continue;
+        }
+        acc_t m = static_cast<acc_t>(xr[0]);
+        for (int64_t j = 1; j < V; ++j) m = std::max(m, static_cast<acc_t>(xr[j]));
+        double s = 0.0;
+        for (int64_t j = 0; j < V; ++j) {
+          e[j] = std::exp(static_cast<acc_t>(xr[j]) - m);
+          s += static_cast<double>(e[j]);
+        }
+        const acc_t inv = static_cast<acc_t>(1.0 / s);
+        for (int64_t j = 0; j < V; ++j) prow[j] = static_cast<scalar_t>(e[j] * inv);
+        const double l = static_cast<double>(m) + std::log(s) - to_d(xr[py[r]]);
+        if constexpr (std::is_same_v<scalar_t, double>) loss.data_ptr<double>()[r] = l;
+        else loss.data_ptr<float>()[r] = static_cast<float>(l);
+      }
+    });
+  });
+  return {loss, probs};
+}
+
+// d loss / d logits: g_i * (p_i - onehot(y_i))
+at::Tensor softmax_xent_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& probs, const at::Tensor& labels,
+                                     int64_t ignore_index) {
+  check_xent(probs, labels);
+  at::Tensor p = probs.contiguous(), y = labels.contiguous();
+  at::Tensor g = grad_loss.to(at::kDouble).contiguous();
+  const int64_t N = p.size(0), V = p.size(1);
+  TORCH_CHECK(g.numel() == N, "softmax_xent_backward: grad_loss must have one entry per row");
+  at::Tensor out = at::empty_like(p);
+  const int64_t* py = y.data_ptr<int64_t>();
+  const double* pg = g.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "softmax_xent_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        scalar_t* orow = po + r * V;
+        if (py[r] == ignore_index) {
+          for (int64_t j = 0; j < V; ++j) orow[j] = scalar_t(0);
+          continue;
+        }
+        const scalar_t* prow = pp + r * V;
+        const acc_t gr = static_cast<acc_t>(pg[r]);
+        for (int64_t j = 0; j < V; ++j) orow[j] = static_cast<scalar_t>(gr * static_cast<acc_t>(prow[j]));
+        orow[py[r]] = static_cast<scalar_t>(pg[r] * (to_d(prow[py[r]]) - 1.0));
+      }
+    });
+  });
+  return out;
+}
+
+// Backward of softmax_xent_backward w.r.t. (grad_loss, probs), given W = d/d(grad_logits):
+//   d/d grad_loss_i = <W_i, p_i> - W_i[y_i];   d/d probs_i = g_i * W_i
+std::tuple<at::Tensor, at::Tensor> softmax_xent_backward_backward_cpu(const at::Tensor& ggrad,
+                                                                      const at::Tensor& grad_loss,
+                                                                      const at::Tensor& probs,
+                                                                      const at::Tensor& labels, int64_t ignore_index) {
+  check_xent(probs, labels);
+  TORCH_CHECK(ggrad.sizes() == probs.sizes(), "softmax_xent_backward_backward: ggrad must match probs");
+  at::Tensor W = ggrad.to(probs.scalar_type()).contiguous(), p = probs.contiguous(), y = labels.contiguous();
+  at::Tensor g = grad_loss.to(at::kDouble).contiguous();
+  const int64_t N = p.size(0), V = p.size(1);
+  at::Tensor gg = at::empty({N}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor gp = at::empty_like(p);
+  const int64_t* py = y.data_ptr<int64_t>();
+  const double* pg = g.data_ptr<double>();
+  double* pgg = gg.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "softmax_xent_backward_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pw = W.data_ptr<scalar_t>();
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    scalar_t* pgp = gp.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        scalar_t* orow = pgp + r * V;
+        if (py[r] == ignore_index) {
+          for (int64_t j = 0; j < V; ++j) orow[j] = scalar_t(0);
+          pgg[r] = 0.0;
+          continue;
+        }
+        const scalar_t* wrow = pw + r * V;
+        const scalar_t* prow = pp + r * V;
+        const acc_t gr = static_cast<acc_t>(pg[r]);
+        double d = 0.0;
+        for (int64_t j = 0; j < V; ++j) {
+          const acc_t wj = static_cast<acc_t>(wrow[j]);
+          d += static_cast<double>(wj * static_cast<acc_t>(prow[j]));
+          orow[j] = static_cast<scalar_t>(gr * wj);
+        }
+        pgg[r] = d - to_d(wrow[py[r]]);
+      }
+    });
+  });
+  return {gg.to(grad_loss.scalar_type()), gp};
+}
+
+// Softmax VJP: p * (G - <p, G>) row-wise
+at::Tensor softmax_backward_cpu(const at::Tensor& grad_probs, const at::Tensor& probs) {
+  TORCH_CHECK(probs.dim() == 2 && grad_probs.sizes() == probs.sizes(), "softmax_backward: shape mismatch");
+  at::Tensor G = grad_probs.to(probs.scalar_type()).contiguous(), p = probs.contiguous();
+  const int64_t N = p.size(0), V = p.size(1);
+  at::Tensor out = at::empty_like(p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "softmax_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pG = G.data_ptr<scalar_t>();
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t* Grow = pG + r * V;
+        const scalar_t* prow = pp + r * V;
+        double d = 0.0;
+        for (int64_t j = 0; j < V; ++j) d += static_cast<double>(static_cast<acc_t>(Grow[j]) * static_cast<acc_t>(prow[j]));
+        const acc_t dd = static_cast<acc_t>(d);
+        for (int64_t j = 0; j < V; ++j)
+          po[r * V + j] = static_cast<scalar_t>(static_cast<acc_t>(prow[j]) * (static_cast<acc_t>(Grow[j]) - dd));
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(hessian, CPU, m) {
+  m.impl("lanczos_step", &lanczos_step_cpu);
+  m.impl("power_step", &power_step_cpu);
+  m.impl("softmax_xent", &softmax_xent_cpu);
+  m.impl("softmax_xent_backward", &softmax_xent_backward_cpu);
+  m.impl("softmax_xent_backward_backward", &softmax_xent_backward_backward_cpu);
+  m.impl("softmax_backward", &softmax_backward_cpu);
+}
+
+}  // namespace hessian

@@ -1,0 +1,779 @@
+"""Curvature of the first-task minimum: extreme Hessian eigenvalues from Hessian-vector products.
+
+The operator is the exact Hessian H of the loss finetune.py minimises -- the summed token negative
+log-likelihood over the answer tokens (labels != -100, logits[:, t] predicting labels[:, t+1]) of a fixed,
+seeded set of N training samples, divided by the total number of answer tokens -- with the model in eval
+mode (no dropout), attention through the eager path or SDPA's math kernel (the only ones with a double
+backward) and gradient checkpointing, if enabled, non-reentrant.
+
+HVPs are double backward passes through first-order graphs built once (``create_graph=True``) and retained
+for every iteration. If the graphs of all micro-batches do not fit in ``graph_memory_budget`` bytes (the size
+of one graph is measured with saved-tensor hooks while it is built), as many as fit are retained and the
+others are rebuilt for every HVP.
+
+Solvers
+  lanczos (default): three-term Lanczos recurrence without a stored basis (three parameter-sized vectors),
+      alpha/beta as float64 scalars. After every step the Ritz values of the k x k tridiagonal T_k are
+      computed (LAPACK, float64); for the extreme Ritz pairs (theta, s) the residual bound
+      ||H y - theta y|| = |beta_{k+1} * s_k| holds. Stopping rule: both extreme pairs satisfy
+      |beta_{k+1} s_k| <= tol * rho_k, rho_k = max(|theta_min|, |theta_max|) (both ends are measured on the
+      scale of rho, the quantity of interest), or beta_{k+1} <= 1e-12 * rho_k (invariant subspace: exact).
+      Without reorthogonalisation converged Ritz values reappear as "ghost" copies; that does not move the
+      extreme Ritz values, which is all this module reads.
+  power: power iteration with pytorch-hessian-eigenthings' rule: stop when
+      |rq_k - rq_{k-1}| / |rq_k| < tol (rq_0 = 0); converges to the eigenvalue of largest magnitude.
+      The reported residual is ||H v - rq v|| = sqrt(||Hv||^2 - rq^2) of the last iterate (no extra HVP).
+  A run that stops on max_iter reports converged=false, a `warning` entry and a message on stderr.
+
+Backends (recorded under "backend" in the result)
+  The optional C++ extension (csrc/, operator namespace ``hessian``) provides the fused multi-tensor solver
+  steps (float64 accumulation, no flattening copies), a softmax cross-entropy whose double backward keeps one
+  logits-sized buffer, and the whole solve loop in C++ (one call per solve). It is found, in order, as
+  the module ``curvature_ext`` built by ``python setup.py build_ext --inplace`` (or pip install), else a JIT
+  build with torch.utils.cpp_extension.load into build/jit (about 20 s once on 2 cores), else plain
+  PyTorch (torch ops, F.cross_entropy, Python loop). CURVATURE_EXT=auto|installed|jit|none overrides.
+
+curvature.json (CLI output; keys of hessian_spectrum's dict plus run information)
+  {"method": "lanczos"|"power", "lambda_max": float|null, "lambda_min": float|null, "rho": float,
+   "iterations": int, "hvp_count": int, "residual": float (largest residual bound of the reported pairs),
+   "residual_max": float|null, "residual_min": float|null, "converged": bool,
+   "stop_reason": "residual"|"invariant_subspace"|"relative_change"|"max_iter", "warning": str (only when
+   not converged), "wall_time_s": float (the solve, graphs included), "setup_time_s": float (graph build),
+   "peak_memory": {"device": str, "peak_rss_bytes": int (CPU process high-water mark),
+                   "cuda_peak_allocated_bytes": int|null},
+   "settings": {"tol", "max_iter", "seed", "method", "graph_memory_budget", ...},
+   "backend": {"extension": "installed"|"jit"|"none", "extension_detail": str, "solver_loop": "cpp"|"python",
+               "step": "fused_op"|"torch", "cross_entropy": "fused_op"|"torch_log_softmax_nll"},
+   "graphs": {"micro_batches": int, "retained": int, "recomputed": int, "saved_bytes_per_graph": int},
+   "n_params": int, "n_samples": int, "n_answer_tokens": int, "loss": float (L_A at the model),
+   "ritz_history": [[lambda_min, lambda_max] per iteration] (lanczos) | [rayleigh quotient] (power),
+   -- CLI only --
+   "model": str, "run_id": str|null (the model's run.json), "task": str, "sample_ids": [str],
+   "data": {"source": str, "split": "train", "n_available": int},
+   "reference": null | {"model": str, "run_id": str|null, "delta_sq_norm": float (||theta_AB - theta_A||^2),
+        "loss_A_at_A": float, "loss_A_at_AB": float, "actual_loss_change": float,
+        "quadratic_term": float (0.5 delta^T H delta, one HVP), "bound": float (0.5 rho ||delta||^2),
+        "quadratic_le_bound": bool},
+   "config": {every CLI argument}, "metadata": {...}}
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import math
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IGNORE_INDEX = -100
+CSRC = os.path.join(HERE, "csrc")
+
+
+class CurvatureError(Exception):
+    """Bad input to curvature.py (printed as `error: ...`, exit 2). Subclasses common.UserError if present."""
+
+
+try:  # use the project's UserError so callers can catch one type
+    from common import UserError as _UserError  # noqa: E402
+
+    class CurvatureError(_UserError):  # type: ignore[no-redef]
+        pass
+except Exception:  # common.py absent or broken: keep the local class
+    pass
+
+
+# --------------------------------------------------------------------------------------------- extension
+_EXT_STATE: dict | None = None
+
+
+def _cuda_sources_usable() -> bool:
+    return torch.cuda.is_available() and torch.version.cuda is not None
+
+
+def load_extension(mode: str | None = None, verbose: bool = False) -> dict:
+    """Load the `hessian` operator library once per process; return {"name", "detail", "ok"}.
+
+    mode: "auto" (installed, else JIT, else none), "installed", "jit", "none". Default: $CURVATURE_EXT or auto.
+    The state is cached: whichever library loaded first stays loaded (registering twice is an error).
+    """
+    global _EXT_STATE
+    mode = (mode or os.environ.get("CURVATURE_EXT") or "auto").lower()
+    if mode not in ("auto", "installed", "jit", "none"):
+        raise CurvatureError(f"CURVATURE_EXT={mode!r} is not one of auto, installed, jit, none")
+    if _EXT_STATE is not None and (_EXT_STATE["ok"] or mode == "none"):
+        return _EXT_STATE
+    if mode == "none":
+        return {"name": "none", "detail": "disabled (CURVATURE_EXT=none)", "ok": False}
+    errors = []
+    if hasattr(torch.ops, "hessian") and hasattr(torch.ops.hessian, "lanczos_step"):
+        _EXT_STATE = {"name": "preloaded", "detail": "hessian ops already registered in this process", "ok": True}
+    if _EXT_STATE is None and mode in ("auto", "installed"):
+        try:
+            import curvature_ext  # noqa: F401  (built by setup.py; importing runs TORCH_LIBRARY initialisers)
+
+            _EXT_STATE = {"name": "installed", "detail": getattr(curvature_ext, "__file__", "?"), "ok": True}
+        except ImportError as e:
+            errors.append(f"installed: {e}")
+    if _EXT_STATE is None and mode in ("auto", "jit"):
+        try:
+            from torch.utils.cpp_extension import load
+
+            build_dir = os.path.join(HERE, "build", "jit")
+            os.makedirs(build_dir, exist_ok=True)
+            sources = [os.path.join(CSRC, "hessian.cpp"), os.path.join(CSRC, "cpu", "hessian_cpu.cpp")]
+            kwargs = {}
+            if _cuda_sources_usable():
+                sources += [os.path.join(CSRC, "cuda", "hessian_cuda.cpp"),
+                            os.path.join(CSRC, "cuda", "hessian_kernels.cu")]
+                kwargs["extra_cuda_cflags"] = ["-O3"]
+            t0 = time.time()
+            load(name="curvature_ext_jit" + ("_cuda" if "extra_cuda_cflags" in kwargs else ""), sources=sources,
+                 extra_cflags=["-O3"], build_directory=build_dir, is_python_module=False, verbose=verbose,
+                 **kwargs)
+            _EXT_STATE = {"name": "jit", "ok": True,
+                          "detail": f"torch.utils.cpp_extension.load into {build_dir} ({time.time() - t0:.1f} s)"}
+        except Exception as e:  # compiler missing, build error, ...
+            msg = str(e).strip().splitlines()
+            errors.append(f"jit: {msg[-1] if msg else type(e).__name__}")
+    if _EXT_STATE is None:
+        return {"name": "none", "detail": "plain PyTorch fallback; " + "; ".join(errors), "ok": False}
+    _register_python_side()
+    return _EXT_STATE
+
+
+_PY_REGISTERED = False
+
+
+def _register_python_side():
+    """Autograd formulas and fake (meta) kernels of the C++ ops."""
+    global _PY_REGISTERED
+    if _PY_REGISTERED:
+        return
+    ops = torch.ops.hessian
+    lib = torch.library
+
+    # forward: loss rows and softmax probabilities (the one logits-sized buffer kept for backward)
+    def xent_setup(ctx, inputs, output):
+        _, labels, ignore_index = inputs
+        ctx.set_materialize_grads(False)  # an unused probs output must not cost a softmax VJP
+        ctx.save_for_backward(output[1], labels)
+        ctx.ignore_index = ignore_index
+
+    def xent_backward(ctx, grad_loss, grad_probs):
+        probs, labels = ctx.saved_tensors
+        g = None
+        if grad_loss is not None:
+            g = ops.softmax_xent_backward(grad_loss, probs, labels, ctx.ignore_index)
+        if grad_probs is not None:
+            gp = ops.softmax_backward(grad_probs, probs)
+            g = gp if g is None else g + gp
+        return g, None, None
+
+    lib.register_autograd("hessian::softmax_xent", xent_backward, setup_context=xent_setup)
+
+    # the backward is itself differentiable (double backward for HVPs)
+    def xb_setup(ctx, inputs, output):
+        grad_loss, probs, labels, ignore_index = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_loss, probs, labels)
+        ctx.ignore_index = ignore_index
+
+    def xb_backward(ctx, ggrad):
+        if ggrad is None:
+            return None, None, None, None
+        grad_loss, probs, labels = ctx.saved_tensors
+        gg, gp = ops.softmax_xent_backward_backward(ggrad, grad_loss, probs, labels, ctx.ignore_index)
+        return gg, gp, None, None
+
+    lib.register_autograd("hessian::softmax_xent_backward", xb_backward, setup_context=xb_setup)
+
+    fake_dtype = lambda t: torch.float64 if t.dtype == torch.float64 else torch.float32  # noqa: E731
+
+    @lib.register_fake("hessian::softmax_xent")
+    def _(logits, labels, ignore_index):
+        return logits.new_empty(logits.shape[:1], dtype=fake_dtype(logits)), torch.empty_like(logits)
+
+    @lib.register_fake("hessian::softmax_xent_backward")
+    def _(grad_loss, probs, labels, ignore_index):
+        return torch.empty_like(probs)
+
+    @lib.register_fake("hessian::softmax_xent_backward_backward")
+    def _(ggrad, grad_loss, probs, labels, ignore_index):
+        return torch.empty_like(grad_loss), torch.empty_like(probs)
+
+    @lib.register_fake("hessian::softmax_backward")
+    def _(grad_probs, probs):
+        return torch.empty_like(probs)
+
+    @lib.register_fake("hessian::lanczos_step")
+    def _(w, v, v_prev, beta):
+        return w[0].new_empty((2,), dtype=torch.float64)
+
+    @lib.register_fake("hessian::power_step")
+    def _(w, v):
+        return w[0].new_empty((2,), dtype=torch.float64)
+
+    _PY_REGISTERED = True
+
+
+# ------------------------------------------------------------------------------- plain-PyTorch reference ops
+def lanczos_step_torch(w, v, v_prev, beta):
+    """Reference of hessian::lanczos_step: same arithmetic (float64 per element, rounded to storage dtype)."""
+    beta = float(beta)
+    alpha = sum(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()) for a, b in zip(w, v))
+    sq = torch.zeros((), dtype=torch.float64, device=w[0].device)
+    for a, b, p in zip(w, v, v_prev):
+        p.copy_(a.double() - alpha * b.double() - beta * p.double())
+        sq = sq + p.double().pow(2).sum()
+    beta_next = sq.sqrt()
+    inv = 1.0 / beta_next if float(beta_next) > 0 else torch.zeros_like(beta_next)
+    for p in v_prev:
+        p.copy_(p.double() * inv)
+    return torch.stack([alpha.to(torch.float64).cpu(), beta_next.cpu()])
+
+
+def power_step_torch(w, v):
+    """Reference of hessian::power_step: [<w,v>, ||w||] in float64, v <- w/||w||."""
+    rq = sum(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()) for a, b in zip(w, v))
+    nrm = sum(a.double().pow(2).sum() for a in w).sqrt()
+    inv = 1.0 / nrm if float(nrm) > 0 else torch.zeros_like(nrm)
+    for a, b in zip(w, v):
+        b.copy_(a.double() * inv)
+    return torch.stack([rq.cpu(), nrm.cpu()])
+
+
+def answer_loss_sum_ref(logits, labels):
+    """Same semantics as finetune.answer_loss_sum: (sum of answer-token NLL, number of answer tokens)."""
+    lg = logits[:, :-1].reshape(-1, logits.shape[-1])
+    tg = labels[:, 1:].reshape(-1)
+    n = int((tg != IGNORE_INDEX).sum())
+    return torch.nn.functional.cross_entropy(lg, tg, ignore_index=IGNORE_INDEX, reduction="sum"), n
+
+
+# ------------------------------------------------------------------------------------------- the operator
+def _count_answer_tokens(batch):
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _prepare_model(model):
+    model.eval()
+    cfg = getattr(model, "config", None)
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl is not None and impl not in ("eager", "sdpa"):
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+        else:
+            cfg._attn_implementation = "eager"
+    ckpt = getattr(model, "is_activation_checkpointing", None)
+    if ckpt is None:
+        ckpt = getattr(model, "is_gradient_checkpointing", False)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _math_sdpa():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    except Exception:  # pragma: no cover
+        return contextlib.nullcontext()
+
+
+def batch_answer_loss_sum(model, batch, fused: bool, answer_logits_only: bool = True):
+    """Sum of answer-token NLL of one batch; logits are only projected at positions that predict an answer
+    token (HF `logits_to_keep` boolean mask), falling back to full logits for models without it.
+    answer_logits_only=False projects every position (finetune.answer_loss_sum's way; benchmarks only)."""
+    dev = next(model.parameters()).device
+    ids = batch["input_ids"].to(dev)
+    am = batch.get("attention_mask")
+    am = am.to(dev) if am is not None else torch.ones_like(ids)
+    labels = batch["labels"].to(dev)
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    targets = labels[:, 1:][keep[:, :-1]]
+    with _math_sdpa():
+        try:
+            if not answer_logits_only:
+                raise TypeError
+            out = model(input_ids=ids, attention_mask=am, logits_to_keep=keep, use_cache=False)
+        except TypeError:
+            out = model(input_ids=ids, attention_mask=am)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    del out
+    if logits.dim() == 3:
+        logits = logits[keep] if logits.shape[1] == keep.shape[1] else None
+    if logits is None or logits.shape[0] != targets.shape[0]:
+        raise RuntimeError("model output does not line up with the labels (expected [batch, seq, vocab] logits)")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # finetune.answer_loss_sum's precision (only answer rows are projected)
+    if fused:
+        losses, _ = torch.ops.hessian.softmax_xent(logits, targets, IGNORE_INDEX)
+        return losses.sum()
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _default_budget(device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.7 * free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(0.5 * int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return 8 << 30
+
+
+class HessianOperator:
+    """H v for the answer-token loss of `batches` at the model's current parameters."""
+
+    def __init__(self, model, batches, fused_ce: bool = False, graph_memory_budget: int | None = None,
+                 answer_logits_only: bool = True):
+        self.answer_logits_only = answer_logits_only
+        if not batches:
+            raise CurvatureError("no batches given: the Hessian needs at least one sample")
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise CurvatureError("the model has no trainable parameters")
+        self.batches = list(batches)
+        self.fused = fused_ce
+        self.total_tokens = sum(_count_answer_tokens(b) for b in self.batches)
+        if self.total_tokens == 0:
+            raise CurvatureError("the batches contain no answer tokens (every label is -100)")
+        dev = self.params[0].device
+        self.budget = int(graph_memory_budget) if graph_memory_budget is not None else _default_budget(dev)
+        self.hvp_count = 0
+        self.grads_count = 0
+        self.loss_value = 0.0
+        self._g_sum = None
+        self.recompute = []
+        self.graph_bytes = 0
+        self._build()
+
+    def _first_order(self, batch, create_graph=True):
+        loss = batch_answer_loss_sum(self.model, batch, self.fused, self.answer_logits_only) / self.total_tokens
+        self.loss_value += float(loss.detach())
+        grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
+        self.grads_count += 1
+        return grads
+
+    def _build(self):
+        param_ptrs = {p.untyped_storage().data_ptr() for p in self.params}
+        seen = {}
+
+        def pack(t):
+            try:
+                st = t.untyped_storage()
+                ptr = st.data_ptr()
+                if ptr not in param_ptrs and ptr not in seen:
+                    seen[ptr] = st.nbytes()
+            except Exception:
+                pass
+            return t
+
+        kept = 0
+        for i, b in enumerate(self.batches):
+            if i == 0:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    grads = self._first_order(b)
+                self.graph_bytes = int(sum(seen.values()))
+                n_fit = self.budget // max(self.graph_bytes, 1)
+                if n_fit < 1:
+                    del grads
+                    self.recompute = list(self.batches)
+                    for rest in self.batches[1:]:
+                        self.loss_value += float(self._loss_only(rest))
+                    self.retained = 0
+                    return
+            elif kept >= n_fit:
+                self.recompute.append(b)
+                self.loss_value += float(self._loss_only(b))
+                continue
+            else:
+                grads = self._first_order(b)
+            kept += 1
+            if self._g_sum is None:
+                self._g_sum = list(grads)
+            else:
+                self._g_sum = [a if g is None else (g if a is None else a + g) for a, g in zip(self._g_sum, grads)]
+            del grads
+        self.retained = kept
+        idx = [i for i, g in enumerate(self._g_sum) if g is not None and g.requires_grad]
+        self.g_index = idx
+        self.g_out = [self._g_sum[i] for i in idx]
+
+    @property
+    def retained_count(self):
+        return getattr(self, "retained", 0)
+
+    def _loss_only(self, b):
+        with torch.no_grad():
+            return batch_answer_loss_sum(self.model, b, self.fused, self.answer_logits_only) / self.total_tokens
+
+    def hvp(self, v):
+        """H v as a list of tensors shaped like the parameters (v: list of the same)."""
+        self.hvp_count += 1
+        out = [None] * len(self.params)
+        if self._g_sum is not None and self.g_out:
+            res = torch.autograd.grad(self.g_out, self.params, grad_outputs=[v[i] for i in self.g_index],
+                                      retain_graph=True, allow_unused=True)
+            out = list(res)
+        for b in self.recompute:
+            loss = batch_answer_loss_sum(self.model, b, self.fused, self.answer_logits_only) / self.total_tokens
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            if not idx:
+                continue
+            res = torch.autograd.grad([grads[i] for i in idx], self.params, grad_outputs=[v[i] for i in idx],
+                                      allow_unused=True)
+            out = [r if o is None else (o if r is None else o + r) for o, r in zip(out, res)]
+        return [torch.zeros_like(p) if o is None else o.contiguous() for o, p in zip(out, self.params)]
+
+
+# --------------------------------------------------------------------------------------------- solvers
+def ritz_extremes(alphas, betas):
+    """Ritz values of T_k; returns (theta_min, theta_max, res_min, res_max) with res = |beta_k s_last|."""
+    k = len(alphas)
+    T = np.diag(np.asarray(alphas, dtype=np.float64))
+    if k > 1:
+        off = np.asarray(betas[: k - 1], dtype=np.float64)
+        T += np.diag(off, 1) + np.diag(off, -1)
+    theta, S = np.linalg.eigh(T)
+    bk = float(betas[k - 1])
+    return float(theta[0]), float(theta[-1]), abs(bk * S[-1, 0]), abs(bk * S[-1, -1])
+
+
+def _lanczos_stop(alphas, betas, tol):
+    lmin, lmax, rmin, rmax = ritz_extremes(alphas, betas)
+    scale = max(abs(lmin), abs(lmax))
+    if betas[-1] <= 1e-12 * max(scale, 1e-300):
+        return 2
+    if max(rmin, rmax) <= tol * scale:
+        return 1
+    return 0
+
+
+def _start_vector(params, seed):
+    gen = torch.Generator().manual_seed(int(seed))
+    return [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device=p.device, dtype=p.dtype)
+            for p in params]
+
+
+def _normalize(v):
+    nrm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in v))
+    if nrm == 0:
+        raise CurvatureError("start vector is zero")
+    return [(t.double() / nrm).to(t.dtype).contiguous() for t in v]
+
+
+def _lanczos_python(op, v0, max_iter, tol, step):
+    v = _normalize(v0)
+    vp = [torch.zeros_like(t) for t in v]
+    beta = torch.zeros((), dtype=torch.float64, device=v[0].device)
+    alphas, betas, code = [], [], 0
+    for _ in range(max_iter):
+        w = op.hvp(v)
+        ab = step(w, v, vp, beta)
+        del w
+        v, vp = vp, v
+        beta = ab[1].to(v[0].device)
+        a, b = ab.tolist()
+        alphas.append(a)
+        betas.append(b)
+        code = _lanczos_stop(alphas, betas, tol)
+        if code:
+            break
+    return alphas, betas, code
+
+
+def _power_python(op, v0, max_iter, tol, step):
+    v = _normalize(v0)
+    hist, prev, code = [], 0.0, 0
+    for _ in range(max_iter):
+        w = op.hvp(v)
+        rq, nrm = step(w, v).tolist()
+        del w
+        hist.append((rq, nrm))
+        err = 1.0 if rq == 0.0 else abs((rq - prev) / rq)
+        if err < tol:
+            code = 1
+            break
+        prev = rq
+    return hist, code
+
+
+def _peak_memory(device):
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1024 if sys.platform != "darwin" else 1)
+    cuda = None
+    if device.type == "cuda":
+        cuda = int(torch.cuda.max_memory_allocated(device))
+    return {"device": str(device), "peak_rss_bytes": int(rss), "cuda_peak_allocated_bytes": cuda}
+
+
+def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, seed=0, *, backend="auto",
+                     graph_memory_budget=None, v0=None, return_operator=False):
+    """Extreme eigenvalues of the Hessian of the answer-token loss over `batches` (see module docstring).
+
+    backend: "auto" (extension if it loads, else plain PyTorch), "extension" (required), "torch" (plain).
+    Returns the result dict; with return_operator=True, (dict, HessianOperator).
+    """
+    if method not in ("lanczos", "power"):
+        raise CurvatureError(f"method must be 'lanczos' or 'power', got {method!r}")
+    if not (tol > 0):
+        raise CurvatureError(f"tol must be > 0, got {tol}")
+    if int(max_iter) < 1:
+        raise CurvatureError(f"max_iter must be >= 1, got {max_iter}")
+    if backend not in ("auto", "extension", "torch"):
+        raise CurvatureError(f"backend must be auto, extension or torch, got {backend!r}")
+    ext = load_extension("none" if backend == "torch" else None)
+    if backend == "extension" and not ext["ok"]:
+        raise CurvatureError(f"the C++ extension is not available ({ext['detail']}); build it with "
+                             "`python setup.py build_ext --inplace` or use backend='torch'")
+    use_ext = ext["ok"] and backend != "torch"
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _prepare_model(model)
+    t0 = time.perf_counter()
+    op = HessianOperator(model, batches, fused_ce=use_ext, graph_memory_budget=graph_memory_budget)
+    t_setup = time.perf_counter() - t0
+    if v0 is None:
+        v0 = _start_vector(op.params, seed)
+    cpp_loop = use_ext and not op.recompute
+    if method == "lanczos":
+        if cpp_loop:
+            a, b, code = torch.ops.hessian.lanczos_solve(op.g_out, op.g_index, op.params, list(v0), int(max_iter),
+                                                         float(tol))
+            alphas, betas = a.tolist(), b.tolist()
+            op.hvp_count += len(alphas)
+        else:
+            step = torch.ops.hessian.lanczos_step if use_ext else lanczos_step_torch
+            alphas, betas, code = _lanczos_python(op, v0, int(max_iter), float(tol), step)
+        lmin, lmax, rmin, rmax = ritz_extremes(alphas, betas)
+        hist = [list(ritz_extremes(alphas[:k], betas[:k])[:2]) for k in range(1, len(alphas) + 1)]
+        res = {"method": "lanczos", "lambda_max": lmax, "lambda_min": lmin, "rho": max(abs(lmax), abs(lmin)),
+               "iterations": len(alphas), "residual": max(rmin, rmax), "residual_max": rmax, "residual_min": rmin,
+               "converged": code in (1, 2),
+               "stop_reason": {0: "max_iter", 1: "residual", 2: "invariant_subspace"}[int(code)],
+               "ritz_history": hist}
+    else:
+        if cpp_loop:
+            h, code = torch.ops.hessian.power_solve(op.g_out, op.g_index, op.params, list(v0), int(max_iter),
+                                                    float(tol))
+            hist = [tuple(r) for r in h.tolist()]
+            op.hvp_count += len(hist)
+        else:
+            step = torch.ops.hessian.power_step if use_ext else power_step_torch
+            hist, code = _power_python(op, v0, int(max_iter), float(tol), step)
+        rq, nrm = hist[-1]
+        res = {"method": "power", "lambda_max": rq if rq >= 0 else None, "lambda_min": rq if rq < 0 else None,
+               "rho": abs(rq), "iterations": len(hist), "residual": math.sqrt(max(nrm * nrm - rq * rq, 0.0)),
+               "residual_max": None, "residual_min": None, "converged": code == 1,
+               "stop_reason": "relative_change" if code == 1 else "max_iter", "ritz_history": [h[0] for h in hist]}
+    wall = time.perf_counter() - t0
+    if not res["converged"]:
+        res["warning"] = (f"{method} did not converge in {res['iterations']} iterations (tol={tol}); "
+                          f"rho={res['rho']:.6g} is an estimate with residual {res['residual']:.3g}")
+        warnings.warn(res["warning"], RuntimeWarning, stacklevel=2)
+    res.update({
+        "hvp_count": op.hvp_count, "wall_time_s": wall, "setup_time_s": t_setup, "peak_memory": _peak_memory(device),
+        "settings": {"method": method, "tol": tol, "max_iter": int(max_iter), "seed": seed,
+                     "graph_memory_budget": op.budget, "dtype": str(op.params[0].dtype).replace("torch.", ""),
+                     "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
+                     "sdpa_backend": "math"},
+        "backend": {"extension": ext["name"] if use_ext else "none",
+                    "extension_detail": ext["detail"] if use_ext or backend != "torch" else "not requested",
+                    "solver_loop": "cpp" if cpp_loop else "python", "step": "fused_op" if use_ext else "torch",
+                    "cross_entropy": "fused_op" if use_ext else "torch_log_softmax_nll"},
+        "graphs": {"micro_batches": len(op.batches), "retained": op.retained_count, "recomputed": len(op.recompute),
+                   "saved_bytes_per_graph": op.graph_bytes},
+        "n_params": int(sum(p.numel() for p in op.params)), "n_samples": int(sum(b["input_ids"].shape[0]
+                                                                                 for b in op.batches)),
+        "n_answer_tokens": op.total_tokens, "loss": op.loss_value,
+    })
+    order = ["method", "lambda_max", "lambda_min", "rho", "iterations", "hvp_count", "residual", "converged"]
+    res = {**{k: res[k] for k in order}, **{k: v for k, v in res.items() if k not in order}}
+    return (res, op) if return_operator else res
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _write_json_atomic(path, obj):
+    try:
+        from common import write_json_atomic
+
+        return write_json_atomic(path, obj)
+    except ImportError:
+        d = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=d)
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+
+
+def _run_id(model_dir):
+    try:
+        with open(os.path.join(model_dir, "run.json")) as f:
+            return json.load(f).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def _loss_value(model, batches, fused):
+    total = sum(_count_answer_tokens(b) for b in batches)
+    with torch.no_grad():
+        return float(sum(float(batch_answer_loss_sum(model, b, fused)) for b in batches) / total)
+
+
+def build_batches(tokenizer, examples, micro_batch_size, max_length=None):
+    """Encode with finetune.encode_example and collate with finetune.collate (length-sorted micro-batches)."""
+    import finetune
+
+    if max_length is None:  # finetune.py's own default, so the loss is the one it minimised
+        max_length = finetune.default_config()["max_length"] if hasattr(finetune, "default_config") else 2048
+    enc = [finetune.encode_example(tokenizer, ex, max_length) for ex in examples]
+    enc.sort(key=lambda e: len(e["input_ids"]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return [finetune.collate(enc[i:i + micro_batch_size], pad) for i in range(0, len(enc), micro_batch_size)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Hessian spectral radius of the first-task loss (paper section 4.3)")
+    ap.add_argument("--model", required=True, help="checkpoint dir of theta_A (or 'tiny')")
+    ap.add_argument("--task", required=True)
+    ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--out", required=True, help="curvature.json path")
+    ap.add_argument("--method", choices=["lanczos", "power"], default="lanczos")
+    ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--max_iter", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference", default=None, help="checkpoint dir of theta_AB for the Taylor check")
+    ap.add_argument("--data_dir", default=None)
+    ap.add_argument("--micro_batch_size", type=int, default=10)
+    ap.add_argument("--max_length", type=int, default=None)
+    ap.add_argument("--graph_memory_budget_gb", type=float, default=None)
+    ap.add_argument("--backend", choices=["auto", "extension", "torch"], default="auto")
+    args = ap.parse_args(argv)
+    try:
+        result = run_cli(args)
+    except Exception as e:
+        user_types = (CurvatureError,)
+        try:
+            from common import UserError
+
+            user_types = (CurvatureError, UserError)
+        except ImportError:
+            pass
+        if isinstance(e, user_types):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    print(json.dumps({k: result[k] for k in ("rho", "lambda_max", "lambda_min", "iterations", "hvp_count",
+                                              "converged", "wall_time_s")}))
+    if not result["converged"]:
+        print(f"warning: {result.get('warning')}", file=sys.stderr)
+    return 0
+
+
+def run_cli(args):
+    if args.samples < 1:
+        raise CurvatureError(f"--samples must be >= 1, got {args.samples}")
+    if not args.tol > 0:
+        raise CurvatureError(f"--tol must be > 0, got {args.tol}")
+    if args.max_iter < 1:
+        raise CurvatureError(f"--max_iter must be >= 1, got {args.max_iter}")
+    if args.micro_batch_size < 1:
+        raise CurvatureError(f"--micro_batch_size must be >= 1, got {args.micro_batch_size}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out):
+        raise CurvatureError(f"--out {args.out} is a directory; give a file path such as {args.out}/curvature.json")
+    os.makedirs(out_dir, exist_ok=True)
+    if args.model != "tiny" and not os.path.isdir(args.model):
+        raise CurvatureError(f"--model {args.model}: no such checkpoint directory (pass a finetune.py output dir)")
+    if args.reference is not None and not os.path.isdir(args.reference):
+        raise CurvatureError(f"--reference {args.reference}: no such checkpoint directory (pass theta_AB's dir)")
+    try:
+        import common
+        import finetune  # noqa: F401
+        import tasks
+    except ImportError as e:
+        raise CurvatureError(f"{e}: curvature.py needs common.py, tasks.py and finetune.py beside it")
+    if args.task not in tasks.TASKS:
+        raise CurvatureError(f"--task {args.task!r} is not one of {', '.join(tasks.TASKS)}")
+    data = tasks.load_task(args.task, split="train", data_dir=args.data_dir, seed=args.seed)
+    exs = list(data.examples)
+    if not exs:
+        raise CurvatureError(f"task {args.task} has no training examples (data: {data.source})")
+    rng = random.Random(args.seed)
+    chosen = sorted(rng.sample(range(len(exs)), min(args.samples, len(exs))))
+    if len(chosen) < args.samples:
+        print(f"note: task {args.task} has only {len(exs)} training examples; using all", file=sys.stderr)
+    examples = [exs[i] for i in chosen]
+    model, tok = common.load_model_and_tokenizer(args.model)
+    batches = build_batches(tok, examples, args.micro_batch_size, args.max_length)
+    budget = None if args.graph_memory_budget_gb is None else int(args.graph_memory_budget_gb * (1 << 30))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res, op = hessian_spectrum(model, batches, method=args.method, tol=args.tol, max_iter=args.max_iter,
+                                   seed=args.seed, backend=args.backend, graph_memory_budget=budget,
+                                   return_operator=True)
+    ref = None
+    if args.reference is not None:
+        ref = reference_check(op, res["rho"], args.reference, batches, common)
+    result = dict(res)
+    result.update({
+        "model": args.model, "run_id": _run_id(args.model), "task": args.task,
+        "sample_ids": [str(ex.id) for ex in examples],
+        "data": {"source": str(data.source), "split": "train", "n_available": len(exs)},
+        "reference": ref, "config": vars(args),
+    })
+    try:
+        result["metadata"] = common.run_metadata()
+    except Exception:
+        result["metadata"] = {"torch": torch.__version__}
+    _write_json_atomic(args.out, result)
+    return result
+
+
+def reference_check(op, rho, ref_dir, batches, common):
+    """Paper eqs. 3-4 at theta_A: ||delta||^2, L_A(theta_AB) - L_A(theta_A), 0.5 d^T H d, 0.5 rho ||d||^2."""
+    model = op.model
+    ref_model, _ = common.load_model_and_tokenizer(ref_dir)
+    ref_model.to(op.params[0].device)
+    _prepare_model(ref_model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    ref_params = dict(ref_model.named_parameters())
+    delta = []
+    for p in op.params:
+        n = names[id(p)]
+        q = ref_params.get(n)
+        if q is None or q.shape != p.shape:
+            raise CurvatureError(f"--reference {ref_dir}: parameter {n} is missing or has another shape; "
+                                 "pass a checkpoint tuned from --model")
+        delta.append((q.detach().to(p.dtype) - p.detach()).contiguous())
+    dsq = float(sum(d.double().pow(2).sum() for d in delta))
+    loss_a = _loss_value(model, batches, op.fused)
+    loss_ab = _loss_value(ref_model, batches, op.fused)
+    hd = op.hvp(delta)
+    quad = 0.5 * float(sum(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()) for a, b in zip(delta, hd)))
+    bound = 0.5 * rho * dsq
+    return {"model": ref_dir, "run_id": _run_id(ref_dir), "delta_sq_norm": dsq, "loss_A_at_A": loss_a,
+            "loss_A_at_AB": loss_ab, "actual_loss_change": loss_ab - loss_a, "quadratic_term": quad,
+            "bound": bound, "quadratic_le_bound": bool(quad <= bound * (1 + 1e-6) + 1e-12)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Evaluate a checkpoint on tasks in the restricted output space: the prediction is the option
+whose answer sentence has the highest log-likelihood given the prompt.
+
+    python evaluate.py --model runs/demo/toxigen --tasks toxigen,arc --out runs/demo/toxigen/eval.json
+    python evaluate.py --model tiny --tasks arc --data_dir ../shared/data --out /tmp/eval.json --limit 500
+    python evaluate.py --model runs/demo/toxigen --tasks toxigen --out /tmp/naive.json --scorer naive
+
+The fast scorer (default) runs the prefix the options share (prompt + "The best answer is") once:
+when every option is one token after it, their scores come from that single next-token
+distribution; otherwise the prefix's KV cache is copied to each option and only the option tails
+are run. Examples go in length-sorted batches. It gives the predictions of the naive scorer
+(--scorer naive: one full forward per option, as lm-evaluation-harness does), which
+tests/test_evaluate.py checks.
+
+Writes --out (results JSON, lm-evaluation-harness style: overall and per-group accuracy as fractions
+with stderr, BBQ also by ambig/disambig) and, beside it, <out stem>_samples.jsonl: per example the
+exact prompt and option strings scored, each option's log-likelihood and token count, the
+prediction and the label.
+"""
+import argparse
+import collections
+import json
+import math
+import os
+import tempfile
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import UserError, die_on_user_error, load_model_and_tokenizer, read_meta, resolve_model_path, write_json_atomic
+from tasks import GENERATIVE_TASKS, SPLITS, TASKS, encode_pair, load_task, stratified_sample
+
+# -----------------------------------------------------------------------------
+# Requests: token ids of every (example, option)
+
+
+def build_requests(tok, examples, max_length):
+    """Per example, per option: (token ids of prompt + continuation, index where the continuation starts)."""
+    out = []
+    for ex in examples:
+        if len(ex.options) < 2:
+            raise UserError(f"example {ex.id} of {ex.task} has {len(ex.options)} option(s); the restricted output "
+                            f"space needs at least 2")
+        reqs = []
+        for i in range(len(ex.options)):
+            ctx, cont = encode_pair(tok, ex.prompt, ex.continuation(i))
+            if len(ctx) + len(cont) > max_length:  # cut the prompt's start, as lm-evaluation-harness does
+                ctx = ctx[len(ctx) + len(cont) - max_length:]
+            reqs.append((ctx + cont, len(ctx)))
+        out.append(reqs)
+    return out
+
+
+def _log_probs_at(logits_row, positions, targets):
+    """log p(target | prefix) for each (position of the predicting logits, target id)."""
+    lp = torch.log_softmax(logits_row[positions].float(), dim=-1)
+    return lp.gather(1, targets.unsqueeze(1)).squeeze(1)
+
+
+# -----------------------------------------------------------------------------
+# The naive scorer: one full forward per option
+
+
+@torch.no_grad()
+def score_naive(model, reqs, batch_size, pad_id, device, desc="naive"):
+    flat = [(e, i, ids, start) for e, opts in enumerate(reqs) for i, (ids, start) in enumerate(opts)]
+    flat.sort(key=lambda r: -len(r[2]))
+    scores = [[None] * len(opts) for opts in reqs]
+    for b in tqdm(range(0, len(flat), batch_size), desc=desc, leave=False):
+        chunk = flat[b:b + batch_size]
+        n = max(len(r[2]) for r in chunk)
+        ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for k, (_, _, seq, _) in enumerate(chunk):
+            ids[k, :len(seq)] = torch.tensor(seq)
+            mask[k, :len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for k, (e, i, seq, start) in enumerate(chunk):
+            pos = torch.arange(start - 1, len(seq) - 1, device=device)
+            tgt = torch.tensor(seq[start:], device=device)
+            scores[e][i] = float(_log_probs_at(logits[k], pos, tgt).double().sum())
+    return scores
+
+
+# -----------------------------------------------------------------------------
+# The fast scorer: the shared prefix once, then only the option tails
+
+
+def split_shared(opts):
+    """Length of the longest common token prefix of an example's options (each keeps >= 1 own token)."""
+    seqs = [ids for ids, _ in opts]
+    L = min(len(s) for s in seqs) - 1
+    for j in range(L):
+        if any(s[j] != seqs[0][j] for s in seqs[1:]):
+            return j
+    return L
+
+
+@torch.no_grad()
+def score_fast(model, reqs, batch_size, pad_id, device, desc="fast"):
+    order = sorted(range(len(reqs)), key=lambda e: -len(reqs[e][0][0]))
+    scores = [[None] * len(opts) for opts in reqs]
+    for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        exs = order[b:b + batch_size]
+        Ls = [split_shared(reqs[e]) for e in exs]
+        P = max(Ls)
+        ids = torch.full((len(exs), P), pad_id, dtype=torch.long)
+        pmask = torch.zeros((len(exs), P), dtype=torch.long)
+        for k, e in enumerate(exs):
+            ids[k, :Ls[k]] = torch.tensor(reqs[e][0][0][:Ls[k]])
+            pmask[k, :Ls[k]] = 1
+        single = all(len(ids_) - L == 1 for e, L in zip(exs, Ls) for ids_, _ in reqs[e])
+        out = model(input_ids=ids.to(device), attention_mask=pmask.to(device), use_cache=not single)
+        plogits = out.logits
+        # Rows of the option tails: (example slot k, option i); the cache is copied to each row.
+        rows = [(k, i) for k, e in enumerate(exs) for i in range(len(reqs[e]))]
+        tail_logits = None
+        if not single:
+            S = max(len(reqs[exs[k]][i][0]) - Ls[k] - 1 for k, i in rows)
+            S = max(S, 1)
+            tids = torch.full((len(rows), S), pad_id, dtype=torch.long)
+            tmask = torch.zeros((len(rows), S), dtype=torch.long)
+            pos = torch.zeros((len(rows), S), dtype=torch.long)
+            for r, (k, i) in enumerate(rows):
+                tail = reqs[exs[k]][i][0][Ls[k]:-1]  # the last token is only predicted, never fed
+                tids[r, :len(tail)] = torch.tensor(tail, dtype=torch.long)
+                tmask[r, :len(tail)] = 1
+                pos[r] = Ls[k] + torch.arange(S)  # right after the row's own prefix, not after padding
+            cache = out.past_key_values
+            cache.reorder_cache(torch.tensor([k for k, _ in rows], device=device))
+            full_mask = torch.cat([pmask[[k for k, _ in rows]], tmask], dim=1)
+            tail_logits = model(input_ids=tids.to(device), attention_mask=full_mask.to(device),
+                                position_ids=pos.to(device), past_key_values=cache, use_cache=True).logits
+        for r, (k, i) in enumerate(rows):
+            e, L = exs[k], Ls[k]
+            seq, start = reqs[e][i]
+            total = 0.0
+            # Continuation tokens inside the shared prefix, and the first own token: prefix logits.
+            p_pos = list(range(start - 1, L))
+            if p_pos:
+                total += float(_log_probs_at(plogits[k], torch.tensor(p_pos, device=device),
+                                             torch.tensor(seq[start:L + 1], device=device)).double().sum())
+            # The rest of the tail: logits of the tail forward (tail position j predicts seq[L + 1 + j]).
+            t_first = max(start, L + 1)
+            if t_first < len(seq):
+                t_pos = torch.arange(t_first - L - 1, len(seq) - L - 1, device=device)
+                total += float(_log_probs_at(tail_logits[r], t_pos, torch.tensor(seq[t_first:], device=device))
+                               .double().sum())
+            scores[e][i] = total
+    return scores
+
+
+SCORERS = {"fast": score_fast, "naive": score_naive}
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def acc_block(correct):
+    n = len(correct)
+    acc = sum(correct) / n if n else float("nan")
+    stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
+    return {"acc": acc, "acc_stderr": stderr, "n": n}
+
+
+def summarize(task, records, source, split):
+    correct = [r["correct"] for r in records]
+    tokens = sum(r["n_tokens"][r["label"]] for r in records)
+    res = {**acc_block(correct), "loss": -sum(r["logliks"][r["label"]] for r in records) / tokens,
+           "source": source, "split": split, "groups": {}}
+    by_group = collections.defaultdict(list)
+    for r in records:
+        if r["group"] is not None:
+            by_group[r["group"]].append(r["correct"])
+    res["groups"] = {g: {k: v for k, v in acc_block(c).items() if k != "acc_stderr"} for g, c in sorted(by_group.items())}
+    if task == "bbq":
+        cond = collections.defaultdict(list)
+        cond_group = collections.defaultdict(lambda: collections.defaultdict(list))
+        for r in records:
+            cond[r["context_condition"]].append(r["correct"])
+            cond_group[r["context_condition"]][r["group"]].append(r["correct"])
+        res["context_condition"] = {c: {"acc": acc_block(v)["acc"], "n": len(v)} for c, v in sorted(cond.items())}
+        res["groups_by_context_condition"] = {c: {g: {"acc": acc_block(v)["acc"], "n": len(v)} for g, v in sorted(gs.items())}
+                                              for c, gs in sorted(cond_group.items())}
+    return res
+
+
+# -----------------------------------------------------------------------------
+
+
+def evaluate(model, tok, task_names, data_dir=None, split="test", limit=None, batch_size=16, scorer="fast",
+             device="cpu", seed=0):
+    """Score every task; returns ({task: results}, [per-example records])."""
+    max_length = getattr(model.config, "max_position_embeddings", 2048)
+    results, samples = {}, []
+    for task in task_names:
+        if task in GENERATIVE_TASKS:
+            raise UserError(f"{task} is generative (scored by a toxicity classifier on generated replies); its "
+                            f"evaluation is not implemented yet, evaluate the other tasks")
+        data = load_task(task, split, data_dir, seed=seed)
+        examples = data.examples
+        if limit and limit < len(examples):  # a stratified subset keeps every group
+            examples = sorted(stratified_sample(examples, limit, seed, f"{task}-eval-limit"), key=lambda x: x.id)
+        reqs = build_requests(tok, examples, max_length)
+        t0 = time.time()
+        scores = SCORERS[scorer](model, reqs, batch_size, tok.pad_token_id, device, desc=f"{task} [{scorer}]")
+        print(f"evaluate: {task} [{data.source}] {split}: {len(examples)} examples scored in {time.time() - t0:.1f}s",
+              flush=True)
+        records = []
+        for ex, opts, sc in zip(examples, reqs, scores):
+            pred = max(range(len(sc)), key=lambda i: sc[i])
+            rec = {"id": ex.id, "task": task, "group": ex.group, "prompt": ex.prompt,
+                   "options": [ex.continuation(i) for i in range(len(ex.options))], "logliks": sc,
+                   "n_tokens": [len(ids) - start for ids, start in opts], "pred": pred, "label": ex.label,
+                   "correct": pred == ex.label}
+            if "context_condition" in ex.extra:
+                rec["context_condition"] = ex.extra["context_condition"]
+            records.append(rec)
+        results[task] = summarize(task, records, data.source, split)
+        samples.extend(records)
+    return results, samples
+
+
+def samples_path(out):
+    stem = out[:-5] if out.endswith(".json") else out
+    return stem + "_samples.jsonl"
+
+
+def run(args):
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for t in tasks:
+        if t not in TASKS:
+            raise UserError(f"unknown task {t!r} in --tasks; choose from {', '.join(TASKS)}")
+    model_path = resolve_model_path(args.model)
+    meta = read_meta(model_path) if os.path.isdir(model_path) else {}
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model, tok = load_model_and_tokenizer(model_path, dtype=dtype)
+    model.to(device).eval()
+    print(f"evaluate: {args.model} on {','.join(tasks)} ({args.split}, {args.scorer} scorer) -> {args.out}", flush=True)
+    results, samples = evaluate(model, tok, tasks, args.data_dir, args.split, args.limit, args.batch_size,
+                                args.scorer, device, args.seed)
+    spath = samples_path(args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(spath)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(spath)), prefix=".tmp-", suffix=".jsonl")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in samples)
+    os.replace(tmp, spath)
+    report = {"model": args.model, "run_id": meta.get("run_id"), "chain": meta.get("chain"),
+              "config": {"tasks": tasks, "split": args.split, "data_dir": args.data_dir, "limit": args.limit,
+                         "scorer": args.scorer, "batch_size": args.batch_size, "dtype": str(dtype).replace("torch.", ""),
+                         "seed": args.seed, "tiny": bool(meta.get("tiny"))},
+              "tasks": results, "samples": os.path.basename(spath)}
+    write_json_atomic(args.out, report)
+    for t, r in results.items():
+        print(f"  {t:15s} acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}  n {r['n']}  loss {r['loss']:.4f}  [{r['source']}]")
+    return report
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Restricted-output-space evaluation with per-group accuracy.")
+    p.add_argument("--model", required=True, help="checkpoint folder, hub name, or 'tiny'")
+    p.add_argument("--tasks", required=True, help=f"comma-separated, from {','.join(TASKS)}")
+    p.add_argument("--out", required=True, help="results JSON; the samples JSONL goes beside it")
+    p.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (default: synthetic tasks)")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--limit", type=int, default=None, help="score a stratified subset of this size")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--scorer", default="fast", choices=list(SCORERS))
+    p.add_argument("--seed", type=int, default=0, help="seed of --limit's subset")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--device", default=None)
+    die_on_user_error(lambda: run(p.parse_args()))

@@ -1,0 +1,279 @@
+"""One supervised fine-tuning stage: a causal LM tuned on one task's answers. Chaining is just
+--model pointing at the previous stage's output.
+
+    python finetune.py --model tiny --task toxigen --out runs/demo/toxigen            # theta_A
+    python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/toxigen-arc   # theta_AB
+    python finetune.py --model /models/Llama-2-7b-hf --task arc --out runs/arc --data_dir ../shared/data --bf16
+    torchrun --nproc_per_node=8 finetune.py --model /models/Llama-2-7b-hf --task arc --out runs/arc --bf16
+
+The paper's recipe is the default: AdamW (0.9, 0.95), weight decay 0.1, linear decay to zero with
+no warmup, 100 steps, global batch 16, max length 2048, lr 1e-5 (the tiny base gets its own lr,
+tiny_base.TINY_LR, unless --lr is given: 1e-5 is for a pretrained 7B model). The loss is the
+token NLL of the answer tokens (the correct option's continuation and EOS), summed over the whole
+global batch and divided by its number of answer tokens, so gradient accumulation and the number of
+processes do not change it. Under torchrun the model is sharded with FSDP2 (gloo on CPU, nccl on
+GPU); every rank takes its slice of the same global batch, giving the one-process result.
+
+Writes --out (atomically: the folder appears only when the stage is complete): the checkpoint
+(safetensors + tokenizer, loadable by from_pretrained), run.json (arguments, seed, versions, git
+commit, data, per-step and final loss), train_log.jsonl, chained_tuning.json (lineage).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from common import (META_FILE, UserError, atomic_dir, die_on_user_error, load_model_and_tokenizer, read_meta,
+                    resolve_model_path, run_metadata, seed_everything, write_json_atomic)
+from tasks import GENERATIVE_TASKS, PAPER_TRAIN_SIZE, TASKS, encode_pair, load_task
+
+PAPER_LR = 1e-5
+
+# -----------------------------------------------------------------------------
+# The loss (curvature.py differentiates exactly this)
+
+
+def encode_example(tokenizer, example, max_length):
+    """input_ids and labels (-100 except on the answer: the correct continuation and EOS).
+
+    An over-long prompt loses tokens from its start (after BOS); the answer is never cut."""
+    ctx, cont = encode_pair(tokenizer, example.prompt, example.continuation(example.label))
+    answer = cont + [tokenizer.eos_token_id]
+    if len(answer) + 2 > max_length:
+        raise UserError(f"example {example.id} of {example.task}: its answer alone has {len(answer)} tokens, "
+                        f"more than --max_length {max_length}; raise --max_length")
+    truncated = len(ctx) + len(answer) > max_length
+    if truncated:
+        keep = max_length - len(answer)
+        bos = ctx[:1] if ctx[:1] == [tokenizer.bos_token_id] else []
+        ctx = bos + ctx[len(ctx) - (keep - len(bos)):]
+    return {"input_ids": ctx + answer, "labels": [-100] * len(ctx) + answer, "truncated": truncated}
+
+
+def collate(encoded, pad_id):
+    """Right-padded LongTensors input_ids, attention_mask, labels."""
+    n = max(len(e["input_ids"]) for e in encoded)
+    ids = torch.full((len(encoded), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(encoded), n), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def answer_loss_sum(logits, labels):
+    """(sum of token NLL over answer tokens, number of answer tokens); logits[t] predicts labels[t+1]."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    return loss, int((target != -100).sum())
+
+
+def answer_tokens(item):
+    return sum(1 for t in item["labels"] if t != -100)
+
+
+# -----------------------------------------------------------------------------
+# One stage
+
+
+def default_config():
+    return dict(model="tiny", task=None, out=None, data_dir=None, train_size=PAPER_TRAIN_SIZE, lr=None,
+                steps=100, batch_size=16, micro_batch_size=None, max_length=2048, weight_decay=0.1,
+                beta1=0.9, beta2=0.95, eps=1e-8, max_grad_norm=1.0, seed=0, bf16=False,
+                gradient_checkpointing=False, device=None, overwrite=False)
+
+
+def resolve_lr(cfg, meta):
+    if cfg["lr"] is not None:
+        return cfg["lr"], "given with --lr"
+    if meta.get("tiny"):
+        from tiny_base import TINY_LR
+        return TINY_LR, (f"tiny-model default {TINY_LR:g} (the paper's {PAPER_LR:g} is for a pretrained 7B model; "
+                         f"pass --lr to override)")
+    return PAPER_LR, f"paper default {PAPER_LR:g}"
+
+
+def batch_order(n_examples, steps, batch_size, seed):
+    """Indices of every global batch: seeded epochs of shuffled examples, concatenated."""
+    rng = np.random.default_rng(seed)
+    need = steps * batch_size
+    idx = np.concatenate([rng.permutation(n_examples) for _ in range(math.ceil(need / n_examples))])
+    return idx[:need].reshape(steps, batch_size).tolist()
+
+
+def shard_model(model):
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def full_state_dict(model, sharded):
+    if not sharded:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def train_stage(cfg):
+    """Run one fine-tuning stage described by cfg (see default_config()); returns the run record."""
+    cfg = {**default_config(), **cfg}
+    if cfg["task"] not in TASKS:
+        raise UserError(f"unknown task {cfg['task']!r}; choose from {', '.join(TASKS)}")
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    master = rank == 0
+    if os.path.exists(cfg["out"]) and not cfg["overwrite"]:
+        raise UserError(f"{cfg['out']} already exists; pass --overwrite to replace it or choose another --out")
+    if cfg["batch_size"] % world:
+        raise UserError(f"--batch_size {cfg['batch_size']} is not divisible by the {world} processes")
+    per_rank = cfg["batch_size"] // world
+    micro = cfg["micro_batch_size"] or per_rank
+    if per_rank % micro:
+        raise UserError(f"--micro_batch_size {micro} does not divide the per-process batch {per_rank}")
+    device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    seed_everything(cfg["seed"])
+    t0 = time.time()
+
+    model_path = resolve_model_path(cfg["model"])
+    meta = read_meta(model_path) if os.path.isdir(model_path) else {}
+    lr, lr_note = resolve_lr(cfg, meta)
+    model, tok = load_model_and_tokenizer(model_path)
+    data = load_task(cfg["task"], "train", cfg["data_dir"], cfg["train_size"], cfg["seed"])
+    encoded = [encode_example(tok, ex, cfg["max_length"]) for ex in data.examples]
+    if master:
+        print(f"finetune: {cfg['task']} [{data.source}] {len(encoded)} examples, model {cfg['model']}, "
+              f"lr {lr:g} ({lr_note}), {cfg['steps']} steps x batch {cfg['batch_size']}, {world} process(es) "
+              f"-> {cfg['out']}", flush=True)
+    model.to(device)
+    if cfg["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if ddp:
+        shard_model(model)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms: decaying them is not the recipe
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / cfg["steps"])
+
+    order = batch_order(len(encoded), cfg["steps"], cfg["batch_size"], cfg["seed"])
+    log, losses = [], []
+    model.train()
+    bar = tqdm(range(cfg["steps"]), desc=f"finetune {cfg['task']}", disable=not master, dynamic_ncols=True)
+    for step in bar:
+        ts = time.time()
+        gbatch = order[step]
+        n_tok = sum(answer_tokens(encoded[i]) for i in gbatch)  # every rank knows the global count
+        mine = gbatch[rank * per_rank:(rank + 1) * per_rank]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for m in range(0, per_rank, micro):
+            b = {k: v.to(device) for k, v in collate([encoded[i] for i in mine[m:m + micro]], tok.pad_token_id).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            s, _ = answer_loss_sum(logits, b["labels"])
+            # FSDP averages gradients over ranks; scaling by world makes the result sum / n_tok.
+            (s * world / n_tok).backward()
+            loss_sum += s.detach().double()
+        if cfg["max_grad_norm"] and cfg["max_grad_norm"] > 0:
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
+            gnorm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # a DTensor under FSDP2
+        else:
+            gnorm = None
+        cur_lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ddp:
+            dist.all_reduce(loss_sum)
+        loss = float(loss_sum) / n_tok
+        if not math.isfinite(loss):
+            raise RuntimeError(f"loss became {loss} at step {step}; lower --lr or use --bf16 off")
+        losses.append(loss)
+        log.append({"step": step + 1, "loss": loss, "lr": cur_lr, "answer_tokens": n_tok, "grad_norm": gnorm,
+                    "seconds": round(time.time() - ts, 4)})
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    state = full_state_dict(model, ddp)
+    parent_id = meta.get("run_id") if meta.get("chain") else None  # None: tuned from a base model
+    # Settings that do not change the result (where and how it is computed) stay out of the id.
+    config_for_id = {k: v for k, v in cfg.items()
+                     if k not in ("out", "overwrite", "device", "micro_batch_size", "gradient_checkpointing")}
+    run_id = hashlib.sha256(json.dumps({"config": config_for_id, "lr": lr, "parent": parent_id,
+                                        "data": data.info["ids_sha256"]}, sort_keys=True).encode()).hexdigest()[:16]
+    chain = list(meta.get("chain", [])) + [cfg["task"]]
+    record = {"run_id": run_id, "parent_run_id": parent_id, "chain": chain, "stage": len(chain), "task": cfg["task"],
+              "lr": lr, "lr_note": lr_note, "seed": cfg["seed"], "steps": cfg["steps"], "config": cfg,
+              "base_model": meta.get("base_model") or ("tiny" if meta.get("tiny") else cfg["model"]),
+              "tiny": bool(meta.get("tiny")), "world_size": world,
+              "data": {"source": data.source, "n_train": len(encoded), "train_info": data.info,
+                       "truncated_examples": sum(e["truncated"] for e in encoded),
+                       "answer_tokens": sum(answer_tokens(e) for e in encoded)},
+              "final_loss": losses[-1] if losses else None, "losses": losses,
+              "wall_time_s": round(time.time() - t0, 2), **run_metadata()}
+    if master:
+        with atomic_dir(cfg["out"], overwrite=cfg["overwrite"]) as tmp:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            lineage = {"run_id": run_id, "chain": chain, "base_model": record["base_model"], "tiny": record["tiny"],
+                       "task": cfg["task"], "data_source": data.source}
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump(lineage, f, indent=2)
+            with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in log)
+            write_json_atomic(os.path.join(tmp, "run.json"), record)
+        print(f"finetune: done in {record['wall_time_s']:.1f}s, final loss {record['final_loss']:.4f} -> {cfg['out']}",
+              flush=True)
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return record
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    d = default_config()
+    p = argparse.ArgumentParser(description="One supervised fine-tuning stage (the paper's recipe by default).")
+    p.add_argument("--model", default=d["model"], help="checkpoint folder, hub name, or 'tiny' (embedded base)")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (default: synthetic tasks)")
+    p.add_argument("--train_size", type=int, default=d["train_size"], help="stratified training subsample size")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {PAPER_LR:g}; tiny base: its own)")
+    p.add_argument("--steps", type=int, default=d["steps"], help="optimisation steps")
+    p.add_argument("--batch_size", type=int, default=d["batch_size"], help="global batch size (all processes)")
+    p.add_argument("--micro_batch_size", type=int, default=None, help="per-process micro batch (accumulation)")
+    p.add_argument("--max_length", type=int, default=d["max_length"])
+    p.add_argument("--weight_decay", type=float, default=d["weight_decay"])
+    p.add_argument("--beta1", type=float, default=d["beta1"])
+    p.add_argument("--beta2", type=float, default=d["beta2"])
+    p.add_argument("--eps", type=float, default=d["eps"])
+    p.add_argument("--max_grad_norm", type=float, default=d["max_grad_norm"], help="0 turns clipping off")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args()
+    if args.task in GENERATIVE_TASKS:
+        print(f"note: {args.task} is generative; it trains here, its evaluation comes with the full study")
+    die_on_user_error(lambda: train_stage(vars(args)))

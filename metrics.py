@@ -1,0 +1,1013 @@
+"""Forgetting, biased forgetting, and the paper's tables and figures, from a folder of runs.
+
+    python metrics.py --runs runs --out runs/metrics
+    python metrics.py --runs runs --out results --profile paper --lr 1e-5 --k 3 --n_boot 2000
+    python metrics.py --runs runs --out results --n_boot 0          # no bootstrap (fastest)
+
+With theta_A the model tuned on task A only and theta_AB the model tuned on A then on B (the paper's §3):
+
+    Forgetting_AB          = Acc_A(theta_A) - Acc_A(theta_AB)
+    Forgetting_A,g         = Acc_A(theta_A, g) - Acc_A(theta_AB, g)        worst group (WG) = max_g
+    RelativeForgetting_AB  = Forgetting_AB / Acc_A(theta_A)
+    BiasedForgetting_A,g   = Forgetting_A,g - Forgetting_AB                 reported: max_g (and the k worst)
+
+How runs are found: every folder under --runs that holds a run.json is a run (folder names are never
+parsed). A stage-2 run (theta_AB) is paired with the stage-1 run (theta_A) whose run_id equals its
+parent_run_id; the numbers come from the eval.json beside each run.json, and the bootstrap from the
+samples JSONL that eval.json names. Stage-1 runs also read eval_val.json (validation accuracy) if present.
+
+Which chained runs make Table 1 (and Figures 2, 3, Kendall's tau): for each chain A->B and seed, the
+chained run whose second-stage lr is the main lr (--lr, else "lr" in <runs>/study.json, else the most
+common stage-2 lr); if the first-stage sweep gave several such runs, the one whose parent has the best
+validation accuracy on A (eval_val.json), then the parent whose lr is the main lr. The parent of the
+chosen run is authoritative: table1_runs.csv lists every run used.
+
+Outputs in --out (all written to a temporary name, then renamed):
+    table1.csv/.md  table1_runs.csv  forgetting_by_group.csv  biased_forgetting.csv  kendall_tau.csv
+    first_task_acc_by_lr.csv/.md  figure2/3/5/6/8.png (each with the .csv it was drawn from)
+    summary.json  report.md
+Accuracies and forgetting are in percent; mean and std (ddof=1, "n/a" for one seed) are over seeds.
+Missing or failed runs are listed in report.md and on stdout; table cells without data say "missing"
+(or "failed" when the only runs there failed).
+
+Curvature (Figure 4) and replay (Figure 7) are later additions: write a section function
+`section_xxx(study, out, opts) -> markdown` and append it to SECTIONS.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+try:  # common.py is the lead's shared module; metrics.py also works copied alone.
+    from common import UserError
+except ImportError:  # pragma: no cover - exercised only when metrics.py is used without common.py
+    class UserError(Exception):
+        """Bad input from the user: the CLI prints the message (no traceback) and exits 2."""
+
+CAPABILITY_TASKS = ("arc", "csqa", "csqa2")
+SAFETY_TASKS = ("toxigen", "bbq", "saferdialogues")
+SHORT = {"arc": "ARC", "csqa": "CQA", "csqa2": "CQA2", "toxigen": "TQA", "bbq": "BBQ", "saferdialogues": "SD"}
+TABLE1_COLUMNS = ["capability", "safety",
+                  "cs_acc_cap", "cs_acc_cap_std", "cs_acc_safety", "cs_acc_safety_std",
+                  "cs_forgetting_cap", "cs_forgetting_cap_std",
+                  "sc_acc_cap", "sc_acc_cap_std", "sc_acc_safety", "sc_acc_safety_std",
+                  "sc_forgetting_safety", "sc_forgetting_safety_std"]
+MISSING, FAILED, NA = "missing", "failed", "n/a"
+
+
+def short(task):
+    return SHORT.get(task, task)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the metrics (fractions in, fractions out)
+
+def forgetting(acc_first, acc_chained):
+    """Forgetting_AB = Acc_A(theta_A) - Acc_A(theta_AB). Negative when tuning on B improved A."""
+    return float(acc_first) - float(acc_chained)
+
+
+def _acc(v):
+    return float(v["acc"]) if isinstance(v, dict) else float(v)
+
+
+def group_forgetting(groups_first, groups_chained):
+    """Forgetting_A,g = Acc_A(theta_A, g) - Acc_A(theta_AB, g) for every group g present in both.
+
+    Each argument maps group -> accuracy, or group -> {"acc": ..., "n": ...} (eval.json's "groups");
+    groups with n == 0 are skipped. Returns {group: forgetting}, sorted by group name."""
+    out = {}
+    for g in sorted(set(groups_first) & set(groups_chained)):
+        a, b = groups_first[g], groups_chained[g]
+        if any(isinstance(v, dict) and v.get("n", 1) == 0 for v in (a, b)):
+            continue
+        out[g] = forgetting(_acc(a), _acc(b))
+    return out
+
+
+def worst_group_forgetting(group_f):
+    """WG forgetting = max_g Forgetting_A,g. Returns (group, value); (None, nan) without groups.
+    Ties go to the group name that sorts first."""
+    if not group_f:
+        return None, float("nan")
+    g = min(group_f, key=lambda k: (-group_f[k], k))
+    return g, float(group_f[g])
+
+
+def relative_forgetting(acc_first, acc_chained):
+    """RelativeForgetting_AB = Forgetting_AB / Acc_A(theta_A) (nan when Acc_A(theta_A) = 0)."""
+    acc_first = float(acc_first)
+    return forgetting(acc_first, acc_chained) / acc_first if acc_first != 0 else float("nan")
+
+
+def biased_forgetting_vector(group_f, overall_f):
+    """BiasedForgetting_A,g = Forgetting_A,g - Forgetting_A for every group: {group: value}."""
+    return {g: float(v) - float(overall_f) for g, v in group_f.items()}
+
+
+def k_worst_groups(bf_vector, k=1):
+    """The k groups with the largest biased forgetting, [(group, value), ...], largest first
+    (ties broken by group name)."""
+    items = sorted(bf_vector.items(), key=lambda kv: (-kv[1], kv[0]))
+    return items[:max(int(k), 0)]
+
+
+def biased_forgetting(group_f, overall_f, k=1):
+    """Biased forgetting of task A: mean over the k worst groups of (Forgetting_A,g - Forgetting_A).
+    k = 1 (the default, the paper's number) is max_g Forgetting_A,g - Forgetting_A = WG - overall.
+    nan without groups."""
+    worst = k_worst_groups(biased_forgetting_vector(group_f, overall_f), k)
+    return float(np.mean([v for _, v in worst])) if worst else float("nan")
+
+
+def kendall_tau_b(bf_x, bf_y):
+    """Kendall's tau-b between two group rankings, e.g. the biased forgetting of A->B1 and A->B2:
+    tau_b = (P - Q) / sqrt((P + Q + T_x) (P + Q + T_y)), P/Q concordant/discordant pairs, T_x/T_y pairs
+    tied only in x/y (scipy.stats.kendalltau, variant 'b', with its two-sided p-value).
+    Uses the groups present in both dicts; returns (tau, p_value, n_groups), nan for < 2 groups."""
+    common = sorted(set(bf_x) & set(bf_y))
+    if len(common) < 2:
+        return float("nan"), float("nan"), len(common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input: scipy warns and returns nan
+        r = stats.kendalltau([bf_x[g] for g in common], [bf_y[g] for g in common], variant="b")
+    return float(r.statistic), float(r.pvalue), len(common)
+
+
+def mean_std(values):
+    """(mean, sample std with ddof=1, n) over the non-nan values; std is nan for n < 2, both for n = 0."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan")), len(v)
+
+
+def align_samples(records_first, records_chained, task):
+    """Pair two models' per-example records (samples JSONL rows) of `task` by example id.
+
+    Returns (ids, correct_first, correct_chained, groups): ids sorted, correct_* float arrays of 0/1,
+    groups a list (None for tasks without groups). Ids in only one model are dropped."""
+    def index(records):
+        return {str(r["id"]): r for r in records if r.get("task", task) == task}
+    a, b = index(records_first), index(records_chained)
+    ids = sorted(set(a) & set(b))
+    return (ids, np.array([float(bool(a[i]["correct"])) for i in ids]),
+            np.array([float(bool(b[i]["correct"])) for i in ids]), [a[i].get("group") for i in ids])
+
+
+def _topk_nanmean(x, k):
+    """Mean of the k largest non-nan values along the last axis."""
+    s = -np.sort(-np.where(np.isnan(x), -np.inf, x), axis=-1)[..., :k]
+    s = np.where(np.isinf(s), np.nan, s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(s, axis=-1)
+
+
+def paired_bootstrap_ci(correct_first, correct_chained, groups=None, n_resamples=1000, seed=0, level=0.95,
+                        k=1, chunk=100):
+    """Percentile bootstrap over test examples for forgetting and biased forgetting, paired by example.
+
+    correct_first / correct_chained: 0/1 per example, shape (n,) or (seeds, n) with the same examples
+    (columns) for every seed. One resample draws n example indices with replacement (the same for both
+    models and all seeds); each statistic is computed per seed and averaged over seeds:
+        forgetting      = mean(correct_first[idx]) - mean(correct_chained[idx])
+        per-group g     = Forgetting_g[idx] - Forgetting[idx]     (groups absent from a resample: nan)
+        biased (max)    = max_g of the per-group values;  biased (top-k) = mean of the k largest.
+    The CI is the [(1-level)/2, (1+level)/2] quantiles of the resampled statistic. Deterministic for a seed.
+    Caveat: a max over groups is biased upward by noise, so when the groups differ little its percentile CI
+    can lie above the estimate; whether one group's gap is noise is read from that group's own CI.
+    Returns {"n", "n_resamples", "forgetting", "biased_forgetting_max", "biased_forgetting_topk",
+    "groups": {g: ...}}, each statistic a dict {"estimate", "low", "high"} (nan without groups)."""
+    fa = np.atleast_2d(np.asarray(correct_first, dtype=float))
+    fb = np.atleast_2d(np.asarray(correct_chained, dtype=float))
+    if fa.shape != fb.shape or fa.shape[1] == 0:
+        raise ValueError(f"need the same non-empty examples for both models, got {fa.shape} and {fb.shape}")
+    n = fa.shape[1]
+    names, codes = [], None
+    if groups is not None and any(g is not None for g in groups):
+        names = sorted({str(g) for g in groups if g is not None})
+        pos = {g: i for i, g in enumerate(names)}
+        codes = np.array([pos[str(g)] if g is not None else len(names) for g in groups])  # None: own bucket
+    G = len(names)
+
+    def statistics(idx):  # idx: (R, n) -> per-resample statistics averaged over seeds
+        f = fa[:, idx].mean(-1) - fb[:, idx].mean(-1)  # (S, R)
+        out = {"forgetting": f.mean(0)}
+        if G:
+            R = idx.shape[0]
+            flat = (np.arange(R)[:, None] * (G + 1) + codes[idx]).ravel()
+            cnt = np.bincount(flat, minlength=R * (G + 1)).reshape(R, G + 1)[:, :G]
+            per_seed = []
+            for s in range(fa.shape[0]):
+                sa = np.bincount(flat, weights=fa[s][idx].ravel(), minlength=R * (G + 1)).reshape(R, G + 1)[:, :G]
+                sb = np.bincount(flat, weights=fb[s][idx].ravel(), minlength=R * (G + 1)).reshape(R, G + 1)[:, :G]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    fg = np.where(cnt > 0, (sa - sb) / cnt, np.nan)
+                per_seed.append(fg - f[s][:, None])
+            bf = np.stack(per_seed)  # (S, R, G)
+            out["groups"] = bf.mean(0)
+            out["biased_forgetting_max"] = _topk_nanmean(bf, 1).mean(0)
+            out["biased_forgetting_topk"] = _topk_nanmean(bf, k).mean(0)
+        return out
+
+    point = statistics(np.arange(n)[None, :])
+    rng = np.random.default_rng(seed)
+    draws = defaultdict(list)
+    for start in range(0, n_resamples, chunk):
+        r = statistics(rng.integers(0, n, size=(min(chunk, n_resamples - start), n)))
+        for key, v in r.items():
+            draws[key].append(v)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+
+    def summary(est, d):
+        if d is None or len(d) == 0 or np.all(np.isnan(d)):
+            return {"estimate": float(est), "low": float("nan"), "high": float("nan")}
+        lo, hi = np.nanpercentile(d, q)
+        return {"estimate": float(est), "low": float(lo), "high": float(hi)}
+
+    nan = {"estimate": float("nan"), "low": float("nan"), "high": float("nan")}
+    res = {"n": n, "n_resamples": n_resamples,
+           "forgetting": summary(point["forgetting"][0],
+                                 np.concatenate(draws["forgetting"]) if n_resamples else None),
+           "biased_forgetting_max": nan, "biased_forgetting_topk": nan, "groups": {}}
+    if G:
+        for key in ("biased_forgetting_max", "biased_forgetting_topk"):
+            res[key] = summary(point[key][0], np.concatenate(draws[key]) if n_resamples else None)
+        allg = np.concatenate(draws["groups"]) if n_resamples else None
+        for j, g in enumerate(names):
+            res["groups"][g] = summary(point["groups"][0, j], allg[:, j] if allg is not None else None)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading a runs folder
+
+def _read_json(path, what, fix):
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {e}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: {what} must be a JSON object; {fix}")
+    return obj
+
+
+def run_failed(meta):
+    """A run.json says the run failed: "status" is failed/error/crashed, "failed": true, or an "error"."""
+    status = meta.get("status")
+    return ((isinstance(status, str) and status.lower() in {"failed", "error", "crashed"})
+            or meta.get("failed") is True or bool(meta.get("error")))
+
+
+@dataclass
+class Run:
+    path: str                  # the folder holding run.json
+    name: str                  # that folder relative to --runs (how problems name the run)
+    meta: dict                 # run.json
+    eval: dict = None          # eval.json, None when missing
+    val: dict = None           # eval_val.json (stage 1), None when missing
+    problem: str = None        # why the run can't be used (failed, no eval.json)
+
+    run_id = property(lambda self: self.meta.get("run_id"))
+    stage = property(lambda self: self.meta.get("stage"))
+    task = property(lambda self: self.meta.get("task"))
+    chain = property(lambda self: self.meta.get("chain"))
+    lr = property(lambda self: float(self.meta.get("lr")))
+    seed = property(lambda self: self.meta.get("seed"))
+    parent_run_id = property(lambda self: self.meta.get("parent_run_id"))
+
+    def acc(self, task, which="eval"):
+        ev = self.eval if which == "eval" else self.val
+        t = (ev or {}).get("tasks", {}).get(task)
+        return float(t["acc"]) if t else float("nan")
+
+
+RUN_FIX = "it must be the run.json written by finetune.py (see the README's runs layout); re-run that stage"
+EVAL_FIX = "it must be the eval.json written by evaluate.py; delete it and re-run evaluate.py for that run"
+
+
+def _check_run_json(path, meta):
+    def bad(msg):
+        raise UserError(f"{path}: {msg}; {RUN_FIX}")
+    if not isinstance(meta.get("run_id"), str) or not meta["run_id"]:
+        bad('"run_id" must be a non-empty string')
+    if run_failed(meta):
+        return
+    for key, typ in (("stage", int), ("task", str), ("chain", list), ("seed", int)):
+        if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
+            bad(f'"{key}" must be a {typ.__name__}, got {meta.get(key)!r}')
+    if not isinstance(meta.get("lr"), (int, float)) or isinstance(meta.get("lr"), bool):
+        bad(f'"lr" must be a number, got {meta.get("lr")!r}')
+    if len(meta["chain"]) != meta["stage"] or not meta["chain"] or meta["chain"][-1] != meta["task"]:
+        bad(f'"chain" {meta["chain"]} must have "stage" ({meta["stage"]}) tasks and end with "task" ({meta["task"]})')
+    if meta["stage"] >= 2 and not isinstance(meta.get("parent_run_id"), str):
+        bad(f'a stage-{meta["stage"]} run needs "parent_run_id" (the run_id of the run it started from)')
+
+
+def _check_eval_json(path, ev):
+    tasks = ev.get("tasks")
+    if not isinstance(tasks, dict):
+        raise UserError(f'{path}: no "tasks" object; {EVAL_FIX}')
+    for t, r in tasks.items():
+        if not isinstance(r, dict) or not isinstance(r.get("acc"), (int, float)):
+            raise UserError(f'{path}: task "{t}" has no numeric "acc"; {EVAL_FIX}')
+        g = r.get("groups", {})
+        if not isinstance(g, dict) or any(not isinstance(v, dict) or not isinstance(v.get("acc"), (int, float))
+                                          for v in g.values()):
+            raise UserError(f'{path}: task "{t}" has malformed "groups" (want {{group: {{"acc", "n"}}}}); {EVAL_FIX}')
+
+
+def find_runs(runs_dir, exclude=None):
+    """Every folder under runs_dir with a run.json -> (runs sorted by name, problems).
+
+    Reads eval.json (and eval_val.json) beside each run.json. Malformed files raise UserError;
+    a failed run or one without eval.json is kept with .problem set; a checkpoint folder without a
+    run.json becomes a problem line."""
+    if not os.path.isdir(runs_dir):
+        raise UserError(f"runs folder {runs_dir} does not exist; pass --runs the folder run_all.sh wrote "
+                        f"(the one holding stage1/ and stage2/)")
+    runs, problems = [], []
+    exclude = os.path.abspath(exclude) if exclude else None
+    for root, dirs, files in os.walk(runs_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.abspath(os.path.join(root, d)) != exclude)
+        name = os.path.relpath(root, runs_dir)
+        if "run.json" not in files:
+            if {"model.safetensors", "train_log.jsonl"} & set(files):
+                problems.append(f"{name}: a checkpoint without run.json (an unfinished run?); re-run that stage")
+            continue
+        path = os.path.join(root, "run.json")
+        meta = _read_json(path, "run.json", RUN_FIX)
+        _check_run_json(path, meta)
+        run = Run(path=root, name=name, meta=meta)
+        if run_failed(meta):
+            why = meta.get("error") or meta.get("status") or "failed"
+            run.problem = f"failed (run.json says: {why})"
+        for fname, attr in (("eval.json", "eval"), ("eval_val.json", "val")):
+            p = os.path.join(root, fname)
+            if os.path.isfile(p):
+                ev = _read_json(p, fname, EVAL_FIX)
+                _check_eval_json(p, ev)
+                setattr(run, attr, ev)
+        if run.eval is None and run.problem is None:
+            run.problem = "no eval.json (not evaluated yet); run evaluate.py on it"
+        runs.append(run)
+    if not runs:
+        raise UserError(f"no run.json found under {runs_dir}; run run_all.sh (or finetune.py) first, or pass "
+                        f"--runs the folder that holds stage1/ and stage2/")
+    seen = {}
+    for r in runs:
+        if r.run_id in seen:
+            raise UserError(f"run_id {r.run_id} appears in {seen[r.run_id].path}/run.json and {r.path}/run.json; "
+                            f"remove the stale copy")
+        seen[r.run_id] = r
+    for r in runs:
+        if r.problem:
+            problems.append(f"{r.name}: {r.problem}")
+    return runs, problems
+
+
+def load_samples(run):
+    """The per-example records of a run's eval.json (its samples JSONL) reduced to id, task, group and
+    correct, or None when the file is missing."""
+    fname = (run.eval or {}).get("samples") or "eval_samples.jsonl"
+    path = os.path.join(run.path, fname)
+    if not os.path.isfile(path):
+        return None
+    recs = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                assert isinstance(r, dict) and "id" in r and "correct" in r
+            except (json.JSONDecodeError, AssertionError):
+                raise UserError(f"{path}:{i}: not a samples record (want one JSON object per line with "
+                                f'"id" and "correct"); delete it and re-run evaluate.py') from None
+            recs.append({k: r.get(k) for k in ("id", "task", "group", "correct") if k in r})
+    return recs
+
+
+@dataclass
+class Pair:
+    """theta_A (first) and theta_AB (chained) for one seed, with their metrics (fractions)."""
+    first: Run
+    chained: Run
+    A: str
+    B: str
+    lr_a: float
+    lr_b: float
+    seed: int
+    m: dict = field(default_factory=dict)
+
+
+def pair_metrics(first_eval, chained_eval, task_a, task_b):
+    """All per-seed metrics of one chain A->B from theta_A's and theta_AB's eval.json (fractions)."""
+    ta, ca = first_eval["tasks"][task_a], chained_eval["tasks"][task_a]
+    cb = chained_eval["tasks"].get(task_b)
+    f = forgetting(ta["acc"], ca["acc"])
+    gf = group_forgetting(ta.get("groups") or {}, ca.get("groups") or {})
+    wg, wg_v = worst_group_forgetting(gf)
+    return {"acc_first": float(ta["acc"]), "acc_chained_a": float(ca["acc"]),
+            "acc_chained_b": float(cb["acc"]) if cb else float("nan"),
+            "forgetting": f, "relative_forgetting": relative_forgetting(ta["acc"], ca["acc"]),
+            "group_forgetting": gf, "wg_forgetting": wg_v, "worst_group": wg,
+            "group_acc_first": {g: _acc(v) for g, v in (ta.get("groups") or {}).items()},
+            "group_acc_chained": {g: _acc(v) for g, v in (ca.get("groups") or {}).items()},
+            "group_n": {g: v.get("n") for g, v in (ta.get("groups") or {}).items()},
+            "biased": biased_forgetting_vector(gf, f), "biased_max": biased_forgetting(gf, f, 1)}
+
+
+def pair_runs(runs):
+    """Stage-2 runs joined to their stage-1 parent by parent_run_id -> (pairs, problems)."""
+    by_id = {r.run_id: r for r in runs}
+    pairs, problems = [], []
+    for r in runs:
+        if r.problem or r.stage != 2:
+            continue
+        A, B = r.chain
+        p = by_id.get(r.parent_run_id)
+        if p is None:
+            problems.append(f"{r.name}: its first-stage run (parent_run_id {r.parent_run_id}) has no run.json "
+                            f"under the runs folder; re-run stage 1 for {A}")
+        elif p.problem:
+            problems.append(f"{r.name}: its first-stage run {p.name} is unusable ({p.problem})")
+        elif p.stage != 1 or p.task != A:
+            problems.append(f"{r.name}: its parent {p.name} is a stage-{p.stage} run on {p.task}, not stage 1 on {A}")
+        elif A not in p.eval["tasks"] or A not in r.eval["tasks"]:
+            which = p if A not in p.eval["tasks"] else r
+            problems.append(f"{which.name}/eval.json has no result for {A}; re-run evaluate.py --tasks {A},{B}")
+        else:
+            if B not in r.eval["tasks"]:
+                problems.append(f"{r.name}/eval.json has no result for {B}; re-run evaluate.py --tasks {A},{B}")
+            pairs.append(Pair(p, r, A, B, p.lr, r.lr, r.seed, pair_metrics(p.eval, r.eval, A, B)))
+    return pairs, problems
+
+
+@dataclass
+class Study:
+    runs_dir: str
+    runs: list
+    pairs: list
+    problems: list
+    main_lr: float
+    main_lr_from: str
+    table1: dict          # (A, B) -> [Pair, one per seed] used by Table 1 / Figures 2, 3 / Kendall
+    marker: dict          # (A, B) -> "missing" | "failed" for chains without Table-1 data
+    capability: list
+    safety: list
+    seeds: list
+    study_json: dict
+
+
+def _lr_key(lr, main):
+    return abs(math.log(lr / main)) if lr > 0 and main and main > 0 else float("inf")
+
+
+def build_study(runs_dir, main_lr=None, exclude=None):
+    """Read a runs folder: runs, chained pairs, the main lr, the Table-1 selection and every problem."""
+    runs, problems = find_runs(runs_dir, exclude)
+    study_json = {}
+    sj = os.path.join(runs_dir, "study.json")
+    if os.path.isfile(sj):
+        study_json = _read_json(sj, "study.json", "delete it or make it a JSON object (it is optional)")
+    pairs, more = pair_runs(runs)
+    problems += more
+    lr_from = "--lr"
+    if main_lr is None:
+        for key in ("lr", "main_lr"):
+            if isinstance(study_json.get(key), (int, float)):
+                main_lr, lr_from = float(study_json[key]), f"study.json {key}"
+                break
+    if main_lr is None and pairs:
+        counts = Counter(p.lr_b for p in pairs)
+        main_lr = min(counts, key=lambda lr: (-counts[lr], lr))
+        lr_from = "most common second-stage lr"
+    tasks = {t for r in runs for t in (r.chain or [r.task]) if isinstance(t, str)}
+    capability = [t for t in CAPABILITY_TASKS if t in tasks]
+    safety = [t for t in SAFETY_TASKS if t in tasks]
+    other = sorted(tasks - set(capability) - set(safety))
+    if other:
+        problems.append(f"tasks {', '.join(other)} are neither capability nor safety tasks: left out of Table 1")
+    seeds = sorted({r.seed for r in runs if isinstance(r.seed, int)})
+
+    # Table-1 selection: per chain and seed, second-stage lr == main lr, best-validated parent.
+    table1, marker = {}, {}
+    cand = defaultdict(list)
+    for p in pairs:
+        if main_lr is not None and math.isclose(p.lr_b, main_lr, rel_tol=1e-9):
+            cand[(p.A, p.B, p.seed)].append(p)
+    chains = [(a, b) for c in capability for s in safety for a, b in ((c, s), (s, c))]
+    chains += sorted({(p.A, p.B) for p in pairs} - set(chains))
+    for A, B in chains:
+        chosen = []
+        for seed in seeds:
+            c = cand.get((A, B, seed), [])
+            if c:
+                c.sort(key=lambda p: (-np.nan_to_num(p.first.acc(A, "val"), nan=-1.0),
+                                      _lr_key(p.lr_a, main_lr), p.chained.name))
+                chosen.append(c[0])
+            elif A in capability + safety and B in capability + safety:
+                problems.append(f"chain {A}->{B} seed {seed}: no usable chained run with second-stage lr "
+                                f"{main_lr:g}" if main_lr else f"chain {A}->{B} seed {seed}: no usable chained run")
+        if chosen:
+            table1[(A, B)] = chosen
+        else:
+            failed = any(r.stage == 2 and r.chain == [A, B] and r.problem for r in runs)
+            marker[(A, B)] = FAILED if failed else MISSING
+    return Study(runs_dir, runs, pairs, problems, main_lr, lr_from, table1, marker,
+                 capability, safety, seeds, study_json)
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing (atomically)
+
+def _atomic_write(path, write):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".tmp-{os.path.basename(path)}-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path, text):
+    def w(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic_write(path, w)
+
+
+def write_csv(path, df):
+    _atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def save_figure(fig, df, out, stem):
+    """figure `stem`.png and the data behind it, `stem`.csv."""
+    write_csv(os.path.join(out, stem + ".csv"), df)
+    _atomic_write(os.path.join(out, stem + ".png"), lambda tmp: fig.savefig(tmp, format="png", dpi=120,
+                                                                            bbox_inches="tight"))
+    plt.close(fig)
+
+
+def _r(x, digits=4):
+    """A number rounded for a CSV; nan becomes "n/a" (nothing is left blank)."""
+    if isinstance(x, (int, float, np.floating)):
+        return NA if math.isnan(x) else round(float(x), digits)
+    return x
+
+
+def cells(values, scale=100.0, marker=MISSING):
+    """(mean, std) for a table over seeds: mean*scale, std*scale; marker when no value, "n/a" std for one seed."""
+    m, s, n = mean_std([v * scale for v in values])
+    if n == 0:
+        return marker, marker
+    return _r(m), (_r(s) if n > 1 else NA)
+
+
+def markdown_table(df, digits=2):
+    def fmt(v):
+        if isinstance(v, (float, np.floating)):
+            return NA if math.isnan(v) else f"{v:.{digits}f}"
+        return str(v)
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# tables and figures: one function per output, each returns its part of report.md
+
+def section_table1(study, out, opts):
+    """Table 1: per (capability, safety) pair, theta_AB's accuracies and the first task's forgetting in both
+    orders (percent, mean and std over seeds)."""
+    rows, used = [], []
+    for c in study.capability:
+        for s in study.safety:
+            row = {"capability": c, "safety": s}
+            for prefix, (A, B), fkey in (("cs", (c, s), "cs_forgetting_cap"), ("sc", (s, c), "sc_forgetting_safety")):
+                ps = study.table1.get((A, B), [])
+                mk = study.marker.get((A, B), MISSING)
+                acc_c = [p.m["acc_chained_a"] if A == c else p.m["acc_chained_b"] for p in ps]
+                acc_s = [p.m["acc_chained_b"] if A == c else p.m["acc_chained_a"] for p in ps]
+                row[f"{prefix}_acc_cap"], row[f"{prefix}_acc_cap_std"] = cells(acc_c, marker=mk)
+                row[f"{prefix}_acc_safety"], row[f"{prefix}_acc_safety_std"] = cells(acc_s, marker=mk)
+                row[fkey], row[fkey + "_std"] = cells([p.m["forgetting"] for p in ps], marker=mk)
+                used += [{"first_task": A, "second_task": B, "seed": p.seed, "lr_a": p.lr_a, "lr_b": p.lr_b,
+                          "first_run": p.first.name, "chained_run": p.chained.name,
+                          "first_run_id": p.first.run_id, "chained_run_id": p.chained.run_id} for p in ps]
+            rows.append(row)
+    df = pd.DataFrame(rows, columns=TABLE1_COLUMNS)
+    write_csv(os.path.join(out, "table1.csv"), df)
+    write_text(os.path.join(out, "table1.md"), markdown_table(df))
+    write_csv(os.path.join(out, "table1_runs.csv"),
+              pd.DataFrame(used, columns=["first_task", "second_task", "seed", "lr_a", "lr_b", "first_run",
+                                          "chained_run", "first_run_id", "chained_run_id"]))
+    lrs = sorted({(p.A, p.B, p.lr_a, p.lr_b) for ps in study.table1.values() for p in ps})
+    lr_note = "; ".join(f"{short(a)}->{short(b)} lr_a={la:g} lr_b={lb:g}" for a, b, la, lb in lrs)
+    return ("## Table 1: accuracy and forgetting in both orders\n\n"
+            "cs = capability -> safety (forgetting of the capability task), sc = safety -> capability "
+            "(forgetting of the safety task). Accuracy of theta_AB in percent; mean and std over seeds. "
+            "([table1.csv](table1.csv), [table1.md](table1.md); the runs used: [table1_runs.csv](table1_runs.csv))\n\n"
+            + markdown_table(df) + f"\nLearning rates used: {lr_note or 'none'}.\n")
+
+
+def _group_rows(study, opts):
+    """Per chain of Table 1 and group: forgetting and biased forgetting (percent) with bootstrap CIs."""
+    rows, summary, boot = [], [], {}
+    for (A, B), ps in sorted(study.table1.items()):
+        f_mean, f_std = cells([p.m["forgetting"] for p in ps])
+        ci = None
+        if opts.n_boot > 0:
+            ci = bootstrap_chain(study, A, ps, opts)
+        boot[(A, B)] = ci
+        groups = sorted(set().union(*(p.m["group_forgetting"] for p in ps)))
+        for g in groups:
+            gci = (ci or {}).get("groups", {}).get(g, {})
+            bm, bs = cells([p.m["biased"].get(g, float("nan")) for p in ps])
+            fm, fs = cells([p.m["group_forgetting"].get(g, float("nan")) for p in ps])
+            rows.append({"first_task": A, "second_task": B, "group": g,
+                         "n": ps[0].m["group_n"].get(g),
+                         "acc_first": cells([p.m["group_acc_first"].get(g, float("nan")) for p in ps])[0],
+                         "acc_chained": cells([p.m["group_acc_chained"].get(g, float("nan")) for p in ps])[0],
+                         "forgetting": fm, "forgetting_std": fs, "task_forgetting": f_mean,
+                         "biased_forgetting": bm, "biased_forgetting_std": bs,
+                         "biased_forgetting_ci_low": _r(100 * gci.get("low", float("nan"))),
+                         "biased_forgetting_ci_high": _r(100 * gci.get("high", float("nan"))),
+                         "n_seeds": len(ps)})
+        mean_vec = {g: mean_std([p.m["biased"].get(g, float("nan")) for p in ps])[0] for g in groups}
+        worst = k_worst_groups(mean_vec, opts.k)
+        fci, bci = (ci or {}).get("forgetting", {}), (ci or {}).get("biased_forgetting_max", {})
+        mk = MISSING if groups else NA  # no groups: not applicable, not missing
+        wg_m, wg_s = cells([p.m["wg_forgetting"] for p in ps], marker=mk)
+        bf_m, bf_s = cells([p.m["biased_max"] for p in ps], marker=mk)
+        tk_m, tk_s = cells([biased_forgetting(p.m["group_forgetting"], p.m["forgetting"], opts.k) for p in ps],
+                           marker=mk)
+        summary.append({"first_task": A, "second_task": B,
+                        "lr_a": ";".join(sorted({f"{p.lr_a:g}" for p in ps})), "lr_b": f"{ps[0].lr_b:g}",
+                        "n_seeds": len(ps), "n_groups": len(groups),
+                        "forgetting": f_mean, "forgetting_std": f_std,
+                        "forgetting_ci_low": _r(100 * fci.get("low", float("nan"))),
+                        "forgetting_ci_high": _r(100 * fci.get("high", float("nan"))),
+                        "wg_forgetting": wg_m, "wg_forgetting_std": wg_s,
+                        "worst_group": worst[0][0] if worst else NA,
+                        "biased_forgetting_max": bf_m, "biased_forgetting_max_std": bf_s,
+                        "biased_forgetting_max_ci_low": _r(100 * bci.get("low", float("nan"))),
+                        "biased_forgetting_max_ci_high": _r(100 * bci.get("high", float("nan"))),
+                        "k": opts.k, f"biased_forgetting_top{opts.k}": tk_m,
+                        f"biased_forgetting_top{opts.k}_std": tk_s,
+                        f"worst_{opts.k}_groups": ";".join(g for g, _ in worst) or NA})
+    return rows, summary, boot
+
+
+def bootstrap_chain(study, A, ps, opts):
+    """paired_bootstrap_ci over the test examples of task A shared by every seed's theta_A and theta_AB."""
+    per_seed = []
+    for p in ps:
+        ra, rb = load_samples(p.first), load_samples(p.chained)
+        if ra is None or rb is None:
+            missing = p.first if ra is None else p.chained
+            study.problems.append(f"{missing.name}: no samples file beside eval.json; no bootstrap CI for "
+                                  f"{p.A}->{p.B}")
+            return None
+        per_seed.append({i: (ca, cb, g) for i, ca, cb, g in zip(*align_samples(ra, rb, A))})
+    ids = sorted(set.intersection(*(set(d) for d in per_seed)))
+    if not ids:
+        study.problems.append(f"{A}->{ps[0].B}: the samples files share no example ids; no bootstrap CI")
+        return None
+    fa = np.array([[d[i][0] for i in ids] for d in per_seed])
+    fb = np.array([[d[i][1] for i in ids] for d in per_seed])
+    res = paired_bootstrap_ci(fa, fb, [per_seed[0][i][2] for i in ids], n_resamples=opts.n_boot,
+                              seed=opts.boot_seed, level=opts.ci, k=opts.k)
+    want = np.mean([p.m["forgetting"] for p in ps])
+    if len(ids) == min(len(d) for d in per_seed) and abs(res["forgetting"]["estimate"] - want) > 1e-6:
+        study.problems.append(f"{A}->{ps[0].B}: the samples files give forgetting "
+                              f"{100 * res['forgetting']['estimate']:.2f} but eval.json {100 * want:.2f}; "
+                              f"re-run evaluate.py")
+    return res
+
+
+def section_groups(study, out, opts):
+    """forgetting_by_group.csv (per group), biased_forgetting.csv (per chain) and kendall_tau.csv."""
+    rows, summary, _ = _group_rows(study, opts)
+    by_group = pd.DataFrame(rows, columns=["first_task", "second_task", "group", "n", "acc_first", "acc_chained",
+                                           "forgetting", "forgetting_std", "task_forgetting",
+                                           "biased_forgetting", "biased_forgetting_std",
+                                           "biased_forgetting_ci_low", "biased_forgetting_ci_high", "n_seeds"])
+    write_csv(os.path.join(out, "forgetting_by_group.csv"), by_group)
+    bf = pd.DataFrame(summary)
+    if bf.empty:
+        bf = pd.DataFrame(columns=["first_task", "second_task", "forgetting", "biased_forgetting_max"])
+    write_csv(os.path.join(out, "biased_forgetting.csv"), bf)
+
+    # Kendall's tau-b between the group rankings for the same first task and different second tasks
+    kt = []
+    vec = {(A, B): {g: mean_std([p.m["biased"].get(g, float("nan")) for p in ps])[0]
+                    for g in set().union(*(p.m["biased"] for p in ps))}
+           for (A, B), ps in study.table1.items()}
+    for A in sorted({a for a, _ in vec}):
+        seconds = sorted(b for a, b in vec if a == A and vec[(a, b)])
+        for i, b1 in enumerate(seconds):
+            for b2 in seconds[i + 1:]:
+                tau, pv, n = kendall_tau_b(vec[(A, b1)], vec[(A, b2)])
+                kt.append({"first_task": A, "second_task_1": b1, "second_task_2": b2, "n_groups": n,
+                           "tau_b": _r(tau), "p_value": _r(pv, 6)})
+    kt = pd.DataFrame(kt, columns=["first_task", "second_task_1", "second_task_2", "n_groups", "tau_b", "p_value"])
+    write_csv(os.path.join(out, "kendall_tau.csv"), kt)
+
+    cols = ["first_task", "second_task", "n_seeds", "forgetting", "forgetting_ci_low", "forgetting_ci_high",
+            "wg_forgetting", "worst_group", "biased_forgetting_max", "biased_forgetting_max_ci_low",
+            "biased_forgetting_max_ci_high", f"worst_{opts.k}_groups"]
+    grouped = bf[bf["n_groups"] > 0][cols] if "n_groups" in bf else bf
+    ci_note = (f"{100 * opts.ci:g}% paired bootstrap CIs over test examples ({opts.n_boot} resamples, "
+               f"seed {opts.boot_seed}; columns *_ci_low/high). The max over groups is biased upward by noise, "
+               "so its CI can sit above the estimate; a group's own CI (forgetting_by_group.csv) says whether "
+               "its gap is noise" if opts.n_boot else "no bootstrap (--n_boot 0)")
+    return ("## Biased forgetting\n\nPer chain of Table 1, tasks with groups (percent, mean over seeds; "
+            f"{ci_note}). The whole per-group vector is in [forgetting_by_group.csv](forgetting_by_group.csv); "
+            "every chain in [biased_forgetting.csv](biased_forgetting.csv).\n\n"
+            + (markdown_table(grouped) if len(grouped) else "No chain with a grouped first task.\n")
+            + "\n## Kendall's tau-b between group rankings\n\nSame first task, different second tasks, "
+            "rankings of the groups' biased forgetting ([kendall_tau.csv](kendall_tau.csv)).\n\n"
+            + (markdown_table(kt, 3) if len(kt) else "No first task with groups followed by two second tasks.\n"))
+
+
+def section_figure2(study, out, opts):
+    """Figure 2: relative forgetting (%) of the capability task (cap->safety) and of the safety task
+    (safety->cap) for each pair."""
+    rows = []
+    for c in study.capability:
+        for s in study.safety:
+            rc = cells([p.m["relative_forgetting"] for p in study.table1.get((c, s), [])],
+                       marker=study.marker.get((c, s), MISSING))
+            rs = cells([p.m["relative_forgetting"] for p in study.table1.get((s, c), [])],
+                       marker=study.marker.get((s, c), MISSING))
+            rows.append({"capability": c, "safety": s, "rel_forgetting_cap": rc[0], "rel_forgetting_cap_std": rc[1],
+                         "rel_forgetting_safety": rs[0], "rel_forgetting_safety_std": rs[1]})
+    df = pd.DataFrame(rows, columns=["capability", "safety", "rel_forgetting_cap", "rel_forgetting_cap_std",
+                                     "rel_forgetting_safety", "rel_forgetting_safety_std"])
+    num = lambda col: pd.to_numeric(df[col], errors="coerce").fillna(0.0).to_numpy() if len(df) else np.zeros(0)
+    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(df) + 2), 3.5))
+    x = np.arange(len(df))
+    ax.bar(x - 0.2, num("rel_forgetting_cap"), 0.4, yerr=num("rel_forgetting_cap_std"), label="capability task",
+           color="tab:blue")
+    ax.bar(x + 0.2, num("rel_forgetting_safety"), 0.4, yerr=num("rel_forgetting_safety_std"), label="safety task",
+           color="tab:orange")
+    for col, dx in (("rel_forgetting_cap", -0.2), ("rel_forgetting_safety", 0.2)):
+        for xi, v in zip(x, df[col] if len(df) else []):
+            if isinstance(v, str):  # a missing or failed cell: say so where the bar would be
+                ax.text(xi + dx, 0, v, rotation=90, ha="center", va="bottom", fontsize=8, color="gray")
+    ax.set_xticks(x, [f"{short(c)}-{short(s)}" for c, s in zip(df.get("capability", []), df.get("safety", []))])
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel("relative forgetting (%)")
+    ax.set_title("Relative forgetting of the first task (mean over seeds, error bar = std)")
+    ax.legend()
+    save_figure(fig, df, out, "figure2")
+    return ("## Figure 2: relative forgetting\n\n![figure 2](figure2.png)\n\n"
+            "Relative forgetting (%) = forgetting / first-task accuracy of theta_A: the capability task in "
+            "capability -> safety, the safety task in safety -> capability ([figure2.csv](figure2.csv)).\n")
+
+
+def section_figure3(study, out, opts):
+    """Figure 3: per-group forgetting bars for each safety -> capability chain, dotted line at the task's
+    average forgetting."""
+    chains = [(s, c) for s in study.safety for c in study.capability
+              if any(p.m["group_forgetting"] for p in study.table1.get((s, c), []))]
+    rows = []
+    for A, B in chains:
+        ps = study.table1[(A, B)]
+        task_f = cells([p.m["forgetting"] for p in ps])[0]
+        for g in sorted(set().union(*(p.m["group_forgetting"] for p in ps))):
+            m, s = cells([p.m["group_forgetting"].get(g, float("nan")) for p in ps])
+            rows.append({"first_task": A, "second_task": B, "group": g, "forgetting": m, "forgetting_std": s,
+                         "task_forgetting": task_f, "n_seeds": len(ps)})
+    df = pd.DataFrame(rows, columns=["first_task", "second_task", "group", "forgetting", "forgetting_std",
+                                     "task_forgetting", "n_seeds"])
+    firsts = [s for s in study.safety if any(a == s for a, _ in chains)]
+    seconds = [c for c in study.capability if any(b == c for _, b in chains)]
+    if not chains:
+        fig, ax = plt.subplots(figsize=(5, 2))
+        ax.text(0.5, 0.5, "no safety -> capability chain with groups", ha="center", va="center")
+        ax.axis("off")
+    else:
+        n_groups = df.groupby(["first_task", "second_task"]).size().max()
+        fig, axes = plt.subplots(len(firsts), len(seconds), squeeze=False,
+                                 figsize=(4.2 * len(seconds), 0.35 * n_groups * len(firsts) + 1.5))
+        for i, A in enumerate(firsts):
+            for j, B in enumerate(seconds):
+                ax = axes[i][j]
+                d = df[(df.first_task == A) & (df.second_task == B)]
+                if d.empty:
+                    ax.text(0.5, 0.5, study.marker.get((A, B), MISSING), ha="center", va="center")
+                    ax.set_title(f"{short(A)} -> {short(B)}")
+                    ax.axis("off")
+                    continue
+                d = d.assign(f=pd.to_numeric(d.forgetting, errors="coerce"),
+                             e=pd.to_numeric(d.forgetting_std, errors="coerce").fillna(0)).sort_values("f")
+                ax.barh(d.group, d.f, xerr=d.e, color="tab:orange")
+                tf = pd.to_numeric(d.task_forgetting, errors="coerce").iloc[0]
+                ax.axvline(tf, linestyle=":", color="tab:blue", label=f"task average {tf:.2f}")
+                ax.set_title(f"{short(A)} -> {short(B)}")
+                ax.set_xlabel("forgetting (%)")
+                ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+    save_figure(fig, df, out, "figure3")
+    return ("## Figure 3: forgetting by group (safety -> capability)\n\n![figure 3](figure3.png)\n\n"
+            "Bars: per-group forgetting (%); dotted line: the safety task's average forgetting "
+            "([figure3.csv](figure3.csv)).\n")
+
+
+def lr_series(study, which):
+    """Forgetting of the first task per learning rate, per chain (percent, mean/std over seeds).
+    which = "lr_a": first-stage lr varies, second-stage lr fixed at the main lr.
+    which = "lr_b": second-stage lr varies, starting from the same first-stage models as Table 1."""
+    rows = []
+    for (A, B) in sorted({(p.A, p.B) for p in study.pairs}):
+        if which == "lr_a":
+            ps = [p for p in study.pairs if (p.A, p.B) == (A, B) and study.main_lr is not None
+                  and math.isclose(p.lr_b, study.main_lr, rel_tol=1e-9)]
+        else:
+            parents = {p.first.run_id for p in study.table1.get((A, B), [])}
+            ps = [p for p in study.pairs if (p.A, p.B) == (A, B) and p.first.run_id in parents]
+        by_lr = defaultdict(list)
+        for p in ps:
+            by_lr[getattr(p, which)].append(p.m["forgetting"])
+        for lr in sorted(by_lr):
+            m, s = cells(by_lr[lr])
+            order = ("safety->capability" if A in SAFETY_TASKS and B in CAPABILITY_TASKS
+                     else "capability->safety" if A in CAPABILITY_TASKS and B in SAFETY_TASKS else "other")
+            rows.append({"first_task": A, "second_task": B, "order": order, which: lr, "forgetting": m,
+                         "forgetting_std": s, "n_seeds": len(by_lr[lr])})
+    return pd.DataFrame(rows, columns=["first_task", "second_task", "order", which, "forgetting",
+                                       "forgetting_std", "n_seeds"])
+
+
+def _lr_plot(ax, df, which):
+    for (A, B), d in df.groupby(["first_task", "second_task"], sort=True):
+        y = pd.to_numeric(d.forgetting, errors="coerce")
+        e = pd.to_numeric(d.forgetting_std, errors="coerce").fillna(0)
+        ax.errorbar(d[which], y, yerr=e, marker="o", capsize=3, label=f"{short(A)} -> {short(B)}")
+    ax.set_xscale("log")
+    ax.set_xlabel("first-task lr" if which == "lr_a" else "second-task lr")
+    ax.set_ylabel("forgetting of the first task (%)")
+    if len(df):
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes)
+
+
+def section_lr_figures(study, out, opts):
+    """Figures 5 and 6 (safety -> capability: forgetting vs first- / second-task lr) and Figure 8 (every
+    chain, both orders, both lrs)."""
+    sa, sb = lr_series(study, "lr_a"), lr_series(study, "lr_b")
+    text = "## Forgetting against learning rate (Figures 5, 6, 8)\n\n"
+    for stem, df, which, title in (("figure5", sa[sa.order == "safety->capability"], "lr_a",
+                                    "Figure 5: safety -> capability, first-task lr varies"),
+                                   ("figure6", sb[sb.order == "safety->capability"], "lr_b",
+                                    "Figure 6: safety -> capability, second-task lr varies")):
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        _lr_plot(ax, df, which)
+        ax.set_title(title)
+        save_figure(fig, df, out, stem)
+        n_lr = df.groupby(["first_task", "second_task"])[which].nunique().max() if len(df) else 0
+        note = "" if n_lr and n_lr > 1 else " (no learning-rate sweep found in these runs: one point per chain)"
+        text += f"### {title}{note}\n\n![{stem}]({stem}.png) ([{stem}.csv]({stem}.csv))\n\n"
+    both = pd.concat([sa.rename(columns={"lr_a": "lr"}).assign(varied="lr_a"),
+                      sb.rename(columns={"lr_b": "lr"}).assign(varied="lr_b")], ignore_index=True)
+    both = both[["varied", "first_task", "second_task", "order", "lr", "forgetting", "forgetting_std", "n_seeds"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, which, d in ((axes[0], "lr_a", sa), (axes[1], "lr_b", sb)):
+        _lr_plot(ax, d, which)
+    axes[0].set_title("(a) by first-task lr")
+    axes[1].set_title("(b) by second-task lr")
+    save_figure(fig, both, out, "figure8")
+    text += "### Figure 8: every chain, both orders\n\n![figure8](figure8.png) ([figure8.csv](figure8.csv))\n\n"
+    if study.main_lr:
+        text += (f"Second-stage lr held at the main lr ({study.main_lr:g}) in (a); in (b) the first-stage models "
+                 "are those of Table 1.\n")
+    return text
+
+
+def section_first_task_acc(study, out, opts):
+    """The appendix's table: first-task (theta_A) test accuracy per learning rate (and validation accuracy)."""
+    groups = defaultdict(list)
+    for r in study.runs:
+        if r.stage == 1 and not r.problem:
+            groups[(r.task, r.lr)].append(r)
+    used = Counter(p.first.run_id for ps in study.table1.values() for p in ps)
+    rows = []
+    for (task, lr), rs in sorted(groups.items()):
+        a, a_s = cells([r.acc(task) for r in rs])
+        v, v_s = cells([r.acc(task, "val") for r in rs], marker=NA)
+        rows.append({"task": task, "lr": lr, "acc": a, "acc_std": a_s, "val_acc": v, "val_acc_std": v_s,
+                     "n_seeds": len(rs), "chained_runs_in_table1": sum(used[r.run_id] for r in rs)})
+    df = pd.DataFrame(rows, columns=["task", "lr", "acc", "acc_std", "val_acc", "val_acc_std", "n_seeds",
+                                     "chained_runs_in_table1"])
+    write_csv(os.path.join(out, "first_task_acc_by_lr.csv"), df)
+    write_text(os.path.join(out, "first_task_acc_by_lr.md"), markdown_table(df.assign(lr=df.lr.map("{:g}".format))))
+    return ("## First-task accuracy per learning rate\n\nTest (and validation) accuracy of theta_A in percent, "
+            "mean over seeds ([first_task_acc_by_lr.csv](first_task_acc_by_lr.csv)).\n\n"
+            + markdown_table(df.assign(lr=df.lr.map("{:g}".format))))
+
+
+SECTIONS = [section_table1, section_groups, section_figure2, section_figure3, section_lr_figures,
+            section_first_task_acc]
+
+
+def write_report(study, out, opts):
+    """Run every section, then report.md (provenance, problems, the sections) and summary.json."""
+    os.makedirs(out, exist_ok=True)
+    parts = [f(study, out, opts) for f in SECTIONS]  # sections may add problems (e.g. missing samples)
+    base = sorted({str(r.meta.get("base_model")) for r in study.runs if r.meta.get("base_model")})
+    sources = sorted({str(r.meta.get("data", {}).get("source")) for r in study.runs
+                      if isinstance(r.meta.get("data"), dict) and r.meta["data"].get("source")}
+                     | {str(t.get("source")) for r in study.runs if r.eval
+                        for t in r.eval["tasks"].values() if t.get("source")})
+    n1 = sum(r.stage == 1 for r in study.runs)
+    n2 = sum(r.stage == 2 for r in study.runs)
+    head = ["# Chained tuning: forgetting and biased forgetting\n",
+            f"- model (run.json base_model): {', '.join(base) or 'unknown'}",
+            f"- data (source): {', '.join(sources) or 'unknown'}",
+            f"- profile: {opts.profile}",
+            f"- runs: {os.path.abspath(study.runs_dir)} ({n1} first-stage, {n2} chained run.json; "
+            f"{len(study.pairs)} usable pairs; seeds {', '.join(map(str, study.seeds))})",
+            f"- main learning rate (second stage of Table 1): {study.main_lr:g} ({study.main_lr_from})"
+            if study.main_lr else "- main learning rate: none (no chained run)",
+            "- values in percent; mean and std (ddof=1) over seeds; n/a = a std over one seed, or not "
+            "applicable (no groups, no bootstrap)\n"]
+    if study.study_json:
+        head.append("study.json:\n\n```json\n" + json.dumps(study.study_json, indent=2) + "\n```\n")
+    probs = study.problems
+    head.append(f"## Missing or failed runs ({len(probs)})\n\n"
+                + ("\n".join(f"- {p}" for p in probs) if probs else "None: every expected run is present.") + "\n")
+    write_text(os.path.join(out, "report.md"), "\n".join(head) + "\n" + "\n".join(parts))
+    summary = {"runs": os.path.abspath(study.runs_dir), "profile": opts.profile, "base_model": base,
+               "data_source": sources, "main_lr": study.main_lr, "seeds": study.seeds,
+               "n_pairs": len(study.pairs), "problems": probs}
+    write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    return probs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", required=True, help="folder written by run_all.sh (searched for run.json files)")
+    ap.add_argument("--out", required=True, help="folder for the tables, figures and report.md")
+    ap.add_argument("--profile", default=None, help='profile named in report.md (default: study.json "profile", '
+                                                    'else "unknown")')
+    ap.add_argument("--lr", type=float, default=None, help='main second-stage lr for Table 1 (default: study.json '
+                                                          '"lr", else the most common second-stage lr)')
+    ap.add_argument("--k", type=int, default=3, help="number of worst groups for top-k biased forgetting")
+    ap.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples (0: no CIs)")
+    ap.add_argument("--boot_seed", type=int, default=0, help="seed of the bootstrap")
+    ap.add_argument("--ci", type=float, default=0.95, help="confidence level of the bootstrap CIs")
+    opts = ap.parse_args(argv)
+    try:
+        if opts.k < 1 or opts.n_boot < 0 or not 0 < opts.ci < 1:
+            raise UserError("--k must be >= 1, --n_boot >= 0 and --ci in (0, 1)")
+        if opts.lr is not None and opts.lr <= 0:
+            raise UserError("--lr must be positive")
+        study = build_study(opts.runs, opts.lr, exclude=opts.out)
+        if opts.profile is None:
+            opts.profile = str(study.study_json.get("profile", "unknown"))
+        try:
+            os.makedirs(opts.out, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --out {opts.out} ({e}); pass a writable folder") from None
+        probs = write_report(study, opts.out, opts)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"metrics: {len(study.pairs)} chained pairs from {opts.runs} -> {opts.out}/report.md")
+    if probs:
+        print(f"metrics: {len(probs)} missing or failed runs (also in report.md):")
+        for p in probs:
+            print(f"  - {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

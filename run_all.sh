@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# The chained-tuning study, end to end: base model -> first-stage model per task and learning rate
+# (theta_A) -> every capability/safety chain in both orders (theta_AB) -> evaluation of every model
+# on its tasks -> learning-rate sweeps of the first and second stage -> curvature of the first-stage
+# minima -> metrics, tables, figures and report.md.
+#
+#   bash run_all.sh                                    # profile tiny: synthetic tasks, tiny model
+#   PROFILE=real-tiny DATA_DIR=../shared/data bash run_all.sh
+#   PROFILE=paper MODEL=/models/Llama-2-7b-hf DATA_DIR=/data NPROC=8 bash run_all.sh
+#
+# Idempotent: a stage whose output exists is skipped (outputs appear only once complete), so an
+# interrupted study resumes by running this again. Every stage prints one line; its full output
+# goes to $RUNS/logs/<stage>.log. Any variable below can be set from the environment.
+set -uo pipefail
+cd "$(dirname "$0")"
+PROFILE="${PROFILE:-${1:-tiny}}"
+source scripts/setup_env.sh
+T_START=$(date +%s)
+
+case "$PROFILE" in
+  tiny)
+    MODEL="${MODEL:-tiny}"; DATA_DIR="${DATA_DIR:-}"; SEEDS="${SEEDS:-0}"
+    LRS="${LRS:-3e-4 1e-3 2e-3}"; MAIN_LR="${MAIN_LR:-1e-3}"; STEPS="${STEPS:-100}"
+    EVAL_LIMIT="${EVAL_LIMIT:-300}"; VAL_LIMIT="${VAL_LIMIT:-200}"; CURV_SAMPLES="${CURV_SAMPLES:-50}"
+    FIRST_LR_CHAINS="${FIRST_LR_CHAINS:-toxigen-arc bbq-arc}"
+    SECOND_LR_CHAINS="${SECOND_LR_CHAINS:-toxigen-arc arc-toxigen bbq-arc}"
+    LAUNCH=("$PY"); EXTRA="${EXTRA:-}"
+    LR_NOTE="learning rates scaled for the tiny model (the paper sweeps 1e-6..2e-5 around 1e-5 for Llama-2-7B)";;
+  real-tiny)
+    MODEL="${MODEL:-tiny}"; DATA_DIR="${DATA_DIR:-../shared/data}"; SEEDS="${SEEDS:-0}"
+    LRS="${LRS:-3e-4 1e-3 2e-3}"; MAIN_LR="${MAIN_LR:-1e-3}"; STEPS="${STEPS:-100}"
+    EVAL_LIMIT="${EVAL_LIMIT:-400}"; VAL_LIMIT="${VAL_LIMIT:-200}"; CURV_SAMPLES="${CURV_SAMPLES:-50}"
+    FIRST_LR_CHAINS="${FIRST_LR_CHAINS:-toxigen-arc bbq-arc}"
+    SECOND_LR_CHAINS="${SECOND_LR_CHAINS:-toxigen-arc arc-toxigen bbq-arc}"
+    LAUNCH=("$PY"); EXTRA="${EXTRA:-}"
+    LR_NOTE="learning rates scaled for the tiny model on the real datasets (paper: 1e-6..2e-5 for Llama-2-7B); evaluation on stratified subsets of $EVAL_LIMIT test examples per task";;
+  paper)
+    MODEL="${MODEL:?set MODEL to a Llama-2-7B checkpoint folder}"; DATA_DIR="${DATA_DIR:?set DATA_DIR to the datasets folder}"
+    SEEDS="${SEEDS:-0 1 2}"; LRS="${LRS:-1e-6 5e-6 1e-5 1.5e-5 2e-5}"; MAIN_LR="${MAIN_LR:-1e-5}"; STEPS="${STEPS:-100}"
+    EVAL_LIMIT="${EVAL_LIMIT:-}"; VAL_LIMIT="${VAL_LIMIT:-}"; CURV_SAMPLES="${CURV_SAMPLES:-50}"
+    FIRST_LR_CHAINS="${FIRST_LR_CHAINS:-toxigen-arc toxigen-csqa toxigen-csqa2 bbq-arc bbq-csqa bbq-csqa2}"
+    SECOND_LR_CHAINS="${SECOND_LR_CHAINS:-toxigen-arc toxigen-csqa toxigen-csqa2 bbq-arc bbq-csqa bbq-csqa2 arc-toxigen}"
+    LAUNCH=(torchrun --nproc_per_node="${NPROC:-8}"); EXTRA="${EXTRA:---bf16}"
+    LR_NOTE="the paper's learning rates";;
+  *) echo "error: unknown PROFILE '$PROFILE'; use tiny, real-tiny or paper" >&2; exit 2;;
+esac
+CAP="${CAP:-arc csqa csqa2}"
+SAFE="${SAFE:-toxigen bbq}"   # SaFeRDialogues joins when its (generative) evaluation exists
+RUNS="${RUNS:-runs/$PROFILE}"
+DATA_ARGS=(); [ -n "$DATA_DIR" ] && DATA_ARGS=(--data_dir "$DATA_DIR")
+EVAL_ARGS=(); [ -n "$EVAL_LIMIT" ] && EVAL_ARGS=(--limit "$EVAL_LIMIT")
+VAL_ARGS=(); [ -n "$VAL_LIMIT" ] && VAL_ARGS=(--limit "$VAL_LIMIT")
+mkdir -p "$RUNS/logs"
+FAILED=()
+
+say() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# stage NAME OUTPUT CMD...: run CMD unless OUTPUT exists; its output goes to the stage's log.
+stage() {
+  local name="$1" out="$2"; shift 2
+  if [ -e "$out" ]; then say "done already: $name ($out)"; return 0; fi
+  say "$name -> $out"
+  if ! "$@" >"$RUNS/logs/$name.log" 2>&1; then
+    FAILED+=("$name")
+    say "FAILED: $name (log: $RUNS/logs/$name.log)"
+    tail -n 3 "$RUNS/logs/$name.log" | sed 's/^/    /'
+    return 1
+  fi
+}
+
+finetune() {  # finetune NAME PARENT TASK LR SEED OUT
+  stage "$1" "$6" "${LAUNCH[@]}" finetune.py --model "$2" --task "$3" --lr "$4" --seed "$5" --steps "$STEPS" \
+    --out "$6" "${DATA_ARGS[@]}" $EXTRA
+}
+
+evaluate() {  # evaluate NAME MODEL_DIR TASKS OUT [extra args]
+  local name="$1" dir="$2" tasks="$3" out="$4"; shift 4
+  [ -d "$dir" ] || { say "skipped: $name (no model at $dir)"; return 1; }
+  stage "$name" "$out" "$PY" evaluate.py --model "$dir" --tasks "$tasks" --out "$out" "${DATA_ARGS[@]}" "$@"
+}
+
+# The first-stage model a chain starts from: the best of the task's learning-rate sweep on its
+# validation split (ties go to the main learning rate), as in the paper.
+best_stage1() {  # best_stage1 TASK SEED -> folder
+  "$PY" - "$RUNS/stage1/$1" "$2" "$MAIN_LR" $LRS <<'EOF'
+import json, os, sys
+root, seed, main_lr, lrs = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4:]
+best = None
+for lr in lrs:
+    f = os.path.join(root, f"lr{lr}", f"seed{seed}", "eval_val.json")
+    if os.path.isfile(f):
+        acc = next(iter(json.load(open(f))["tasks"].values()))["acc"]
+        key = (acc, -abs(float(lr) - main_lr))
+        if best is None or key > best[0]:
+            best = (key, os.path.dirname(f))
+print(best[1] if best else "")
+EOF
+}
+
+"$PY" - "$RUNS/study.json" <<EOF
+import json, sys, os
+from common import write_json_atomic
+write_json_atomic(sys.argv[1], {"profile": "$PROFILE", "model": "$MODEL", "data_dir": "${DATA_DIR:-synthetic}",
+    "seeds": "$SEEDS".split(), "lrs": [float(x) for x in "$LRS".split()], "main_lr": float("$MAIN_LR"),
+    "lr": float("$MAIN_LR"), "steps": int("$STEPS"), "eval_limit": "${EVAL_LIMIT}" or None,
+    "capability_tasks": "$CAP".split(), "safety_tasks": "$SAFE".split(), "lr_note": "$LR_NOTE"})
+EOF
+say "study: profile $PROFILE, model $MODEL, data ${DATA_DIR:-synthetic}, seeds [$SEEDS], lrs [$LRS] (main $MAIN_LR; $LR_NOTE) -> $RUNS"
+
+# 0. The base model (the tiny one is built once and cached).
+if [ "$MODEL" = "tiny" ]; then
+  say "base: tiny Llama (built once, then cached) -> $("$PY" -c 'import tiny_base; print(tiny_base.tiny_base_path())')"
+  "$PY" tiny_base.py >"$RUNS/logs/base-tiny.log" 2>&1 || { say "FAILED: base (log: $RUNS/logs/base-tiny.log)"; exit 1; }
+fi
+
+# 1. First-stage models: every task, learning rate and seed; each evaluated on its task's test and
+#    validation splits.
+for t in $CAP $SAFE; do for lr in $LRS; do for s in $SEEDS; do
+  d="$RUNS/stage1/$t/lr$lr/seed$s"
+  finetune "stage1-$t-lr$lr-seed$s" "$MODEL" "$t" "$lr" "$s" "$d" || continue
+  evaluate "eval-stage1-$t-lr$lr-seed$s" "$d" "$t" "$d/eval.json" "${EVAL_ARGS[@]}"
+  evaluate "evalval-stage1-$t-lr$lr-seed$s" "$d" "$t" "$d/eval_val.json" --split validation "${VAL_ARGS[@]}"
+done; done; done
+
+# 2. Chains: capability -> safety and safety -> capability, from the best first-stage model, at the
+#    main learning rate; plus the first-stage and second-stage learning-rate sweeps.
+chain() {  # chain A B PARENT_LR LR_B SEED (PARENT_LR "best": the sweep's best)
+  local a="$1" b="$2" lra="$3" lrb="$4" s="$5" parent
+  if [ "$lra" = best ]; then parent="$(best_stage1 "$a" "$s")"; else parent="$RUNS/stage1/$a/lr$lra/seed$s"; fi
+  if [ -z "$parent" ] || [ ! -d "$parent" ]; then say "skipped: chain $a-$b seed $s (no first-stage model)"; FAILED+=("chain-$a-$b-seed$s"); return 1; fi
+  lra="$(basename "$(dirname "$parent")")"; lra="${lra#lr}"
+  local d="$RUNS/stage2/$a-$b/lrA${lra}_lrB$lrb/seed$s"
+  finetune "stage2-$a-$b-lrA$lra-lrB$lrb-seed$s" "$parent" "$b" "$lrb" "$s" "$d" || return 1
+  evaluate "eval-stage2-$a-$b-lrA$lra-lrB$lrb-seed$s" "$d" "$a,$b" "$d/eval.json" "${EVAL_ARGS[@]}"
+}
+for s in $SEEDS; do
+  for c in $CAP; do for f in $SAFE; do
+    chain "$c" "$f" best "$MAIN_LR" "$s"
+    chain "$f" "$c" best "$MAIN_LR" "$s"
+  done; done
+  for ab in $FIRST_LR_CHAINS; do for lr in $LRS; do chain "${ab%-*}" "${ab#*-}" "$lr" "$MAIN_LR" "$s"; done; done
+  for ab in $SECOND_LR_CHAINS; do for lr in $LRS; do chain "${ab%-*}" "${ab#*-}" best "$lr" "$s"; done; done
+done
+
+# 3. Metrics, tables, figures, report.
+# (always rerun: it summarises whatever runs exist, naming the missing ones)
+say "metrics -> $RUNS/results"
+if ! "$PY" metrics.py --runs "$RUNS" --out "$RUNS/results" --profile "$PROFILE" >"$RUNS/logs/metrics.log" 2>&1; then
+  FAILED+=("metrics"); say "FAILED: metrics (log: $RUNS/logs/metrics.log)"; tail -n 3 "$RUNS/logs/metrics.log" | sed 's/^/    /'
+fi
+
+T_END=$(date +%s)
+say "study finished in $((T_END - T_START))s; report: $RUNS/results/report.md"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  say "${#FAILED[@]} stage(s) failed or were skipped: ${FAILED[*]}"
+  exit 1
+fi

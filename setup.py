@@ -1,0 +1,37 @@
+"""Build the optional `hessian` operator library used by curvature.py.
+
+    python setup.py build_ext --inplace          # -> ./curvature_ext*.so beside curvature.py
+    pip install -e . --no-build-isolation        # same, as an editable install
+
+A CppExtension (CPU kernels) is built, or a CUDAExtension (CPU + CUDA kernels) when torch was built with CUDA
+and nvcc is found (CUDA_HOME); HESSIAN_FORCE_CPU=1 forces the CPU-only build. Without this build
+curvature.py JIT-compiles the same sources (torch.utils.cpp_extension.load) or falls back to plain PyTorch.
+"""
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sources = [os.path.join("csrc", "hessian.cpp"), os.path.join("csrc", "cpu", "hessian_cpu.cpp")]
+use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
+            and os.environ.get("HESSIAN_FORCE_CPU", "0") != "1")
+if use_cuda:
+    ext = CUDAExtension(
+        "curvature_ext",
+        sources + [os.path.join("csrc", "cuda", "hessian_cuda.cpp"), os.path.join("csrc", "cuda", "hessian_kernels.cu")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+    )
+else:
+    ext = CppExtension("curvature_ext", sources, extra_compile_args={"cxx": ["-O3"]})
+
+setup(
+    name="curvature-ext",
+    version="0.1.0",
+    description="Fused Hessian eigen-solver ops (hessian::*) for curvature.py",
+    ext_modules=[ext],
+    py_modules=[],
+    packages=[],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,285 @@
+"""curvature.py against the dense Hessian of a tiny Llama (a few thousand parameters).
+
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_curvature.py
+The extension tests build the C++ ops once with the JIT loader (about 20 s on 2 cores, cached in build/jit)
+and skip, with the reason, when no compiler is available.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import curvature as C  # noqa: E402
+
+VOCAB = 48
+
+
+def tiny_llama(dtype=torch.float64, seed=0, vocab=VOCAB, hidden=12, inter=24):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      attn_implementation="eager")
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def make_batch(n, T, seed, n_answer=4, vocab=VOCAB):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, T), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, T - n_answer:] = ids[:, T - n_answer:]
+    am = torch.ones_like(ids)
+    am[0, -1] = 0  # right padding on the first row
+    labels[0, -1] = -100
+    return {"input_ids": ids, "attention_mask": am, "labels": labels}
+
+
+def batches():
+    return [make_batch(3, 10, 1), make_batch(2, 8, 2, n_answer=3)]
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def dense(model64):
+    """Dense Hessian (torch.autograd.functional.hessian, float64) of the same loss, built independently."""
+    from torch.func import functional_call
+
+    bs = batches()
+    names = [n for n, _ in model64.named_parameters()]
+    shapes = [p.shape for _, p in model64.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model64.parameters()])
+    total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in bs)
+
+    def loss(x):
+        d, o = {}, 0
+        for n, s in zip(names, shapes):
+            d[n] = x[o:o + s.numel()].view(s)
+            o += s.numel()
+        tot = 0
+        for b in bs:
+            out = functional_call(model64, d, (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+            tot = tot + C.answer_loss_sum_ref(out.logits, b["labels"])[0]
+        return tot / total
+
+    model64.eval()
+    H = torch.autograd.functional.hessian(loss, flat, vectorize=True)
+    H = 0.5 * (H + H.T)
+    ev = torch.linalg.eigvalsh(H)
+    return {"H": H, "lmin": float(ev[0]), "lmax": float(ev[-1]), "rho": float(ev.abs().max()),
+            "loss": float(loss(flat)), "flat": flat}
+
+
+def ext_available():
+    st = C.load_extension()
+    return st["ok"], st["detail"]
+
+
+needs_ext = pytest.mark.skipif(not ext_available()[0], reason=f"C++ extension unavailable: {ext_available()[1]}")
+
+
+def rel(a, b):
+    return abs(a - b) / abs(b)
+
+
+def test_param_count_is_a_few_thousand(model64):
+    n = sum(p.numel() for p in model64.parameters())
+    assert 1000 <= n <= 5000
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("extension", marks=needs_ext)])
+def test_lanczos_matches_dense(model64, dense, backend):
+    r = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend=backend)
+    assert r["converged"], r.get("warning")
+    assert rel(r["lambda_max"], dense["lmax"]) <= 1e-5
+    assert rel(r["lambda_min"], dense["lmin"]) <= 1e-5
+    assert rel(r["rho"], dense["rho"]) <= 1e-5
+    assert r["hvp_count"] == r["iterations"]
+    assert r["backend"]["solver_loop"] == ("cpp" if backend == "extension" else "python")
+    assert abs(r["loss"] - dense["loss"]) <= 1e-12 * max(1.0, dense["loss"])
+    for k in ("lambda_max", "lambda_min", "rho", "iterations", "hvp_count", "residual", "converged",
+              "wall_time_s", "peak_memory", "settings", "backend"):
+        assert k in r
+
+
+def test_default_tol_is_within_bound(model64, dense):
+    # the stop rule |beta s_k| <= tol*rho bounds the eigenvalue error by tol*rho
+    r = C.hessian_spectrum(model64, batches(), backend="torch")
+    assert r["converged"]
+    assert abs(r["rho"] - dense["rho"]) <= 1e-4 * dense["rho"]
+    assert r["residual"] <= 1e-4 * r["rho"]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("extension", marks=needs_ext)])
+def test_power_iteration(model64, dense, backend):
+    r = C.hessian_spectrum(model64, batches(), method="power", tol=1e-9, max_iter=1500, backend=backend)
+    assert r["converged"]
+    assert rel(r["rho"], dense["rho"]) <= 1e-4
+    assert r["stop_reason"] == "relative_change"
+
+
+def test_hvp_matches_dense(model64, dense):
+    _, op = C.hessian_spectrum(model64, batches(), max_iter=1, backend="torch", return_operator=True)
+    g = torch.Generator().manual_seed(3)
+    v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in op.params]
+    hv = torch.cat([t.reshape(-1) for t in op.hvp(v)])
+    ref = dense["H"] @ torch.cat([t.reshape(-1) for t in v])
+    # HF's eager attention runs its softmax in float32 even in a float64 model: ~1e-7 relative noise
+    assert float((hv - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("budget,retained", [(1, 0), ("one", 1)])
+def test_recompute_when_over_budget(model64, dense, budget, retained):
+    if budget == "one":
+        _, op = C.hessian_spectrum(model64, batches(), max_iter=1, backend="torch", return_operator=True)
+        budget = op.graph_bytes + op.graph_bytes // 2
+    r = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="auto", graph_memory_budget=budget)
+    assert r["graphs"]["retained"] == retained
+    assert r["graphs"]["recomputed"] == 2 - retained
+    assert r["backend"]["solver_loop"] == "python"
+    assert rel(r["rho"], dense["rho"]) <= 1e-5
+    assert abs(r["loss"] - dense["loss"]) <= 1e-12
+
+
+@needs_ext
+def test_extension_and_fallback_give_same_rho_float32():
+    m = tiny_llama(torch.float32, seed=1)
+    a = C.hessian_spectrum(m, batches(), tol=1e-5, max_iter=300, backend="torch")
+    b = C.hessian_spectrum(m, batches(), tol=1e-5, max_iter=300, backend="extension")
+    assert b["backend"]["cross_entropy"] == "fused_op" and a["backend"]["cross_entropy"] == "torch_log_softmax_nll"
+    assert rel(b["rho"], a["rho"]) <= 1e-5
+    assert rel(b["lambda_min"], a["lambda_min"]) <= 1e-4
+
+
+@needs_ext
+def test_extension_and_fallback_same_iterates_float64(model64):
+    a = C.hessian_spectrum(model64, batches(), tol=1e-6, max_iter=200, backend="torch")
+    b = C.hessian_spectrum(model64, batches(), tol=1e-6, max_iter=200, backend="extension")
+    assert a["iterations"] == b["iterations"]
+    assert rel(b["rho"], a["rho"]) <= 1e-9
+
+
+def test_nonconvergence_is_reported(model64):
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        r = C.hessian_spectrum(model64, batches(), max_iter=3, backend="torch")
+    assert r["converged"] is False and r["stop_reason"] == "max_iter" and "warning" in r
+    with pytest.warns(RuntimeWarning):
+        r = C.hessian_spectrum(model64, batches(), method="power", max_iter=2, backend="torch")
+    assert r["converged"] is False
+
+
+def test_bad_inputs(model64):
+    with pytest.raises(C.CurvatureError):
+        C.hessian_spectrum(model64, batches(), method="arnoldi")
+    with pytest.raises(C.CurvatureError):
+        C.hessian_spectrum(model64, [], backend="torch")
+    b = make_batch(2, 6, 0)
+    b["labels"][:] = -100
+    with pytest.raises(C.CurvatureError, match="no answer tokens"):
+        C.hessian_spectrum(model64, [b], backend="torch")
+    with pytest.raises(C.CurvatureError):
+        C.hessian_spectrum(model64, batches(), tol=0)
+
+
+def test_loss_matches_finetune_semantics(model64, dense):
+    """The operator's loss equals finetune.answer_loss_sum (or the same-semantics reference) over full logits."""
+    fns = [(C.answer_loss_sum_ref, 1e-12)]
+    if importlib.util.find_spec("finetune") is not None:
+        import finetune
+
+        fns.append((finetune.answer_loss_sum, 1e-6))  # it computes in float32
+    for fn, tol in fns:
+        tot_l, tot_n = 0.0, 0
+        with torch.no_grad():
+            for b in batches():
+                out = model64(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                s, n = fn(out.logits, b["labels"])
+                tot_l += float(s)
+                tot_n += int(n)
+        assert abs(tot_l / tot_n - dense["loss"]) <= tol * dense["loss"]
+
+
+def test_reference_taylor_terms(model64, dense):
+    """0.5 d^T H d from one HVP equals the dense quadratic form; bound >= quadratic term."""
+    res, op = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="torch", return_operator=True)
+    g = torch.Generator().manual_seed(5)
+    delta = [1e-3 * torch.randn(p.shape, generator=g, dtype=p.dtype) for p in op.params]
+    d = torch.cat([t.reshape(-1) for t in delta])
+    quad = 0.5 * float(sum((a * b).sum() for a, b in zip(delta, op.hvp(delta))))
+    assert rel(quad, 0.5 * float(d @ dense["H"] @ d)) <= 1e-6
+    assert quad <= 0.5 * res["rho"] * float(d @ d)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def run_cli(*args, env=None):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "curvature.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=e, timeout=300)
+
+
+def test_cli_bad_model_dir(tmp_path):
+    p = run_cli("--model", str(tmp_path / "nope"), "--task", "arc", "--out", str(tmp_path / "c.json"))
+    assert p.returncode == 2
+    assert p.stderr.startswith("error:") and "nope" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_cli_bad_numbers(tmp_path):
+    p = run_cli("--model", "tiny", "--task", "arc", "--out", str(tmp_path / "c.json"), "--samples", "0")
+    assert p.returncode == 2 and "--samples" in p.stderr and "Traceback" not in p.stderr
+
+
+def _lead_modules_present():
+    return all(os.path.exists(os.path.join(ROOT, f)) for f in ("common.py", "tasks.py", "finetune.py"))
+
+
+@pytest.mark.skipif(not _lead_modules_present(), reason="common.py / tasks.py / finetune.py not in the repo yet")
+def test_cli_end_to_end_tiny(tmp_path):
+    out = tmp_path / "curv.json"
+    p = run_cli("--model", "tiny", "--task", "arc", "--samples", "4", "--out", str(out), "--max_iter", "30",
+                "--micro_batch_size", "2", "--backend", "torch")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    assert r["task"] == "arc" and r["n_samples"] == 4 and len(r["sample_ids"]) == 4
+    assert r["rho"] == max(abs(r["lambda_max"]), abs(r["lambda_min"]))
+    assert r["reference"] is None
+    p2 = run_cli("--model", "tiny", "--task", "nosuchtask", "--out", str(out))
+    assert p2.returncode == 2 and "nosuchtask" in p2.stderr
+
+
+@pytest.mark.skipif(not _lead_modules_present(), reason="common.py / tasks.py / finetune.py not in the repo yet")
+def test_cli_reference_taylor_check(tmp_path):
+    """--reference: a theta_AB made by perturbing the tiny base; the four Taylor terms are reported."""
+    import common
+
+    model, tok = common.load_model_and_tokenizer("tiny")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=g))
+    ref_dir = tmp_path / "theta_ab"
+    model.save_pretrained(ref_dir)
+    tok.save_pretrained(ref_dir)
+    out = tmp_path / "curv.json"
+    p = run_cli("--model", "tiny", "--task", "arc", "--samples", "4", "--out", str(out), "--max_iter", "40",
+                "--micro_batch_size", "4", "--reference", str(ref_dir))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())["reference"]
+    assert r["delta_sq_norm"] > 0
+    assert r["actual_loss_change"] == pytest.approx(r["loss_A_at_AB"] - r["loss_A_at_A"])
+    assert r["bound"] == pytest.approx(0.5 * json.loads(out.read_text())["rho"] * r["delta_sq_norm"])
+    assert r["quadratic_le_bound"] == (r["quadratic_term"] <= r["bound"] * (1 + 1e-6) + 1e-12)
+    bad = run_cli("--model", "tiny", "--task", "arc", "--out", str(out), "--reference", str(tmp_path / "none"))
+    assert bad.returncode == 2 and "--reference" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,271 @@
+"""The `hessian` C++ ops against plain-PyTorch references, torch.library.opcheck, gradcheck/gradgradcheck.
+
+Needs the extension (installed with `python setup.py build_ext --inplace`, else JIT-built once into build/jit);
+skipped, with the reason, when neither loads (e.g. no C++ compiler). CUDA tests skip without a GPU.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import curvature as C  # noqa: E402
+
+_STATE = C.load_extension()
+pytestmark = pytest.mark.skipif(not _STATE["ok"], reason=f"hessian extension unavailable: {_STATE['detail']}")
+ops = torch.ops.hessian if _STATE["ok"] else None
+IGN = -100
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def tensors(dtype, seed, device="cpu", shapes=((7, 5), (13,), (3, 4, 6), (70001,))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes]
+
+
+def xent_inputs(N=9, V=37, dtype=torch.float64, device="cpu", seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(N, V, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+    y = torch.randint(0, V, (N,), generator=g).to(device)
+    y[1] = IGN
+    y[N - 1] = IGN
+    return x.requires_grad_(requires_grad), y
+
+
+# ------------------------------------------------------------------------------------- multi-tensor steps
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_lanczos_step_matches_reference(dtype, tol, device):
+    w, v, vp = tensors(dtype, 0, device), tensors(dtype, 1, device), tensors(dtype, 2, device)
+    beta = torch.tensor(0.37, dtype=torch.float64, device=device)
+    vp_ref = [t.clone() for t in vp]
+    out = ops.lanczos_step(w, v, vp, beta)
+    ref = C.lanczos_step_torch(w, v, vp_ref, 0.37)
+    assert out.dtype == torch.float64
+    assert torch.allclose(out.cpu(), ref, rtol=1e-12 if dtype == torch.float64 else 1e-5)
+    for a, b in zip(vp, vp_ref):
+        assert torch.allclose(a.double(), b.double(), rtol=tol, atol=tol)
+    # float64 accumulation: the new vector has unit norm to float64 rounding of the stored values
+    nrm = sum(float(t.double().pow(2).sum()) for t in vp) ** 0.5
+    assert abs(nrm - 1) < (1e-12 if dtype == torch.float64 else 1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_lanczos_step_noncontiguous_w():
+    w = [t.t() for t in tensors(torch.float32, 0, shapes=((5, 7), (6, 8)))]
+    v, vp = tensors(torch.float32, 1, shapes=((7, 5), (8, 6))), tensors(torch.float32, 2, shapes=((7, 5), (8, 6)))
+    ref_vp = [t.clone() for t in vp]
+    out = ops.lanczos_step(w, v, vp, torch.tensor(0.5, dtype=torch.float64))
+    ref = C.lanczos_step_torch(w, v, ref_vp, 0.5)
+    assert torch.allclose(out, ref, rtol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(vp, ref_vp))
+
+
+def test_float64_accumulation_beats_float32():
+    # 4M float32 ones/sqrt(n): a float32 running sum drifts; the op's float64 accumulation does not
+    n = 1 << 22
+    v = [torch.full((n,), 1.0 / n ** 0.5, dtype=torch.float32)]
+    w = [t.clone() for t in v]
+    out = ops.power_step(w, [t.clone() for t in v])
+    exact = float(v[0].double().pow(2).sum())
+    assert abs(float(out[0]) - exact) < 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_power_step_matches_reference(dtype, device):
+    w, v = tensors(dtype, 0, device), tensors(dtype, 1, device)
+    v_ref = [t.clone() for t in v]
+    out = ops.power_step(w, v)
+    ref = C.power_step_torch(w, v_ref)
+    assert torch.allclose(out.cpu(), ref, rtol=1e-12 if dtype == torch.float64 else 1e-5)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6 if dtype == torch.float32 else 1e-2
+    assert all(torch.allclose(a.double(), b.double(), atol=tol) for a, b in zip(v, v_ref))
+
+
+def test_step_opcheck():
+    w, v, vp = tensors(torch.float32, 0), tensors(torch.float32, 1), tensors(torch.float32, 2)
+    torch.library.opcheck(ops.lanczos_step, (w, v, vp, torch.tensor(0.2, dtype=torch.float64)))
+    torch.library.opcheck(ops.power_step, (w, v))
+
+
+# ---------------------------------------------------------------------------------------- cross-entropy
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_softmax_xent_forward(dtype, tol, device):
+    x, y = xent_inputs(dtype=dtype, device=device)
+    loss, probs = ops.softmax_xent(x, y, IGN)
+    ref = F.cross_entropy(x, y, ignore_index=IGN, reduction="none")
+    assert torch.allclose(loss, ref.to(loss.dtype), rtol=tol, atol=tol)
+    valid = y != IGN
+    assert torch.allclose(probs[valid], torch.softmax(x[valid], -1), rtol=tol, atol=tol)
+    assert (probs[~valid] == 0).all()
+
+
+def test_softmax_xent_large_vocab_bf16():
+    x, y = xent_inputs(N=4, V=32000, dtype=torch.bfloat16)
+    loss, probs = ops.softmax_xent(x, y, IGN)
+    ref = F.cross_entropy(x.float(), y, ignore_index=IGN, reduction="none")
+    assert loss.dtype == torch.float32 and probs.dtype == torch.bfloat16
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_softmax_xent_bad_label():
+    x, y = xent_inputs()
+    y[0] = 10_000
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.softmax_xent(x, y, IGN)
+
+
+def _fused_loss(x, y):
+    return ops.softmax_xent(x, y, IGN)[0].sum()
+
+
+def test_softmax_xent_gradients_match_autograd():
+    x, y = xent_inputs(requires_grad=True)
+    (g1,) = torch.autograd.grad(_fused_loss(x, y), x, create_graph=True)
+    (g2,) = torch.autograd.grad(F.cross_entropy(x, y, ignore_index=IGN, reduction="sum"), x, create_graph=True)
+    assert torch.allclose(g1, g2, atol=1e-12)
+    V = torch.randn_like(x)
+    (h1,) = torch.autograd.grad(g1, x, V)  # Hessian-vector product with respect to the logits
+    (h2,) = torch.autograd.grad(g2, x, V)
+    assert torch.allclose(h1, h2, atol=1e-12)
+
+
+def test_softmax_xent_gradcheck_gradgradcheck():
+    x, y = xent_inputs(N=5, V=7, requires_grad=True)
+    # both outputs (loss rows and probabilities) are differentiable
+    assert torch.autograd.gradcheck(lambda t: ops.softmax_xent(t, y, IGN), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: ops.softmax_xent(t, y, IGN)[0], (x,))
+    assert torch.autograd.gradgradcheck(lambda t: ops.softmax_xent(t, y, IGN)[0] * torch.arange(5.0, dtype=t.dtype)
+                                        , (x,))
+
+
+def test_xent_backward_ops_gradcheck():
+    x, y = xent_inputs(N=4, V=6)
+    p = torch.softmax(x, -1).masked_fill((y == IGN)[:, None], 0).requires_grad_()
+    g = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.softmax_xent_backward(a, b, y, IGN), (g, p))
+
+
+def test_xent_ops_opcheck():
+    x, y = xent_inputs(requires_grad=True)
+    torch.library.opcheck(ops.softmax_xent, (x, y, IGN))
+    p = torch.softmax(x.detach(), -1).requires_grad_()
+    g = torch.randn(x.shape[0], dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(ops.softmax_xent_backward, (g, p, y, IGN))
+    W = torch.randn_like(p)
+    torch.library.opcheck(ops.softmax_xent_backward_backward, (W, g.detach(), p.detach(), y, IGN))
+    torch.library.opcheck(ops.softmax_backward, (W, p.detach()))
+
+
+def test_xent_backward_backward_matches_reference():
+    x, y = xent_inputs()
+    p = torch.softmax(x, -1).masked_fill((y == IGN)[:, None], 0)
+    g = torch.randn(x.shape[0], dtype=torch.float64)
+    W = torch.randn_like(x)
+    gg, gp = ops.softmax_xent_backward_backward(W, g, p, y, IGN)
+    valid = (y != IGN).double()
+    onehot = F.one_hot(y.clamp(min=0), x.shape[1]).double()
+    assert torch.allclose(gg, valid * ((W * (p - onehot)).sum(-1)), atol=1e-12)
+    assert torch.allclose(gp, valid[:, None] * g[:, None] * W, atol=1e-12)
+    G = torch.randn_like(x)
+    out = ops.softmax_backward(G, p)
+    assert torch.allclose(out, p * (G - (p * G).sum(-1, keepdim=True)), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ solve loops
+def _quadratic_problem(n=40, seed=0):
+    """A quadratic loss 0.5 x^T A x with known spectrum, as a retained first-order graph."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    ev = torch.linspace(-2.0, 5.0, n, dtype=torch.float64)
+    A = Q @ torch.diag(ev) @ Q.T
+    x1 = torch.randn(n // 2, generator=g, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(n - n // 2, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.cat([x1, x2])
+    loss = 0.5 * x @ A @ x
+    grads = torch.autograd.grad(loss, [x1, x2], create_graph=True)
+    return list(grads), [x1, x2], ev
+
+
+def test_lanczos_solve_op_matches_python_loop():
+    grads, params, ev = _quadratic_problem()
+    v0 = C._start_vector(params, 0)
+    a, b, code = ops.lanczos_solve(grads, [0, 1], params, v0, 100, 1e-10)
+    assert code in (1, 2)
+    lmin, lmax, _, _ = C.ritz_extremes(a.tolist(), b.tolist())
+    assert abs(lmax - 5.0) < 1e-9 and abs(lmin + 2.0) < 1e-9
+
+    class Op:
+        def hvp(self, v):
+            return list(torch.autograd.grad(grads, params, v, retain_graph=True))
+
+    a2, b2, code2 = C._lanczos_python(Op(), v0, 100, 1e-10, C.lanczos_step_torch)
+    assert code2 == code and len(a2) == a.numel()
+    assert torch.allclose(a, torch.tensor(a2, dtype=torch.float64), atol=1e-10)
+
+
+def test_power_solve_op_matches_python_loop():
+    grads, params, ev = _quadratic_problem()
+    v0 = C._start_vector(params, 1)
+    h, code = ops.power_solve(grads, [0, 1], params, v0, 2000, 1e-12)
+
+    class Op:
+        def hvp(self, v):
+            return list(torch.autograd.grad(grads, params, v, retain_graph=True))
+
+    hist, code2 = C._power_python(Op(), v0, 2000, 1e-12, C.power_step_torch)
+    assert code == code2 == 1 and h.shape[0] == len(hist)
+    assert abs(h[-1, 0].item() - hist[-1][0]) < 1e-10
+    assert abs(h[-1, 0].item() - 5.0) < 1e-4
+
+
+def test_solve_ops_are_functional():
+    # opcheck cannot drive these: its test_schema runs the op on detached copies, and the loop needs the
+    # caller's autograd graph. Check instead what test_schema would: no declared or undeclared mutation.
+    for op in (ops.lanczos_solve, ops.power_solve):
+        assert all(a.alias_info is None for a in op.default._schema.arguments)
+    grads, params, _ = _quadratic_problem(n=10)
+    v0 = C._start_vector(params, 0)
+    before = [t.clone() for t in v0 + [p.detach() for p in params]]
+    ops.lanczos_solve(grads, [0, 1], params, v0, 5, 1e-8)
+    ops.power_solve(grads, [0, 1], params, v0, 5, 1e-8)
+    assert all(torch.equal(a, b) for a, b in zip(before, v0 + [p.detach() for p in params]))
+
+
+# ----------------------------------------------------------------------------------------------- builds
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_cuda_kernels_compile_with_nvcc_without_torch(tmp_path):
+    src = os.path.join(ROOT, "csrc", "cuda", "hessian_kernels.cu")
+    p = subprocess.run(["nvcc", "-std=c++17", "-O1", "-c", src, "-o", str(tmp_path / "k.o")], capture_output=True,
+                       text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_xent_double_backward_matches_cpu():
+    x, y = xent_inputs(N=6, V=1000, dtype=torch.float32)
+    xc = x.cuda().requires_grad_()
+    xh = x.clone().requires_grad_()
+    (gc,) = torch.autograd.grad(_fused_loss(xc, y.cuda()), xc, create_graph=True)
+    (gh,) = torch.autograd.grad(_fused_loss(xh, y), xh, create_graph=True)
+    V = torch.randn_like(x)
+    (hc,) = torch.autograd.grad(gc, xc, V.cuda())
+    (hh,) = torch.autograd.grad(gh, xh, V)
+    assert torch.allclose(hc.cpu(), hh, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+def test_setup_py_builds_cpu_extension(tmp_path):
+    env = dict(os.environ, HESSIAN_FORCE_CPU="1", MAX_JOBS="2")
+    p = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                        "--build-temp", str(tmp_path / "tmp")], cwd=ROOT, capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert any(f.startswith("curvature_ext") and f.endswith(".so") for f in os.listdir(tmp_path / "lib"))
