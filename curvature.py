@@ -197,7 +197,55 @@ def _register_python_side():
 
     lib.register_autograd("hessian::softmax_xent_backward", xb_backward, setup_context=xb_setup)
 
+    # fused linear + cross-entropy: probs (the one [N, V] buffer kept) is a non-differentiable output; the
+    # backward op takes its derivative analytically through hidden and weight (see csrc/hessian.cpp)
+    def lx_setup(ctx, inputs, output):
+        hidden, weight, labels, ignore_index, chunk_rows = inputs
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(hidden, weight, output[1], labels)
+        ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
+
+    def lx_backward(ctx, grad_loss, grad_probs):
+        if grad_loss is None:
+            return None, None, None, None, None
+        hidden, weight, probs, labels = ctx.saved_tensors
+        gh, gw = ops.linear_xent_backward(grad_loss, hidden, weight, probs, labels, ctx.ignore_index, ctx.chunk_rows)
+        return gh, gw, None, None, None
+
+    lib.register_autograd("hessian::linear_xent", lx_backward, setup_context=lx_setup)
+
+    def lxb_setup(ctx, inputs, output):
+        grad_loss, hidden, weight, probs, labels, ignore_index, chunk_rows = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_loss, hidden, weight, probs, labels)
+        ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
+
+    def lxb_backward(ctx, u, U):
+        grad_loss, hidden, weight, probs, labels = ctx.saved_tensors
+        if u is None and U is None:
+            return (None,) * 7
+        gg, dh, dw = ops.linear_xent_hvp(u, U, grad_loss, hidden, weight, probs.detach(), labels, ctx.ignore_index,
+                                         ctx.chunk_rows)
+        return gg if ctx.needs_input_grad[0] else None, dh, dw, None, None, None, None
+
+    lib.register_autograd("hessian::linear_xent_backward", lxb_backward, setup_context=lxb_setup)
+
     fake_dtype = lambda t: torch.float64 if t.dtype == torch.float64 else torch.float32  # noqa: E731
+
+    @lib.register_fake("hessian::linear_xent")
+    def _(hidden, weight, labels, ignore_index, chunk_rows=0):
+        dt = fake_dtype(hidden)
+        return hidden.new_empty(hidden.shape[:1], dtype=dt), hidden.new_empty((hidden.shape[0], weight.shape[0]),
+                                                                               dtype=dt)
+
+    @lib.register_fake("hessian::linear_xent_backward")
+    def _(grad_loss, hidden, weight, probs, labels, ignore_index, chunk_rows=0):
+        return torch.empty_like(hidden), torch.empty_like(weight)
+
+    @lib.register_fake("hessian::linear_xent_hvp")
+    def _(u, U, grad_loss, hidden, weight, probs, labels, ignore_index, chunk_rows=0):
+        return torch.empty_like(grad_loss), torch.empty_like(hidden), torch.empty_like(weight)
 
     @lib.register_fake("hessian::softmax_xent")
     def _(logits, labels, ignore_index):
@@ -290,11 +338,39 @@ def _math_sdpa():
         return contextlib.nullcontext()
 
 
-def batch_answer_loss_sum(model, batch, fused: bool, answer_logits_only: bool = True):
-    """Sum of answer-token NLL of one batch; logits are only projected at positions that predict an answer
-    token (HF `logits_to_keep` boolean mask), falling back to full logits for models without it.
-    answer_logits_only=False projects every position (finetune.answer_loss_sum's way; benchmarks only)."""
-    dev = next(model.parameters()).device
+CE_MODES = ("torch", "softmax_xent", "linear_xent")
+
+
+def _ce_mode(ce) -> str:
+    """Normalise the cross-entropy choice: False/"torch" (autograd), True/"softmax_xent" (fused op on the
+    logits), "linear_xent" (fused LM head + cross-entropy; the logits are never materialised whole)."""
+    if ce is True:
+        return "softmax_xent"
+    if ce is False or ce is None:
+        return "torch"
+    if ce not in CE_MODES:
+        raise CurvatureError(f"cross-entropy mode must be one of {', '.join(CE_MODES)}, got {ce!r}")
+    return ce
+
+
+def linear_head(model):
+    """(decoder, lm_head) of a causal LM whose logits may be lm_head(decoder(...).last_hidden_state), else None.
+
+    Only a structural guess (HF get_decoder/get_output_embeddings, an nn.Linear head without bias);
+    HessianOperator checks it numerically on the first batch before using it."""
+    get_out, get_dec = getattr(model, "get_output_embeddings", None), getattr(model, "get_decoder", None)
+    if not callable(get_out) or not callable(get_dec):
+        return None
+    try:
+        head, dec = get_out(), get_dec()
+    except Exception:
+        return None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or dec is None or dec is model:
+        return None
+    return dec, head
+
+
+def _answer_positions(batch, dev):
     ids = batch["input_ids"].to(dev)
     am = batch.get("attention_mask")
     am = am.to(dev) if am is not None else torch.ones_like(ids)
@@ -302,6 +378,10 @@ def batch_answer_loss_sum(model, batch, fused: bool, answer_logits_only: bool = 
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     targets = labels[:, 1:][keep[:, :-1]]
+    return ids, am, keep, targets
+
+
+def _answer_logits(model, ids, am, keep, answer_logits_only=True):
     with _math_sdpa():
         try:
             if not answer_logits_only:
@@ -313,14 +393,66 @@ def batch_answer_loss_sum(model, batch, fused: bool, answer_logits_only: bool = 
     del out
     if logits.dim() == 3:
         logits = logits[keep] if logits.shape[1] == keep.shape[1] else None
+    return logits
+
+
+def _answer_hidden(dec, ids, am, keep):
+    with _math_sdpa():
+        out = dec(input_ids=ids, attention_mask=am, use_cache=False)
+    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return h[keep]
+
+
+def batch_answer_loss_sum(model, batch, fused=False, answer_logits_only: bool = True):
+    """Sum of answer-token NLL of one batch; logits are only projected at positions that predict an answer
+    token (HF `logits_to_keep` boolean mask), falling back to full logits for models without it.
+
+    fused: the cross-entropy (see _ce_mode): False/"torch", True/"softmax_xent", "linear_xent" (the decoder's
+    answer-row hidden states through hessian::linear_xent with the LM head's weight; only for models where
+    linear_head() holds -- HessianOperator verifies it). answer_logits_only=False projects every position
+    (finetune.answer_loss_sum's way; benchmarks only)."""
+    mode = _ce_mode(fused)
+    dev = next(model.parameters()).device
+    ids, am, keep, targets = _answer_positions(batch, dev)
+    if mode == "linear_xent":
+        parts = linear_head(model)
+        if parts is None:
+            raise CurvatureError("linear_xent needs an HF causal LM with an nn.Linear LM head without bias")
+        rows = _answer_hidden(parts[0], ids, am, keep)
+        losses, _ = torch.ops.hessian.linear_xent(rows, parts[1].weight, targets, IGNORE_INDEX)
+        return losses.sum()
+    logits = _answer_logits(model, ids, am, keep, answer_logits_only)
     if logits is None or logits.shape[0] != targets.shape[0]:
         raise RuntimeError("model output does not line up with the labels (expected [batch, seq, vocab] logits)")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # finetune.answer_loss_sum's precision (only answer rows are projected)
-    if fused:
+    if mode == "softmax_xent":
         losses, _ = torch.ops.hessian.softmax_xent(logits, targets, IGNORE_INDEX)
         return losses.sum()
     return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def verify_linear_head(model, batch) -> bool:
+    """True when lm_head(decoder(batch)) equals the model's own answer-row logits (no soft-capping, scaling or
+    bias hidden in the model's forward); checked once, without gradients, on one batch."""
+    parts = linear_head(model)
+    if parts is None:
+        return False
+    dev = next(model.parameters()).device
+    ids, am, keep, _ = _answer_positions(batch, dev)
+    try:
+        with torch.no_grad():
+            ref = _answer_logits(model, ids, am, keep)
+            mine = parts[1](_answer_hidden(parts[0], ids, am, keep))
+    except Exception:
+        return False
+    if ref is None or ref.shape != mine.shape:
+        return False
+    if ref.numel() == 0:
+        return True
+    tol = 1e-2 if ref.dtype in (torch.float16, torch.bfloat16) or mine.dtype != ref.dtype else 1e-4
+    ref, mine = ref.double(), mine.double()
+    return bool(float((ref - mine).abs().max()) <= tol * max(float(ref.abs().max()), 1e-6))
 
 
 def _default_budget(device) -> int:
@@ -340,8 +472,11 @@ def _default_budget(device) -> int:
 class HessianOperator:
     """H v for the answer-token loss of `batches` at the model's current parameters."""
 
-    def __init__(self, model, batches, fused_ce: bool = False, graph_memory_budget: int | None = None,
+    def __init__(self, model, batches, fused_ce=False, graph_memory_budget: int | None = None,
                  answer_logits_only: bool = True):
+        """fused_ce: False/"torch" (autograd cross-entropy), "softmax_xent" (fused op on the logits),
+        "linear_xent" (fused LM head + cross-entropy, required), True/"auto" (linear_xent where
+        verify_linear_head() holds on the first batch, else softmax_xent). Needs the extension unless "torch"."""
         self.answer_logits_only = answer_logits_only
         if not batches:
             raise CurvatureError("no batches given: the Hessian needs at least one sample")
@@ -350,7 +485,14 @@ class HessianOperator:
         if not self.params:
             raise CurvatureError("the model has no trainable parameters")
         self.batches = list(batches)
-        self.fused = fused_ce
+        if fused_ce is True or fused_ce == "auto":
+            self.ce = "linear_xent" if verify_linear_head(model, self.batches[0]) else "softmax_xent"
+        else:
+            self.ce = _ce_mode(fused_ce)
+            if self.ce == "linear_xent" and not verify_linear_head(model, self.batches[0]):
+                raise CurvatureError("cross-entropy linear_xent: the model's logits are not "
+                                     "lm_head(decoder hidden states) (or it has no plain linear LM head)")
+        self.fused = self.ce != "torch"
         self.total_tokens = sum(_count_answer_tokens(b) for b in self.batches)
         if self.total_tokens == 0:
             raise CurvatureError("the batches contain no answer tokens (every label is -100)")
@@ -365,7 +507,7 @@ class HessianOperator:
         self._build()
 
     def _first_order(self, batch, create_graph=True):
-        loss = batch_answer_loss_sum(self.model, batch, self.fused, self.answer_logits_only) / self.total_tokens
+        loss = batch_answer_loss_sum(self.model, batch, self.ce, self.answer_logits_only) / self.total_tokens
         self.loss_value += float(loss.detach())
         grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
         self.grads_count += 1
@@ -422,7 +564,7 @@ class HessianOperator:
 
     def _loss_only(self, b):
         with torch.no_grad():
-            return batch_answer_loss_sum(self.model, b, self.fused, self.answer_logits_only) / self.total_tokens
+            return batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only) / self.total_tokens
 
     def hvp(self, v):
         """H v as a list of tensors shaped like the parameters (v: list of the same)."""
@@ -433,7 +575,7 @@ class HessianOperator:
                                       retain_graph=True, allow_unused=True)
             out = list(res)
         for b in self.recompute:
-            loss = batch_answer_loss_sum(self.model, b, self.fused, self.answer_logits_only) / self.total_tokens
+            loss = batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only) / self.total_tokens
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             if not idx:
@@ -457,13 +599,23 @@ def ritz_extremes(alphas, betas):
     return float(theta[0]), float(theta[-1]), abs(bk * S[-1, 0]), abs(bk * S[-1, -1])
 
 
-def _lanczos_stop(alphas, betas, tol):
+STOP_RULES = {"both": 0, "dominant": 1}
+DOMINANT_MARGIN = 0.05
+STOP_REASONS = {0: "max_iter", 1: "residual_both_ends", 2: "invariant_subspace", 3: "residual_dominant_end"}
+
+
+def _lanczos_stop(alphas, betas, tol, stop="dominant", margin=DOMINANT_MARGIN):
+    """Stop code after step k (same rule as csrc/hessian.cpp's lanczos_stop_code; see the module docstring)."""
     lmin, lmax, rmin, rmax = ritz_extremes(alphas, betas)
     scale = max(abs(lmin), abs(lmax))
     if betas[-1] <= 1e-12 * max(scale, 1e-300):
         return 2
     if max(rmin, rmax) <= tol * scale:
         return 1
+    if stop == "dominant":
+        rd, other = (rmax, abs(lmin) + rmin) if abs(lmax) >= abs(lmin) else (rmin, abs(lmax) + rmax)
+        if rd <= tol * scale and other <= (1.0 - margin) * scale:
+            return 3
     return 0
 
 
@@ -480,7 +632,8 @@ def _normalize(v):
     return [(t.double() / nrm).to(t.dtype).contiguous() for t in v]
 
 
-def _lanczos_python(op, v0, max_iter, tol, step):
+def _lanczos_python(op, v0, max_iter, tol, step, stop="dominant", margin=DOMINANT_MARGIN, times=None):
+    t0 = time.perf_counter()
     v = _normalize(v0)
     vp = [torch.zeros_like(t) for t in v]
     beta = torch.zeros((), dtype=torch.float64, device=v[0].device)
@@ -494,13 +647,16 @@ def _lanczos_python(op, v0, max_iter, tol, step):
         a, b = ab.tolist()
         alphas.append(a)
         betas.append(b)
-        code = _lanczos_stop(alphas, betas, tol)
+        code = _lanczos_stop(alphas, betas, tol, stop, margin)
+        if times is not None:
+            times.append(time.perf_counter() - t0)
         if code:
             break
     return alphas, betas, code
 
 
-def _power_python(op, v0, max_iter, tol, step):
+def _power_python(op, v0, max_iter, tol, step, times=None):
+    t0 = time.perf_counter()
     v = _normalize(v0)
     hist, prev, code = [], 0.0, 0
     for _ in range(max_iter):
@@ -509,6 +665,8 @@ def _power_python(op, v0, max_iter, tol, step):
         del w
         hist.append((rq, nrm))
         err = 1.0 if rq == 0.0 else abs((rq - prev) / rq)
+        if times is not None:
+            times.append(time.perf_counter() - t0)
         if err < tol:
             code = 1
             break
@@ -525,10 +683,15 @@ def _peak_memory(device):
 
 
 def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, seed=0, *, backend="auto",
-                     graph_memory_budget=None, v0=None, return_operator=False):
+                     stop="dominant", cross_entropy="auto", graph_memory_budget=None, v0=None,
+                     return_operator=False):
     """Extreme eigenvalues of the Hessian of the answer-token loss over `batches` (see module docstring).
 
     backend: "auto" (extension if it loads, else plain PyTorch), "extension" (required), "torch" (plain).
+    stop (lanczos): "dominant" (default: the end giving rho converged to tol and the other end bounded below
+        rho) or "both" (both ends converged to tol * rho).
+    cross_entropy (extension backend): "auto" (linear_xent where the LM head is verified to be a plain linear
+        layer, else softmax_xent), "linear_xent", "softmax_xent", or "torch" (autograd's).
     Returns the result dict; with return_operator=True, (dict, HessianOperator).
     """
     if method not in ("lanczos", "power"):
@@ -539,66 +702,89 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
         raise CurvatureError(f"max_iter must be >= 1, got {max_iter}")
     if backend not in ("auto", "extension", "torch"):
         raise CurvatureError(f"backend must be auto, extension or torch, got {backend!r}")
+    if stop not in STOP_RULES:
+        raise CurvatureError(f"stop must be one of {', '.join(STOP_RULES)}, got {stop!r}")
+    if cross_entropy != "auto":
+        _ce_mode(cross_entropy)
     ext = load_extension("none" if backend == "torch" else None)
     if backend == "extension" and not ext["ok"]:
         raise CurvatureError(f"the C++ extension is not available ({ext['detail']}); build it with "
                              "`python setup.py build_ext --inplace` or use backend='torch'")
     use_ext = ext["ok"] and backend != "torch"
+    if cross_entropy != "auto" and cross_entropy != "torch" and not use_ext:
+        raise CurvatureError(f"cross_entropy={cross_entropy!r} needs the C++ extension (backend='torch' or "
+                             f"extension unavailable: {ext['detail']})")
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _prepare_model(model)
     t0 = time.perf_counter()
-    op = HessianOperator(model, batches, fused_ce=use_ext, graph_memory_budget=graph_memory_budget)
+    ce = ("auto" if use_ext else "torch") if cross_entropy == "auto" else cross_entropy
+    op = HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=graph_memory_budget)
     t_setup = time.perf_counter() - t0
     if v0 is None:
         v0 = _start_vector(op.params, seed)
     cpp_loop = use_ext and not op.recompute
+    times = []
+    t_solve = time.perf_counter()
     if method == "lanczos":
         if cpp_loop:
-            a, b, code = torch.ops.hessian.lanczos_solve(op.g_out, op.g_index, op.params, list(v0), int(max_iter),
-                                                         float(tol))
-            alphas, betas = a.tolist(), b.tolist()
+            a, b, code, tt = torch.ops.hessian.lanczos_solve(op.g_out, op.g_index, op.params, list(v0), int(max_iter),
+                                                             float(tol), STOP_RULES[stop], DOMINANT_MARGIN)
+            alphas, betas, times = a.tolist(), b.tolist(), tt.tolist()
             op.hvp_count += len(alphas)
         else:
             step = torch.ops.hessian.lanczos_step if use_ext else lanczos_step_torch
-            alphas, betas, code = _lanczos_python(op, v0, int(max_iter), float(tol), step)
-        lmin, lmax, rmin, rmax = ritz_extremes(alphas, betas)
-        hist = [list(ritz_extremes(alphas[:k], betas[:k])[:2]) for k in range(1, len(alphas) + 1)]
-        res = {"method": "lanczos", "lambda_max": lmax, "lambda_min": lmin, "rho": max(abs(lmax), abs(lmin)),
-               "iterations": len(alphas), "residual": max(rmin, rmax), "residual_max": rmax, "residual_min": rmin,
-               "converged": code in (1, 2),
-               "stop_reason": {0: "max_iter", 1: "residual", 2: "invariant_subspace"}[int(code)],
-               "ritz_history": hist}
+            alphas, betas, code = _lanczos_python(op, v0, int(max_iter), float(tol), step, stop, DOMINANT_MARGIN,
+                                                  times)
     else:
         if cpp_loop:
-            h, code = torch.ops.hessian.power_solve(op.g_out, op.g_index, op.params, list(v0), int(max_iter),
-                                                    float(tol))
-            hist = [tuple(r) for r in h.tolist()]
+            h, code, tt = torch.ops.hessian.power_solve(op.g_out, op.g_index, op.params, list(v0), int(max_iter),
+                                                        float(tol))
+            hist, times = [tuple(r) for r in h.tolist()], tt.tolist()
             op.hvp_count += len(hist)
         else:
             step = torch.ops.hessian.power_step if use_ext else power_step_torch
-            hist, code = _power_python(op, v0, int(max_iter), float(tol), step)
+            hist, code = _power_python(op, v0, int(max_iter), float(tol), step, times)
+    wall = time.perf_counter() - t0
+    offset = t_solve - t0  # iteration times counted from the start of this call (graph build included)
+    times = [offset + t for t in times]
+    if method == "lanczos":
+        lmin, lmax, rmin, rmax = ritz_extremes(alphas, betas)
+        max_dom = abs(lmax) >= abs(lmin)
+        rho = abs(lmax) if max_dom else abs(lmin)
+        hist = [list(ritz_extremes(alphas[:k], betas[:k])[:2]) for k in range(1, len(alphas) + 1)]
+        res = {"method": "lanczos", "lambda_max": lmax, "lambda_min": lmin, "rho": rho,
+               "iterations": len(alphas), "residual": rmax if max_dom else rmin, "residual_max": rmax,
+               "residual_min": rmin, "converged": code in (1, 2, 3), "stop_reason": STOP_REASONS[int(code)],
+               "converged_ends": {"max": bool(code == 2 or rmax <= tol * rho),
+                                  "min": bool(code == 2 or rmin <= tol * rho)},
+               "ritz_history": hist, "rho_history": [max(abs(x), abs(y)) for x, y in hist]}
+    else:
         rq, nrm = hist[-1]
         res = {"method": "power", "lambda_max": rq if rq >= 0 else None, "lambda_min": rq if rq < 0 else None,
                "rho": abs(rq), "iterations": len(hist), "residual": math.sqrt(max(nrm * nrm - rq * rq, 0.0)),
                "residual_max": None, "residual_min": None, "converged": code == 1,
-               "stop_reason": "relative_change" if code == 1 else "max_iter", "ritz_history": [h[0] for h in hist]}
-    wall = time.perf_counter() - t0
+               "stop_reason": "relative_change" if code == 1 else "max_iter", "ritz_history": [h[0] for h in hist],
+               "rho_history": [abs(h[0]) for h in hist]}
     if not res["converged"]:
         res["warning"] = (f"{method} did not converge in {res['iterations']} iterations (tol={tol}); "
                           f"rho={res['rho']:.6g} is an estimate with residual {res['residual']:.3g}")
         warnings.warn(res["warning"], RuntimeWarning, stacklevel=2)
     res.update({
-        "hvp_count": op.hvp_count, "wall_time_s": wall, "setup_time_s": t_setup, "peak_memory": _peak_memory(device),
+        "hvp_count": op.hvp_count, "wall_time_s": wall, "setup_time_s": t_setup, "iteration_times_s": times,
+        "peak_memory": _peak_memory(device),
         "settings": {"method": method, "tol": tol, "max_iter": int(max_iter), "seed": seed,
+                     "stop_rule": stop if method == "lanczos" else "relative_change",
+                     "dominant_margin": DOMINANT_MARGIN if method == "lanczos" and stop == "dominant" else None,
                      "graph_memory_budget": op.budget, "dtype": str(op.params[0].dtype).replace("torch.", ""),
                      "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
                      "sdpa_backend": "math"},
         "backend": {"extension": ext["name"] if use_ext else "none",
                     "extension_detail": ext["detail"] if use_ext or backend != "torch" else "not requested",
                     "solver_loop": "cpp" if cpp_loop else "python", "step": "fused_op" if use_ext else "torch",
-                    "cross_entropy": "fused_op" if use_ext else "torch_log_softmax_nll"},
+                    "cross_entropy": {"torch": "torch_log_softmax_nll", "softmax_xent": "fused_softmax_xent",
+                                      "linear_xent": "fused_linear_xent"}[op.ce]},
         "graphs": {"micro_batches": len(op.batches), "retained": op.retained_count, "recomputed": len(op.recompute),
                    "saved_bytes_per_graph": op.graph_bytes},
         "n_params": int(sum(p.numel() for p in op.params)), "n_samples": int(sum(b["input_ids"].shape[0]
@@ -658,6 +844,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="curvature.json path")
     ap.add_argument("--method", choices=["lanczos", "power"], default="lanczos")
     ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--stop", choices=["dominant", "both"], default="dominant",
+                    help="lanczos stop rule: the end giving rho converged (and the other end bounded below rho), "
+                         "or both ends converged")
     ap.add_argument("--max_iter", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reference", default=None, help="checkpoint dir of theta_AB for the Taylor check")
@@ -728,7 +917,7 @@ def run_cli(args):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         res, op = hessian_spectrum(model, batches, method=args.method, tol=args.tol, max_iter=args.max_iter,
-                                   seed=args.seed, backend=args.backend, graph_memory_budget=budget,
+                                   seed=args.seed, backend=args.backend, stop=args.stop, graph_memory_budget=budget,
                                    return_operator=True)
     ref = None
     if args.reference is not None:

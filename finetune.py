@@ -57,18 +57,36 @@ def encode_example(tokenizer, example, max_length):
     return {"input_ids": ctx + answer, "labels": [-100] * len(ctx) + answer, "truncated": truncated}
 
 
-def collate(encoded, pad_id):
-    """Right-padded LongTensors input_ids, attention_mask, labels."""
+def collate(encoded, pad_id, side="right"):
+    """Padded LongTensors input_ids, attention_mask, labels (and position_ids when padded on the
+    left, so every row keeps the positions it has unpadded)."""
     n = max(len(e["input_ids"]) for e in encoded)
     ids = torch.full((len(encoded), n), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), n), -100, dtype=torch.long)
     mask = torch.zeros((len(encoded), n), dtype=torch.long)
     for i, e in enumerate(encoded):
         k = len(e["input_ids"])
-        ids[i, :k] = torch.tensor(e["input_ids"])
-        labels[i, :k] = torch.tensor(e["labels"])
-        mask[i, :k] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        cols = slice(n - k, n) if side == "left" else slice(0, k)
+        ids[i, cols] = torch.tensor(e["input_ids"])
+        labels[i, cols] = torch.tensor(e["labels"])
+        mask[i, cols] = 1
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if side == "left":
+        out["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+    return out
+
+
+def answer_logits(model, batch):
+    """Logits of the positions that predict answer tokens only: with left padding every answer ends
+    the row, so the last K positions hold them all and the vocabulary projection runs on B*K rows
+    instead of B*T. Returns (logits, the labels they predict, shifted as in answer_loss_sum)."""
+    lab = batch["labels"]
+    is_answer = (lab != -100).any(0).nonzero()
+    k = lab.shape[1] - int(is_answer[0]) + 1 if len(is_answer) else 1
+    k = min(k, lab.shape[1])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch.get("position_ids"), logits_to_keep=k).logits
+    return logits, lab[:, -k:]
 
 
 def answer_loss_sum(logits, labels):
@@ -127,6 +145,45 @@ def full_state_dict(model, sharded):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def optimisation_step(model, opt, sched, encoded, gbatch, pad_id, cfg, rank=0, world=1, micro=None, device="cpu"):
+    """One optimisation step on the global batch `gbatch` (indices into `encoded`); this process
+    takes its slice. Returns (global loss, answer tokens in the global batch, gradient norm)."""
+    per_rank = len(gbatch) // world
+    micro = micro or per_rank
+    n_tok = sum(answer_tokens(encoded[i]) for i in gbatch)  # every rank knows the global count
+    mine = gbatch[rank * per_rank:(rank + 1) * per_rank]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for m in range(0, per_rank, micro):
+        b = {k: v.to(device) for k, v in collate([encoded[i] for i in mine[m:m + micro]], pad_id, "left").items()}
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
+            logits, labels = answer_logits(model, b)
+        s, _ = answer_loss_sum(logits, labels)
+        # FSDP averages gradients over ranks; scaling by world makes the result sum / n_tok.
+        (s * world / n_tok).backward()
+        loss_sum += s.detach().double()
+    gnorm = None
+    if cfg["max_grad_norm"] and cfg["max_grad_norm"] > 0:
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
+        gnorm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # a DTensor under FSDP2
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    return float(loss_sum) / n_tok, n_tok, gnorm
+
+
+def make_optimizer(model, lr, cfg):
+    """AdamW with the recipe's betas and weight decay (not on norm weights), linear decay to zero."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / cfg["steps"])
+    return opt, sched
+
+
 def train_stage(cfg):
     """Run one fine-tuning stage described by cfg (see default_config()); returns the run record."""
     cfg = {**default_config(), **cfg}
@@ -168,12 +225,7 @@ def train_stage(cfg):
     model.config.use_cache = False
     if ddp:
         shard_model(model)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms: decaying them is not the recipe
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / cfg["steps"])
+    opt, sched = make_optimizer(model, lr, cfg)
 
     order = batch_order(len(encoded), cfg["steps"], cfg["batch_size"], cfg["seed"])
     log, losses = [], []
@@ -181,30 +233,9 @@ def train_stage(cfg):
     bar = tqdm(range(cfg["steps"]), desc=f"finetune {cfg['task']}", disable=not master, dynamic_ncols=True)
     for step in bar:
         ts = time.time()
-        gbatch = order[step]
-        n_tok = sum(answer_tokens(encoded[i]) for i in gbatch)  # every rank knows the global count
-        mine = gbatch[rank * per_rank:(rank + 1) * per_rank]
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for m in range(0, per_rank, micro):
-            b = {k: v.to(device) for k, v in collate([encoded[i] for i in mine[m:m + micro]], tok.pad_token_id).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            s, _ = answer_loss_sum(logits, b["labels"])
-            # FSDP averages gradients over ranks; scaling by world makes the result sum / n_tok.
-            (s * world / n_tok).backward()
-            loss_sum += s.detach().double()
-        if cfg["max_grad_norm"] and cfg["max_grad_norm"] > 0:
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
-            gnorm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # a DTensor under FSDP2
-        else:
-            gnorm = None
         cur_lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if ddp:
-            dist.all_reduce(loss_sum)
-        loss = float(loss_sum) / n_tok
+        loss, n_tok, gnorm = optimisation_step(model, opt, sched, encoded, order[step], tok.pad_token_id, cfg,
+                                               rank, world, micro, device)
         if not math.isfinite(loss):
             raise RuntimeError(f"loss became {loss} at step {step}; lower --lr or use --bf16 off")
         losses.append(loss)

@@ -7,10 +7,16 @@
 //   hessian::softmax_xent_backward_backward(ggrad, grad_loss, probs, labels, ignore_index)
 //        -> (grad_grad_loss, grad_probs)
 //   hessian::softmax_backward(grad_probs, probs) -> grad_logits
-//   hessian::lanczos_solve(grads[], params[], v0[], max_iter, tol) -> (alphas, betas, stop_code)
-//   hessian::power_solve(grads[], params[], v0[], max_iter, tol) -> (history[k,2], stop_code)
+//   hessian::linear_xent(hidden, weight, labels, ignore_index, chunk_rows) -> (loss_rows, probs)
+//   hessian::linear_xent_backward(grad_loss, hidden, weight, probs, labels, ...) -> (grad_hidden, grad_weight)
+//   hessian::linear_xent_hvp(u?, U?, grad_loss, hidden, weight, probs, labels, ...)
+//        -> (grad_grad_loss, grad_hidden, grad_weight)
+//   hessian::lanczos_solve(grads[], grad_index, params[], v0[], max_iter, tol, stop_rule, margin)
+//        -> (alphas, betas, stop_code, times)
+//   hessian::power_solve(grads[], grad_index, params[], v0[], max_iter, tol) -> (history[k,2], stop_code, times)
 //
-// Device kernels live in csrc/cpu/hessian_cpu.cpp (always) and csrc/cuda/ (CUDA builds only). The solve
+// Device kernels live in csrc/cpu/hessian_cpu.cpp (always) and csrc/cuda/ (CUDA builds only); the linear_xent
+// ops are composite ATen code (CompositeExplicitAutograd) here, so they run on either device. The solve
 // loops are registered as CompositeImplicitAutograd: they run above autograd, call torch::autograd::grad on
 // the caller's retained first-order graph for every Hessian-vector product and dispatch the fused step op,
 // so a whole solve is a single call from Python. The autograd formulas of the cross-entropy ops are
@@ -92,7 +98,7 @@ void ritz_extremes(const std::vector<double>& a, const std::vector<double>& b, d
 // Stop codes: 0 = max_iter reached, 1 = residual bound met at both ends, 2 = invariant subspace (beta ~ 0),
 //             3 = dominant end converged and the other end bounded (stop_rule 1).
 // times[k] = seconds from the start of the call to the end of iteration k (HVP, step and stop test).
-int64_t lanczos_stop_code(const std::vector<double>& alphas, const std::vector<double>& betas, double tol,
+static int64_t lanczos_stop_code(const std::vector<double>& alphas, const std::vector<double>& betas, double tol,
                           int64_t stop_rule, double margin) {
   double lmin, lmax, rmin, rmax;
   ritz_extremes(alphas, betas, lmin, lmax, rmin, rmax);
@@ -172,6 +178,168 @@ std::tuple<at::Tensor, int64_t, at::Tensor> power_solve(at::TensorList grads_, a
   return {h, code, at::tensor(times, at::TensorOptions().dtype(at::kDouble))};
 }
 
+
+// ------------------------------------------------------------------------------------------------------------
+// Fused linear + softmax cross-entropy (the LM head and the loss in one op, row-chunked).
+//   linear_xent(hidden[N,d], weight[V,d], labels[N]) -> (loss[N], probs[N,V])
+//     loss_i = logsumexp(z_i) - z_i[y_i], z = hidden weight^T; probs = softmax(z) (0 rows where y_i is ignored).
+//     probs is the only [N,V] buffer that outlives the call (saved for backward; a non-differentiable output).
+//   linear_xent_backward(g[N], hidden, weight, probs, labels) -> (grad_hidden[N,d], grad_weight[V,d])
+//     with G = diag(g)(P - Y): grad_hidden = G W = g (P W - W[y]), grad_weight = G^T H = P^T (g H) - scatter(y, g H).
+//     probs must be linear_xent(hidden, weight)[1]: its derivative is taken analytically through hidden and
+//     weight by the backward of this op, so probs itself gets no gradient.
+//   linear_xent_hvp(u?, U?, g, hidden, weight, probs, labels) -> (d/dg, d/dhidden, d/dweight) of
+//     <u, grad_hidden> + <U, grad_weight> (the double backward): with M = u W^T + H U^T (the cotangent on G),
+//     s = rowsum(P M), K = g P (M - s):  d/dg = s - M[y];  d/dhidden = K W + g (P U - U[y]);
+//     d/dweight = K^T H + P^T (g u) - scatter(y, g u).
+// Every [N,V] intermediate lives for one chunk of rows only (chunk_rows, 0 = about 2^22 elements per chunk).
+// Composite ATen code: the same source runs on CPU and CUDA. Matmuls run in the input dtype; softmax, P and the
+// row reductions in float32 (float64 for float64 inputs), like finetune.py's float32 loss over bf16 logits.
+namespace {
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+int64_t chunk_size(int64_t N, int64_t V, int64_t chunk_rows) {
+  if (chunk_rows > 0) return std::max<int64_t>(1, std::min(N, chunk_rows));
+  return std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 22) / std::max<int64_t>(V, 1)));
+}
+
+void check_linear_xent(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "linear_xent: hidden must be [N, d] and weight [V, d]");
+  TORCH_CHECK(hidden.size(1) == weight.size(1), "linear_xent: hidden is [N, ", hidden.size(1), "] but weight is [",
+              weight.size(0), ", ", weight.size(1), "]");
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "linear_xent: hidden and weight dtypes differ");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), "linear_xent: labels must be [N]");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "linear_xent: labels must be int64");
+  TORCH_CHECK(hidden.device() == weight.device() && hidden.device() == labels.device(),
+              "linear_xent: tensors on different devices");
+}
+
+// valid rows (label != ignore_index) as acc-dtype 0/1 column [N,1] and labels with ignored rows set to 0
+std::pair<at::Tensor, at::Tensor> label_masks(const at::Tensor& labels, int64_t ignore_index, at::ScalarType acc) {
+  at::Tensor valid = labels.ne(ignore_index);
+  at::Tensor safe = labels.masked_fill(valid.logical_not(), 0);
+  return {valid.to(acc).unsqueeze(1), safe.unsqueeze(1)};
+}
+
+inline at::Tensor as(const at::Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
+
+// out += a b (out may be wider than a, b: float32 accumulators for bf16 matmuls)
+inline void add_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) out.addmm_(a, b);
+  else out.add_(at::mm(a, b).to(out.scalar_type()));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> linear_xent(const at::Tensor& hidden, const at::Tensor& weight,
+                                               const at::Tensor& labels, int64_t ignore_index, int64_t chunk_rows) {
+  check_linear_xent(hidden, weight, labels);
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  const at::ScalarType acc = acc_dtype(hidden.scalar_type());
+  {
+    at::Tensor bad = labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(V)));
+    TORCH_CHECK(!bad.any().item<bool>(), "linear_xent: a label is out of range [0, ", V, ")");
+  }
+  auto [valid, safe] = label_masks(labels, ignore_index, acc);
+  at::Tensor probs = at::empty({N, V}, hidden.options().dtype(acc));
+  at::Tensor loss = at::empty({N}, hidden.options().dtype(acc));
+  const int64_t c = chunk_size(N, V, chunk_rows);
+  const at::Tensor wt = weight.t();
+  for (int64_t r0 = 0; r0 < N; r0 += c) {
+    const int64_t n = std::min(c, N - r0);
+    at::Tensor Z = probs.narrow(0, r0, n);  // logits, then probabilities, in place
+    if (hidden.scalar_type() == acc) at::mm_out(Z, hidden.narrow(0, r0, n), wt);
+    else Z.copy_(at::mm(hidden.narrow(0, r0, n), wt));
+    at::Tensor vc = valid.narrow(0, r0, n);
+    at::Tensor lse = at::logsumexp(Z, {1}, /*keepdim=*/true);
+    loss.narrow(0, r0, n).copy_(((lse - Z.gather(1, safe.narrow(0, r0, n))) * vc).squeeze(1));
+    Z.sub_(lse).exp_().mul_(vc);
+  }
+  return {loss, probs};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_xent_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,
+                                                        const at::Tensor& weight, const at::Tensor& probs,
+                                                        const at::Tensor& labels, int64_t ignore_index,
+                                                        int64_t chunk_rows) {
+  check_linear_xent(hidden, weight, labels);
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  TORCH_CHECK(probs.dim() == 2 && probs.size(0) == N && probs.size(1) == V, "linear_xent_backward: probs must be [N, V]");
+  TORCH_CHECK(grad_loss.numel() == N, "linear_xent_backward: grad_loss must have one entry per row");
+  const at::ScalarType dt = hidden.scalar_type(), acc = probs.scalar_type();
+  auto [valid, safe] = label_masks(labels, ignore_index, acc);
+  at::Tensor g = as(grad_loss.reshape({N, 1}), acc);
+  at::Tensor gh = at::empty_like(hidden);
+  at::Tensor gw = at::zeros({V, weight.size(1)}, weight.options().dtype(acc));
+  const int64_t c = chunk_size(N, V, chunk_rows);
+  for (int64_t r0 = 0; r0 < N; r0 += c) {
+    const int64_t n = std::min(c, N - r0);
+    at::Tensor Pc = as(probs.narrow(0, r0, n), dt);
+    at::Tensor gc = g.narrow(0, r0, n), sc = safe.narrow(0, r0, n).squeeze(1);
+    at::Tensor gv = gc * valid.narrow(0, r0, n);
+    at::Tensor hc = as(hidden.narrow(0, r0, n), acc);
+    // grad_hidden rows: g (P W - W[y])
+    gh.narrow(0, r0, n).copy_(gc * as(at::mm(Pc, weight), acc) - gv * as(weight.index_select(0, sc), acc));
+    // grad_weight: P^T (g H) - scatter(y, g H)
+    add_mm(gw, Pc.t(), as(gc * hc, dt));
+    gw.index_add_(0, sc, -(gv * hc));
+  }
+  return {gh, as(gw, weight.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_xent_hvp(const c10::optional<at::Tensor>& u_,
+                                                               const c10::optional<at::Tensor>& U_,
+                                                               const at::Tensor& grad_loss, const at::Tensor& hidden,
+                                                               const at::Tensor& weight, const at::Tensor& probs,
+                                                               const at::Tensor& labels, int64_t ignore_index,
+                                                               int64_t chunk_rows) {
+  check_linear_xent(hidden, weight, labels);
+  const int64_t N = hidden.size(0), V = weight.size(0), d = hidden.size(1);
+  TORCH_CHECK(probs.dim() == 2 && probs.size(0) == N && probs.size(1) == V, "linear_xent_hvp: probs must be [N, V]");
+  const bool has_u = u_.has_value() && u_->defined(), has_U = U_.has_value() && U_->defined();
+  if (has_u) TORCH_CHECK(u_->sizes() == hidden.sizes(), "linear_xent_hvp: u must be shaped like hidden");
+  if (has_U) TORCH_CHECK(U_->sizes() == weight.sizes(), "linear_xent_hvp: U must be shaped like weight");
+  const at::ScalarType dt = hidden.scalar_type(), acc = probs.scalar_type();
+  at::Tensor gg = at::zeros({N}, grad_loss.options());
+  at::Tensor dh = at::zeros({N, d}, hidden.options().dtype(acc));
+  at::Tensor dw = at::zeros({V, d}, weight.options().dtype(acc));
+  if (!has_u && !has_U) return {gg, as(dh, dt), as(dw, weight.scalar_type())};
+  auto [valid, safe] = label_masks(labels, ignore_index, acc);
+  at::Tensor g = as(grad_loss.reshape({N, 1}), acc);
+  const at::Tensor u = has_u ? as(*u_, dt) : at::Tensor(), U = has_U ? as(*U_, dt) : at::Tensor();
+  const int64_t c = chunk_size(N, V, chunk_rows);
+  for (int64_t r0 = 0; r0 < N; r0 += c) {
+    const int64_t n = std::min(c, N - r0);
+    at::Tensor Pc = probs.narrow(0, r0, n), hc = hidden.narrow(0, r0, n);
+    at::Tensor gc = g.narrow(0, r0, n), vc = valid.narrow(0, r0, n), sc = safe.narrow(0, r0, n);
+    at::Tensor gv = gc * vc;
+    at::Tensor M;  // cotangent on G = diag(g)(P - Y): u W^T + H U^T, [n, V]
+    if (has_u) M = as(at::mm(u.narrow(0, r0, n), weight.t()), acc);
+    if (has_U) {
+      at::Tensor m2 = at::mm(hc, U.t());
+      M = M.defined() ? M.add_(m2) : as(m2, acc);
+    }
+    at::Tensor s = at::bmm(M.unsqueeze(1), Pc.unsqueeze(2)).view({n, 1});  // rowsum(P M)
+    gg.narrow(0, r0, n).copy_(((s - M.gather(1, sc)) * vc).squeeze(1));
+    M.sub_(s).mul_(Pc).mul_(gc);  // K = g P (M - s), in place
+    at::Tensor K = as(M, dt);
+    at::Tensor dhc = as(at::mm(K, weight), acc);
+    add_mm(dw, K.t(), hc);
+    if (has_U) {
+      at::Tensor Pd = as(Pc, dt);
+      dhc.add_(gc * as(at::mm(Pd, U), acc) - gv * as(U.index_select(0, sc.squeeze(1)), acc));
+    }
+    if (has_u) {
+      at::Tensor gu = gc * as(u.narrow(0, r0, n), acc);
+      add_mm(dw, as(Pc, dt).t(), as(gu, dt));
+      dw.index_add_(0, sc.squeeze(1), -(gu * vc));
+    }
+    dh.narrow(0, r0, n).copy_(dhc);
+  }
+  return {gg, as(dh, dt), as(dw, weight.scalar_type())};
+}
+
 TORCH_LIBRARY(hessian, m) {
   m.def("lanczos_step(Tensor[] w, Tensor[] v, Tensor(a!)[] v_prev, Tensor beta) -> Tensor");
   m.def("power_step(Tensor[] w, Tensor(a!)[] v) -> Tensor");
@@ -181,12 +349,25 @@ TORCH_LIBRARY(hessian, m) {
       "softmax_xent_backward_backward(Tensor ggrad, Tensor grad_loss, Tensor probs, Tensor labels, "
       "int ignore_index) -> (Tensor, Tensor)");
   m.def("softmax_backward(Tensor grad_probs, Tensor probs) -> Tensor");
+  m.def("linear_xent(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, int chunk_rows=0) -> (Tensor, Tensor)");
+  m.def(
+      "linear_xent_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor probs, Tensor labels, "
+      "int ignore_index, int chunk_rows=0) -> (Tensor, Tensor)");
+  m.def(
+      "linear_xent_hvp(Tensor? u, Tensor? U, Tensor grad_loss, Tensor hidden, Tensor weight, Tensor probs, "
+      "Tensor labels, int ignore_index, int chunk_rows=0) -> (Tensor, Tensor, Tensor)");
   m.def(
       "lanczos_solve(Tensor[] grads, int[] grad_index, Tensor[] params, Tensor[] v0, int max_iter, float tol, "
       "int stop_rule=1, float margin=0.05) -> (Tensor, Tensor, int, Tensor)");
   m.def(
       "power_solve(Tensor[] grads, int[] grad_index, Tensor[] params, Tensor[] v0, int max_iter, float tol) "
       "-> (Tensor, int, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(hessian, CompositeExplicitAutograd, m) {
+  m.impl("linear_xent", &linear_xent);
+  m.impl("linear_xent_backward", &linear_xent_backward);
+  m.impl("linear_xent_hvp", &linear_xent_hvp);
 }
 
 TORCH_LIBRARY_IMPL(hessian, CompositeImplicitAutograd, m) {

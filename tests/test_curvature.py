@@ -99,10 +99,18 @@ def test_param_count_is_a_few_thousand(model64):
     assert 1000 <= n <= 5000
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("extension", marks=needs_ext)])
-def test_lanczos_matches_dense(model64, dense, backend):
-    r = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend=backend)
+@pytest.mark.parametrize("backend,ce,stop", [("torch", "auto", "both"), ("torch", "auto", "dominant"),
+                                             pytest.param("extension", "auto", "dominant", marks=needs_ext),
+                                             pytest.param("extension", "softmax_xent", "both", marks=needs_ext)])
+def test_lanczos_matches_dense(model64, dense, backend, ce, stop):
+    r = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend=backend, cross_entropy=ce, stop=stop)
     assert r["converged"], r.get("warning")
+    if backend == "extension":
+        assert r["backend"]["cross_entropy"] == ("fused_linear_xent" if ce == "auto" else "fused_softmax_xent")
+    assert r["settings"]["stop_rule"] == stop
+    assert r["converged_ends"]["max" if abs(r["lambda_max"]) >= abs(r["lambda_min"]) else "min"]
+    if stop == "both":
+        assert r["converged_ends"] == {"max": True, "min": True}
     assert rel(r["lambda_max"], dense["lmax"]) <= 1e-5
     assert rel(r["lambda_min"], dense["lmin"]) <= 1e-5
     assert rel(r["rho"], dense["rho"]) <= 1e-5
@@ -117,9 +125,31 @@ def test_lanczos_matches_dense(model64, dense, backend):
 def test_default_tol_is_within_bound(model64, dense):
     # the stop rule |beta s_k| <= tol*rho bounds the eigenvalue error by tol*rho
     r = C.hessian_spectrum(model64, batches(), backend="torch")
-    assert r["converged"]
+    assert r["converged"] and r["settings"]["stop_rule"] == "dominant"
     assert abs(r["rho"] - dense["rho"]) <= 1e-4 * dense["rho"]
     assert r["residual"] <= 1e-4 * r["rho"]
+    assert len(r["iteration_times_s"]) == len(r["rho_history"]) == r["iterations"]
+    assert all(b >= a for a, b in zip(r["iteration_times_s"], r["iteration_times_s"][1:]))
+    assert r["iteration_times_s"][0] >= r["setup_time_s"] and r["iteration_times_s"][-1] <= r["wall_time_s"]
+    assert r["rho_history"][-1] == r["rho"]
+
+
+def test_dominant_stop_rule(model64, dense):
+    """The default rule stops once the end giving rho has converged and the other end is bounded below it;
+    "both" waits for both ends. Both give rho within tol; the dominant rule never needs more HVPs."""
+    dom = C.hessian_spectrum(model64, batches(), tol=1e-5, max_iter=400, backend="torch", stop="dominant")
+    both = C.hessian_spectrum(model64, batches(), tol=1e-5, max_iter=400, backend="torch", stop="both")
+    assert dom["converged"] and both["converged"]
+    assert dom["hvp_count"] <= both["hvp_count"]
+    assert both["stop_reason"] in ("residual_both_ends", "invariant_subspace")
+    for r in (dom, both):
+        assert rel(r["rho"], dense["rho"]) <= 1e-5
+    if dom["stop_reason"] == "residual_dominant_end":
+        small = min(abs(dom["lambda_min"]), abs(dom["lambda_max"]))
+        other_res = dom["residual_min"] if abs(dom["lambda_max"]) >= abs(dom["lambda_min"]) else dom["residual_max"]
+        assert small + other_res <= (1 - C.DOMINANT_MARGIN) * dom["rho"]
+    with pytest.raises(C.CurvatureError):
+        C.hessian_spectrum(model64, batches(), backend="torch", stop="either")
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("extension", marks=needs_ext)])
@@ -156,11 +186,43 @@ def test_recompute_when_over_budget(model64, dense, budget, retained):
 @needs_ext
 def test_extension_and_fallback_give_same_rho_float32():
     m = tiny_llama(torch.float32, seed=1)
-    a = C.hessian_spectrum(m, batches(), tol=1e-5, max_iter=300, backend="torch")
-    b = C.hessian_spectrum(m, batches(), tol=1e-5, max_iter=300, backend="extension")
-    assert b["backend"]["cross_entropy"] == "fused_op" and a["backend"]["cross_entropy"] == "torch_log_softmax_nll"
+    a = C.hessian_spectrum(m, batches(), tol=1e-5, max_iter=300, backend="torch", stop="both")
+    b = C.hessian_spectrum(m, batches(), tol=1e-5, max_iter=300, backend="extension", stop="both")
+    assert b["backend"]["cross_entropy"] == "fused_linear_xent"
+    assert a["backend"]["cross_entropy"] == "torch_log_softmax_nll"
     assert rel(b["rho"], a["rho"]) <= 1e-5
     assert rel(b["lambda_min"], a["lambda_min"]) <= 1e-4
+
+
+@needs_ext
+def test_linear_xent_only_where_the_head_is_plain():
+    """A model whose forward rescales the head's output (like soft-capping) fails the numerical check and
+    gets the logits-level fused op; a tied-embedding head is a plain linear head."""
+    from transformers import LlamaForCausalLM
+
+    class Scaled(LlamaForCausalLM):
+        def forward(self, *a, **k):
+            out = super().forward(*a, **k)
+            out.logits = 2.0 * out.logits
+            return out
+
+    base = tiny_llama(seed=2)
+    m = Scaled(base.config).to(torch.float64)
+    m.load_state_dict(base.state_dict())
+    assert C.linear_head(m) is not None and not C.verify_linear_head(m, batches()[0])
+    a = C.hessian_spectrum(m, batches(), tol=1e-7, max_iter=300, backend="torch")
+    b = C.hessian_spectrum(m, batches(), tol=1e-7, max_iter=300, backend="extension")
+    assert b["backend"]["cross_entropy"] == "fused_softmax_xent"
+    assert rel(b["rho"], a["rho"]) <= 1e-9
+    with pytest.raises(C.CurvatureError, match="linear_xent"):
+        C.hessian_spectrum(m, batches(), backend="extension", cross_entropy="linear_xent")
+    tied = tiny_llama(seed=3)
+    tied.config.tie_word_embeddings = True
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    a = C.hessian_spectrum(tied, batches(), tol=1e-7, max_iter=300, backend="torch")
+    b = C.hessian_spectrum(tied, batches(), tol=1e-7, max_iter=300, backend="extension")
+    assert b["backend"]["cross_entropy"] == "fused_linear_xent"
+    assert rel(b["rho"], a["rho"]) <= 1e-9
 
 
 @needs_ext

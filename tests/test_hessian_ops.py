@@ -179,6 +179,91 @@ def test_xent_backward_backward_matches_reference():
     assert torch.allclose(out, p * (G - (p * G).sum(-1, keepdim=True)), atol=1e-12)
 
 
+# ---------------------------------------------------------------------------- fused linear + cross-entropy
+def lx_inputs(N=9, d=5, V=13, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    W = (2 * torch.randn(V, d, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    y = torch.randint(0, V, (N,), generator=g)
+    y[1] = IGN
+    y[N - 1] = IGN
+    return h, W, y
+
+
+@pytest.mark.parametrize("chunk", [0, 2, 4])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_linear_xent_matches_autograd(dtype, tol, chunk):
+    """Loss, gradient and Hessian-vector products (both cotangents, and each alone) against autograd's
+    F.linear + F.cross_entropy, with ignored rows, row weights and several row chunks."""
+    h, W, y = lx_inputs(dtype=dtype)
+    wt = torch.randn(h.shape[0], dtype=dtype)
+    f = lambda a, b: (ops.linear_xent(a, b, y, IGN, chunk)[0] * wt).sum()  # noqa: E731
+    r = lambda a, b: (F.cross_entropy(a @ b.T, y, ignore_index=IGN, reduction="none") * wt).sum()  # noqa: E731
+    assert torch.allclose(f(h, W), r(h, W), rtol=tol, atol=tol)
+    g1 = torch.autograd.grad(f(h, W), (h, W), create_graph=True)
+    g2 = torch.autograd.grad(r(h, W), (h, W), create_graph=True)
+    assert all(torch.allclose(a, b, rtol=tol, atol=tol) for a, b in zip(g1, g2))
+    u, U = torch.randn_like(h), torch.randn_like(W)
+    for outs, cot in (((0, 1), (u, U)), ((0,), (u,)), ((1,), (U,))):
+        h1 = torch.autograd.grad([g1[i] for i in outs], (h, W), cot, retain_graph=True)
+        h2 = torch.autograd.grad([g2[i] for i in outs], (h, W), cot, retain_graph=True)
+        assert all(torch.allclose(a, b, rtol=10 * tol, atol=10 * tol) for a, b in zip(h1, h2))
+
+
+def test_linear_xent_probs_and_bf16():
+    h, W, y = lx_inputs(N=6, d=8, V=3000, dtype=torch.bfloat16)
+    loss, probs = ops.linear_xent(h, W, y, IGN)
+    assert loss.dtype == torch.float32 and probs.dtype == torch.float32 and not probs.requires_grad
+    ref = F.cross_entropy((h @ W.T).float(), y, ignore_index=IGN, reduction="none")
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-4)
+    valid = y != IGN
+    assert torch.allclose(probs[valid], torch.softmax((h @ W.T).float()[valid], -1), atol=1e-6)
+    assert (probs[~valid] == 0).all()
+    (gh, gW) = torch.autograd.grad(loss.sum(), (h, W), create_graph=True)
+    (rh, rW) = torch.autograd.grad(ref.sum(), (h, W), create_graph=True)
+    assert gh.dtype == torch.bfloat16 and torch.allclose(gh.float(), rh.float(), rtol=2e-2, atol=2e-2)
+    u = torch.randn_like(h)
+    hv = torch.autograd.grad(gh, (h, W), u, retain_graph=True)
+    rv = torch.autograd.grad(rh, (h, W), u)
+    for a, b in zip(hv, rv):
+        assert float((a.float() - b.float()).norm()) <= 3e-2 * float(b.float().norm())
+
+
+def test_linear_xent_gradcheck_gradgradcheck():
+    h, W, y = lx_inputs(N=5, d=3, V=7)
+    fn = lambda a, b: ops.linear_xent(a, b, y, IGN, 2)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (h, W))
+    assert torch.autograd.gradgradcheck(fn, (h, W))
+
+    # the backward op with probs = linear_xent(hidden, weight)[1] (its documented contract)
+    def bw(g, a, b):
+        p = ops.linear_xent(a.detach(), b.detach(), y, IGN)[1]
+        return ops.linear_xent_backward(g, a, b, p, y, IGN, 3)
+
+    g = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(bw, (g, h, W))
+
+
+def test_linear_xent_bad_inputs():
+    h, W, y = lx_inputs()
+    y[0] = 10_000
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.linear_xent(h, W, y, IGN)
+    with pytest.raises(RuntimeError, match="hidden"):
+        ops.linear_xent(h, W[:, :3], y, IGN)
+
+
+def test_linear_xent_opcheck():
+    h, W, y = lx_inputs()
+    torch.library.opcheck(ops.linear_xent, (h, W, y, IGN, 4))
+    p = ops.linear_xent(h.detach(), W.detach(), y, IGN)[1]
+    g = torch.randn(h.shape[0], dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(ops.linear_xent_backward, (g, h, W, p, y, IGN, 4))
+    u, U = torch.randn_like(h), torch.randn_like(W)
+    torch.library.opcheck(ops.linear_xent_hvp, (u, U, g.detach(), h.detach(), W.detach(), p, y, IGN, 4))
+    torch.library.opcheck(ops.linear_xent_hvp, (None, U, g.detach(), h.detach(), W.detach(), p, y, IGN, 0))
+
+
 # ------------------------------------------------------------------------------------------ solve loops
 def _quadratic_problem(n=40, seed=0):
     """A quadratic loss 0.5 x^T A x with known spectrum, as a retained first-order graph."""
@@ -197,8 +282,9 @@ def _quadratic_problem(n=40, seed=0):
 def test_lanczos_solve_op_matches_python_loop():
     grads, params, ev = _quadratic_problem()
     v0 = C._start_vector(params, 0)
-    a, b, code = ops.lanczos_solve(grads, [0, 1], params, v0, 100, 1e-10)
+    a, b, code, times = ops.lanczos_solve(grads, [0, 1], params, v0, 100, 1e-10, 0)
     assert code in (1, 2)
+    assert times.shape == a.shape and bool((times.diff() >= 0).all())
     lmin, lmax, _, _ = C.ritz_extremes(a.tolist(), b.tolist())
     assert abs(lmax - 5.0) < 1e-9 and abs(lmin + 2.0) < 1e-9
 
@@ -206,15 +292,21 @@ def test_lanczos_solve_op_matches_python_loop():
         def hvp(self, v):
             return list(torch.autograd.grad(grads, params, v, retain_graph=True))
 
-    a2, b2, code2 = C._lanczos_python(Op(), v0, 100, 1e-10, C.lanczos_step_torch)
+    a2, b2, code2 = C._lanczos_python(Op(), v0, 100, 1e-10, C.lanczos_step_torch, "both")
     assert code2 == code and len(a2) == a.numel()
     assert torch.allclose(a, torch.tensor(a2, dtype=torch.float64), atol=1e-10)
+    # the dominant-end rule (the op's default) stops no later, on the same code as the Python rule
+    a3, b3, code3, _ = ops.lanczos_solve(grads, [0, 1], params, v0, 100, 1e-10)
+    a4, _, code4 = C._lanczos_python(Op(), v0, 100, 1e-10, C.lanczos_step_torch, "dominant")
+    assert code3 == code4 and a3.numel() == len(a4) <= a.numel()
+    assert abs(C.ritz_extremes(a3.tolist(), b3.tolist())[1] - 5.0) < 1e-9
 
 
 def test_power_solve_op_matches_python_loop():
     grads, params, ev = _quadratic_problem()
     v0 = C._start_vector(params, 1)
-    h, code = ops.power_solve(grads, [0, 1], params, v0, 2000, 1e-12)
+    h, code, times = ops.power_solve(grads, [0, 1], params, v0, 2000, 1e-12)
+    assert times.numel() == h.shape[0]
 
     class Op:
         def hvp(self, v):
