@@ -7,10 +7,12 @@ whose answer sentence has the highest log-likelihood given the prompt.
 
 The fast scorer (default) runs the prefix the options share (prompt + "The best answer is") once:
 when every option is one token after it, their scores come from that single next-token
-distribution; otherwise the prefix's KV cache is copied to each option and only the option tails
-are run. Examples go in length-sorted batches. It gives the predictions of the naive scorer
-(--scorer naive: one full forward per option, as lm-evaluation-harness does), which
-tests/test_evaluate.py checks.
+distribution; otherwise each option's tail rides in the same forward behind the prefix, under a
+tree attention mask (a tail sees the prefix and itself only), so a batch costs one forward call.
+--scorer kv does the same with the prefix's KV cache copied to each option (two calls a batch; the
+path for attention kernels that take no custom mask). Examples go in length-sorted batches. Both
+give the predictions of the naive scorer (--scorer naive: one full forward per option, as
+lm-evaluation-harness does), which tests/test_evaluate.py checks.
 
 Writes --out (results JSON, lm-evaluation-harness style: overall and per-group accuracy as fractions
 with stderr, BBQ also by ambig/disambig) and, beside it, <out stem>_samples.jsonl: per example the
@@ -98,7 +100,8 @@ def split_shared(opts):
 
 
 @torch.no_grad()
-def score_fast(model, reqs, batch_size, pad_id, device, desc="fast"):
+def score_kv(model, reqs, batch_size, pad_id, device, desc="kv"):
+    """The shared prefix once with use_cache, its KV cache copied to every option's tail."""
     order = sorted(range(len(reqs)), key=lambda e: -len(reqs[e][0][0]))
     scores = [[None] * len(opts) for opts in reqs]
     for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
@@ -151,7 +154,68 @@ def score_fast(model, reqs, batch_size, pad_id, device, desc="fast"):
     return scores
 
 
-SCORERS = {"fast": score_fast, "naive": score_naive}
+def _tail_targets(seq, start, L):
+    """For one option: (positions in the prefix whose logits score it, their targets) and the
+    tail targets seq[t] for t > L (scored by the logits of the fed tail token seq[t-1])."""
+    return list(range(start - 1, L)), seq[start:L + 1], list(range(max(start, L + 1), len(seq)))
+
+
+@torch.no_grad()
+def score_packed(model, reqs, batch_size, pad_id, device, desc="fast"):
+    """One forward per batch: each row holds an example's shared prefix followed by every option's
+    tail, with a tree attention mask (a tail sees the prefix and itself, never another tail) and
+    position ids that restart each tail right after the prefix. The prefix is computed once, and
+    unlike a KV cache there is no second forward call, whose fixed cost is what a small model pays."""
+    impl = getattr(model.config, "_attn_implementation", "eager")
+    if impl not in ("sdpa", "eager"):  # flash kernels take no custom 4D mask
+        return score_kv(model, reqs, batch_size, pad_id, device, desc)
+    order = sorted(range(len(reqs)), key=lambda e: -len(reqs[e][0][0]))
+    scores = [[None] * len(opts) for opts in reqs]
+    for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        exs = order[b:b + batch_size]
+        rows = []  # per example: (tokens, positions, segment of each token: -1 prefix / i tail, L, tail offsets)
+        for e in exs:
+            L = split_shared(reqs[e])
+            toks, pos, seg, offs = list(reqs[e][0][0][:L]), list(range(L)), [-1] * L, []
+            for i, (seq, _) in enumerate(reqs[e]):
+                tail = seq[L:-1]  # the last token is only predicted, never fed
+                offs.append(len(toks))
+                toks += tail
+                pos += range(L, L + len(tail))
+                seg += [i] * len(tail)
+            rows.append((toks, pos, seg, L, offs))
+        n = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+        pos = torch.zeros((len(rows), n), dtype=torch.long)
+        segs = torch.full((len(rows), n), -2, dtype=torch.long)  # -2: padding
+        for k, (t, p, sg, _, _) in enumerate(rows):
+            ids[k, :len(t)], pos[k, :len(t)], segs[k, :len(t)] = torch.tensor(t), torch.tensor(p), torch.tensor(sg)
+        q, kk = segs.unsqueeze(2), segs.unsqueeze(1)
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        # key visible to query: causal, key not padding, and key in the prefix or in the query's own tail
+        allow = causal & (kk != -2) & ((kk == -1) | (kk == q))
+        allow |= torch.eye(n, dtype=torch.bool)  # padding queries see themselves: no NaN rows
+        mask = allow.unsqueeze(1)
+        if impl == "eager":
+            mask = torch.zeros(mask.shape, dtype=model.dtype).masked_fill(~mask, torch.finfo(model.dtype).min)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).logits
+        for k, e in enumerate(exs):
+            _, _, _, L, offs = rows[k]
+            for i, (seq, start) in enumerate(reqs[e]):
+                p_pos, p_tgt, t_idx = _tail_targets(seq, start, L)
+                total = 0.0
+                if p_pos:
+                    total += float(_log_probs_at(logits[k], torch.tensor(p_pos, device=device),
+                                                 torch.tensor(p_tgt, device=device)).double().sum())
+                if t_idx:  # seq[t] is predicted by fed tail token seq[t-1], at offs[i] + (t - 1 - L)
+                    at = torch.tensor([offs[i] + t - 1 - L for t in t_idx], device=device)
+                    total += float(_log_probs_at(logits[k], at, torch.tensor([seq[t] for t in t_idx], device=device))
+                                   .double().sum())
+                scores[e][i] = total
+    return scores
+
+
+SCORERS = {"fast": score_packed, "kv": score_kv, "naive": score_naive}
 
 # -----------------------------------------------------------------------------
 # Metrics

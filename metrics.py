@@ -26,12 +26,21 @@ Outputs in --out (all written to a temporary name, then renamed):
     table1.csv/.md  table1_runs.csv  forgetting_by_group.csv  biased_forgetting.csv  kendall_tau.csv
     first_task_acc_by_lr.csv/.md  figure2/3/5/6/8.png (each with the .csv it was drawn from)
     summary.json  report.md
+    with curvature results (curvature.py's curvature.json / taylor.json anywhere under --runs, paired to
+    runs by their run_id fields): curvature.csv  figure4a.png/.csv (rho per first task)  figure4b.png/.csv
+    (mean downstream forgetting against first-task rho)  curvature_fit.csv (OLS)  taylor_check.csv
 Accuracies and forgetting are in percent; mean and std (ddof=1, "n/a" for one seed) are over seeds.
 Missing or failed runs are listed in report.md and on stdout; table cells without data say "missing"
 (or "failed" when the only runs there failed).
 
-Curvature (Figure 4) and replay (Figure 7) are later additions: write a section function
-`section_xxx(study, out, opts) -> markdown` and append it to SECTIONS.
+Curvature (paper §4.3, Figure 4): rho(H) = max(|lambda_max|, |lambda_min|) of the Hessian of the first-task
+loss at theta_A; Figure 4b fits mean downstream forgetting (%) = intercept + slope * rho by OLS over first
+tasks (ols_fit); the Taylor check compares L_A(theta_AB) - L_A(theta_A) with 0.5 delta^T H delta and the
+bound 0.5 rho ||delta||^2 (taylor_rows). A runs folder without curvature files gives the same outputs as
+before (the report's curvature section says "No curvature results").
+
+Replay (Figure 7) is a later addition: write a section function `section_xxx(study, out, opts) -> markdown`
+and append it to SECTIONS.
 """
 import argparse
 import contextlib
@@ -51,6 +60,7 @@ from scipy import stats
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 try:  # common.py is the lead's shared module; metrics.py also works copied alone.
     from common import UserError
@@ -933,8 +943,443 @@ def section_first_task_acc(study, out, opts):
             + markdown_table(df.assign(lr=df.lr.map("{:g}".format))))
 
 
+# ----------------------------------------------------------------------------------------------------
+# curvature (paper §4.3, Figure 4) and the Taylor check (equations 3 and 4)
+
+CURV_FIX = "it must be the curvature.json written by curvature.py; delete it and re-run curvature.py"
+TAYLOR_FIX = "it must be the taylor.json written by curvature.py --reference; delete it and re-run curvature.py"
+
+
+def ols_fit(x, y):
+    """Ordinary least squares y = intercept + slope * x (scipy.stats.linregress), with n points:
+
+        slope     = S_xy / S_xx,   intercept = mean(y) - slope * mean(x)
+        R^2       = S_xy^2 / (S_xx S_yy)  (= r^2 = 1 - SS_res / SS_tot)
+        p_value   = two-sided p of t = r sqrt((n - 2) / (1 - r^2)) under Student's t with n - 2 dof
+                    (the null hypothesis slope = 0)
+    where S_xy = sum (x_i - mean x)(y_i - mean y). Pairs with a nan are dropped. With fewer than 3 points
+    (no residual degree of freedom) or constant x the fit is not defined: every value is nan and "note" says
+    why. Returns {"n", "slope", "intercept", "r", "r_squared", "p_value", "slope_stderr", "note"}."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    res = {"n": int(len(x)), "slope": float("nan"), "intercept": float("nan"), "r": float("nan"),
+           "r_squared": float("nan"), "p_value": float("nan"), "slope_stderr": float("nan"), "note": ""}
+    if len(x) < 3:
+        res["note"] = f"fewer than 3 points ({len(x)}): no fit"
+        return res
+    if np.all(x == x[0]):
+        res["note"] = "all x values are equal: no fit"
+        return res
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # perfect fits: scipy divides by zero for the stderr
+        r = stats.linregress(x, y)
+    res.update(slope=float(r.slope), intercept=float(r.intercept), r=float(r.rvalue),
+               r_squared=float(r.rvalue) ** 2, p_value=float(r.pvalue), slope_stderr=float(r.stderr))
+    return res
+
+
+def _num(v):
+    """A JSON number as float; None, booleans, strings and missing values are nan."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
+
+
+def _v(x):
+    """A value for a CSV at full precision (curvatures and losses span many orders of magnitude): nan is
+    "n/a", booleans and strings pass through."""
+    if isinstance(x, (float, np.floating)) and not isinstance(x, bool):
+        return NA if math.isnan(x) else float(x)
+    return x
+
+
+def _sig(df):
+    """df with its float cells as 4 significant digits (for report.md tables of values of any scale)."""
+    return df.apply(lambda col: col.map(lambda v: f"{v:.4g}" if isinstance(v, (float, np.floating)) and
+                                        not math.isnan(v) else v))
+
+
+def find_curvature_files(runs_dir, exclude=None):
+    """Every curvature.json and taylor.json under runs_dir (hidden folders and `exclude` skipped) ->
+    (curvature, taylor): lists of (path relative to runs_dir, parsed JSON object), sorted by path.
+    Folder names are not parsed: the files are paired to runs by their run_id fields."""
+    found = {"curvature.json": [], "taylor.json": []}
+    exclude = os.path.abspath(exclude) if exclude else None
+    for root, dirs, files in os.walk(runs_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.abspath(os.path.join(root, d)) != exclude)
+        for fname, fix in (("curvature.json", CURV_FIX), ("taylor.json", TAYLOR_FIX)):
+            if fname in files:
+                path = os.path.join(root, fname)
+                found[fname].append((os.path.relpath(path, runs_dir), _read_json(path, fname, fix)))
+    return found["curvature.json"], found["taylor.json"]
+
+
+@dataclass
+class Curvature:
+    """One curvature.json paired (by run_id) with the run.json of the model it was computed at."""
+    file: str                  # path relative to --runs
+    data: dict
+    run: Run = None            # None when no run.json has its run_id
+    used: bool = False         # the one result taken for its run (see curvature_results)
+
+    rho = property(lambda self: _num(self.data.get("rho")))
+    converged = property(lambda self: self.data.get("converged") is True)
+
+
+def curvature_results(curv_files, runs):
+    """Pair curvature.json files to runs by run_id -> ({run_id: Curvature used for that run}, all, problems).
+
+    A file is usable when its run_id matches a run.json, its "task" (if given) is that run's task and its
+    "rho" is a number. Several usable files for one run (say a lanczos and a power solve): the one used is
+    the converged one, then lanczos, then the first path; the others stay in curvature.csv (used = False)."""
+    by_id = {r.run_id: r for r in runs}
+    allc, problems, cand = [], [], defaultdict(list)
+    for name, data in curv_files:
+        c = Curvature(name, data)
+        allc.append(c)
+        rid = data.get("run_id")
+        if not isinstance(rid, str) or not rid:
+            problems.append(f"{name}: no run_id (curvature of a model without run.json?); cannot pair it with a "
+                            f"run, left out")
+            continue
+        c.run = by_id.get(rid)
+        if c.run is None:
+            problems.append(f"{name}: its run_id {rid} matches no run.json under the runs folder; left out")
+        elif data.get("task") not in (None, c.run.task):
+            problems.append(f"{name}: curvature of the {data.get('task')} loss but run {c.run.name} was tuned on "
+                            f"{c.run.task}; left out")
+        elif math.isnan(c.rho):
+            problems.append(f"{name}: no numeric rho ({data.get('rho')!r}); re-run curvature.py")
+        else:
+            cand[rid].append(c)
+    chosen = {}
+    for rid, cs in cand.items():
+        cs.sort(key=lambda c: (not c.converged, c.data.get("method") != "lanczos", c.file))
+        cs[0].used = True
+        chosen[rid] = cs[0]
+    return chosen, allc, problems
+
+
+def first_task_models(study, curv_by_id):
+    """The theta_A models whose curvature Figure 4 shows: {(task, seed): [Run, ...]}.
+
+    For a first task and seed with chains in Table 1: the first-stage runs those chains start from (the
+    models whose forgetting Table 1 and Figure 4b measure). Otherwise the first-stage runs of that task and
+    seed at the lr closest to the main lr (without a main lr: the most common lr of the curvature results)."""
+    sel = defaultdict(dict)
+    for (A, _), ps in study.table1.items():
+        for p in ps:
+            sel[(A, p.seed)][p.first.run_id] = p.first
+    ref_lr = study.main_lr
+    if ref_lr is None:
+        lrs = Counter(c.run.lr for c in curv_by_id.values() if c.run.stage == 1)
+        ref_lr = min(lrs, key=lambda lr: (-lrs[lr], lr)) if lrs else None
+    stage1 = defaultdict(list)
+    for r in study.runs:
+        if r.stage == 1 and isinstance(r.seed, int) and not run_failed(r.meta):
+            stage1[(r.task, r.seed)].append(r)
+    for key, rs in stage1.items():
+        if key in sel:
+            continue
+        best = min(_lr_key(r.lr, ref_lr) for r in rs)
+        if math.isinf(best):  # no reference lr at all: nothing sensible to pick
+            continue
+        sel[key] = {r.run_id: r for r in rs if _lr_key(r.lr, ref_lr) == best}
+    return {k: list(v.values()) for k, v in sel.items()}
+
+
+def taylor_rows(taylor_files, runs, curv_by_id):
+    """One row per taylor.json: the paper's equations 3 and 4 checked at theta_A for the chain A->B,
+
+        delta = theta_AB - theta_A,   actual = L_A(theta_AB) - L_A(theta_A)
+        quadratic = 0.5 delta^T H delta   (eq. 3, H the Hessian of L_A at theta_A)
+        bound     = 0.5 rho(H) ||delta||^2   (eq. 4)
+
+    Pairing by run_id: reference.run_id is theta_AB's run.json run_id (its chain gives A, B, seed, lr_b),
+    the file's run_id is theta_A's and must equal theta_AB's parent_run_id (when absent, the parent is
+    used). When the file has no numeric rho (computed without a solve) or no numeric bound, the bound is
+    recomputed as 0.5 * rho * delta_sq_norm with rho from the curvature.json of the same theta_A (found by
+    run_id in curv_by_id; bound_source says which). quadratic_le_bound is quadratic <= bound * (1 + 1e-6)
+    + 1e-12 (curvature.py's tolerance); actual_le_bound is actual <= bound.
+    Returns (rows: list of dicts, problems: list of str)."""
+    by_id = {r.run_id: r for r in runs}
+    rows, problems = [], []
+    for name, data in taylor_files:
+        ref = data.get("reference")
+        if not isinstance(ref, dict):
+            problems.append(f"{name}: no \"reference\" block (not a Taylor check); {TAYLOR_FIX}")
+            continue
+        chained = by_id.get(ref.get("run_id"))
+        if chained is None or chained.stage != 2 or not isinstance(chained.chain, list):
+            why = ("matches no run.json" if chained is None else f"is the stage-{chained.stage} run {chained.name}")
+            problems.append(f"{name}: reference run_id {ref.get('run_id')} {why}, not a chained run; left out")
+            continue
+        first_id = data.get("run_id") or chained.parent_run_id
+        if first_id != chained.parent_run_id:
+            problems.append(f"{name}: theta_A run_id {first_id} is not the parent ({chained.parent_run_id}) of "
+                            f"{chained.name}; delta is not this chain's update, left out")
+            continue
+        A, B = chained.chain
+        first = by_id.get(first_id)
+        rho, bound = _num(data.get("rho")), _num(ref.get("bound"))
+        dsq = _num(ref.get("delta_sq_norm"))
+        source = "taylor.json"
+        if math.isnan(rho) or math.isnan(bound):
+            c = curv_by_id.get(first_id) if math.isnan(rho) else None
+            if math.isnan(rho) and c is None:
+                problems.append(f"{name}: no rho in the file and no curvature.json for its theta_A (run_id "
+                                f"{first_id}); bound not computed")
+                source = MISSING
+            else:
+                rho = c.rho if c is not None else rho
+                bound = 0.5 * rho * dsq
+                source = f"recomputed: 0.5 * rho({c.file}) * delta_sq_norm" if c is not None else \
+                    "recomputed: 0.5 * rho(taylor.json) * delta_sq_norm"
+        quad, actual = _num(ref.get("quadratic_term")), _num(ref.get("actual_loss_change"))
+        have = not (math.isnan(bound) or math.isnan(quad))
+        rows.append({"first_task": A, "second_task": B, "seed": chained.seed,
+                     "lr_a": first.lr if first is not None else float("nan"), "lr_b": chained.lr,
+                     "first_run_id": first_id, "chained_run_id": chained.run_id,
+                     "delta_sq_norm": dsq, "loss_A_at_A": _num(ref.get("loss_A_at_A")),
+                     "loss_A_at_AB": _num(ref.get("loss_A_at_AB")), "actual_loss_change": actual,
+                     "quadratic_term": quad, "rho": rho, "bound": bound, "bound_source": source,
+                     "quadratic_le_bound": (bool(quad <= bound * (1 + 1e-6) + 1e-12) if have else MISSING),
+                     "actual_le_bound": (bool(actual <= bound) if not (math.isnan(bound) or math.isnan(actual))
+                                         else MISSING),
+                     "file": name})
+    return rows, problems
+
+
+def curvature_tables(study, curv_by_id):
+    """Per first task: rho over seeds (Figure 4a) and its mean downstream forgetting (Figure 4b).
+
+    rho of a task = mean over seeds of rho(theta_A) (theta_A from first_task_models; several models for one
+    seed are averaged first), std over seeds (ddof=1). Downstream forgetting of A = for each seed the mean
+    forgetting over the Table-1 chains A->B (second-stage lr = main lr), then mean and std over seeds.
+    Returns (rows_a, rows_b, missing: [(task, seed, Run)], not_converged: [Curvature])."""
+    models = first_task_models(study, curv_by_id)
+    tasks = list(study.capability) + list(study.safety)
+    tasks += sorted({t for t, _ in models} - set(tasks))
+    rows_a, rows_b, missing, not_conv = [], [], [], []
+    for A in tasks:
+        per_seed, lrs, n_nc = {}, set(), 0
+        for s in sorted(seed for t, seed in models if t == A):
+            vals = []
+            for r in models[(A, s)]:
+                c = curv_by_id.get(r.run_id)
+                if c is None:
+                    missing.append((A, s, r))
+                    continue
+                vals.append(c.rho)
+                lrs.add(r.lr)
+                if not c.converged:
+                    n_nc += 1
+                    not_conv.append(c)
+            if vals:
+                per_seed[s] = float(np.mean(vals))
+        kind = "capability" if A in CAPABILITY_TASKS else "safety" if A in SAFETY_TASKS else "other"
+        m, sd, n = mean_std(list(per_seed.values()))
+        mk = MISSING
+        rows_a.append({"task": A, "kind": kind, "rho": _v(m) if n else mk, "rho_std": (_v(sd) if n > 1 else NA)
+                       if n else mk, "n_seeds": n, "seeds": ";".join(map(str, sorted(per_seed))) or NA,
+                       "lr": ";".join(f"{lr:g}" for lr in sorted(lrs)) or NA, "n_not_converged": n_nc})
+        ps = [p for (a, _), pl in study.table1.items() if a == A for p in pl]
+        by_seed = defaultdict(list)
+        for p in ps:
+            by_seed[p.seed].append(p.m["forgetting"])
+        fm, fs, fn = mean_std([float(np.mean(v)) for v in by_seed.values()])
+        fm, fs = (100 * fm, 100 * fs) if fn else (fm, fs)
+        rows_b.append({"first_task": A, "kind": kind, "rho": rows_a[-1]["rho"], "rho_std": rows_a[-1]["rho_std"],
+                       "n_rho_seeds": n,
+                       "forgetting": _r(fm) if fn else mk, "forgetting_std": (_r(fs) if fn > 1 else NA) if fn else mk,
+                       "n_forgetting_seeds": fn, "chains": ";".join(sorted({f"{p.A}->{p.B}" for p in ps})) or NA,
+                       "in_fit": bool(n and fn)})
+    return rows_a, rows_b, missing, not_conv
+
+
+CURVATURE_COLUMNS = ["task", "seed", "lr", "run_id", "rho", "lambda_max", "lambda_min", "converged", "iterations",
+                     "hvp_count", "method", "residual", "stage", "run", "file", "used_in_figure4"]
+
+
+def section_curvature(study, out, opts):
+    """Curvature (Figure 4) and the Taylor check: curvature.csv, figure4a/b.png+csv, curvature_fit.csv,
+    taylor_check.csv. Nothing is written (and the section says so) when the runs folder has no
+    curvature.json and no taylor.json."""
+    curv_files, taylor_files = find_curvature_files(study.runs_dir, getattr(opts, "out", None))
+    head = "## Curvature (Figure 4) and the Taylor check\n\n"
+    if not curv_files and not taylor_files:
+        return head + ("No curvature results: no curvature.json or taylor.json under the runs folder, so no "
+                       "Figure 4 and no Taylor check (curvature.py writes them; run_all.sh runs it).\n")
+    curv_by_id, allc, probs = curvature_results(curv_files, study.runs)
+    study.problems.extend(probs)
+    text = head
+    if curv_files:
+        text += _curvature_figures(study, out, curv_by_id, allc)
+    else:
+        text += "No curvature results (no curvature.json under the runs folder): no Figure 4.\n\n"
+    rows, probs = taylor_rows(taylor_files, study.runs, curv_by_id)
+    study.problems.extend(probs)
+    text += _taylor_section(study, out, rows, bool(taylor_files))
+    return text
+
+
+def _curvature_figures(study, out, curv_by_id, allc):
+    rows_a, rows_b, missing, not_conv = curvature_tables(study, curv_by_id)
+    used_ids = {r.run_id for rs in first_task_models(study, curv_by_id).values() for r in rs}
+    tab = []
+    for c in allc:
+        d, r = c.data, c.run
+        tab.append({"task": r.task if r else d.get("task", NA), "seed": r.seed if r else NA,
+                    "lr": r.lr if r else NA, "run_id": d.get("run_id") or NA, "rho": _v(c.rho),
+                    "lambda_max": _v(_num(d.get("lambda_max"))), "lambda_min": _v(_num(d.get("lambda_min"))),
+                    "converged": d.get("converged") if isinstance(d.get("converged"), bool) else "unknown",
+                    "iterations": d.get("iterations", NA), "hvp_count": d.get("hvp_count", NA),
+                    "method": d.get("method", NA), "residual": _v(_num(d.get("residual"))),
+                    "stage": r.stage if r else NA, "run": r.name if r else NA, "file": c.file,
+                    "used_in_figure4": bool(c.used and r is not None and r.run_id in used_ids)})
+    for A, s, r in missing:
+        study.problems.append(f"{r.name}: no curvature.json for this first-stage model (task {A}, seed {s}, "
+                              f"run_id {r.run_id}); run curvature.py --model {r.path} --task {A} --out "
+                              f"<runs>/curvature/{A}/lr{r.lr:g}/seed{s}/curvature.json")
+        tab.append({"task": A, "seed": s, "lr": r.lr, "run_id": r.run_id, **{k: MISSING for k in CURVATURE_COLUMNS[4:12]},
+                    "stage": r.stage, "run": r.name, "file": MISSING, "used_in_figure4": False})
+    tab.sort(key=lambda t: (str(t["task"]), str(t["seed"]), str(t["lr"]), t["file"]))
+    cdf = pd.DataFrame(tab, columns=CURVATURE_COLUMNS)
+    write_csv(os.path.join(out, "curvature.csv"), cdf)
+
+    colour = {"capability": "tab:blue", "safety": "tab:orange", "other": "tab:gray"}
+    da = pd.DataFrame(rows_a, columns=["task", "kind", "rho", "rho_std", "n_seeds", "seeds", "lr", "n_not_converged"])
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(da) + 2), 3.6))
+    x = np.arange(len(da))
+    for xi, row in zip(x, da.itertuples()):
+        if isinstance(row.rho, str):
+            ax.text(xi, 0, row.rho, rotation=90, ha="center", va="bottom", fontsize=8, color="gray")
+            continue
+        err = row.rho_std if not isinstance(row.rho_std, str) else 0.0
+        ax.bar(xi, row.rho, 0.6, yerr=err, capsize=3, color=colour[row.kind],
+               hatch="//" if row.n_not_converged else None, edgecolor="black" if row.n_not_converged else None)
+    handles = [Patch(color=colour[k], label=f"{k} task") for k in ("capability", "safety")
+               if (da.kind == k).any()]
+    if (da.n_not_converged > 0).any():
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//",
+                                                label="includes a non-converged solve"))
+    if handles:
+        ax.legend(handles=handles, fontsize=8)
+    ax.set_xticks(x, [short(t) for t in da.task])
+    ax.set_ylabel("spectral radius rho(H)")
+    ax.set_title("Figure 4a: first-task minimum curvature (mean over seeds, error bar = std)")
+    save_figure(fig, da, out, "figure4a")
+
+    db = pd.DataFrame(rows_b, columns=["first_task", "kind", "rho", "rho_std", "n_rho_seeds", "forgetting",
+                                       "forgetting_std", "n_forgetting_seeds", "chains", "in_fit"])
+    pts = db[db.in_fit]
+    xs = pts.rho.astype(float).to_numpy()
+    ys = pts.forgetting.astype(float).to_numpy()
+    fit = ols_fit(xs, ys)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    err = lambda col: pd.to_numeric(pts[col], errors="coerce").fillna(0.0).to_numpy()
+    for kind in ("capability", "safety", "other"):
+        k = (pts.kind == kind).to_numpy()
+        if k.any():
+            ax.errorbar(xs[k], ys[k], xerr=err("rho_std")[k], yerr=err("forgetting_std")[k], fmt="o", capsize=3,
+                        color=colour[kind], label=f"{kind} task")
+    for xi, yi, t in zip(xs, ys, pts.first_task):
+        ax.annotate(short(t), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if not math.isnan(fit["slope"]):
+        grid = np.linspace(xs.min(), xs.max(), 50)
+        ax.plot(grid, fit["intercept"] + fit["slope"] * grid, "k--", linewidth=1,
+                label=f"OLS: R^2 = {fit['r_squared']:.2f}, p = {fit['p_value']:.3g}")
+    else:
+        ax.text(0.5, 0.92, fit["note"], ha="center", transform=ax.transAxes, fontsize=8, color="gray")
+    ax.set_xlabel("first-task spectral radius rho(H)")
+    ax.set_ylabel("mean downstream forgetting (%)")
+    ax.set_title("Figure 4b: forgetting against first-task curvature")
+    if len(pts):
+        ax.legend(fontsize=8)
+    save_figure(fig, db, out, "figure4b")
+    fit_df = pd.DataFrame([{"x": "rho (mean over seeds)", "y": "mean downstream forgetting (%)",
+                            "n_tasks": fit["n"], "tasks": ";".join(pts.first_task) or NA,
+                            "slope": _v(fit["slope"]), "intercept": _v(fit["intercept"]),
+                            "r": _v(fit["r"]), "r_squared": _v(fit["r_squared"]),
+                            "p_value": _v(fit["p_value"]), "slope_stderr": _v(fit["slope_stderr"]),
+                            "note": fit["note"] or NA}])
+    write_csv(os.path.join(out, "curvature_fit.csv"), fit_df)
+
+    text = ("Spectral radius rho(H) = max(|lambda_max|, |lambda_min|) of the Hessian of the first-task loss at "
+            "theta_A (curvature.py, HVPs on its training samples), paired to runs by run_id. The theta_A of a "
+            "first task and seed are the first-stage models its Table-1 chains start from (else the first-stage "
+            "runs at the main lr). All results: [curvature.csv](curvature.csv); per task "
+            "([figure4a.csv](figure4a.csv)):\n\n" + markdown_table(_sig(da)))
+    if not_conv:
+        text += ("\n**Not converged** (rho is the solver's last estimate; hatched bars): "
+                 + "; ".join(f"{c.file} ({c.run.task}, seed {c.run.seed}, {c.data.get('iterations', '?')} "
+                             f"iterations, stop {c.data.get('stop_reason', '?')})" for c in not_conv) + ".\n")
+    else:
+        text += "\nEvery curvature result used here converged.\n"
+    seen = {id(c) for c in not_conv}
+    other_nc = [c for c in allc if not c.converged and id(c) not in seen]
+    if other_nc:
+        text += ("\nAlso not converged (not in Figure 4; converged = False in curvature.csv): "
+                 + ", ".join(c.file for c in other_nc) + ".\n")
+    if missing:
+        text += ("\n**Missing curvature** (cells marked missing; listed under missing runs): "
+                 + "; ".join(f"{r.name} ({A}, seed {s})" for A, s, r in missing) + ".\n")
+    extra = [c for c in allc if c.run is not None and not c.used and math.isfinite(c.rho)]
+    if extra:
+        text += ("\nSeveral results for one model: used the converged / lanczos one; not used: "
+                 + ", ".join(c.file for c in extra) + ".\n")
+    text += ("\n![figure 4a](figure4a.png)\n\n### Figure 4b: mean downstream forgetting against first-task rho\n\n"
+             "Per first task: forgetting averaged over its Table-1 chains for each seed, then mean (std) over "
+             "seeds; rho mean (std) over seeds ([figure4b.csv](figure4b.csv)).\n\n![figure 4b](figure4b.png)\n\n")
+    if math.isnan(fit["slope"]):
+        n_tasks = fit["n"]
+        text += (f"OLS fit: none. {n_tasks} first task(s) have both curvature and forgetting "
+                 f"({', '.join(pts.first_task) or 'none'}); a fit needs at least 3 ({fit['note']}).\n")
+    else:
+        text += (f"OLS fit over {fit['n']} first tasks (forgetting % = {fit['intercept']:.4g} + {fit['slope']:.4g} "
+                 f"* rho): slope {fit['slope']:.4g}, R^2 = {fit['r_squared']:.3f}, p = {fit['p_value']:.3g} "
+                 f"([curvature_fit.csv](curvature_fit.csv)). The paper reports p <= 0.01, R^2 = 0.85 "
+                 "(6 tasks, Llama-2-7B).\n")
+    return text + "\n"
+
+
+TAYLOR_COLUMNS = ["first_task", "second_task", "seed", "lr_a", "lr_b", "delta_sq_norm", "loss_A_at_A", "loss_A_at_AB",
+                  "actual_loss_change", "quadratic_term", "rho", "bound", "quadratic_le_bound", "actual_le_bound",
+                  "bound_source", "first_run_id", "chained_run_id", "file"]
+
+
+def _taylor_section(study, out, rows, any_files):
+    text = "### Taylor check (equations 3 and 4)\n\n"
+    if not any_files:
+        return text + "No taylor.json under the runs folder (curvature.py --reference writes it): no Taylor check.\n"
+    df = pd.DataFrame([{k: _v(v) for k, v in r.items()} for r in rows],
+                      columns=TAYLOR_COLUMNS)
+    write_csv(os.path.join(out, "taylor_check.csv"), df)
+    text += ("Per chain and seed, at theta_A: actual = L_A(theta_AB) - L_A(theta_A), quadratic = "
+             "0.5 delta^T H delta (eq. 3), bound = 0.5 rho(H) ||delta||^2 (eq. 4), delta = theta_AB - theta_A "
+             "([taylor_check.csv](taylor_check.csv)).\n\n")
+    if not rows:
+        return text + "No taylor.json could be paired with a chained run (see the problems above).\n"
+    show = df[["first_task", "second_task", "seed", "lr_b", "delta_sq_norm", "actual_loss_change", "quadratic_term",
+               "bound", "quadratic_le_bound", "actual_le_bound"]]
+    text += markdown_table(_sig(show))
+    q = [r["quadratic_le_bound"] for r in rows if isinstance(r["quadratic_le_bound"], bool)]
+    a = [r["actual_le_bound"] for r in rows if isinstance(r["actual_le_bound"], bool)]
+    text += (f"\nquadratic <= bound in {sum(q)} of {len(q)}; actual loss change <= bound in {sum(a)} of {len(a)} "
+             "(the bound holds for the quadratic term by construction; the actual change also carries the "
+             "higher-order terms and theta_A's nonzero gradient).\n")
+    rec = [r for r in rows if r["bound_source"].startswith("recomputed")]
+    if rec:
+        text += (f"\n{len(rec)} bound(s) recomputed from the first-stage curvature.json (taylor.json without a "
+                 "solve): " + "; ".join(f"{r['file']}" for r in rec) + ".\n")
+    nob = [r for r in rows if r["bound_source"] == MISSING]
+    if nob:
+        text += "\nNo bound (no rho anywhere): " + "; ".join(r["file"] for r in nob) + ".\n"
+    return text
+
+
 SECTIONS = [section_table1, section_groups, section_figure2, section_figure3, section_lr_figures,
-            section_first_task_acc]
+            section_first_task_acc, section_curvature]
 
 
 def write_report(study, out, opts):

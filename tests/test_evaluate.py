@@ -32,12 +32,13 @@ def reference_loglik(model, ids, start):
     return sum(lp[t - 1, ids[t]].item() for t in range(start, len(ids)))
 
 
+@pytest.mark.parametrize("scorer", ["fast", "kv"])
 @pytest.mark.parametrize("task", ["arc", "csqa", "csqa2", "toxigen", "bbq"])
-def test_fast_equals_naive_equals_reference(loaded, task):
+def test_fast_equals_naive_equals_reference(loaded, task, scorer):
     model, tok = loaded
     exs = subset(task)
     reqs = ev.build_requests(tok, exs, 2048)
-    fast = ev.score_fast(model, reqs, 5, tok.pad_token_id, "cpu")
+    fast = ev.SCORERS[scorer](model, reqs, 5, tok.pad_token_id, "cpu")
     naive = ev.score_naive(model, reqs, 7, tok.pad_token_id, "cpu")
     for e in range(len(exs)):
         assert max(range(len(fast[e])), key=fast[e].__getitem__) == max(range(len(naive[e])), key=naive[e].__getitem__)
@@ -47,8 +48,9 @@ def test_fast_equals_naive_equals_reference(loaded, task):
             assert naive[e][i] == pytest.approx(reference_loglik(model, ids, start), abs=2e-4)
 
 
-def test_single_token_path_and_kv_path_both_run(loaded, monkeypatch):
-    """Options one token apart use one next-token distribution; longer tails use the KV cache."""
+def test_one_forward_per_batch_and_the_kv_path(loaded, monkeypatch):
+    """The packed scorer runs one forward per batch, with or without tails after the shared prefix;
+    the KV scorer runs the prefix with a cache, then the tails on it."""
     model, tok = loaded
     ex = tasks.Example("one", "arc", "Instructions: pick.\n\nPrompt: a b\n\nAnswer:", ["A", "B", "C"], 1)
     reqs = ev.build_requests(tok, [ex], 2048)
@@ -56,12 +58,17 @@ def test_single_token_path_and_kv_path_both_run(loaded, monkeypatch):
     calls = []
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(k.get("past_key_values")) or forward(*a, **k))
-    fast = ev.score_fast(model, reqs, 4, tok.pad_token_id, "cpu")
-    assert calls == [None]  # one forward, no cache
-    assert fast[0] == pytest.approx(ev.score_naive(model, reqs, 4, tok.pad_token_id, "cpu")[0], abs=2e-4)
+    naive = ev.score_naive(model, reqs, 4, tok.pad_token_id, "cpu")[0]
     calls.clear()
-    long = tasks.load_task("toxigen", "test").examples[:2]  # "toxic." vs "not toxic.": multi-token tails
-    ev.score_fast(model, ev.build_requests(tok, long, 2048), 4, tok.pad_token_id, "cpu")
+    assert ev.score_packed(model, reqs, 4, tok.pad_token_id, "cpu")[0] == pytest.approx(naive, abs=2e-4)
+    assert ev.score_kv(model, reqs, 4, tok.pad_token_id, "cpu")[0] == pytest.approx(naive, abs=2e-4)
+    assert calls == [None, None]  # a single next-token distribution: one forward each
+    calls.clear()
+    long = ev.build_requests(tok, tasks.load_task("toxigen", "test").examples[:3], 2048)  # multi-token tails
+    ev.score_packed(model, long, 4, tok.pad_token_id, "cpu")
+    assert calls == [None]
+    calls.clear()
+    ev.score_kv(model, long, 4, tok.pad_token_id, "cpu")
     assert len(calls) == 2 and calls[0] is None and calls[1] is not None
 
 
@@ -121,7 +128,7 @@ def test_real_data_fast_equals_naive(loaded, task):
     model, tok = loaded
     exs = subset(task, 40, data_dir=DATA)
     reqs = ev.build_requests(tok, exs, 2048)
-    fast = ev.score_fast(model, reqs, 8, tok.pad_token_id, "cpu")
+    fast = ev.score_packed(model, reqs, 8, tok.pad_token_id, "cpu")
     naive = ev.score_naive(model, reqs, 8, tok.pad_token_id, "cpu")
     assert [max(range(len(f)), key=f.__getitem__) for f in fast] == [max(range(len(n)), key=n.__getitem__) for n in naive]
     assert all(f == pytest.approx(n, abs=5e-4) for f, n in zip(fast, naive))

@@ -397,3 +397,259 @@ def test_stage1_only_runs_still_report(tmp_path):
     t = pd.read_csv(tmp_path / "o" / "table1.csv", dtype=str)
     assert t.empty  # no capability task -> no pair rows
     assert "profile: unknown" in (tmp_path / "o" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- curvature
+
+def test_ols_fit_hand_computed():
+    # x = 1..4, y = 1, 3, 2, 5: S_xx = 5, S_xy = 5.5, S_yy = 8.75 -> slope 1.1, intercept 0, R^2 = 30.25 / 43.75
+    x, y = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 5.0])
+    f = metrics.ols_fit(x, y)
+    assert f["n"] == 4 and f["slope"] == approx(1.1) and f["intercept"] == approx(0.0, abs=1e-12)
+    assert f["r_squared"] == approx(30.25 / 43.75)
+    # independently with numpy: R^2 = 1 - SS_res / SS_tot, t = r sqrt(df / (1 - r^2)); Student t with
+    # 2 dof has the closed form two-sided p = 1 - |t| / sqrt(2 + t^2)
+    slope, icpt = np.polyfit(x, y, 1)
+    r2 = 1 - np.sum((y - (icpt + slope * x)) ** 2) / np.sum((y - y.mean()) ** 2)
+    t = np.sqrt(r2) * np.sqrt(2 / (1 - r2))
+    assert f["slope"] == approx(slope) and f["r_squared"] == approx(r2)
+    assert f["p_value"] == approx(1 - t / np.sqrt(2 + t * t))
+    # 3 points, negative slope: 1 dof (Cauchy), two-sided p = 1 - 2 arctan(|t|) / pi
+    x3, y3 = np.array([0.5, 2.0, 4.0]), np.array([3.0, 2.5, 0.0])
+    f3 = metrics.ols_fit(x3, y3)
+    slope, icpt = np.polyfit(x3, y3, 1)
+    r2 = 1 - np.sum((y3 - (icpt + slope * x3)) ** 2) / np.sum((y3 - y3.mean()) ** 2)
+    t = np.sqrt(r2 / (1 - r2))
+    assert f3["slope"] == approx(slope) and f3["slope"] < 0 and f3["intercept"] == approx(icpt)
+    assert f3["r_squared"] == approx(r2) and f3["p_value"] == approx(1 - 2 * np.arctan(t) / np.pi)
+    # nan pairs dropped; < 3 points or constant x: no fit, no crash
+    assert metrics.ols_fit([1, 2, float("nan"), 3], [1, 2, 7, 2.5])["n"] == 3
+    two = metrics.ols_fit([1, 2], [3, 4])
+    assert two["n"] == 2 and math.isnan(two["slope"]) and math.isnan(two["p_value"]) and "fewer than 3" in two["note"]
+    assert math.isnan(metrics.ols_fit([2, 2, 2], [1, 2, 3])["slope"])
+
+
+def _run(name, chain, lr, seed, run_id, parent=None):
+    meta = {"run_id": run_id, "parent_run_id": parent, "chain": chain, "stage": len(chain), "task": chain[-1],
+            "lr": lr, "seed": seed}
+    return metrics.Run(path="/x/" + name, name=name, meta=meta, eval={"tasks": {}})
+
+
+def test_curvature_pairs_by_run_id_not_folder_names():
+    runs = [_run("s1/arc", ["arc"], LR, 0, "id-arc"), _run("s1/tox", ["toxigen"], LR, 0, "id-tox")]
+    files = [  # folder names lie; run_ids decide
+        ("curvature/toxigen/seed0/curvature.json", {"run_id": "id-arc", "task": "arc", "rho": 1.5, "converged": True}),
+        ("curvature/arc/seed0/curvature.json", {"run_id": "id-tox", "task": "toxigen", "rho": 7.0, "converged": False,
+                                                "method": "lanczos"}),
+        ("curvature/arc/seed0/power.json", {"run_id": "id-tox", "task": "toxigen", "rho": 6.5, "converged": True,
+                                            "method": "power"}),
+        ("x/orphan.json", {"run_id": "nobody", "rho": 1.0, "converged": True}),
+        ("x/wrongtask.json", {"run_id": "id-arc", "task": "bbq", "rho": 1.0, "converged": True}),
+        ("x/norho.json", {"run_id": "id-arc", "task": "arc", "rho": None, "converged": False}),
+    ]
+    chosen, allc, probs = metrics.curvature_results(files, runs)
+    assert set(chosen) == {"id-arc", "id-tox"}
+    assert chosen["id-arc"].rho == 1.5 and chosen["id-arc"].run.task == "arc"
+    assert chosen["id-tox"].rho == 6.5 and chosen["id-tox"].converged   # converged one preferred
+    assert len(allc) == 6 and sum(c.used for c in allc) == 2
+    assert any("x/orphan.json" in p and "nobody" in p for p in probs)
+    assert any("x/wrongtask.json" in p for p in probs) and any("x/norho.json" in p for p in probs)
+
+
+def _taylor(first_id, chained_id, rho, dsq=2.0, actual=0.3, quad=0.25, bound="auto"):
+    ref = {"run_id": chained_id, "delta_sq_norm": dsq, "loss_A_at_A": 1.0, "loss_A_at_AB": 1.0 + actual,
+           "actual_loss_change": actual, "quadratic_term": quad,
+           "bound": (0.5 * rho * dsq if rho is not None else None) if bound == "auto" else bound}
+    return {"run_id": first_id, "rho": rho, "reference": ref}
+
+
+def test_taylor_rows_pairing_and_bound_recomputed_when_rho_null():
+    runs = [_run("s1/tox", ["toxigen"], LR, 0, "A0"), _run("s1/tox1", ["toxigen"], LR, 1, "A1"),
+            _run("s2/ta0", ["toxigen", "arc"], LR2, 0, "AB0", parent="A0"),
+            _run("s2/ta1", ["toxigen", "arc"], LR2, 1, "AB1", parent="A1")]
+    curv, _, _ = metrics.curvature_results([("c.json", {"run_id": "A0", "task": "toxigen", "rho": 0.4,
+                                                        "converged": True})], runs)
+    files = [("stage2/a/taylor.json", _taylor("A0", "AB0", rho=None)),                # no solve: recompute
+             ("stage2/b/taylor.json", _taylor("A0", "AB0", rho=0.1)),                 # its own bound
+             ("stage2/c/taylor.json", _taylor("A1", "AB1", rho=None)),                # no curvature for A1
+             ("stage2/d/taylor.json", _taylor("A1", "AB0", rho=0.1)),                 # A1 is not AB0's parent
+             ("stage2/e/taylor.json", _taylor(None, "AB0", rho=1.0, actual=2.0, quad=0.5, bound=None))]
+    rows, probs = metrics.taylor_rows(files, runs, curv)
+    by = {r["file"]: r for r in rows}
+    a = by["stage2/a/taylor.json"]
+    assert (a["first_task"], a["second_task"], a["seed"], a["lr_a"], a["lr_b"]) == ("toxigen", "arc", 0, LR, LR2)
+    assert a["rho"] == approx(0.4) and a["bound"] == approx(0.5 * 0.4 * 2.0)           # 0.4
+    assert "c.json" in a["bound_source"] and a["quadratic_le_bound"] is True and a["actual_le_bound"] is True
+    b = by["stage2/b/taylor.json"]
+    assert b["bound"] == approx(0.1) and b["bound_source"] == "taylor.json"
+    assert b["quadratic_le_bound"] is False and b["actual_le_bound"] is False
+    c = by["stage2/c/taylor.json"]
+    assert c["bound_source"] == "missing" and c["quadratic_le_bound"] == "missing"
+    assert any("stage2/c/taylor.json" in p and "A1" in p for p in probs)
+    assert "stage2/d/taylor.json" not in by and any("stage2/d/taylor.json" in p and "parent" in p for p in probs)
+    e = by["stage2/e/taylor.json"]                # run_id absent -> the parent; bound null -> from its own rho
+    assert e["first_run_id"] == "A0" and e["bound"] == approx(1.0) and e["actual_le_bound"] is False
+
+
+def _run_ids(runs):
+    """{(chain tuple, lr_a, lr_b, seed): run_id} read back from the run.json files."""
+    ids, metas = {}, {}
+    for root, _, files in os.walk(runs):
+        if "run.json" in files:
+            m = json.load(open(os.path.join(root, "run.json")))
+            metas[m["run_id"]] = m
+    for m in metas.values():
+        la = metas[m["parent_run_id"]]["lr"] if m["parent_run_id"] else m["lr"]
+        ids[(tuple(m["chain"]), la, m["lr"], m["seed"])] = m["run_id"]
+    return ids
+
+
+# rho of the first-stage lr-1e-5 models: task -> per seed (None: no curvature.json); csqa seed 1 did not converge
+RHO = {"arc": [1.0, 1.2], "csqa": [2.0, 2.2], "toxigen": [5.0, 6.0], "bbq": [4.0, None]}
+
+
+def write_curvature(path, run_id, task, rho, converged=True):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"method": "lanczos", "lambda_max": rho, "lambda_min": -0.1 * rho, "rho": rho,
+                   "iterations": 12 if converged else 100, "hvp_count": 13 if converged else 101,
+                   "residual": 1e-5, "converged": converged,
+                   "stop_reason": "residual" if converged else "max_iter", "run_id": run_id, "task": task,
+                   "reference": None}, f)
+
+
+def build_curvature(runs, rho=RHO):
+    ids = _run_ids(runs)
+    for task, vals in rho.items():
+        for seed, v in enumerate(vals):
+            if v is None:
+                continue
+            folder = f"{task}/lr1e-05/seed{seed}"
+            if (task, seed) == ("arc", 0):
+                folder = "bbq/lr1e-05/seed1"      # a misleading folder: pairing goes by run_id
+            write_curvature(os.path.join(runs, "curvature", folder, "curvature.json"), ids[((task,), LR, LR, seed)],
+                            task, v, converged=(task, seed) != ("csqa", 1))
+    if rho is RHO:  # an lr-2e-5 first-stage model (not in Figure 4) and a result for a model that does not exist
+        write_curvature(os.path.join(runs, "curvature", "toxigen", "lr2e-05", "seed0", "curvature.json"),
+                        ids[(("toxigen",), LR2, LR2, 0)], "toxigen", 9.0)
+        write_curvature(os.path.join(runs, "curvature", "ghost", "curvature.json"), "no-such-run", "arc", 3.0)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def curv_out(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curv")
+    runs, out = str(root / "runs"), str(root / "out")
+    build_runs(runs)
+    ids = build_curvature(runs)
+    s2 = lambda A, B, seed: os.path.join(runs, "stage2", f"{A}-{B}", "lrA1e-05_lrB1e-05", f"seed{seed}", "taylor.json")
+    taylor = {("arc", "toxigen", 0): dict(rho=1.0, dsq=0.5, actual=0.1, quad=0.2),      # bound 0.25: both hold
+              ("toxigen", "arc", 0): dict(rho=None, dsq=0.1, actual=0.4, quad=0.2),     # bound 0.5 * 5 * 0.1
+              ("bbq", "arc", 1): dict(rho=None, dsq=1.0, actual=0.1, quad=0.1)}         # bbq seed 1: no rho
+    for (A, B, seed), kw in taylor.items():
+        with open(s2(A, B, seed), "w") as f:
+            json.dump(_taylor(ids[((A,), LR, LR, seed)], ids[((A, B), LR, LR, seed)], **kw), f)
+    r = run_cli("--runs", runs, "--out", out, "--n_boot", "0")
+    assert r.returncode == 0, r.stderr
+    return runs, out, r.stdout, ids
+
+
+def test_curvature_csv_and_figure4a(curv_out):
+    runs, out, stdout, ids = curv_out
+    c = pd.read_csv(os.path.join(out, "curvature.csv"), dtype=str, keep_default_na=False)
+    assert list(c.columns[:10]) == ["task", "seed", "lr", "run_id", "rho", "lambda_max", "lambda_min", "converged",
+                                    "iterations", "hvp_count"]
+    arc0 = c[(c.task == "arc") & (c.seed == "0")].iloc[0]      # found in the bbq/seed1 folder, paired by run_id
+    assert arc0.run_id == ids[(("arc",), LR, LR, 0)] and float(arc0.rho) == 1.0 and "bbq" in arc0.file
+    assert arc0.used_in_figure4 == "True"
+    nc = c[(c.task == "csqa") & (c.seed == "1")].iloc[0]
+    assert nc.converged == "False" and nc.iterations == "100"
+    miss = c[(c.task == "bbq") & (c.seed == "1")].iloc[0]
+    assert miss.rho == "missing" and miss.file == "missing"
+    lr2 = c[(c.task == "toxigen") & (c.rho == "9.0")].iloc[0]
+    assert lr2.used_in_figure4 == "False"
+    assert not (c == "").any().any()
+    a = pd.read_csv(os.path.join(out, "figure4a.csv"), dtype=str, keep_default_na=False).set_index("task")
+    assert float(a.loc["arc", "rho"]) == approx(1.1) and float(a.loc["arc", "rho_std"]) == approx(np.std([1, 1.2], ddof=1))
+    assert float(a.loc["toxigen", "rho"]) == approx(5.5)                   # the lr-2e-5 model is not used
+    assert float(a.loc["bbq", "rho"]) == approx(4.0) and a.loc["bbq", "rho_std"] == "n/a"
+    assert a.loc["csqa", "n_not_converged"] == "1" and a.loc["arc", "kind"] == "capability"
+    assert a.loc["bbq", "kind"] == "safety"
+    for f in ("figure4a.png", "figure4b.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 1000
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+
+
+def test_figure4b_and_ols_fit(curv_out):
+    _, out, _, _ = curv_out
+    b = pd.read_csv(os.path.join(out, "figure4b.csv")).set_index("first_task")
+    # per seed mean over the Table-1 chains from the task, then over seeds (see the runs folder above):
+    # arc: seed 0 (10 + 10) / 2, seed 1 -10; csqa 10, 10; toxigen (40 + 30) / 2, 30; bbq 30, 30
+    want = {"arc": (0.0, 1.1), "csqa": (10.0, 2.1), "toxigen": (32.5, 5.5), "bbq": (30.0, 4.0)}
+    for t, (f, rho) in want.items():
+        assert b.loc[t, "forgetting"] == approx(f) and b.loc[t, "rho"] == approx(rho)
+    assert b.loc["arc", "forgetting_std"] == approx(14.1421) and b.loc["toxigen", "forgetting_std"] == approx(3.5355)
+    assert b.in_fit.all()
+    fit = pd.read_csv(os.path.join(out, "curvature_fit.csv")).iloc[0]
+    x = np.array([v[1] for v in want.values()])
+    y = np.array([v[0] for v in want.values()])
+    slope, icpt = np.polyfit(x, y, 1)
+    r2 = 1 - np.sum((y - icpt - slope * x) ** 2) / np.sum((y - y.mean()) ** 2)
+    t = np.sqrt(r2 * 2 / (1 - r2))
+    assert fit.n_tasks == 4 and fit.slope == approx(slope) and fit.intercept == approx(icpt)
+    assert fit.r_squared == approx(r2) and fit.p_value == approx(1 - t / np.sqrt(2 + t * t))
+
+
+def test_taylor_check_csv(curv_out):
+    _, out, _, _ = curv_out
+    t = pd.read_csv(os.path.join(out, "taylor_check.csv"), dtype=str, keep_default_na=False)
+    t = t.set_index(["first_task", "second_task", "seed"])
+    for col in ("delta_sq_norm", "actual_loss_change", "quadratic_term", "bound", "quadratic_le_bound",
+                "actual_le_bound"):
+        assert col in t.columns
+    r = t.loc[("arc", "toxigen", "0")]
+    assert float(r.bound) == approx(0.25) and r.bound_source == "taylor.json"
+    assert r.quadratic_le_bound == "True" and r.actual_le_bound == "True"
+    r = t.loc[("toxigen", "arc", "0")]
+    assert float(r.bound) == approx(0.25) and float(r.rho) == approx(5.0) and "recomputed" in r.bound_source
+    assert r.quadratic_le_bound == "True" and r.actual_le_bound == "False"
+    r = t.loc[("bbq", "arc", "1")]
+    assert r.bound == "n/a" and r.quadratic_le_bound == "missing"
+
+
+def test_curvature_report(curv_out):
+    _, out, stdout, _ = curv_out
+    rep = open(os.path.join(out, "report.md")).read()
+    sec = rep[rep.index("## Curvature"):]
+    for text in ("figure4a.png", "figure4b.png", "curvature.csv", "taylor_check.csv", "R^2", "p = ",
+                 "**Not converged**", os.path.join("curvature", "csqa", "lr1e-05", "seed1", "curvature.json"),
+                 "**Missing curvature**", "quadratic <= bound in 2 of 2", "actual loss change <= bound in 1 of 2"):
+        assert text in sec, text
+    bbq1 = os.path.join("stage1", "bbq", "lr1e-05", "seed1")
+    for text in (f"{bbq1}: no curvature.json", os.path.join("curvature", "ghost", "curvature.json"), "no-such-run"):
+        assert text in rep and text in stdout, text
+
+
+def test_curvature_fewer_than_three_tasks_no_fit(tmp_path):
+    runs = str(tmp_path / "runs")
+    build_runs(runs)
+    build_curvature(runs, {"arc": [1.0, 1.2], "toxigen": [5.0, 6.0]})
+    r = run_cli("--runs", runs, "--out", str(tmp_path / "o"), "--n_boot", "0")
+    assert r.returncode == 0, r.stderr
+    fit = pd.read_csv(tmp_path / "o" / "curvature_fit.csv", dtype=str, keep_default_na=False).iloc[0]
+    assert fit.n_tasks == "2" and fit.slope == "n/a" and "fewer than 3" in fit.note
+    rep = (tmp_path / "o" / "report.md").read_text()
+    assert "OLS fit: none" in rep and "at least 3" in rep
+    assert "No taylor.json" in rep
+    a = pd.read_csv(tmp_path / "o" / "figure4a.csv", dtype=str, keep_default_na=False).set_index("task")
+    assert a.loc["csqa", "rho"] == "missing" and a.loc["bbq", "rho"] == "missing"
+    assert os.path.join("stage1", "csqa", "lr1e-05", "seed0") + ": no curvature.json" in r.stdout
+
+
+def test_no_curvature_files_leaves_outputs_as_before(study_out):
+    _, out, stdout = study_out
+    rep = open(os.path.join(out, "report.md")).read()
+    assert "No curvature results" in rep
+    for f in ("curvature.csv", "figure4a.csv", "figure4b.png", "curvature_fit.csv", "taylor_check.csv"):
+        assert not os.path.exists(os.path.join(out, f))
+    assert "curvature" not in stdout and "curvature" not in json.dumps(json.load(open(os.path.join(out, "summary.json"))))
