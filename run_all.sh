@@ -15,6 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")"
 PROFILE="${PROFILE:-${1:-tiny}}"
 source scripts/setup_env.sh
+set +e  # a failed stage is recorded and the study goes on (setup_env.sh sets -e)
 T_START=$(date +%s)
 
 case "$PROFILE" in

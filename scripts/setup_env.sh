@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Creates the virtual environment .venv (once) and installs the pinned requirements into it; does
 # nothing when requirements.txt has not changed since the last install. Sourced by run_all.sh and
-# run_tests.sh; SKIP_SETUP=1 uses the python already on PATH instead.
+# run_tests.sh; SKIP_SETUP=1 uses $PY (default: the python3 on PATH) as it is.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 if [ "${SKIP_SETUP:-0}" = "1" ]; then
-  PY="$(command -v python3 || command -v python)"
+  PY="${PY:-$(command -v python3 || command -v python)}"
 else
   if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating $VENV"

@@ -1,0 +1,66 @@
+"""run_all.sh end to end on a micro setting of the tiny profile (1 capability x 1 safety task, 2
+learning rates, 3 steps a stage): every stage runs, the tables come out, a second run skips every
+stage, and failed stages are named with a non-zero exit."""
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+
+MICRO = {"CAP": "arc", "SAFE": "toxigen", "LRS": "1e-3 2e-3", "MAIN_LR": "1e-3", "STEPS": "3", "EVAL_LIMIT": "30",
+         "VAL_LIMIT": "20", "CURV_SAMPLES": "4", "FIRST_LR_CHAINS": "toxigen-arc", "SECOND_LR_CHAINS": "arc-toxigen"}
+
+
+def run_all(runs, **env):
+    e = {**os.environ, **MICRO, "SKIP_SETUP": "1", "PY": sys.executable, "RUNS": str(runs), "TQDM_DISABLE": "1",
+         **env}
+    return subprocess.run(["bash", "run_all.sh"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("study") / "runs"
+    return runs, run_all(runs)
+
+
+def test_micro_study_runs_every_stage(study):
+    runs, r = study
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "study finished" in r.stdout and "FAILED" not in r.stdout
+    for t in ("arc", "toxigen"):
+        for lr in ("1e-3", "2e-3"):
+            d = runs / "stage1" / t / f"lr{lr}" / "seed0"
+            assert (d / "run.json").is_file() and (d / "eval.json").is_file() and (d / "eval_val.json").is_file()
+    chains = sorted(p.name for p in (runs / "stage2").iterdir())
+    assert chains == ["arc-toxigen", "toxigen-arc"]
+    # toxigen -> arc from both first-stage lrs (first-lr sweep); arc -> toxigen at both second-stage lrs
+    assert len(list((runs / "stage2" / "toxigen-arc").iterdir())) == 2
+    assert len(list((runs / "stage2" / "arc-toxigen").iterdir())) == 2
+    t1 = pd.read_csv(runs / "results" / "table1.csv")
+    assert list(t1[["capability", "safety"]].iloc[0]) == ["arc", "toxigen"]
+    assert pd.notna(pd.to_numeric(t1["cs_forgetting_cap"], errors="coerce")).all()
+    assert pd.notna(pd.to_numeric(t1["sc_forgetting_safety"], errors="coerce")).all()
+    report = (runs / "results" / "report.md").read_text()
+    assert "tiny" in report and "scaled for the tiny model" in report
+    assert (runs / "study.json").is_file() and (runs / "logs").is_dir()
+
+
+def test_second_run_skips_every_stage(study):
+    runs, _ = study
+    r = run_all(runs)
+    assert r.returncode == 0, r.stdout[-2000:]
+    started = [line for line in r.stdout.splitlines() if " -> " in line and "done already" not in line
+               and "study:" not in line and "base:" not in line and "metrics" not in line]
+    assert started == [], started
+    assert r.stdout.count("done already") >= 8
+
+
+def test_failed_stages_are_named_and_exit_nonzero(tmp_path):
+    r = run_all(tmp_path / "runs", DATA_DIR=str(tmp_path / "empty"), LRS="1e-3", FIRST_LR_CHAINS="",
+                SECOND_LR_CHAINS="", PROFILE="tiny")
+    assert r.returncode == 1
+    assert "FAILED: stage1-arc-lr1e-3-seed0" in r.stdout and "not a folder" in r.stdout
+    assert "stage(s) failed or were skipped" in r.stdout and not (tmp_path / "runs" / "stage1" / "arc").exists()
