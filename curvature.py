@@ -15,38 +15,68 @@ Solvers
   lanczos (default): three-term Lanczos recurrence without a stored basis (three parameter-sized vectors),
       alpha/beta as float64 scalars. After every step the Ritz values of the k x k tridiagonal T_k are
       computed (LAPACK, float64); for the extreme Ritz pairs (theta, s) the residual bound
-      ||H y - theta y|| = |beta_{k+1} * s_k| holds. Stopping rule: both extreme pairs satisfy
-      |beta_{k+1} s_k| <= tol * rho_k, rho_k = max(|theta_min|, |theta_max|) (both ends are measured on the
-      scale of rho, the quantity of interest), or beta_{k+1} <= 1e-12 * rho_k (invariant subspace: exact).
-      Without reorthogonalisation converged Ritz values reappear as "ghost" copies; that does not move the
-      extreme Ritz values, which is all this module reads.
+      ||H y - theta y|| = r = |beta_{k+1} * s_k| holds: some eigenvalue lies within r of theta.
+      rho_k = max(|theta_min|, |theta_max|). Stopping rules (``stop``):
+        "dominant" (default): the pair giving rho_k has r <= tol * rho_k, and the other end is bounded away
+            from it: |theta_o| + r_o <= (1 - DOMINANT_MARGIN) * rho_k (margin 0.05). The dominant end is
+            then as accurate as under "both" (error <= r, in practice ~r^2/gap); lambda_min (or lambda_max)
+            of the other end is reported with its own, larger residual (see "converged_ends"). Caveat: the
+            residual bound only says that SOME eigenvalue lies within r_o of theta_o, not that none lies
+            further out; the rule assumes, as every Krylov stop does for the dominant end too, that the
+            extreme Ritz value of that end tracks the extreme eigenvalue (it is never outside the spectrum:
+            |lambda_o| >= |theta_o|). Where a second end beyond rho matters, use "both".
+        "both": both extreme pairs satisfy r <= tol * rho_k (both ends measured on the scale of rho).
+      Either rule also stops when beta_{k+1} <= 1e-12 * rho_k (invariant subspace: exact). Without
+      reorthogonalisation converged Ritz values reappear as "ghost" copies; that does not move the extreme
+      Ritz values, which is all this module reads.
+  Start vector (``start``): "gradient+random" (lanczos default) = g/||g|| + r/||r|| with g the loss
+      gradient (computed anyway while the graphs are built) and r a seeded Gaussian: the gradient leans towards
+      the top of the spectrum (one HVP fewer to 1e-3 on the tiny checkpoints), r keeps every eigenvector in
+      the Krylov space; "random" = r alone (power default, as in eigenthings).
   power: power iteration with pytorch-hessian-eigenthings' rule: stop when
       |rq_k - rq_{k-1}| / |rq_k| < tol (rq_0 = 0); converges to the eigenvalue of largest magnitude.
       The reported residual is ||H v - rq v|| = sqrt(||Hv||^2 - rq^2) of the last iterate (no extra HVP).
   A run that stops on max_iter reports converged=false, a `warning` entry and a message on stderr.
 
+Cross-entropy (recorded as backend.cross_entropy)
+  fused_linear_xent (default with the extension): the LM head and the loss in one op (hessian::linear_xent)
+      over the decoder's answer-row hidden states, row-chunked: the retained graph keeps the softmax
+      probabilities (one [answer rows, vocab] buffer) and no logits, logit gradient or one-hot tensors; the
+      backward and the double backward run chunk by chunk from them. Used where the model's logits are
+      lm_head(decoder hidden states) with an nn.Linear head without bias, checked numerically on the first
+      batch (verify_linear_head); otherwise
+  fused_softmax_xent: hessian::softmax_xent on the logits (saves the probabilities only); or
+  torch_log_softmax_nll: autograd's F.cross_entropy (backend "torch", the plain-PyTorch fallback).
+
 Backends (recorded under "backend" in the result)
   The optional C++ extension (csrc/, operator namespace ``hessian``) provides the fused multi-tensor solver
-  steps (float64 accumulation, no flattening copies), a softmax cross-entropy whose double backward keeps one
-  logits-sized buffer, and the whole solve loop in C++ (one call per solve). It is found, in order, as
+  steps (float64 accumulation, no flattening copies), the fused cross-entropy ops above, and the whole solve
+  loop in C++ (one call per solve). It is found, in order, as
   the module ``curvature_ext`` built by ``python setup.py build_ext --inplace`` (or pip install), else a JIT
   build with torch.utils.cpp_extension.load into build/jit (about 20 s once on 2 cores), else plain
   PyTorch (torch ops, F.cross_entropy, Python loop). CURVATURE_EXT=auto|installed|jit|none overrides.
 
 curvature.json (CLI output; keys of hessian_spectrum's dict plus run information)
   {"method": "lanczos"|"power", "lambda_max": float|null, "lambda_min": float|null, "rho": float,
-   "iterations": int, "hvp_count": int, "residual": float (largest residual bound of the reported pairs),
+   "iterations": int, "hvp_count": int, "residual": float (residual bound of the pair that gives rho),
    "residual_max": float|null, "residual_min": float|null, "converged": bool,
-   "stop_reason": "residual"|"invariant_subspace"|"relative_change"|"max_iter", "warning": str (only when
-   not converged), "wall_time_s": float (the solve, graphs included), "setup_time_s": float (graph build),
+   "converged_ends": {"max": bool, "min": bool} (lanczos: residual <= tol * rho at that end),
+   "stop_reason": "residual_dominant_end"|"residual_both_ends"|"invariant_subspace"|"relative_change"|
+                  "max_iter", "warning": str (only when not converged),
+   "wall_time_s": float (the solve, graphs included), "setup_time_s": float (graph build),
+   "iteration_times_s": [float] (seconds from the start of the call to the end of each iteration),
    "peak_memory": {"device": str, "peak_rss_bytes": int (CPU process high-water mark),
                    "cuda_peak_allocated_bytes": int|null},
-   "settings": {"tol", "max_iter", "seed", "method", "graph_memory_budget", ...},
+   "settings": {"tol", "max_iter", "seed", "method", "stop_rule": "dominant"|"both"|"relative_change",
+                "start_vector": "gradient+random"|"random"|"given",
+                "dominant_margin": float|null, "graph_memory_budget", ...},
    "backend": {"extension": "installed"|"jit"|"none", "extension_detail": str, "solver_loop": "cpp"|"python",
-               "step": "fused_op"|"torch", "cross_entropy": "fused_op"|"torch_log_softmax_nll"},
+               "step": "fused_op"|"torch",
+               "cross_entropy": "fused_linear_xent"|"fused_softmax_xent"|"torch_log_softmax_nll"},
    "graphs": {"micro_batches": int, "retained": int, "recomputed": int, "saved_bytes_per_graph": int},
    "n_params": int, "n_samples": int, "n_answer_tokens": int, "loss": float (L_A at the model),
    "ritz_history": [[lambda_min, lambda_max] per iteration] (lanczos) | [rayleigh quotient] (power),
+   "rho_history": [float] (the running rho estimate after each iteration),
    -- CLI only --
    "model": str, "run_id": str|null (the model's run.json), "task": str, "sample_ids": [str],
    "data": {"source": str, "split": "train", "n_available": int},
@@ -434,22 +464,23 @@ def batch_answer_loss_sum(model, batch, fused=False, answer_logits_only: bool = 
 
 def verify_linear_head(model, batch) -> bool:
     """True when lm_head(decoder(batch)) equals the model's own answer-row logits (no soft-capping, scaling or
-    bias hidden in the model's forward); checked once, without gradients, on one batch."""
+    bias hidden in the model's forward); checked once, without gradients, on the first two rows of a batch."""
     parts = linear_head(model)
     if parts is None:
         return False
     dev = next(model.parameters()).device
-    ids, am, keep, _ = _answer_positions(batch, dev)
+    small = {k: v[:2] for k, v in batch.items() if torch.is_tensor(v)}  # two rows are enough for the check
+    ids, am, keep, _ = _answer_positions(small if _count_answer_tokens(small) else batch, dev)
+    if not bool(keep.any()):
+        return False  # nothing to compare: stay with the logits path
     try:
         with torch.no_grad():
             ref = _answer_logits(model, ids, am, keep)
             mine = parts[1](_answer_hidden(parts[0], ids, am, keep))
     except Exception:
         return False
-    if ref is None or ref.shape != mine.shape:
+    if ref is None or ref.shape != mine.shape or ref.numel() == 0:
         return False
-    if ref.numel() == 0:
-        return True
     tol = 1e-2 if ref.dtype in (torch.float16, torch.bfloat16) or mine.dtype != ref.dtype else 1e-4
     ref, mine = ref.double(), mine.double()
     return bool(float((ref - mine).abs().max()) <= tol * max(float(ref.abs().max()), 1e-6))
@@ -485,17 +516,18 @@ class HessianOperator:
         if not self.params:
             raise CurvatureError("the model has no trainable parameters")
         self.batches = list(batches)
-        if fused_ce is True or fused_ce == "auto":
-            self.ce = "linear_xent" if verify_linear_head(model, self.batches[0]) else "softmax_xent"
-        else:
-            self.ce = _ce_mode(fused_ce)
-            if self.ce == "linear_xent" and not verify_linear_head(model, self.batches[0]):
-                raise CurvatureError("cross-entropy linear_xent: the model's logits are not "
-                                     "lm_head(decoder hidden states) (or it has no plain linear LM head)")
-        self.fused = self.ce != "torch"
         self.total_tokens = sum(_count_answer_tokens(b) for b in self.batches)
         if self.total_tokens == 0:
             raise CurvatureError("the batches contain no answer tokens (every label is -100)")
+        probe = next(b for b in self.batches if _count_answer_tokens(b) > 0)
+        if fused_ce is True or fused_ce == "auto":
+            self.ce = "linear_xent" if verify_linear_head(model, probe) else "softmax_xent"
+        else:
+            self.ce = _ce_mode(fused_ce)
+            if self.ce == "linear_xent" and not verify_linear_head(model, probe):
+                raise CurvatureError("cross-entropy linear_xent: the model's logits are not "
+                                     "lm_head(decoder hidden states) (or it has no plain linear LM head)")
+        self.fused = self.ce != "torch"
         dev = self.params[0].device
         self.budget = int(graph_memory_budget) if graph_memory_budget is not None else _default_budget(dev)
         self.hvp_count = 0
@@ -625,6 +657,23 @@ def _start_vector(params, seed):
             for p in params]
 
 
+def _mixed_start_vector(op, seed):
+    """g/||g|| + r/||r||: the loss gradient (a by-product of the graph build; it leans towards the top of the
+    spectrum) plus a seeded Gaussian r of the same weight, which keeps every eigenvector in the Krylov space
+    almost surely. Falls back to r alone where no gradient is available or it is zero / not finite."""
+    r = _start_vector(op.params, seed)
+    g = getattr(op, "_g_sum", None)
+    if g is None:
+        return r, "random"
+    g = [torch.zeros_like(p) if t is None else t.detach() for t, p in zip(g, op.params)]
+    gn = math.sqrt(sum(float(t.double().pow(2).sum()) for t in g))
+    rn = math.sqrt(sum(float(t.double().pow(2).sum()) for t in r))
+    if not (gn > 0 and math.isfinite(gn)):
+        return r, "random"
+    return [(a.double() / gn + b.double() / rn).to(p.dtype).contiguous() for a, b, p in zip(g, r, op.params)], \
+        "gradient+random"
+
+
 def _normalize(v):
     nrm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in v))
     if nrm == 0:
@@ -683,13 +732,15 @@ def _peak_memory(device):
 
 
 def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, seed=0, *, backend="auto",
-                     stop="dominant", cross_entropy="auto", graph_memory_budget=None, v0=None,
-                     return_operator=False):
+                     stop="dominant", start=None, cross_entropy="auto", graph_memory_budget=None,
+                     v0=None, return_operator=False):
     """Extreme eigenvalues of the Hessian of the answer-token loss over `batches` (see module docstring).
 
     backend: "auto" (extension if it loads, else plain PyTorch), "extension" (required), "torch" (plain).
     stop (lanczos): "dominant" (default: the end giving rho converged to tol and the other end bounded below
         rho) or "both" (both ends converged to tol * rho).
+    start: the start vector: "gradient+random" (g/||g|| + r/||r||, see _mixed_start_vector; the default for
+        lanczos) or "random" (seeded Gaussian r; the default for power, like eigenthings); v0 overrides it.
     cross_entropy (extension backend): "auto" (linear_xent where the LM head is verified to be a plain linear
         layer, else softmax_xent), "linear_xent", "softmax_xent", or "torch" (autograd's).
     Returns the result dict; with return_operator=True, (dict, HessianOperator).
@@ -706,6 +757,10 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
         raise CurvatureError(f"stop must be one of {', '.join(STOP_RULES)}, got {stop!r}")
     if cross_entropy != "auto":
         _ce_mode(cross_entropy)
+    if start is None:
+        start = "gradient+random" if method == "lanczos" else "random"
+    if start not in ("gradient+random", "random"):
+        raise CurvatureError(f"start must be 'gradient+random' or 'random', got {start!r}")
     ext = load_extension("none" if backend == "torch" else None)
     if backend == "extension" and not ext["ok"]:
         raise CurvatureError(f"the C++ extension is not available ({ext['detail']}); build it with "
@@ -722,8 +777,12 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
     ce = ("auto" if use_ext else "torch") if cross_entropy == "auto" else cross_entropy
     op = HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=graph_memory_budget)
     t_setup = time.perf_counter() - t0
-    if v0 is None:
-        v0 = _start_vector(op.params, seed)
+    if v0 is not None:
+        start_used = "given"
+    elif start == "random":
+        v0, start_used = _start_vector(op.params, seed), "random"
+    else:
+        v0, start_used = _mixed_start_vector(op, seed)
     cpp_loop = use_ext and not op.recompute
     times = []
     t_solve = time.perf_counter()
@@ -775,7 +834,7 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
         "hvp_count": op.hvp_count, "wall_time_s": wall, "setup_time_s": t_setup, "iteration_times_s": times,
         "peak_memory": _peak_memory(device),
         "settings": {"method": method, "tol": tol, "max_iter": int(max_iter), "seed": seed,
-                     "stop_rule": stop if method == "lanczos" else "relative_change",
+                     "stop_rule": stop if method == "lanczos" else "relative_change", "start_vector": start_used,
                      "dominant_margin": DOMINANT_MARGIN if method == "lanczos" and stop == "dominant" else None,
                      "graph_memory_budget": op.budget, "dtype": str(op.params[0].dtype).replace("torch.", ""),
                      "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
@@ -847,9 +906,15 @@ def main(argv=None):
     ap.add_argument("--stop", choices=["dominant", "both"], default="dominant",
                     help="lanczos stop rule: the end giving rho converged (and the other end bounded below rho), "
                          "or both ends converged")
+    ap.add_argument("--start", choices=["gradient+random", "random"], default=None,
+                    help="start vector: loss gradient plus a seeded random vector (lanczos default), or the random "
+                         "vector alone (power default)")
     ap.add_argument("--max_iter", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reference", default=None, help="checkpoint dir of theta_AB for the Taylor check")
+    ap.add_argument("--spectrum_from", default=None,
+                    help="with --reference: take the spectrum from this curvature.json of the same model and "
+                         "samples instead of solving again (the Taylor check then costs one HVP)")
     ap.add_argument("--data_dir", default=None)
     ap.add_argument("--micro_batch_size", type=int, default=10)
     ap.add_argument("--max_length", type=int, default=None)
@@ -870,8 +935,8 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
-    print(json.dumps({k: result[k] for k in ("rho", "lambda_max", "lambda_min", "iterations", "hvp_count",
-                                              "converged", "wall_time_s")}))
+    print(json.dumps({k: result.get(k) for k in ("rho", "lambda_max", "lambda_min", "iterations", "hvp_count",
+                                                  "converged", "wall_time_s")}))
     if not result["converged"]:
         print(f"warning: {result.get('warning')}", file=sys.stderr)
     return 0
@@ -914,11 +979,15 @@ def run_cli(args):
     model, tok = common.load_model_and_tokenizer(args.model)
     batches = build_batches(tok, examples, args.micro_batch_size, args.max_length)
     budget = None if args.graph_memory_budget_gb is None else int(args.graph_memory_budget_gb * (1 << 30))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        res, op = hessian_spectrum(model, batches, method=args.method, tol=args.tol, max_iter=args.max_iter,
-                                   seed=args.seed, backend=args.backend, stop=args.stop, graph_memory_budget=budget,
-                                   return_operator=True)
+    if args.spectrum_from is not None:
+        res, op = spectrum_from_file(args, model, batches, examples, budget)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res, op = hessian_spectrum(model, batches, method=args.method, tol=args.tol, max_iter=args.max_iter,
+                                       seed=args.seed, backend=args.backend, stop=args.stop, start=args.start,
+                                       graph_memory_budget=budget,
+                                       return_operator=True)
     ref = None
     if args.reference is not None:
         ref = reference_check(op, res["rho"], args.reference, batches, common)
@@ -935,6 +1004,33 @@ def run_cli(args):
         result["metadata"] = {"torch": torch.__version__}
     _write_json_atomic(args.out, result)
     return result
+
+
+def spectrum_from_file(args, model, batches, examples, budget):
+    """The spectrum of an earlier curvature.json of the same model and samples, and an operator for
+    the reference terms (no solve)."""
+    if args.reference is None:
+        raise CurvatureError("--spectrum_from needs --reference (it only skips the solve of a Taylor check)")
+    try:
+        with open(args.spectrum_from) as f:
+            prev = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CurvatureError(f"--spectrum_from {args.spectrum_from}: cannot read it ({e}); run curvature.py on "
+                             f"--model first") from None
+    ids = [str(ex.id) for ex in examples]
+    if prev.get("task") != args.task or prev.get("sample_ids") != ids or prev.get("run_id") != _run_id(args.model):
+        raise CurvatureError(f"--spectrum_from {args.spectrum_from} was computed for another model, task or sample "
+                             f"set; use the curvature.json of --model with the same --task, --samples and --seed")
+    _prepare_model(model)
+    ext = load_extension("none" if args.backend == "torch" else None)
+    ce = "auto" if (ext["ok"] and args.backend != "torch") else "torch"
+    op = HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=budget)
+    keep = ("method", "lambda_max", "lambda_min", "rho", "iterations", "hvp_count", "residual", "converged",
+            "stop_reason", "warning", "settings", "backend", "n_params", "n_samples", "n_answer_tokens", "loss",
+            "wall_time_s")
+    res = {k: prev[k] for k in keep if k in prev}
+    res["spectrum_from"] = os.path.abspath(args.spectrum_from)
+    return res, op
 
 
 def reference_check(op, rho, ref_dir, batches, common):

@@ -2,7 +2,7 @@
 # The chained-tuning study, end to end: base model -> first-stage model per task and learning rate
 # (theta_A) -> every capability/safety chain in both orders (theta_AB) -> evaluation of every model
 # on its tasks -> learning-rate sweeps of the first and second stage -> curvature of the first-stage
-# minima -> metrics, tables, figures and report.md.
+# minima and the Taylor check of every chain -> metrics, tables, figures and report.md.
 #
 #   bash run_all.sh                                    # profile tiny: synthetic tasks, tiny model
 #   PROFILE=real-tiny DATA_DIR=../shared/data bash run_all.sh
@@ -23,24 +23,24 @@ case "$PROFILE" in
     MODEL="${MODEL:-tiny}"; DATA_DIR="${DATA_DIR:-}"; SEEDS="${SEEDS:-0}"
     LRS="${LRS:-3e-4 1e-3 2e-3}"; MAIN_LR="${MAIN_LR:-1e-3}"; STEPS="${STEPS:-100}"
     EVAL_LIMIT="${EVAL_LIMIT:-300}"; VAL_LIMIT="${VAL_LIMIT:-200}"; CURV_SAMPLES="${CURV_SAMPLES:-50}"
-    FIRST_LR_CHAINS="${FIRST_LR_CHAINS:-toxigen-arc bbq-arc}"
-    SECOND_LR_CHAINS="${SECOND_LR_CHAINS:-toxigen-arc arc-toxigen bbq-arc}"
+    FIRST_LR_CHAINS="${FIRST_LR_CHAINS-toxigen-arc bbq-arc}"
+    SECOND_LR_CHAINS="${SECOND_LR_CHAINS-toxigen-arc arc-toxigen bbq-arc}"
     LAUNCH=("$PY"); EXTRA="${EXTRA:-}"
     LR_NOTE="learning rates scaled for the tiny model (the paper sweeps 1e-6..2e-5 around 1e-5 for Llama-2-7B)";;
   real-tiny)
     MODEL="${MODEL:-tiny}"; DATA_DIR="${DATA_DIR:-../shared/data}"; SEEDS="${SEEDS:-0}"
     LRS="${LRS:-3e-4 1e-3 2e-3}"; MAIN_LR="${MAIN_LR:-1e-3}"; STEPS="${STEPS:-100}"
     EVAL_LIMIT="${EVAL_LIMIT:-400}"; VAL_LIMIT="${VAL_LIMIT:-200}"; CURV_SAMPLES="${CURV_SAMPLES:-50}"
-    FIRST_LR_CHAINS="${FIRST_LR_CHAINS:-toxigen-arc bbq-arc}"
-    SECOND_LR_CHAINS="${SECOND_LR_CHAINS:-toxigen-arc arc-toxigen bbq-arc}"
+    FIRST_LR_CHAINS="${FIRST_LR_CHAINS-toxigen-arc bbq-arc}"
+    SECOND_LR_CHAINS="${SECOND_LR_CHAINS-toxigen-arc arc-toxigen bbq-arc}"
     LAUNCH=("$PY"); EXTRA="${EXTRA:-}"
     LR_NOTE="learning rates scaled for the tiny model on the real datasets (paper: 1e-6..2e-5 for Llama-2-7B); evaluation on stratified subsets of $EVAL_LIMIT test examples per task";;
   paper)
     MODEL="${MODEL:?set MODEL to a Llama-2-7B checkpoint folder}"; DATA_DIR="${DATA_DIR:?set DATA_DIR to the datasets folder}"
     SEEDS="${SEEDS:-0 1 2}"; LRS="${LRS:-1e-6 5e-6 1e-5 1.5e-5 2e-5}"; MAIN_LR="${MAIN_LR:-1e-5}"; STEPS="${STEPS:-100}"
     EVAL_LIMIT="${EVAL_LIMIT:-}"; VAL_LIMIT="${VAL_LIMIT:-}"; CURV_SAMPLES="${CURV_SAMPLES:-50}"
-    FIRST_LR_CHAINS="${FIRST_LR_CHAINS:-toxigen-arc toxigen-csqa toxigen-csqa2 bbq-arc bbq-csqa bbq-csqa2}"
-    SECOND_LR_CHAINS="${SECOND_LR_CHAINS:-toxigen-arc toxigen-csqa toxigen-csqa2 bbq-arc bbq-csqa bbq-csqa2 arc-toxigen}"
+    FIRST_LR_CHAINS="${FIRST_LR_CHAINS-toxigen-arc toxigen-csqa toxigen-csqa2 bbq-arc bbq-csqa bbq-csqa2}"
+    SECOND_LR_CHAINS="${SECOND_LR_CHAINS-toxigen-arc toxigen-csqa toxigen-csqa2 bbq-arc bbq-csqa bbq-csqa2 arc-toxigen}"
     LAUNCH=(torchrun --nproc_per_node="${NPROC:-8}"); EXTRA="${EXTRA:---bf16}"
     LR_NOTE="the paper's learning rates";;
   *) echo "error: unknown PROFILE '$PROFILE'; use tiny, real-tiny or paper" >&2; exit 2;;
@@ -143,7 +143,27 @@ for s in $SEEDS; do
   for ab in $SECOND_LR_CHAINS; do for lr in $LRS; do chain "${ab%-*}" "${ab#*-}" best "$lr" "$s"; done; done
 done
 
-# 3. Metrics, tables, figures, report.
+# 3. Curvature of the first-stage minima (the models the chains start from; CURVATURE=all: every
+#    first-stage model), and the Taylor check of every main chain against its theta_A.
+for t in $CAP $SAFE; do for s in $SEEDS; do
+  if [ "${CURVATURE:-best}" = all ]; then dirs=("$RUNS"/stage1/"$t"/lr*/seed"$s"); else dirs=("$(best_stage1 "$t" "$s")"); fi
+  for d in "${dirs[@]}"; do
+    [ -n "$d" ] && [ -d "$d" ] || continue
+    lr="$(basename "$(dirname "$d")")"
+    stage "curvature-$t-$lr-seed$s" "$RUNS/curvature/$t/$lr/seed$s/curvature.json" "$PY" curvature.py --model "$d" \
+      --task "$t" --samples "$CURV_SAMPLES" --seed "$s" --out "$RUNS/curvature/$t/$lr/seed$s/curvature.json" "${DATA_ARGS[@]}"
+  done
+done; done
+for s in $SEEDS; do for c in $CAP; do for f in $SAFE; do for ab in "$c-$f" "$f-$c"; do
+  a="${ab%-*}"; b="${ab#*-}"; parent="$(best_stage1 "$a" "$s")"; [ -n "$parent" ] || continue
+  lra="$(basename "$(dirname "$parent")")"; d="$RUNS/stage2/$ab/lrA${lra#lr}_lrB$MAIN_LR/seed$s"
+  curv="$RUNS/curvature/$a/$lra/seed$s/curvature.json"
+  [ -d "$d" ] && [ -f "$curv" ] || continue
+  stage "taylor-$ab-seed$s" "$d/taylor.json" "$PY" curvature.py --model "$parent" --task "$a" --samples "$CURV_SAMPLES" \
+    --seed "$s" --reference "$d" --spectrum_from "$curv" --out "$d/taylor.json" "${DATA_ARGS[@]}"
+done; done; done; done
+
+# 4. Metrics, tables, figures, report.
 # (always rerun: it summarises whatever runs exist, naming the missing ones)
 say "metrics -> $RUNS/results"
 if ! "$PY" metrics.py --runs "$RUNS" --out "$RUNS/results" --profile "$PROFILE" >"$RUNS/logs/metrics.log" 2>&1; then

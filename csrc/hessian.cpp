@@ -192,16 +192,21 @@ std::tuple<at::Tensor, int64_t, at::Tensor> power_solve(at::TensorList grads_, a
 //     <u, grad_hidden> + <U, grad_weight> (the double backward): with M = u W^T + H U^T (the cotangent on G),
 //     s = rowsum(P M), K = g P (M - s):  d/dg = s - M[y];  d/dhidden = K W + g (P U - U[y]);
 //     d/dweight = K^T H + P^T (g u) - scatter(y, g u).
-// Every [N,V] intermediate lives for one chunk of rows only (chunk_rows, 0 = about 2^22 elements per chunk).
+// Every [N,V] intermediate lives for one chunk of rows only (chunk_rows; 0 = automatic, see chunk_size).
 // Composite ATen code: the same source runs on CPU and CUDA. Matmuls run in the input dtype; softmax, P and the
 // row reductions in float32 (float64 for float64 inputs), like finetune.py's float32 loss over bf16 logits.
 namespace {
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Rows per chunk: all rows when N*V <= 2^22 elements; else at most 2^22 elements and at most 1/8 of the rows,
+// so the per-chunk temporaries stay small next to probs (the one [N, V] buffer that is kept).
 int64_t chunk_size(int64_t N, int64_t V, int64_t chunk_rows) {
   if (chunk_rows > 0) return std::max<int64_t>(1, std::min(N, chunk_rows));
-  return std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 22) / std::max<int64_t>(V, 1)));
+  constexpr int64_t kChunkElems = int64_t(1) << 22;
+  V = std::max<int64_t>(V, 1);
+  if (N * V <= kChunkElems) return std::max<int64_t>(N, 1);
+  return std::max<int64_t>(1, std::min<int64_t>(kChunkElems / V, (N + 7) / 8));
 }
 
 void check_linear_xent(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels) {
@@ -317,8 +322,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_xent_hvp(const c10::option
     at::Tensor M;  // cotangent on G = diag(g)(P - Y): u W^T + H U^T, [n, V]
     if (has_u) M = as(at::mm(u.narrow(0, r0, n), weight.t()), acc);
     if (has_U) {
-      at::Tensor m2 = at::mm(hc, U.t());
-      M = M.defined() ? M.add_(m2) : as(m2, acc);
+      if (M.defined() && dt == acc) M.addmm_(hc, U.t());
+      else if (M.defined()) M.add_(at::mm(hc, U.t()));
+      else M = as(at::mm(hc, U.t()), acc);
     }
     at::Tensor s = at::bmm(M.unsqueeze(1), Pc.unsqueeze(2)).view({n, 1});  // rowsum(P M)
     gg.narrow(0, r0, n).copy_(((s - M.gather(1, sc)) * vc).squeeze(1));

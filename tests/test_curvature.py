@@ -152,6 +152,22 @@ def test_dominant_stop_rule(model64, dense):
         C.hessian_spectrum(model64, batches(), backend="torch", stop="either")
 
 
+def test_start_vectors(model64, dense):
+    """The default Lanczos start mixes the loss gradient into the seeded random vector; both starts converge
+    to the dense spectrum; power iteration starts from the random vector (eigenthings' way)."""
+    mixed = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="torch")
+    rnd = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="torch", start="random")
+    assert mixed["settings"]["start_vector"] == "gradient+random" and rnd["settings"]["start_vector"] == "random"
+    for r in (mixed, rnd):
+        assert rel(r["rho"], dense["rho"]) <= 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pw = C.hessian_spectrum(model64, batches(), method="power", max_iter=2, backend="torch")
+    assert pw["settings"]["start_vector"] == "random"
+    with pytest.raises(C.CurvatureError):
+        C.hessian_spectrum(model64, batches(), backend="torch", start="ones")
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("extension", marks=needs_ext)])
 def test_power_iteration(model64, dense, backend):
     r = C.hessian_spectrum(model64, batches(), method="power", tol=1e-9, max_iter=1500, backend=backend)
@@ -345,3 +361,29 @@ def test_cli_reference_taylor_check(tmp_path):
     assert r["quadratic_le_bound"] == (r["quadratic_term"] <= r["bound"] * (1 + 1e-6) + 1e-12)
     bad = run_cli("--model", "tiny", "--task", "arc", "--out", str(out), "--reference", str(tmp_path / "none"))
     assert bad.returncode == 2 and "--reference" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.skipif(not _lead_modules_present(), reason="common.py / tasks.py / finetune.py not in the repo yet")
+def test_cli_taylor_check_reuses_a_spectrum(tmp_path):
+    """--spectrum_from takes rho from an earlier curvature.json of the same model and samples: the
+    reference terms equal those of a full run, and a file of another model is refused."""
+    from finetune import train_stage
+    a, ab = str(tmp_path / "a"), str(tmp_path / "ab")
+    train_stage({"model": "tiny", "task": "csqa2", "out": a, "steps": 2, "train_size": 32, "batch_size": 8})
+    train_stage({"model": a, "task": "arc", "out": ab, "steps": 2, "train_size": 32, "batch_size": 8})
+    base = [sys.executable, "curvature.py", "--model", a, "--task", "csqa2", "--samples", "6", "--max_iter", "60"]
+    full = subprocess.run(base + ["--reference", ab, "--out", str(tmp_path / "full.json")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    reuse = subprocess.run(base + ["--reference", ab, "--spectrum_from", str(tmp_path / "full.json"),
+                                   "--out", str(tmp_path / "reuse.json")], cwd=ROOT, capture_output=True, text=True)
+    assert reuse.returncode == 0, reuse.stderr
+    f, r = (json.load(open(tmp_path / n)) for n in ("full.json", "reuse.json"))
+    assert r["rho"] == f["rho"] and r["spectrum_from"].endswith("full.json")
+    for k in ("delta_sq_norm", "actual_loss_change", "quadratic_term", "bound"):
+        assert r["reference"][k] == pytest.approx(f["reference"][k], rel=1e-6)
+    other = subprocess.run([sys.executable, "curvature.py", "--model", ab, "--task", "csqa2", "--samples", "6",
+                            "--reference", ab, "--spectrum_from", str(tmp_path / "full.json"),
+                            "--out", str(tmp_path / "bad.json")], cwd=ROOT, capture_output=True, text=True)
+    assert other.returncode == 2 and "computed for another model" in other.stderr
+    assert not (tmp_path / "bad.json").exists()
