@@ -17,8 +17,36 @@ GPU); every rank takes its slice of the same global batch, giving the one-proces
 Writes --out (atomically: the folder appears only when the stage is complete): the checkpoint
 (safetensors + tokenizer, loadable by from_pretrained), run.json (arguments, seed, versions, git
 commit, data, per-step and final loss), train_log.jsonl, chained_tuning.json (lineage).
+
+Options beyond the paper's recipe (all off by default; a run that does not set them has the run_id and
+the result it had before they existed: they enter the run_id only when set):
+  --train_fraction F (0 < F <= 1): train on a seeded random subset of the loaded training set
+      (load_task(task, "train", data_dir, train_size, seed)): round(F * n) examples (at least 1), the first
+      ones of a permutation drawn with numpy default_rng([seed, 5]), kept in their original order. Subsets
+      of one seed are nested (the 1% subset lies inside the 5% one). replay.py's fraction sweep uses it.
+  --replay_task A --replay_fraction F (0 < F <= 1): replay during this stage. A's training set is loaded
+      like the main one (same data_dir, train_size, seed). Global batch s (0-based) holds
+      k_s = floor(F*bs*(s+1) + 1/2) - floor(F*bs*s + 1/2) examples of A (F read as an exact decimal), so
+      every batch has floor(F*bs) or ceil(F*bs) of them and the run as a whole exactly
+      floor(F*bs*steps + 1/2); the other bs - k_s come from the stage's task. Each source is read as seeded
+      epochs of shuffled examples: the stage's task with the stream batch_order uses (default_rng(seed)),
+      A with default_rng([seed, 1]); the batch's positions are then permuted with default_rng([seed, 2]).
+      The loss is unchanged: all answer tokens of the mixed batch, summed, over their number.
+  --l2_to_init LAMBDA: loss + LAMBDA/2 * ||theta - theta_0||^2, theta_0 the weights the stage starts from
+      (theta_A for a second stage), over every trainable parameter (norms and embeddings included).
+  --ewc LAMBDA --ewc_task A [--ewc_samples 200]: loss + LAMBDA/2 * sum_i F_i (theta_i - theta_0,i)^2 with a
+      diagonal empirical Fisher at theta_0: F = mean over N samples of A's training set (the first N of a
+      default_rng([seed, 3]) permutation of the set loaded as above, in eval mode) of g*g, g the gradient of
+      the sample's answer negative log-likelihood (summed over its answer tokens, EOS included: the
+      sequence log-likelihood log p(answer | prompt), one sample per backward).
+  The penalties' gradients are added to the data gradient once per optimisation step, after the
+  backward of every micro-batch and before clipping (so clipping sees the gradient of loss + penalty);
+  AdamW's weight decay is applied as usual. The logged "loss" stays the data loss; train_log.jsonl gets a
+  "penalty" field. Both need one process (under torchrun they are refused: sharded anchors are not
+  implemented); replay and --train_fraction work under FSDP.
 """
 import argparse
+import fractions
 import hashlib
 import json
 import math
@@ -32,7 +60,7 @@ from tqdm import tqdm
 
 from common import (META_FILE, UserError, atomic_dir, die_on_user_error, load_model_and_tokenizer, read_meta,
                     resolve_model_path, run_metadata, seed_everything, write_json_atomic)
-from tasks import GENERATIVE_TASKS, PAPER_TRAIN_SIZE, TASKS, encode_pair, load_task
+from tasks import GENERATIVE_TASKS, PAPER_TRAIN_SIZE, TASKS, TaskData, encode_pair, load_task
 
 PAPER_LR = 1e-5
 
@@ -110,7 +138,24 @@ def default_config():
     return dict(model="tiny", task=None, out=None, data_dir=None, train_size=PAPER_TRAIN_SIZE, lr=None,
                 steps=100, batch_size=16, micro_batch_size=None, max_length=2048, weight_decay=0.1,
                 beta1=0.9, beta2=0.95, eps=1e-8, max_grad_norm=1.0, seed=0, bf16=False,
-                gradient_checkpointing=False, device=None, overwrite=False)
+                gradient_checkpointing=False, device=None, overwrite=False, **OPTION_DEFAULTS)
+
+
+# Options added after the recipe: they enter the run_id only when they change the result (see config_for_id).
+OPTION_DEFAULTS = dict(train_fraction=None, replay_task=None, replay_fraction=0.0, l2_to_init=0.0, ewc=0.0,
+                       ewc_task=None, ewc_samples=200)
+
+
+def config_for_id(cfg):
+    """The settings the run_id hashes: everything that can change the result. Where and how it is computed
+    stays out, and so does every added option while it is off (runs that do not use them keep their ids)."""
+    skip = {"out", "overwrite", "device", "micro_batch_size", "gradient_checkpointing"}
+    active = {"train_fraction": cfg.get("train_fraction") is not None,
+              "replay_task": bool(cfg.get("replay_fraction")), "replay_fraction": bool(cfg.get("replay_fraction")),
+              "l2_to_init": bool(cfg.get("l2_to_init")), "ewc": bool(cfg.get("ewc")),
+              "ewc_task": bool(cfg.get("ewc")), "ewc_samples": bool(cfg.get("ewc"))}
+    skip |= {k for k, on in active.items() if not on}
+    return {k: v for k, v in cfg.items() if k not in skip}
 
 
 def resolve_lr(cfg, meta):
@@ -131,6 +176,121 @@ def batch_order(n_examples, steps, batch_size, seed):
     return idx[:need].reshape(steps, batch_size).tolist()
 
 
+def exact(x):
+    """A float read as the decimal it prints as (0.05 -> 1/20), so proportions round exactly."""
+    return fractions.Fraction(str(x))
+
+
+def _round_half_up(q):
+    return math.floor(q + fractions.Fraction(1, 2))
+
+
+def _epoch_stream(n, need, rng):
+    """`need` indices: seeded epochs of shuffled range(n), concatenated (batch_order's stream)."""
+    if need <= 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])[:need]
+
+
+def replay_counts(steps, batch_size, fraction):
+    """Replayed examples in each global batch: the cumulative count after s batches is
+    floor(F * batch_size * s + 1/2), so each batch has floor or ceil of F * batch_size."""
+    f = exact(fraction) * batch_size
+    return [_round_half_up(f * (s + 1)) - _round_half_up(f * s) for s in range(steps)]
+
+
+def mixed_batch_order(n_main, n_replay, steps, batch_size, fraction, seed):
+    """Global batches mixing the stage's examples (indices < n_main) with replayed ones (indices
+    n_main + j, j < n_replay) in the proportions of replay_counts (see the module docstring)."""
+    counts = replay_counts(steps, batch_size, fraction)
+    main = _epoch_stream(n_main, steps * batch_size - sum(counts), np.random.default_rng(seed)).tolist()
+    rep = (_epoch_stream(n_replay, sum(counts), np.random.default_rng([seed, 1])) + n_main).tolist()
+    pos = np.random.default_rng([seed, 2])
+    out, im, ir = [], 0, 0
+    for k in counts:
+        b = main[im:im + batch_size - k] + rep[ir:ir + k]
+        im, ir = im + batch_size - k, ir + k
+        out.append([b[i] for i in pos.permutation(batch_size)])
+    return out
+
+
+def fraction_subset(data, fraction, seed):
+    """A seeded random subset of round(fraction * n) examples (at least 1) of a loaded TaskData: the first of
+    a default_rng([seed, 5]) permutation (nested across fractions), in their original order."""
+    n = len(data.examples)
+    k = min(n, max(1, _round_half_up(exact(fraction) * n)))
+    keep = sorted(np.random.default_rng([seed, 5]).permutation(n)[:k].tolist())
+    examples = [data.examples[i] for i in keep]
+    info = {**data.info, "train_fraction": fraction, "fraction_of": n, "n": k,
+            "ids_sha256": hashlib.sha256("\n".join(ex.id for ex in examples).encode()).hexdigest()}
+    return TaskData(data.task, data.split, examples, data.source, info)
+
+
+def seeded_samples(examples, n, seed, stream):
+    """The first n examples of a default_rng([seed, stream]) permutation (all of them if fewer), in order."""
+    keep = sorted(np.random.default_rng([seed, stream]).permutation(len(examples))[:n].tolist())
+    return [examples[i] for i in keep]
+
+
+def estimate_fisher(model, tok, examples, max_length, device="cpu", bf16=False):
+    """Diagonal empirical Fisher at the model's current weights: the mean over examples of the squared
+    gradient of the example's answer NLL (summed over its answer tokens: -log p(answer | prompt)), one
+    example per backward, in eval mode. Returns float32 tensors in model.parameters() order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    for ex in examples:
+        b = {k: v.to(device) for k, v in collate([encode_example(tok, ex, max_length)], tok.pad_token_id,
+                                                 "left").items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, labels = answer_logits(model, b)
+        s, _ = answer_loss_sum(logits, labels)
+        for f, g in zip(fisher, torch.autograd.grad(s, params)):
+            f.add_(g.float().square())
+    for f in fisher:
+        f.div_(len(examples))
+    model.train(was_training)
+    return fisher
+
+
+class AnchorPenalty:
+    """l2/2 * ||theta - theta_0||^2 + ewc/2 * sum_i F_i (theta_i - theta_0,i)^2, theta_0 the weights when
+    it is built. Calling it adds the penalty's gradient, (l2 + ewc * F) * (theta - theta_0), to every
+    parameter's .grad and returns (and keeps in .last) the penalty's value."""
+
+    def __init__(self, model, l2=0.0, ewc=0.0, fisher=None):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.anchor = [p.detach().clone() for p in self.params]
+        if ewc:
+            if fisher is None or len(fisher) != len(self.params):
+                raise ValueError("ewc needs one Fisher tensor per trainable parameter")
+            self.weight = [l2 + ewc * f.to(p.dtype) for p, f in zip(self.params, fisher)]
+        else:
+            self.weight = [float(l2)] * len(self.params)
+        self.last = None
+
+    @torch.no_grad()
+    def value(self):
+        return float(sum(0.5 * (w * (p.detach() - a).square()).double().sum()
+                         for p, a, w in zip(self.params, self.anchor, self.weight)))
+
+    @torch.no_grad()
+    def __call__(self):
+        total = torch.zeros((), dtype=torch.float64)
+        for p, a, w in zip(self.params, self.anchor, self.weight):
+            d = p.detach() - a
+            g = w * d
+            total += 0.5 * float((g * d).double().sum())
+            if p.grad is None:
+                p.grad = g.to(p.dtype)
+            else:
+                p.grad.add_(g)
+        self.last = float(total)
+        return self.last
+
+
 def shard_model(model):
     from torch.distributed.fsdp import fully_shard
     for layer in model.model.layers:
@@ -145,9 +305,12 @@ def full_state_dict(model, sharded):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def optimisation_step(model, opt, sched, encoded, gbatch, pad_id, cfg, rank=0, world=1, micro=None, device="cpu"):
+def optimisation_step(model, opt, sched, encoded, gbatch, pad_id, cfg, rank=0, world=1, micro=None, device="cpu",
+                      penalty=None):
     """One optimisation step on the global batch `gbatch` (indices into `encoded`); this process
-    takes its slice. Returns (global loss, answer tokens in the global batch, gradient norm)."""
+    takes its slice. Returns (global loss, answer tokens in the global batch, gradient norm).
+    `penalty` (optional, e.g. AnchorPenalty): called once after the backward passes, before clipping; it
+    adds its gradient to .grad (its value is not part of the returned data loss)."""
     per_rank = len(gbatch) // world
     micro = micro or per_rank
     n_tok = sum(answer_tokens(encoded[i]) for i in gbatch)  # every rank knows the global count
@@ -161,6 +324,8 @@ def optimisation_step(model, opt, sched, encoded, gbatch, pad_id, cfg, rank=0, w
         # FSDP averages gradients over ranks; scaling by world makes the result sum / n_tok.
         (s * world / n_tok).backward()
         loss_sum += s.detach().double()
+    if penalty is not None:
+        penalty()
     gnorm = None
     if cfg["max_grad_norm"] and cfg["max_grad_norm"] > 0:
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
@@ -184,6 +349,29 @@ def make_optimizer(model, lr, cfg):
     return opt, sched
 
 
+def check_options(cfg, world):
+    if cfg["steps"] < 1:
+        raise UserError(f"--steps must be at least 1, got {cfg['steps']} (replay.py evaluates 0 steps without "
+                        f"training)")
+    f = cfg["train_fraction"]
+    if f is not None and not 0 < f <= 1:
+        raise UserError(f"--train_fraction must be in (0, 1], got {f}")
+    if not 0 <= cfg["replay_fraction"] <= 1:
+        raise UserError(f"--replay_fraction must be in [0, 1], got {cfg['replay_fraction']}")
+    if cfg["replay_fraction"] and cfg["replay_task"] not in TASKS:
+        raise UserError(f"--replay_fraction needs --replay_task (one of {', '.join(TASKS)}), got "
+                        f"{cfg['replay_task']!r}")
+    if cfg["l2_to_init"] < 0 or cfg["ewc"] < 0:
+        raise UserError("--l2_to_init and --ewc must be >= 0")
+    if cfg["ewc"] and cfg["ewc_task"] not in TASKS:
+        raise UserError(f"--ewc needs --ewc_task (one of {', '.join(TASKS)}), got {cfg['ewc_task']!r}")
+    if cfg["ewc"] and cfg["ewc_samples"] < 1:
+        raise UserError(f"--ewc_samples must be at least 1, got {cfg['ewc_samples']}")
+    if world > 1 and (cfg["l2_to_init"] or cfg["ewc"]):
+        raise UserError("--l2_to_init and --ewc run in one process only (the anchored penalty is not implemented "
+                        "for FSDP-sharded weights); run finetune.py without torchrun, or use --replay_task")
+
+
 def train_stage(cfg):
     """Run one fine-tuning stage described by cfg (see default_config()); returns the run record."""
     cfg = {**default_config(), **cfg}
@@ -194,6 +382,7 @@ def train_stage(cfg):
     master = rank == 0
     if os.path.exists(cfg["out"]) and not cfg["overwrite"]:
         raise UserError(f"{cfg['out']} already exists; pass --overwrite to replace it or choose another --out")
+    check_options(cfg, world)
     if cfg["batch_size"] % world:
         raise UserError(f"--batch_size {cfg['batch_size']} is not divisible by the {world} processes")
     per_rank = cfg["batch_size"] // world
@@ -205,7 +394,9 @@ def train_stage(cfg):
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        own_group = not dist.is_initialized()  # a caller (replay.py) may hold one across several stages
+        if own_group:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     seed_everything(cfg["seed"])
     t0 = time.time()
 
@@ -214,7 +405,13 @@ def train_stage(cfg):
     lr, lr_note = resolve_lr(cfg, meta)
     model, tok = load_model_and_tokenizer(model_path)
     data = load_task(cfg["task"], "train", cfg["data_dir"], cfg["train_size"], cfg["seed"])
+    if cfg["train_fraction"] is not None:
+        data = fraction_subset(data, cfg["train_fraction"], cfg["seed"])
     encoded = [encode_example(tok, ex, cfg["max_length"]) for ex in data.examples]
+    replay = None
+    if cfg["replay_fraction"]:
+        rdata = load_task(cfg["replay_task"], "train", cfg["data_dir"], cfg["train_size"], cfg["seed"])
+        replay = (rdata, [encode_example(tok, ex, cfg["max_length"]) for ex in rdata.examples])
     if master:
         print(f"finetune: {cfg['task']} [{data.source}] {len(encoded)} examples, model {cfg['model']}, "
               f"lr {lr:g} ({lr_note}), {cfg['steps']} steps x batch {cfg['batch_size']}, {world} process(es) "
@@ -227,29 +424,53 @@ def train_stage(cfg):
         shard_model(model)
     opt, sched = make_optimizer(model, lr, cfg)
 
-    order = batch_order(len(encoded), cfg["steps"], cfg["batch_size"], cfg["seed"])
+    penalty, fisher_info = None, None
+    if cfg["l2_to_init"] or cfg["ewc"]:
+        fisher = None
+        if cfg["ewc"]:
+            te = time.time()
+            pool = load_task(cfg["ewc_task"], "train", cfg["data_dir"], cfg["train_size"], cfg["seed"])
+            fex = seeded_samples(pool.examples, cfg["ewc_samples"], cfg["seed"], 3)
+            fisher = estimate_fisher(model, tok, fex, cfg["max_length"], device, cfg["bf16"])
+            fisher_info = {"task": cfg["ewc_task"], "n_samples": len(fex), "source": pool.source,
+                           "sample_ids_sha256": hashlib.sha256("\n".join(e.id for e in fex).encode()).hexdigest(),
+                           "fisher_sum": float(sum(f.double().sum() for f in fisher)),
+                           "fisher_max": float(max(f.max() for f in fisher)), "seconds": round(time.time() - te, 2)}
+        penalty = AnchorPenalty(model, cfg["l2_to_init"], cfg["ewc"], fisher)
+
+    if replay is None:
+        order = batch_order(len(encoded), cfg["steps"], cfg["batch_size"], cfg["seed"])
+        train_items = encoded
+    else:
+        order = mixed_batch_order(len(encoded), len(replay[1]), cfg["steps"], cfg["batch_size"],
+                                  cfg["replay_fraction"], cfg["seed"])
+        train_items = encoded + replay[1]
     log, losses = [], []
     model.train()
     bar = tqdm(range(cfg["steps"]), desc=f"finetune {cfg['task']}", disable=not master, dynamic_ncols=True)
     for step in bar:
         ts = time.time()
         cur_lr = sched.get_last_lr()[0]
-        loss, n_tok, gnorm = optimisation_step(model, opt, sched, encoded, order[step], tok.pad_token_id, cfg,
-                                               rank, world, micro, device)
+        loss, n_tok, gnorm = optimisation_step(model, opt, sched, train_items, order[step], tok.pad_token_id, cfg,
+                                               rank, world, micro, device, penalty)
         if not math.isfinite(loss):
             raise RuntimeError(f"loss became {loss} at step {step}; lower --lr or use --bf16 off")
         losses.append(loss)
         log.append({"step": step + 1, "loss": loss, "lr": cur_lr, "answer_tokens": n_tok, "grad_norm": gnorm,
                     "seconds": round(time.time() - ts, 4)})
+        if penalty is not None:
+            log[-1]["penalty"] = penalty.last
+        if replay is not None:
+            log[-1]["replayed"] = sum(i >= len(encoded) for i in order[step])
         bar.set_postfix(loss=f"{loss:.4f}")
 
     state = full_state_dict(model, ddp)
     parent_id = meta.get("run_id") if meta.get("chain") else None  # None: tuned from a base model
     # Settings that do not change the result (where and how it is computed) stay out of the id.
-    config_for_id = {k: v for k, v in cfg.items()
-                     if k not in ("out", "overwrite", "device", "micro_batch_size", "gradient_checkpointing")}
-    run_id = hashlib.sha256(json.dumps({"config": config_for_id, "lr": lr, "parent": parent_id,
-                                        "data": data.info["ids_sha256"]}, sort_keys=True).encode()).hexdigest()[:16]
+    id_fields = {"config": config_for_id(cfg), "lr": lr, "parent": parent_id, "data": data.info["ids_sha256"]}
+    if replay is not None:
+        id_fields["replay_data"] = replay[0].info["ids_sha256"]
+    run_id = hashlib.sha256(json.dumps(id_fields, sort_keys=True).encode()).hexdigest()[:16]
     chain = list(meta.get("chain", [])) + [cfg["task"]]
     record = {"run_id": run_id, "parent_run_id": parent_id, "chain": chain, "stage": len(chain), "task": cfg["task"],
               "lr": lr, "lr_note": lr_note, "seed": cfg["seed"], "steps": cfg["steps"], "config": cfg,
@@ -259,6 +480,12 @@ def train_stage(cfg):
                        "truncated_examples": sum(e["truncated"] for e in encoded),
                        "answer_tokens": sum(answer_tokens(e) for e in encoded)},
               "final_loss": losses[-1] if losses else None, "losses": losses,
+              **({"replay": {"task": cfg["replay_task"], "fraction": cfg["replay_fraction"],
+                             "n_pool": len(replay[1]), "train_info": replay[0].info,
+                             "examples_replayed": sum(r["replayed"] for r in log),
+                             "examples_total": cfg["steps"] * cfg["batch_size"]}} if replay is not None else {}),
+              **({"regularisation": {"l2_to_init": cfg["l2_to_init"], "ewc": cfg["ewc"], "fisher": fisher_info,
+                                     "final_penalty": penalty.last}} if penalty is not None else {}),
               "wall_time_s": round(time.time() - t0, 2), **run_metadata()}
     if master:
         with atomic_dir(cfg["out"], overwrite=cfg["overwrite"]) as tmp:
@@ -275,7 +502,8 @@ def train_stage(cfg):
               flush=True)
     if ddp:
         dist.barrier()
-        dist.destroy_process_group()
+        if own_group:
+            dist.destroy_process_group()
     return record
 
 
@@ -304,6 +532,18 @@ if __name__ == "__main__":
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true")
+    g = p.add_argument_group("beyond the paper's recipe (off by default; see the module docstring)")
+    g.add_argument("--train_fraction", type=float, default=None,
+                   help="train on a seeded random fraction (0, 1] of the loaded training set")
+    g.add_argument("--replay_task", default=None, choices=TASKS, help="task whose training data is replayed")
+    g.add_argument("--replay_fraction", type=float, default=0.0,
+                   help="share of every global batch drawn from --replay_task's training set")
+    g.add_argument("--l2_to_init", type=float, default=0.0, metavar="LAMBDA",
+                   help="add LAMBDA/2 ||theta - theta_start||^2 to the loss")
+    g.add_argument("--ewc", type=float, default=0.0, metavar="LAMBDA",
+                   help="add LAMBDA/2 sum F_i (theta_i - theta_start,i)^2 (diagonal Fisher of --ewc_task)")
+    g.add_argument("--ewc_task", default=None, choices=TASKS, help="task whose samples estimate the Fisher")
+    g.add_argument("--ewc_samples", type=int, default=200, help="samples for the Fisher estimate")
     args = p.parse_args()
     if args.task in GENERATIVE_TASKS:
         print(f"note: {args.task} is generative; it trains here, its evaluation comes with the full study")

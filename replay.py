@@ -1,0 +1,498 @@
+"""Replay as a third stage (the paper's section 5 and appendix 9.4): from a chained model theta_AB, tune
+again on the first task A with a fraction of its training data, or for a number of steps, and evaluate A
+(does it recover?) and B (what does it lose?) after every point.
+
+    python replay.py --model runs/tiny/stage2/toxigen-arc/lrA1e-3_lrB1e-3/seed0 --task toxigen \\
+        --out runs/tiny/replay/toxigen-arc/seed0 --fractions 0,1,5,10,20,40,60,80,100 --steps 100 \\
+        --first_stage runs/tiny/stage1/toxigen/lr1e-3/seed0 --eval_limit 300
+    python replay.py --model <theta_AB> --task toxigen --out <same dir> --steps_sweep 0,5,10,20,40,60,80,100
+
+Every point is one finetune.train_stage call (the recipe of finetune.py, its loss, optimiser and
+schedule) from --model on A's training set as finetune.py loads it (load_task(A, "train", data_dir,
+train_size, seed)):
+  fraction sweep: --steps steps on a seeded random F% subset of it (finetune --train_fraction F/100:
+      round(F/100 * n) examples, at least 1, the first of a default_rng([seed, 5]) permutation, so the
+      subsets of one seed are nested); 100% is the whole set;
+  steps sweep: S steps on the whole set.
+The learning rate decays linearly to zero over the point's own steps, as in any finetune.py stage.
+A 0% or 0-step point trains nothing: it is the evaluation of --model itself, made by evaluate.run (the
+code of evaluate.py), so it equals `python evaluate.py --model <theta_AB> --tasks A,B --limit N --seed S`.
+Evaluation: A and B (B = the last task of --model's chain, from its chained_tuning.json) on the test split
+(--eval_limit: evaluate.py's --limit, a stratified subset seeded by --eval_seed).
+
+Output (--out):
+  fraction<F>/ and steps<S>/, one folder per point, written atomically (the folder appears only when the
+  point is complete; an existing one is skipped, so a rerun resumes; one made with other settings is an
+  error): eval.json + eval_samples.jsonl (evaluate.py's formats; "model" names --model and the point),
+  point.json (the point's record, as in the summary), run.json + train_log.jsonl of the stage (trained
+  points only), and the checkpoint only with --save_checkpoints. The 100% point of the fraction sweep and
+  the --steps point of the steps sweep are the same run: the second one made gets a copy of the first's
+  evaluation and "same_run_as" (no run.json, so no run_id appears twice); the 0 points likewise.
+  replay_summary.json: every point found under --out (all sweeps) with fraction (percent), steps,
+  n_examples (size of the stage's training set; 0 when untrained), acc_a, acc_b, forgetting_a =
+  acc_A(theta_A) - acc_A(point) (fractions; null without a first-stage reference), change_b =
+  acc_B(point) - acc_B(theta_AB) (null until a 0 point exists), loss (final training loss), wall_time_s.
+First-stage reference (for forgetting_a), in this order:
+  --first_stage DIR: theta_A's folder; its run.json/chained_tuning.json must be A's stage of --model's chain
+      (run_id == --model's parent_run_id for a two-task chain). Its eval.json is used when it holds A with the
+      same limit, eval seed, split and data; otherwise theta_A is evaluated here with the replay settings
+      (--out/first_stage_eval.json);
+  --first_stage_eval FILE: an eval.json of theta_A (taken as is; a differing limit is noted in the summary);
+  neither: forgetting_a is null.
+Under torchrun every process runs this script: the stages are trained with FSDP as in finetune.py, and
+process 0 alone evaluates and writes.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+import evaluate as evaluate_mod
+import finetune
+from common import UserError, die_on_user_error, read_meta, resolve_model_path, write_json_atomic
+from tasks import GENERATIVE_TASKS, TASKS
+
+SUMMARY = "replay_summary.json"
+POINT = "point.json"
+FIRST_EVAL = "first_stage_eval.json"
+# point settings that must match for an existing point to be reused
+SETTING_KEYS = ("model", "model_run_id", "task", "lr", "seed", "batch_size", "data_dir", "train_size", "max_length",
+                "bf16", "eval_limit", "eval_seed", "eval_batch_size", "scorer")
+STAGE_FILES = ("run.json", "train_log.jsonl")
+
+
+def parse_list(text, kind, what, lo, hi):
+    out = []
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            v = kind(part)
+        except ValueError:
+            raise UserError(f"{what}: {part!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not lo <= v <= hi:
+            raise UserError(f"{what}: {part} is outside [{lo}, {hi}]")
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def fmt(v):
+    return f"{v:g}"
+
+
+def point_name(sweep, value):
+    return f"{sweep}{fmt(value)}"
+
+
+def dist_info():
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+# -----------------------------------------------------------------------------
+# Inputs
+
+
+def read_model(path):
+    """-> (resolved path, lineage meta, run.json or {})."""
+    resolved = resolve_model_path(path)
+    if not os.path.isdir(resolved):
+        raise UserError(f"--model {path} must be a chained checkpoint folder written by finetune.py")
+    meta = read_meta(resolved)
+    run = {}
+    rp = os.path.join(resolved, "run.json")
+    if os.path.isfile(rp):
+        with open(rp) as f:
+            run = json.load(f)
+    if not meta.get("chain") and run.get("chain"):
+        meta = {**meta, "chain": run["chain"], "run_id": run.get("run_id")}
+    return resolved, meta, run
+
+
+def check_inputs(args, meta):
+    chain = meta.get("chain") or []
+    if len(chain) < 2:
+        raise UserError(f"--model {args.model} is not a chained model (its chain is {chain or 'empty'}: no "
+                        f"chained_tuning.json/run.json with two or more tasks); pass theta_AB, the output of the "
+                        f"second finetune.py stage")
+    if args.task not in chain[:-1]:
+        raise UserError(f"--task {args.task} is not an earlier task of --model's chain {' -> '.join(chain)}; "
+                        f"replay one of {', '.join(dict.fromkeys(chain[:-1]))}")
+    task_b = chain[-1]
+    for t in (args.task, task_b):
+        if t in GENERATIVE_TASKS:
+            raise UserError(f"{t} is generative; its evaluation is not implemented yet, so replay cannot score it")
+    return task_b
+
+
+def load_first_stage(args, meta, run, settings, out, master):
+    """-> reference dict {"acc_a", "source", ...} or None."""
+    a = args.task
+    chain = meta["chain"]
+    if args.first_stage_eval:
+        if not os.path.isfile(args.first_stage_eval):
+            raise UserError(f"--first_stage_eval {args.first_stage_eval} does not exist; pass theta_A's eval.json")
+        with open(args.first_stage_eval) as f:
+            ev = json.load(f)
+        if a not in ev.get("tasks", {}):
+            raise UserError(f"--first_stage_eval {args.first_stage_eval} has no results for {a}")
+        if len(chain) == 2 and ev.get("run_id") and run.get("parent_run_id") and ev["run_id"] != run["parent_run_id"]:
+            raise UserError(f"--first_stage_eval {args.first_stage_eval} is the evaluation of run {ev['run_id']}, not "
+                            f"of --model's first stage {run['parent_run_id']}")
+        note = None
+        lim = (ev.get("config") or {}).get("limit")
+        if lim != args.eval_limit:
+            note = f"theta_A's evaluation used limit {lim}, the replay points {args.eval_limit}"
+        return {"acc_a": ev["tasks"][a]["acc"], "source": os.path.abspath(args.first_stage_eval),
+                "run_id": ev.get("run_id"), "note": note}
+    if not args.first_stage:
+        return None
+    d = resolve_model_path(args.first_stage)
+    fmeta = read_meta(d)
+    frun = {}
+    if os.path.isfile(os.path.join(d, "run.json")):
+        with open(os.path.join(d, "run.json")) as f:
+            frun = json.load(f)
+    fchain = fmeta.get("chain") or frun.get("chain") or []
+    fid = fmeta.get("run_id") or frun.get("run_id")
+    if not fchain or fchain[-1] != a or chain[:len(fchain)] != fchain:
+        raise UserError(f"--first_stage {args.first_stage} (chain {fchain or 'none'}) is not the {a} stage of "
+                        f"--model's chain {' -> '.join(chain)}")
+    if len(chain) == len(fchain) + 1 and run.get("parent_run_id") and fid != run["parent_run_id"]:
+        raise UserError(f"--first_stage {args.first_stage} is run {fid}, but --model's parent_run_id is "
+                        f"{run['parent_run_id']}; pass the checkpoint --model was tuned from")
+    ep = os.path.join(d, "eval.json")
+    if os.path.isfile(ep):
+        with open(ep) as f:
+            ev = json.load(f)
+        cfg = ev.get("config") or {}
+        same = (a in ev.get("tasks", {}) and cfg.get("limit") == args.eval_limit and cfg.get("seed", 0) == args.eval_seed
+                and cfg.get("split", "test") == "test" and cfg.get("data_dir") == args.data_dir
+                and cfg.get("scorer", "fast") == args.scorer and cfg.get("dtype", "float32") == settings["dtype"])
+        if same:
+            return {"acc_a": ev["tasks"][a]["acc"], "source": os.path.abspath(ep), "run_id": fid, "note": None}
+    # evaluate theta_A here with the replay settings
+    fe = os.path.join(out, FIRST_EVAL)
+    if not os.path.isfile(fe) and master:
+        print(f"replay: evaluating the first stage {args.first_stage} on {a} (its eval.json does not match the "
+              f"replay settings)", flush=True)
+        tmp = os.path.join(out, ".tmp-first-stage")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        evaluate_mod.run(eval_args(args, d, [a], os.path.join(tmp, "eval.json")))
+        with open(os.path.join(tmp, "eval.json")) as f:
+            ev = json.load(f)
+        write_json_atomic(fe, ev)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.isfile(fe):  # another process writes it
+        return {"acc_a": None, "source": fe, "run_id": fid, "note": "evaluated by process 0"}
+    with open(fe) as f:
+        ev = json.load(f)
+    return {"acc_a": ev["tasks"][a]["acc"], "source": os.path.abspath(fe), "run_id": fid,
+            "note": "evaluated by replay.py with the replay settings"}
+
+
+def eval_args(args, model_dir, tasks, out):
+    return argparse.Namespace(model=model_dir, tasks=",".join(tasks), out=out, data_dir=args.data_dir, split="test",
+                              limit=args.eval_limit, batch_size=args.eval_batch_size, scorer=args.scorer,
+                              seed=args.eval_seed, bf16=args.bf16, device=args.device)
+
+
+# -----------------------------------------------------------------------------
+# Points
+
+
+def plan_points(args):
+    """[(name, sweep, fraction %, steps, key)]: key identifies the training run ((pct, steps); 0 for no training)."""
+    pts = []
+    for f in args.fractions:
+        key = 0 if f == 0 else (f, args.steps)
+        pts.append((point_name("fraction", f), "fraction", f, args.steps, key))
+    for s in args.steps_sweep:
+        key = 0 if s == 0 else (100.0, s)
+        pts.append((point_name("steps", s), "steps", 100.0, s, key))
+    return pts
+
+
+def check_existing(path, settings):
+    with open(os.path.join(path, POINT)) as f:
+        rec = json.load(f)
+    old = rec.get("settings", {})
+    diff = [k for k in SETTING_KEYS if old.get(k) != settings.get(k)]
+    if diff:
+        raise UserError(f"{path} exists with other settings ({', '.join(f'{k}: {old.get(k)!r} vs {settings.get(k)!r}' for k in diff)}); "
+                        f"choose another --out or remove it")
+    return rec
+
+
+def finish_point(tmp, final, rec):
+    write_json_atomic(os.path.join(tmp, POINT), rec)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def set_eval_model(path, description):
+    with open(path) as f:
+        ev = json.load(f)
+    ev["model"] = description
+    write_json_atomic(path, ev)
+
+
+def eval_fields(ev, a, b):
+    ta, tb = ev["tasks"][a], ev["tasks"][b]
+    return {"acc_a": ta["acc"], "acc_b": tb["acc"], "acc_a_stderr": ta["acc_stderr"], "acc_b_stderr": tb["acc_stderr"],
+            "n_eval_a": ta["n"], "n_eval_b": tb["n"], "eval_loss_a": ta["loss"], "eval_loss_b": tb["loss"]}
+
+
+def run_point(args, model_dir, settings, a, b, name, sweep, pct, steps, key, done_keys, rank, world):
+    """Make one point (process 0 writes; under torchrun every process trains). Returns its record or None."""
+    master = rank == 0
+    final = os.path.join(args.out, name)
+    tmp = os.path.join(args.out, f".partial-{name}")
+    base = {"name": name, "sweep": sweep, "fraction": pct, "steps": 0 if key == 0 else steps,
+            "settings": settings}
+    t0 = time.time()
+    if key in done_keys:  # the same run already made under another name: copy its evaluation
+        if not master:
+            return None
+        src = os.path.join(args.out, done_keys[key])
+        with open(os.path.join(src, POINT)) as f:
+            srec = json.load(f)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for fn in ("eval.json", "eval_samples.jsonl"):
+            shutil.copy2(os.path.join(src, fn), os.path.join(tmp, fn))
+        rec = {**base, **{k: srec[k] for k in ("n_examples", "trained", "loss", "run_id", "train_time_s", "eval_time_s",
+                                                "acc_a", "acc_b", "acc_a_stderr", "acc_b_stderr", "n_eval_a",
+                                                "n_eval_b", "eval_loss_a", "eval_loss_b")},
+               "same_run_as": done_keys[key], "checkpoint": False, "wall_time_s": round(time.time() - t0, 2),
+               "source_wall_time_s": srec["wall_time_s"]}
+        finish_point(tmp, final, rec)
+        print(f"replay: {name}: same run as {done_keys[key]} (copied its evaluation)", flush=True)
+        return rec
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    record, train_time = None, 0.0
+    eval_model = model_dir
+    if key != 0:
+        cfg = {"model": model_dir, "task": a, "out": os.path.join(tmp, "stage"), "steps": steps,
+               "train_fraction": None if pct >= 100 else pct / 100.0, "lr": args.lr, "seed": args.seed,
+               "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size, "data_dir": args.data_dir,
+               "train_size": args.train_size, "max_length": args.max_length, "bf16": args.bf16,
+               "device": args.device, "overwrite": True}
+        ts = time.time()
+        record = finetune.train_stage(cfg)
+        train_time = time.time() - ts
+        eval_model = cfg["out"]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if not master:
+        return None
+    te = time.time()
+    print(f"replay: {name}: evaluating {a},{b}", flush=True)
+    evaluate_mod.run(eval_args(args, eval_model, [a] if a == b else [a, b], os.path.join(tmp, "eval.json")))
+    eval_time = time.time() - te
+    keep_ckpt = False
+    if record is not None:
+        stage = os.path.join(tmp, "stage")
+        if args.save_checkpoints:
+            for fn in os.listdir(stage):
+                shutil.move(os.path.join(stage, fn), os.path.join(tmp, fn))
+            keep_ckpt = True
+        else:
+            for fn in STAGE_FILES:
+                shutil.move(os.path.join(stage, fn), os.path.join(tmp, fn))
+        shutil.rmtree(stage)
+        desc = (os.path.abspath(final) if keep_ckpt else
+                f"replay stage ({name}, checkpoint not saved) from {os.path.abspath(model_dir)}")
+        set_eval_model(os.path.join(tmp, "eval.json"), desc)
+    with open(os.path.join(tmp, "eval.json")) as f:
+        ev = json.load(f)
+    rec = {**base, "n_examples": record["data"]["n_train"] if record else 0, "trained": record is not None,
+           "loss": record["final_loss"] if record else None, "run_id": record["run_id"] if record else None,
+           "train_time_s": round(train_time, 2), "eval_time_s": round(eval_time, 2), **eval_fields(ev, a, b),
+           "same_run_as": None, "checkpoint": keep_ckpt, "wall_time_s": round(time.time() - t0, 2)}
+    finish_point(tmp, final, rec)
+    print(f"replay: {name}: acc {a} {rec['acc_a']:.4f}, acc {b} {rec['acc_b']:.4f} "
+          f"({rec['wall_time_s']:.1f}s) -> {final}", flush=True)
+    return rec
+
+
+# -----------------------------------------------------------------------------
+# Summary
+
+
+def collect_points(out):
+    pts = []
+    for name in sorted(os.listdir(out)):
+        p = os.path.join(out, name, POINT)
+        if not name.startswith(".") and os.path.isfile(p):
+            with open(p) as f:
+                pts.append(json.load(f))
+    order = {"fraction": 0, "steps": 1}
+    pts.sort(key=lambda r: (order.get(r["sweep"], 2), r["fraction"] if r["sweep"] == "fraction" else r["steps"]))
+    return pts
+
+
+def write_summary(args, model_dir, meta, run, a, b, settings, ref, wall):
+    pts = collect_points(args.out)
+    zero_b = next((p["acc_b"] for p in pts if not p["trained"] and p["settings"] == settings), None)
+    ref_acc = ref["acc_a"] if ref else None
+    rows = []
+    for p in pts:
+        same = p["settings"] == settings
+        rows.append({k: p.get(k) for k in ("name", "sweep", "fraction", "steps", "n_examples", "trained", "acc_a",
+                                           "acc_b", "acc_a_stderr", "acc_b_stderr", "n_eval_a", "n_eval_b",
+                                           "eval_loss_a", "eval_loss_b", "loss", "run_id", "same_run_as",
+                                           "checkpoint", "wall_time_s", "train_time_s", "eval_time_s")}
+                    | {"forgetting_a": (ref_acc - p["acc_a"]) if (ref_acc is not None and same) else None,
+                       "change_b": (p["acc_b"] - zero_b) if (zero_b is not None and same) else None,
+                       "settings_match": same})
+    sweeps = {}
+    for r in rows:
+        s = sweeps.setdefault(r["sweep"], {"values": [], "wall_time_s": 0.0})
+        s["values"].append(r["fraction"] if r["sweep"] == "fraction" else r["steps"])
+        s["wall_time_s"] = round(s["wall_time_s"] + (r["wall_time_s"] or 0.0), 2)
+    summary = {"model": os.path.abspath(model_dir), "model_run_id": meta.get("run_id"), "chain": meta["chain"],
+               "task_a": a, "task_b": b, "first_stage": ref, "settings": settings,
+               "units": "accuracies and forgetting are fractions; fraction is a percentage of A's training set",
+               "definitions": {"forgetting_a": "acc_A(theta_A) - acc_A(point)",
+                               "change_b": "acc_B(point) - acc_B(theta_AB) (the untrained point)"},
+               "points": rows, "sweeps": sweeps, "last_invocation_wall_time_s": round(wall, 2)}
+    write_json_atomic(os.path.join(args.out, SUMMARY), summary)
+    return summary
+
+
+def init_distributed(args, world):
+    """Under torchrun: one process group for the whole sweep (finetune.train_stage uses it), with a long
+    timeout since the other processes wait while process 0 evaluates."""
+    if world == 1:
+        return
+    import datetime
+    import torch.distributed as dist
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=4))
+
+
+def barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def main(args):
+    t0 = time.time()
+    rank, world = dist_info()
+    master = rank == 0
+    try:
+        return _main(args, t0, rank, world, master)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _main(args, t0, rank, world, master):
+    args.fractions = parse_list(args.fractions, float, "--fractions", 0, 100)
+    args.steps_sweep = parse_list(args.steps_sweep, int, "--steps_sweep", 0, 10 ** 7)
+    if not args.fractions and not args.steps_sweep:
+        raise UserError("nothing to do: pass --fractions (e.g. 0,1,5,10,20,40,60,80,100) and/or --steps_sweep "
+                        "(e.g. 0,5,10,20,40,60,80,100)")
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1 (use a 0 fraction for no training), got {args.steps}")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise UserError(f"--eval_limit must be positive, got {args.eval_limit}")
+    if args.task not in TASKS:
+        raise UserError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
+    model_dir, meta, run = read_model(args.model)
+    b = check_inputs(args, meta)
+    a = args.task
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; pass a folder")
+    lr, _ = finetune.resolve_lr({"lr": args.lr}, meta)
+    settings = {"model": os.path.abspath(model_dir), "model_run_id": meta.get("run_id"), "task": a, "task_b": b,
+                "lr": lr, "seed": args.seed, "batch_size": args.batch_size, "data_dir": args.data_dir,
+                "train_size": args.train_size, "max_length": args.max_length, "bf16": args.bf16,
+                "dtype": "bfloat16" if args.bf16 else "float32", "eval_limit": args.eval_limit,
+                "eval_seed": args.eval_seed, "eval_batch_size": args.eval_batch_size, "scorer": args.scorer,
+                "split": "test"}
+    init_distributed(args, world)
+    ref = load_first_stage(args, meta, run, settings, args.out, master)
+    barrier(world)  # (only process 0 uses ref)
+    os.makedirs(args.out, exist_ok=True)
+    plan = plan_points(args)
+    # decide every point up front (the same on every process): skip, copy, or make
+    done_keys, todo = {}, []
+    for rec in collect_points(args.out) if os.path.isdir(args.out) else []:  # earlier invocations' points too
+        if rec.get("same_run_as") is None and rec.get("settings") == settings:
+            done_keys.setdefault(0 if not rec["trained"] else (float(rec["fraction"]), rec["steps"]), rec["name"])
+    for name, sweep, pct, steps, key in plan:
+        path = os.path.join(args.out, name)
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, POINT)):
+            check_existing(path, settings)
+            if master:
+                print(f"replay: {name}: done already ({path})", flush=True)
+            continue
+        todo.append((name, sweep, pct, steps, key))
+    if master:
+        print(f"replay: {' -> '.join(meta['chain'])} + {a}: {len(todo)} point(s) to make, "
+              f"{len(plan) - len(todo)} done -> {args.out}", flush=True)
+    for name, sweep, pct, steps, key in todo:
+        run_point(args, model_dir, settings, a, b, name, sweep, pct, steps, key, done_keys, rank, world)
+        done_keys.setdefault(key, name)
+        barrier(world)  # the other processes wait while process 0 evaluates
+    if not master:
+        return None
+    summary = write_summary(args, model_dir, meta, run, a, b, settings, ref, time.time() - t0)
+    print(f"replay: summary of {len(summary['points'])} point(s) -> {os.path.join(args.out, SUMMARY)}")
+    for r in summary["points"]:
+        fa = "" if r["forgetting_a"] is None else f"  forgetting {a} {r['forgetting_a']:+.4f}"
+        print(f"  {r['name']:14s} n {r['n_examples']:5d}  acc {a} {r['acc_a']:.4f}  acc {b} {r['acc_b']:.4f}{fa}")
+    return summary
+
+
+def build_parser():
+    d = finetune.default_config()
+    p = argparse.ArgumentParser(description="Replay the first task as a third stage: data-fraction and steps sweeps.")
+    p.add_argument("--model", required=True, help="theta_AB: the chained checkpoint folder (finetune.py output)")
+    p.add_argument("--task", required=True, help="the earlier task to replay (A)")
+    p.add_argument("--out", required=True, help="output folder (one subfolder per point + replay_summary.json)")
+    p.add_argument("--fractions", default="", help="percentages of A's training set, e.g. 0,1,5,10,20,40,60,80,100")
+    p.add_argument("--steps", type=int, default=d["steps"], help="steps of every fraction-sweep point")
+    p.add_argument("--steps_sweep", default="", help="step counts on all of A's data, e.g. 0,5,10,20,40,60,80,100")
+    p.add_argument("--first_stage", default=None, help="theta_A's folder (for forgetting; see the docstring)")
+    p.add_argument("--first_stage_eval", default=None, help="theta_A's eval.json (alternative to --first_stage)")
+    p.add_argument("--save_checkpoints", action="store_true", help="keep every point's checkpoint (off: results only)")
+    g = p.add_argument_group("passed to finetune.py")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--seed", type=int, default=d["seed"])
+    g.add_argument("--batch_size", type=int, default=d["batch_size"])
+    g.add_argument("--micro_batch_size", type=int, default=None)
+    g.add_argument("--data_dir", default=None)
+    g.add_argument("--train_size", type=int, default=d["train_size"])
+    g.add_argument("--max_length", type=int, default=d["max_length"])
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--device", default=None)
+    g = p.add_argument_group("passed to evaluate.py")
+    g.add_argument("--eval_limit", type=int, default=None, help="evaluate.py --limit")
+    g.add_argument("--eval_seed", type=int, default=0, help="evaluate.py --seed (the --limit subset)")
+    g.add_argument("--eval_batch_size", type=int, default=16)
+    g.add_argument("--scorer", default="fast", choices=list(evaluate_mod.SCORERS))
+    return p
+
+
+if __name__ == "__main__":
+    die_on_user_error(lambda: main(build_parser().parse_args()))
+    sys.exit(0)
