@@ -343,12 +343,24 @@ def _check_eval_json(path, ev):
             raise UserError(f'{path}: task "{t}" has malformed "groups" (want {{group: {{"acc", "n"}}}}); {EVAL_FIX}')
 
 
-def find_runs(runs_dir, exclude=None):
+def _same_run(a, b):
+    """Two run.json files with one run_id describe the same run (a copy, e.g. the first stages of a long chain
+    re-made with the same settings) when chain, stage, lr, seed, steps and parent agree."""
+    keys = ("chain", "stage", "lr", "seed", "steps", "parent_run_id")
+    return all(a.meta.get(k) == b.meta.get(k) for k in keys)
+
+
+def _duplicate_error(a, b):
+    raise UserError(f"run_id {a.run_id} appears in {a.path}/run.json and {b.path}/run.json; remove the stale copy")
+
+
+def find_runs(runs_dir, exclude=None, allow_copies=False):
     """Every folder under runs_dir with a run.json -> (runs sorted by name, problems).
 
     Reads eval.json (and eval_val.json) beside each run.json. Malformed files raise UserError;
     a failed run or one without eval.json is kept with .problem set; a checkpoint folder without a
-    run.json becomes a problem line."""
+    run.json becomes a problem line. Two run.json with one run_id are an error, unless allow_copies and
+    they describe the same run (_same_run): build_study then decides which copy the two-stage study uses."""
     if not os.path.isdir(runs_dir):
         raise UserError(f"runs folder {runs_dir} does not exist; pass --runs the folder run_all.sh wrote "
                         f"(the one holding stage1/ and stage2/)")
@@ -383,10 +395,9 @@ def find_runs(runs_dir, exclude=None):
                         f"--runs the folder that holds stage1/ and stage2/")
     seen = {}
     for r in runs:
-        if r.run_id in seen:
-            raise UserError(f"run_id {r.run_id} appears in {seen[r.run_id].path}/run.json and {r.path}/run.json; "
-                            f"remove the stale copy")
-        seen[r.run_id] = r
+        if r.run_id in seen and not (allow_copies and _same_run(seen[r.run_id], r)):
+            _duplicate_error(seen[r.run_id], r)
+        seen.setdefault(r.run_id, r)
     for r in runs:
         if r.problem:
             problems.append(f"{r.name}: {r.problem}")
@@ -445,9 +456,10 @@ def pair_metrics(first_eval, chained_eval, task_a, task_b):
             "biased": biased_forgetting_vector(gf, f), "biased_max": biased_forgetting(gf, f, 1)}
 
 
-def pair_runs(runs):
-    """Stage-2 runs joined to their stage-1 parent by parent_run_id -> (pairs, problems)."""
-    by_id = {r.run_id: r for r in runs}
+def pair_runs(runs, parents=None):
+    """Stage-2 runs joined to their stage-1 parent by parent_run_id -> (pairs, problems).
+    `parents` ({run_id: Run}, default: `runs` by run_id) is where parents are looked up."""
+    by_id = parents if parents is not None else {r.run_id: r for r in runs}
     pairs, problems = [], []
     for r in runs:
         if r.problem or r.stage != 2:
@@ -485,6 +497,118 @@ class Study:
     safety: list
     seeds: list
     study_json: dict
+    all_runs: list = field(default_factory=list)      # every run.json found (runs: the two-stage study's)
+    replay: list = field(default_factory=list)        # [(path relative to --runs, replay_summary.json)]
+    replay_ids: set = field(default_factory=set)      # run_ids of replay points (third stages)
+    long_chains: list = field(default_factory=list)   # [LongChain]
+    copies: dict = field(default_factory=dict)        # run_id -> [Run, ...] over all_runs
+    cache: dict = field(default_factory=dict)         # results shared between sections
+
+
+# ----------------------------------------------------------------------------------------------------
+# runs beyond the two-stage study: replay points, mitigated second stages, chains longer than two
+
+MITIGATION_OPTIONS = ("replay_fraction", "l2_to_init", "ewc")
+REPLAY_FIX = "it must be the replay_summary.json written by replay.py; delete it and re-run replay.py"
+
+
+def mitigation_of(meta):
+    """The options beyond the paper's recipe a run.json's config turns on: {option: value} for replay_fraction,
+    l2_to_init, ewc (> 0) and train_fraction (set); {} for a run of the plain recipe."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    on = {}
+    for k in MITIGATION_OPTIONS:
+        v = cfg.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            on[k] = float(v)
+    if cfg.get("train_fraction") is not None:
+        on["train_fraction"] = cfg["train_fraction"]
+    return on
+
+
+def find_json_files(runs_dir, fname, fix, exclude=None):
+    """Every file called fname under runs_dir (hidden folders and `exclude` skipped) -> [(path relative to
+    runs_dir, parsed JSON object)], sorted by path."""
+    found = []
+    exclude = os.path.abspath(exclude) if exclude else None
+    for root, dirs, files in os.walk(runs_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.abspath(os.path.join(root, d)) != exclude)
+        if fname in files:
+            path = os.path.join(root, fname)
+            found.append((os.path.relpath(path, runs_dir), _read_json(path, fname, fix)))
+    return found
+
+
+def _stage(r):
+    return r.stage if isinstance(r.stage, int) and not isinstance(r.stage, bool) else None
+
+
+def is_replay_point(run, replay_ids):
+    """A third stage made by replay.py: its run_id is a point of a replay_summary.json, or a point.json lies
+    beside its run.json."""
+    return run.run_id in replay_ids or os.path.isfile(os.path.join(run.path, "point.json"))
+
+
+def _copy_key(r):
+    """Among copies of one run: the one evaluated on the fewest tasks (the two-stage study's own copy, not a
+    long chain's, whose eval.json holds every task of its chain), with eval_val.json, then by name."""
+    return (len((r.eval or {}).get("tasks", {})), r.val is None, r.name)
+
+
+def _closeness(a, b):
+    return len(os.path.commonpath([os.path.abspath(a), os.path.abspath(b)]).split(os.sep))
+
+
+def resolve_parent(run, copies):
+    """The run.json `run` was tuned from: the copy with its parent_run_id nearest in the folder tree (most
+    leading folders in common with `run`'s), then _copy_key; None when no run.json has that run_id."""
+    cs = copies.get(run.parent_run_id) or []
+    return min(cs, key=lambda c: (-_closeness(c.path, run.path), _copy_key(c))) if cs else None
+
+
+@dataclass
+class LongChain:
+    """A chain of three or more stages: stages[k] is the Run of stage k + 1 (None where it was not found)."""
+    end: Run
+    stages: list
+    problems: list
+
+    chain = property(lambda self: list(self.end.chain))
+    seed = property(lambda self: self.end.seed)
+
+    def own(self):
+        """The stages stored inside the folder that holds the last stage (the long chain's own copies)."""
+        root = os.path.abspath(os.path.dirname(self.end.path)) + os.sep
+        return [r for r in self.stages if r is not None and os.path.abspath(r.path).startswith(root)]
+
+
+def long_chain_lineages(runs, replay_ids, copies):
+    """Chains longer than two: every run.json of stage >= 3 of the plain recipe (no mitigation option, not a
+    replay point) that is not a stage of a longer such chain, with its stages found by following
+    parent_run_id back to stage 1 (resolve_parent: the nearest copy). A stage whose parent is missing, or
+    whose parent's chain is not its chain minus the last task, ends the walk with a problem."""
+    cands = [r for r in runs if (_stage(r) or 0) >= 3 and not mitigation_of(r.meta)
+             and not is_replay_point(r, replay_ids) and isinstance(r.chain, list) and len(r.chain) == r.stage]
+    lineages = []
+    for end in cands:
+        stages, probs, cur = [None] * end.stage, [], end
+        stages[-1] = end
+        while _stage(cur) and cur.stage > 1:
+            p = resolve_parent(cur, copies)
+            if p is None:
+                probs.append(f"{cur.name}: its stage-{cur.stage - 1} run (parent_run_id {cur.parent_run_id}) has no "
+                             f"run.json under the runs folder; stages before {cur.stage} are missing")
+                break
+            if _stage(p) != cur.stage - 1 or p.chain != cur.chain[:-1]:
+                probs.append(f"{cur.name}: its parent {p.name} has chain {p.chain}, not {cur.chain[:-1]}; "
+                             f"stages before {cur.stage} are left out")
+                break
+            stages[p.stage - 1] = p
+            cur = p
+        lineages.append(LongChain(end, stages, probs))
+    inner = {id(r) for lc in lineages for r in lc.stages[:-1] if r is not None}
+    return [lc for lc in lineages if id(lc.end) not in inner]
 
 
 def _lr_key(lr, main):
@@ -493,12 +617,33 @@ def _lr_key(lr, main):
 
 def build_study(runs_dir, main_lr=None, exclude=None):
     """Read a runs folder: runs, chained pairs, the main lr, the Table-1 selection and every problem."""
-    runs, problems = find_runs(runs_dir, exclude)
+    all_runs, problems = find_runs(runs_dir, exclude, allow_copies=True)
     study_json = {}
     sj = os.path.join(runs_dir, "study.json")
     if os.path.isfile(sj):
         study_json = _read_json(sj, "study.json", "delete it or make it a JSON object (it is optional)")
-    pairs, more = pair_runs(runs)
+    # The two-stage study (Table 1 and everything before the replay section) uses plain-recipe runs of stage
+    # 1 and 2 only: no replay points, no mitigated runs, no stage of a longer chain stored with that chain.
+    replay = find_json_files(runs_dir, "replay_summary.json", REPLAY_FIX, exclude)
+    replay_ids = {p.get("run_id") for _, s in replay for p in (s.get("points") or []) if isinstance(p, dict)
+                  and isinstance(p.get("run_id"), str)}
+    copies = defaultdict(list)
+    for r in all_runs:
+        copies[r.run_id].append(r)
+    long_chains = long_chain_lineages(all_runs, replay_ids, copies)
+    own = {id(r) for lc in long_chains for r in lc.own()}
+    runs = [r for r in all_runs if id(r) not in own and not is_replay_point(r, replay_ids)
+            and not mitigation_of(r.meta) and not (_stage(r) or 0) >= 3]
+    seen = {}
+    for r in runs:
+        if r.run_id in seen:
+            _duplicate_error(seen[r.run_id], r)
+        seen[r.run_id] = r
+    parents = dict(seen)
+    for r in sorted(all_runs, key=_copy_key):  # a parent stored only with a long chain
+        if not mitigation_of(r.meta) and not is_replay_point(r, replay_ids):
+            parents.setdefault(r.run_id, r)
+    pairs, more = pair_runs(runs, parents)
     problems += more
     lr_from = "--lr"
     if main_lr is None:
@@ -543,7 +688,8 @@ def build_study(runs_dir, main_lr=None, exclude=None):
             failed = any(r.stage == 2 and r.chain == [A, B] and r.problem for r in runs)
             marker[(A, B)] = FAILED if failed else MISSING
     return Study(runs_dir, runs, pairs, problems, main_lr, lr_from, table1, marker,
-                 capability, safety, seeds, study_json)
+                 capability, safety, seeds, study_json, all_runs=all_runs, replay=replay, replay_ids=replay_ids,
+                 long_chains=long_chains, copies=dict(copies))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1378,8 +1524,669 @@ def _taylor_section(study, out, rows, any_files):
     return text
 
 
+# ----------------------------------------------------------------------------------------------------
+# replay as a third stage (paper §5 and appendix 9.4: Figure 7, Figures 11-14)
+
+REPLAY_COLUMNS = ["chain", "first_task", "second_task", "seed", "sweep", "fraction", "steps", "n_examples", "acc_a",
+                  "acc_b", "forgetting_a", "change_b", "capability_forgetting", "a_examples_presented",
+                  "a_examples_seen", "forgetting_source", "n_eval_a", "file"]
+REPLAY_VALUES = ["acc_a", "acc_b", "forgetting_a", "change_b", "capability_forgetting"]
+RECOVERY_TOL = 0.01  # "within 1 point": forgetting of A at most 0.01 (fraction units)
+
+
+def chain_name(tasks):
+    return "->".join(tasks)
+
+
+def _first_copy(study, run_id):
+    cs = study.copies.get(run_id) or []
+    return min(cs, key=_copy_key) if cs else None
+
+
+def replay_rows(study):
+    """One row per point of every replay_summary.json under --runs (fractions, not percent) -> (rows, problems).
+
+    chain A->B and seed: the summary's task_a / task_b, the seed of its theta_AB run.json (model_run_id), else
+    settings.seed. forgetting_a: the summary's (acc_A(theta_A) - acc_A(point)); when null and theta_A (the
+    parent of theta_AB) has an eval.json holding A, acc_A(theta_A) comes from there (forgetting_source says
+    which). capability_forgetting = acc_B(theta_AB, the untrained 0 point) - acc_B(point) = -change_b.
+    A-examples of a trained point: presented = steps * batch_size (settings.batch_size; the stage draws
+    that many, in seeded epochs of its n_examples), seen = min(presented, n_examples) (distinct examples of A
+    the stage read); 0 for an untrained point. Points made with other settings (settings_match false) are
+    left out with a problem; a second summary of the same chain and seed is left out with a problem."""
+    rows, problems, seen_keys = [], [], {}
+    for name, s in study.replay:
+        A, B, pts = s.get("task_a"), s.get("task_b"), s.get("points")
+        if not isinstance(A, str) or not isinstance(B, str) or not isinstance(pts, list):
+            problems.append(f"{name}: no task_a / task_b / points; {REPLAY_FIX}")
+            continue
+        settings = s.get("settings") if isinstance(s.get("settings"), dict) else {}
+        model = _first_copy(study, s.get("model_run_id"))
+        seed = model.seed if model is not None and isinstance(model.seed, int) else settings.get("seed")
+        if not isinstance(seed, int):
+            problems.append(f"{name}: its theta_AB (run_id {s.get('model_run_id')}) has no run.json under the runs "
+                            f"folder and the summary names no seed; seed unknown")
+            seed = NA
+        key = (A, B, seed)
+        if key in seen_keys:
+            problems.append(f"{name}: a second replay summary of {A}->{B} seed {seed} (the first is "
+                            f"{seen_keys[key]}); left out")
+            continue
+        seen_keys[key] = name
+        bs = settings.get("batch_size")
+        bs = bs if isinstance(bs, int) and not isinstance(bs, bool) else None
+        ref = _num((s.get("first_stage") or {}).get("acc_a")) if isinstance(s.get("first_stage"), dict) else float("nan")
+        fallback = float("nan")
+        if math.isnan(ref) and model is not None:
+            parent = resolve_parent(model, study.copies)
+            if parent is not None and parent.eval and A in parent.eval["tasks"]:
+                fallback = parent.acc(A)
+        good = [p for p in pts if isinstance(p, dict) and p.get("settings_match") is not False
+                and isinstance(p.get("acc_a"), (int, float)) and isinstance(p.get("acc_b"), (int, float))]
+        bad = [p for p in pts if p not in good]
+        if bad:
+            problems.append(f"{name}: {len(bad)} point(s) made with other settings or without accuracies left out "
+                            f"({', '.join(str(p.get('name', '?')) if isinstance(p, dict) else '?' for p in bad)}); "
+                            f"re-run replay.py")
+        zero = [p for p in good if p.get("trained") is False or (p.get("steps") == 0)]
+        zero_b = float(zero[0]["acc_b"]) if zero else float("nan")
+        missing_f = False
+        for p in good:
+            trained = p.get("trained") if isinstance(p.get("trained"), bool) else bool(p.get("steps"))
+            steps = int(p.get("steps") or 0) if trained else 0
+            n_ex = int(p.get("n_examples") or 0) if trained else 0
+            fa, src = _num(p.get("forgetting_a")), "replay_summary"
+            if math.isnan(fa):
+                if not math.isnan(fallback):
+                    fa, src = fallback - float(p["acc_a"]), "theta_A eval.json"
+                else:
+                    src, missing_f = MISSING, True
+            cb = _num(p.get("change_b"))
+            capf = -cb if not math.isnan(cb) else zero_b - float(p["acc_b"])
+            presented = (steps * bs if bs else float("nan")) if trained else 0
+            rows.append({"chain": chain_name([A, B]), "first_task": A, "second_task": B, "seed": seed,
+                         "sweep": p.get("sweep", NA), "fraction": _num(p.get("fraction")), "steps": steps,
+                         "n_examples": n_ex, "acc_a": float(p["acc_a"]), "acc_b": float(p["acc_b"]),
+                         "forgetting_a": fa, "change_b": -capf, "capability_forgetting": capf,
+                         "a_examples_presented": presented,
+                         "a_examples_seen": (min(presented, n_ex) if not math.isnan(presented) else float("nan"))
+                         if trained else 0, "forgetting_source": src, "n_eval_a": p.get("n_eval_a", NA),
+                         "file": name})
+        if missing_f:
+            problems.append(f"{name}: no forgetting of {A} (the summary has no first-stage reference and theta_A's "
+                            f"eval.json was not found); re-run replay.py with --first_stage")
+    return rows, problems
+
+
+def _x(row):
+    return row["fraction"] if row["sweep"] == "fraction" else row["steps"]
+
+
+def replay_means(rows):
+    """Mean and std over seeds per chain, sweep and point (percent; A-example counts as they are)."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["first_task"], r["second_task"], r["sweep"], _x(r))].append(r)
+    out = []
+    for (A, B, sweep, x), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]), kv[0][3])):
+        row = {"chain": chain_name([A, B]), "first_task": A, "second_task": B, "sweep": sweep, "x": x,
+               "fraction": rs[0]["fraction"], "steps": rs[0]["steps"], "n_seeds": len(rs),
+               "seeds": ";".join(str(r["seed"]) for r in rs)}
+        for q in REPLAY_VALUES:
+            row[q], row[q + "_std"] = cells([r[q] for r in rs], marker=NA)
+        row["a_examples_seen"] = _r(mean_std([r["a_examples_seen"] for r in rs])[0], 1)
+        out.append(row)
+    cols = ["chain", "first_task", "second_task", "sweep", "x", "fraction", "steps", "n_seeds", "seeds"]
+    cols += [c for q in REPLAY_VALUES for c in (q, q + "_std")] + ["a_examples_seen"]
+    return pd.DataFrame(out, columns=cols)
+
+
+def recovery_fraction(fractions, forgetting, tol=RECOVERY_TOL):
+    """The smallest replay fraction whose forgetting of A is at most `tol` (0.01: within 1 point of theta_A's
+    accuracy, or above it: over-recovery counts as recovered). fractions in percent, forgetting in fraction
+    units (nan: not measured, skipped). Returns the fraction, or None when no point qualifies."""
+    ok = [f for f, v in zip(fractions, forgetting) if v is not None and not math.isnan(v) and v <= tol + 1e-12]
+    return min(ok) if ok else None
+
+
+def _plot_sweeps(df, col, ylabel, title, zero_line):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, sweep, xl, sub in ((axes[0], "fraction", "share of A's training data in the third stage (%)", "(a)"),
+                               (axes[1], "steps", "third-stage optimisation steps (all of A's data)", "(b)")):
+        d = df[df.sweep == sweep]
+        for chain, g in d.groupby("chain", sort=True):
+            y = pd.to_numeric(g[col], errors="coerce")
+            e = pd.to_numeric(g[col + "_std"], errors="coerce").fillna(0)
+            a, b = chain.split("->")
+            ax.errorbar(g.x, y, yerr=e, marker="o", capsize=3, label=f"{short(a)} -> {short(b)}")
+        if d.empty:
+            ax.text(0.5, 0.5, f"no {sweep} sweep", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.legend(fontsize=7)
+        if zero_line:
+            ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{sub} against {'replay fraction' if sweep == 'fraction' else 'steps'}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+REPLAY_FIGURES = [("figure7", "forgetting_a", "forgetting of the safety task A (%)",
+                   "Figure 7: forgetting of A after a third stage on A (A -> B -> A)", True),
+                  ("figure11", "acc_a", "safety task (A) accuracy (%)", "Figure 11: safety task accuracy after the "
+                   "third stage", False),
+                  ("figure12", "forgetting_a", "safety task (A) forgetting (%)", "Figure 12: safety task forgetting "
+                   "after the third stage", True),
+                  ("figure13", "acc_b", "capability task (B) accuracy (%)", "Figure 13: capability task accuracy "
+                   "after the third stage", False),
+                  ("figure14", "capability_forgetting", "capability task (B) forgetting (%)",
+                   "Figure 14: capability task forgetting after the third stage", True)]
+
+
+def _replay_data(study):
+    if "replay" not in study.cache:
+        rows, probs = replay_rows(study)
+        study.problems.extend(probs)
+        study.cache["replay"] = rows
+    return study.cache["replay"]
+
+
+def section_replay(study, out, opts):
+    """replay.csv (per chain, seed and point), replay_mean.csv, figure7 and figure11-14 (.png + .csv),
+    replay_recovery.csv. Nothing is written (the section says so) without a replay_summary.json."""
+    head = "## Replay as a third stage (Figure 7; appendix Figures 11-14)\n\n"
+    if not study.replay:
+        return head + ("No replay results: no replay_summary.json under the runs folder (replay.py writes it; "
+                       "run_all.sh runs it for every safety -> capability chain), so no Figure 7, no Figures "
+                       "11-14 and no recovery fraction.\n")
+    rows = _replay_data(study)
+    pct = {"acc_a", "acc_b", "forgetting_a", "change_b", "capability_forgetting"}
+    df = pd.DataFrame([{k: (_r(100 * v) if k in pct else _r(v, 1) if k.startswith("a_examples") else v)
+                        for k, v in r.items()} for r in rows], columns=REPLAY_COLUMNS)
+    write_csv(os.path.join(out, "replay.csv"), df)
+    means = replay_means(rows)
+    write_csv(os.path.join(out, "replay_mean.csv"), means)
+    for stem, col, ylabel, title, zero in REPLAY_FIGURES:
+        d = means[["chain", "first_task", "second_task", "sweep", "x", col, col + "_std", "n_seeds"]]
+        save_figure(_plot_sweeps(d, col, ylabel, title, zero), d, out, stem)
+    rec = []
+    for (A, B), g in means[means.sweep == "fraction"].groupby(["first_task", "second_task"], sort=True):
+        fr = g.fraction.astype(float).tolist()
+        fo = [v / 100 if not isinstance(v, str) else float("nan") for v in g.forgetting_a]
+        f = recovery_fraction(fr, fo)
+        zero = [v for x, v in zip(fr, g.forgetting_a) if x == 0]
+        have = any(not math.isnan(v) for v in fo)
+        at = [v for x, v in zip(fr, g.forgetting_a) if f is not None and x == f]
+        rec.append({"first_task": A, "second_task": B, "n_seeds": int(g.n_seeds.max()),
+                    "forgetting_at_0": zero[0] if zero else MISSING,
+                    "recovery_fraction": (f"{f:g}" if f is not None else "none") if have else MISSING,
+                    "forgetting_at_recovery": at[0] if at else NA,
+                    "fractions": ";".join(f"{x:g}" for x in fr),
+                    "rule": f"smallest fraction with mean forgetting of A <= {100 * RECOVERY_TOL:g} point"})
+    rec = pd.DataFrame(rec, columns=["first_task", "second_task", "n_seeds", "forgetting_at_0", "recovery_fraction",
+                                     "forgetting_at_recovery", "fractions", "rule"])
+    write_csv(os.path.join(out, "replay_recovery.csv"), rec)
+    chains = sorted({(r["first_task"], r["second_task"]) for r in rows})
+    seeds = sorted({str(r["seed"]) for r in rows})
+    text = head + (f"{len(study.replay)} replay summaries, chains {', '.join(chain_name(c) for c in chains) or 'none'}, "
+                   f"seeds {', '.join(seeds) or 'none'}. From theta_AB (after A -> B) a third stage tunes A again on "
+                   "a share of its training data for a fixed number of steps (fraction sweep) or on all of it for a "
+                   "number of steps (steps sweep); the 0 point is theta_AB itself. Forgetting of A = acc_A(theta_A) "
+                   "- acc_A(point); capability forgetting = acc_B(theta_AB) - acc_B(point). Percent, mean (std) "
+                   "over seeds; evaluated with replay.py's settings. Per point and seed: [replay.csv](replay.csv); "
+                   "means: [replay_mean.csv](replay_mean.csv).\n\n")
+    text += ("### Smallest replay fraction that recovers A\n\nThe smallest fraction whose mean forgetting of A is at "
+             f"most {100 * RECOVERY_TOL:g} point (within 1 point of theta_A's accuracy, or above it), \"none\" when no "
+             "fraction gets there ([replay_recovery.csv](replay_recovery.csv)).\n\n")
+    text += markdown_table(rec.drop(columns=["rule"])) + "\n"
+    for stem, _, _, title, _ in REPLAY_FIGURES:
+        text += f"### {title}\n\n![{stem}]({stem}.png) ([{stem}.csv]({stem}.csv))\n\n"
+    srcs = Counter(r["forgetting_source"] for r in rows)
+    if srcs.get("theta_A eval.json"):
+        text += (f"{srcs['theta_A eval.json']} point(s) without a first-stage reference in their summary: forgetting "
+                 "from theta_A's eval.json (its evaluation settings may differ from the replay points').\n")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# mitigations of the second stage compared with third-stage replay
+
+MITIGATION_COLUMNS = ["first_task", "second_task", "method", "setting", "n_seeds", "seeds", "forgetting_a",
+                      "forgetting_a_std", "acc_b", "acc_b_std", "extra_steps", "a_examples_seen",
+                      "a_examples_presented", "fisher_samples", "n_eval_a", "runs"]
+
+
+def _method_of(meta, A, B):
+    """(method, setting, sort key) of a mitigated second stage from its run.json config."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    on = mitigation_of(meta)
+    names, sets, key = [], [], []
+    if "replay_fraction" in on:
+        t = cfg.get("replay_task")
+        names.append("mix" if t == A else f"mix({t})")
+        sets.append(f"{100 * on['replay_fraction']:g}% of each batch from {t}")
+        key.append((1, on["replay_fraction"]))
+    if "l2_to_init" in on:
+        names.append("l2")
+        sets.append(f"lambda {on['l2_to_init']:g}")
+        key.append((2, on["l2_to_init"]))
+    if "ewc" in on:
+        t = cfg.get("ewc_task")
+        names.append("ewc" if t == A else f"ewc({t})")
+        sets.append(f"lambda {on['ewc']:g}, Fisher on {t}")
+        key.append((3, on["ewc"]))
+    if "train_fraction" in on:
+        names.append("train_fraction")
+        sets.append(f"{100 * float(on['train_fraction']):g}% of {B}")
+        key.append((4, float(on["train_fraction"])))
+    return "+".join(names), "; ".join(sets), tuple(key)
+
+
+def mitigation_rows(study):
+    """Per chain A->B and seed: the plain chain of Table 1, every mitigated second stage (run.json config:
+    replay_fraction / l2_to_init / ewc > 0, train_fraction set) and every trained third-stage replay point,
+    with forgetting of A and accuracy of B (fractions) and their cost -> (rows, problems).
+
+    Forgetting of a mitigated run = acc_A(theta_A) - acc_A(run), theta_A its parent (parent_run_id), both
+    from eval.json. Cost, counted against the plain chain A->B of the same seed (Table 1):
+      extra_steps      optimisation steps beyond the plain chain's second stage: steps - plain steps for a
+                       mitigated second stage (0 when it has the same --steps), the third stage's steps for
+                       a replay point;
+      a_examples_presented  examples of A in training batches: for mixing, run.json replay.examples_replayed
+                       (else floor(F * batch_size * steps + 1/2), finetune.py's count); for a replay point,
+                       steps * batch_size; 0 for L2 and EWC;
+      a_examples_seen  distinct examples of A read: min(presented, pool) (mixing: replay.n_pool; replay point:
+                       its n_examples), plus for EWC the N samples of its Fisher estimate (these need A's
+                       data though no optimisation step sees them); 0 for L2 and the plain chain.
+    Chains with neither a mitigated run nor a replay summary are not listed."""
+    rows, problems = [], []
+    plain = {(p.A, p.B, p.seed): p for ps in study.table1.values() for p in ps}
+    for r in study.all_runs:
+        if _stage(r) != 2 or not mitigation_of(r.meta) or is_replay_point(r, study.replay_ids) or r.problem:
+            continue
+        A, B = r.chain
+        parent = resolve_parent(r, study.copies)
+        if parent is None or parent.problem or not parent.eval or A not in parent.eval["tasks"]:
+            problems.append(f"{r.name}: its first-stage run (parent_run_id {r.parent_run_id}) "
+                            + ("has no run.json under the runs folder" if parent is None else
+                               f"{parent.name} has no usable eval.json holding {A}") + "; left out of mitigation.csv")
+            continue
+        if A not in r.eval["tasks"] or B not in r.eval["tasks"]:
+            problems.append(f"{r.name}/eval.json has no result for {A if A not in r.eval['tasks'] else B}; re-run "
+                            f"evaluate.py --tasks {A},{B}")
+        method, setting, key = _method_of(r.meta, A, B)
+        cfg = r.meta.get("config") or {}
+        steps, bs = r.meta.get("steps"), cfg.get("batch_size")
+        p = plain.get((A, B, r.seed))
+        extra = (steps - p.chained.meta.get("steps")) if p is not None and isinstance(steps, int) \
+            and isinstance(p.chained.meta.get("steps"), int) else float("nan")
+        presented = seen = fisher = 0
+        on = mitigation_of(r.meta)
+        if "replay_fraction" in on:
+            rep = r.meta.get("replay") if isinstance(r.meta.get("replay"), dict) else {}
+            presented = rep.get("examples_replayed")
+            if not isinstance(presented, int):
+                presented = (math.floor(on["replay_fraction"] * bs * steps + 0.5)
+                             if isinstance(bs, int) and isinstance(steps, int) else float("nan"))
+            pool = rep.get("n_pool")
+            seen = min(presented, pool) if isinstance(pool, int) else presented
+        if "ewc" in on:
+            reg = r.meta.get("regularisation") if isinstance(r.meta.get("regularisation"), dict) else {}
+            fi = reg.get("fisher") if isinstance(reg.get("fisher"), dict) else {}
+            fisher = fi.get("n_samples", cfg.get("ewc_samples", float("nan")))
+            seen = seen + fisher
+        note = "" if p is None or p.first.run_id == parent.run_id else \
+            f"theta_A {parent.name} is not Table 1's ({p.first.name})"
+        if note:
+            problems.append(f"{r.name}: {note}; forgetting measured from its own theta_A")
+        rows.append({"first_task": A, "second_task": B, "seed": r.seed, "method": method, "setting": setting,
+                     "key": (1,) + key, "forgetting_a": forgetting(parent.acc(A), r.acc(A)), "acc_b": r.acc(B),
+                     "extra_steps": extra, "a_examples_seen": seen, "a_examples_presented": presented,
+                     "fisher_samples": fisher, "n_eval_a": r.eval["tasks"].get(A, {}).get("n", NA), "run": r.name})
+    chains = {(x["first_task"], x["second_task"]) for x in rows}
+    for x in _replay_data(study):
+        if x["a_examples_seen"] == 0 and x["steps"] == 0:
+            continue  # the untrained point is theta_AB
+        chains.add((x["first_task"], x["second_task"]))
+        sweep = x["sweep"]
+        setting = (f"fraction {x['fraction']:g}%, {x['steps']} steps" if sweep == "fraction"
+                   else f"{x['steps']} steps, all data")
+        rows.append({"first_task": x["first_task"], "second_task": x["second_task"], "seed": x["seed"],
+                     "method": f"replay ({sweep} sweep)", "setting": setting,
+                     "key": (2 if sweep == "fraction" else 3, _x(x)), "forgetting_a": x["forgetting_a"],
+                     "acc_b": x["acc_b"], "extra_steps": x["steps"], "a_examples_seen": x["a_examples_seen"],
+                     "a_examples_presented": x["a_examples_presented"], "fisher_samples": 0,
+                     "n_eval_a": x["n_eval_a"], "run": x["file"]})
+    for (A, B) in sorted(chains):
+        for p in study.table1.get((A, B), []):
+            rows.append({"first_task": A, "second_task": B, "seed": p.seed, "method": "plain",
+                         "setting": "Table 1 chain", "key": (0,), "forgetting_a": p.m["forgetting"],
+                         "acc_b": p.m["acc_chained_b"], "extra_steps": 0, "a_examples_seen": 0,
+                         "a_examples_presented": 0, "fisher_samples": 0,
+                         "n_eval_a": p.chained.eval["tasks"][A].get("n", NA), "run": p.chained.name})
+    return rows, problems
+
+
+def mitigation_table(rows):
+    """Mean (std) over seeds per chain, method and setting (percent; costs as mean counts)."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["first_task"], r["second_task"], r["key"], r["method"], r["setting"])].append(r)
+    out = []
+    for (A, B, _, method, setting), rs in sorted(groups.items(), key=lambda kv: kv[0][:3]):
+        f, fs = cells([r["forgetting_a"] for r in rs], marker=MISSING)
+        b, bsd = cells([r["acc_b"] for r in rs], marker=MISSING)
+        cost = {k: _r(mean_std([_num(r[k]) for r in rs])[0], 1)
+                for k in ("extra_steps", "a_examples_seen", "a_examples_presented", "fisher_samples")}
+        n_eval = sorted({str(r["n_eval_a"]) for r in rs})
+        out.append({"first_task": A, "second_task": B, "method": method, "setting": setting, "n_seeds": len(rs),
+                    "seeds": ";".join(str(r["seed"]) for r in sorted(rs, key=lambda r: str(r["seed"]))),
+                    "forgetting_a": f, "forgetting_a_std": fs, "acc_b": b, "acc_b_std": bsd, **cost,
+                    "n_eval_a": ";".join(n_eval), "runs": ";".join(r["run"] for r in rs)})
+    return pd.DataFrame(out, columns=MITIGATION_COLUMNS)
+
+
+def _f(v, unit=""):
+    return f"{v:.2f}{unit}" if isinstance(v, (int, float, np.floating)) and not math.isnan(v) else str(v)
+
+
+def matched_cost(df):
+    """Sentences comparing, per chain, each mitigation with the third-stage replay point (fraction sweep)
+    whose A-examples seen are closest to it (ties: fewer extra steps, then the smaller fraction); L2 (no data
+    of A) with the plain chain. df: mitigation_table."""
+    lines = []
+    for (A, B), g in df.groupby(["first_task", "second_task"], sort=True):
+        plain = g[g.method == "plain"]
+        rep = g[g.method == "replay (fraction sweep)"]
+        rep = rep[rep.a_examples_seen.map(lambda v: isinstance(v, (int, float)) and not math.isnan(v))]
+        others = g[~g.method.isin(["plain", "replay (fraction sweep)", "replay (steps sweep)"])]
+        pl = (f"plain chain: forgetting of {A} {_f(plain.forgetting_a.iloc[0])}, {B} accuracy "
+              f"{_f(plain.acc_b.iloc[0])}" if len(plain) else "plain chain: missing")
+        head = f"- **{A} -> {B}** ({pl})."
+        if others.empty:
+            lines.append(head + " No mitigated second stage for this chain.")
+            continue
+        parts = []
+        for m in others.itertuples():
+            desc = (f"{m.method} ({m.setting}): forgetting {_f(m.forgetting_a)}, {B} {_f(m.acc_b)}, "
+                    f"{_f(m.a_examples_seen)} A-examples seen, {_f(m.extra_steps)} extra steps")
+            seen = m.a_examples_seen if isinstance(m.a_examples_seen, (int, float)) else float("nan")
+            if m.method.startswith("l2") and seen == 0:
+                ref = plain
+                parts.append(desc + ("; against the plain chain (same cost in A-data): forgetting "
+                                     f"{_f(ref.forgetting_a.iloc[0])}" if len(ref) else "; no plain chain to compare"))
+                continue
+            if rep.empty or math.isnan(seen):
+                parts.append(desc + "; no third-stage replay point to match")
+                continue
+            d = rep.assign(_d=(rep.a_examples_seen.astype(float) - seen).abs(),
+                           _e=pd.to_numeric(rep.extra_steps, errors="coerce"))
+            best = d.sort_values(["_d", "_e"], kind="stable").iloc[0]
+            better = (isinstance(m.forgetting_a, float) and isinstance(best.forgetting_a, float)
+                      and not math.isnan(m.forgetting_a) and not math.isnan(best.forgetting_a))
+            verdict = ("" if not better else "; the mitigation forgets less" if m.forgetting_a < best.forgetting_a
+                       else "; replay forgets less" if m.forgetting_a > best.forgetting_a else "; equal forgetting")
+            parts.append(desc + f"; replay at matched cost ({best.setting}: {_f(best.a_examples_seen)} A-examples "
+                         f"seen, {_f(best.extra_steps)} extra steps): forgetting {_f(best.forgetting_a)}, {B} "
+                         f"{_f(best.acc_b)}{verdict}")
+        lines.append(head + "\n" + "\n".join(f"  - {x}." for x in parts))
+    return "\n".join(lines) + "\n"
+
+
+MARKERS = {"plain": ("o", "black"), "mix": ("s", "tab:blue"), "l2": ("^", "tab:green"), "ewc": ("v", "tab:red")}
+
+
+def section_mitigation(study, out, opts):
+    """mitigation.csv/.png (mean per chain and method), mitigation_runs.csv (per seed) and a matched-cost
+    comparison. Nothing is written without a mitigated run or a replay summary."""
+    head = "## Mitigations compared: mixing, L2, EWC and third-stage replay\n\n"
+    rows, probs = mitigation_rows(study)
+    study.problems.extend(probs)
+    if not any(r["method"] != "plain" for r in rows):
+        return head + ("No mitigation results: no second stage with replay mixing, L2 or EWC (finetune.py "
+                       "--replay_task/--replay_fraction, --l2_to_init, --ewc) and no replay summary under the runs "
+                       "folder.\n")
+    per_seed = pd.DataFrame([{k: (_r(100 * v) if k in ("forgetting_a", "acc_b") else _v(v))
+                              for k, v in r.items() if k != "key"} for r in rows],
+                            columns=["first_task", "second_task", "seed", "method", "setting", "forgetting_a", "acc_b",
+                                     "extra_steps", "a_examples_seen", "a_examples_presented", "fisher_samples",
+                                     "n_eval_a", "run"])
+    write_csv(os.path.join(out, "mitigation_runs.csv"), per_seed)
+    df = mitigation_table(rows)
+    chains = list(df.groupby(["first_task", "second_task"], sort=True))
+    fig, axes = plt.subplots(1, len(chains), figsize=(5.2 * len(chains), 4), squeeze=False)
+    for ax, ((A, B), g) in zip(axes[0], chains):
+        num = lambda s: pd.to_numeric(s, errors="coerce")
+        for sweep, style in (("replay (fraction sweep)", "x--"), ("replay (steps sweep)", "+:")):
+            d = g[g.method == sweep].sort_values("a_examples_seen", key=num)
+            if len(d):
+                ax.plot(num(d.a_examples_seen), num(d.forgetting_a), style, color="tab:purple", label=sweep)
+        for m in g[~g.method.str.startswith("replay")].itertuples():
+            mk, colour = MARKERS.get(m.method.split("(")[0].split("+")[0], ("D", "tab:gray"))
+            ax.errorbar(_num(m.a_examples_seen), _num(m.forgetting_a),
+                        yerr=_num(m.forgetting_a_std) if isinstance(m.forgetting_a_std, float) else None,
+                        fmt=mk, color=colour, capsize=3, label=f"{m.method} ({m.setting})")
+        ax.set_xscale("symlog", linthresh=10)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xlabel("examples of A seen (distinct)")
+        ax.set_ylabel(f"forgetting of {short(A)} (%)")
+        ax.set_title(f"{short(A)} -> {short(B)}")
+        ax.legend(fontsize=6)
+    fig.suptitle("Forgetting of the first task against the data of it each mitigation uses")
+    fig.tight_layout()
+    save_figure(fig, df, out, "mitigation")
+    return (head + "Per chain A -> B: the plain chain of Table 1, second stages with a mitigation (from the same "
+            "theta_A, found by run.json config: mixing A's data into B's batches, L2 pull to theta_A, EWC) and the "
+            "trained third-stage replay points. Forgetting of A and accuracy of B in percent, mean (std) over "
+            "seeds. Cost: extra optimisation steps beyond the plain chain; A-examples seen = distinct examples of A "
+            "read (mixing: those replayed, at most A's training set; replay point: min(steps x batch size, its "
+            "subset); EWC: the Fisher samples; L2: none); presented = A-examples in training batches, repeats "
+            "counted. Replay points are evaluated with replay.py's settings (n_eval_a). "
+            "([mitigation.csv](mitigation.csv), per seed: [mitigation_runs.csv](mitigation_runs.csv))\n\n"
+            + markdown_table(df.drop(columns=["seeds", "runs"])) + "\n![mitigation](mitigation.png)\n\n"
+            "### At matched cost\n\n" + matched_cost(df))
+
+
+# ----------------------------------------------------------------------------------------------------
+# chains longer than two
+
+CHAIN_COLUMNS = ["chain", "seed", "lrs", "task", "tuned_at_stage", "after_stage", "after_task", "acc_tuned",
+                 "acc_after", "forgetting", "run_tuned", "run_after"]
+
+
+def chain_forgetting_rows(long_chains):
+    """For every long chain and seed, the forgetting of every earlier task after every later stage (fractions):
+    forgetting = acc_T(after the stage k that tuned T) - acc_T(after stage j), j > k, both from the eval.json
+    of those stages. A task tuned again later is counted from its last tuning: the rows of stage k stop
+    before the next stage that tunes T. -> (rows, problems)."""
+    rows, problems = [], []
+    for lc in long_chains:
+        problems.extend(lc.problems)
+        chain, st = lc.chain, lc.stages
+        lrs = ";".join(f"{r.lr:g}" if r is not None and not r.problem else "?" for r in st)
+        for k, T in enumerate(chain, 1):
+            nxt = next((m for m in range(k + 1, len(chain) + 1) if chain[m - 1] == T), len(chain) + 1)
+            rk = st[k - 1]
+            for j in range(k + 1, nxt):
+                rj = st[j - 1]
+                vals = []
+                for r in (rk, rj):
+                    if r is None or r.problem or not r.eval or T not in r.eval["tasks"]:
+                        if r is not None and r.eval and T not in r.eval["tasks"]:
+                            problems.append(f"{r.name}/eval.json has no result for {T} (long chain "
+                                            f"{chain_name(chain)}); re-run evaluate.py with every task of the chain")
+                        vals.append(float("nan"))
+                    else:
+                        vals.append(r.acc(T))
+                rows.append({"chain": chain_name(chain), "seed": lc.seed, "lrs": lrs, "task": T, "tuned_at_stage": k,
+                             "after_stage": j, "after_task": chain[j - 1], "acc_tuned": vals[0], "acc_after": vals[1],
+                             "forgetting": vals[0] - vals[1],
+                             "run_tuned": rk.name if rk is not None else MISSING,
+                             "run_after": rj.name if rj is not None else MISSING})
+    return rows, sorted(set(problems), key=problems.index)
+
+
+def section_long_chains(study, out, opts):
+    """chain_forgetting.csv (per chain, seed, task and later stage), figure_chain_forgetting.png/.csv (mean over
+    seeds). Nothing is written without a chain longer than two."""
+    head = "## Chains longer than two\n\n"
+    if not study.long_chains:
+        return head + ("No long chains: no run.json of stage 3 or more (other than replay points) under the runs "
+                       "folder.\n")
+    rows, probs = chain_forgetting_rows(study.long_chains)
+    study.problems.extend(probs)
+    df = pd.DataFrame([{k: (_r(100 * v) if k in ("acc_tuned", "acc_after", "forgetting") else v)
+                        for k, v in r.items()} for r in rows], columns=CHAIN_COLUMNS)
+    write_csv(os.path.join(out, "chain_forgetting.csv"), df)
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["chain"], r["lrs"], r["tuned_at_stage"], r["task"], r["after_stage"], r["after_task"])].append(r)
+    mean = []
+    for (c, lrs, k, T, j, tj), rs in groups.items():
+        m, s = cells([r["forgetting"] for r in rs])
+        mean.append({"chain": c, "lrs": lrs, "task": T, "tuned_at_stage": k, "after_stage": j, "after_task": tj,
+                     "forgetting": m, "forgetting_std": s, "n_seeds": sum(not math.isnan(r["forgetting"]) for r in rs),
+                     "seeds": ";".join(str(r["seed"]) for r in rs)})
+    mean = pd.DataFrame(mean, columns=["chain", "lrs", "task", "tuned_at_stage", "after_stage", "after_task",
+                                       "forgetting", "forgetting_std", "n_seeds", "seeds"])
+    chains = list(mean.groupby(["chain", "lrs"], sort=True))
+    fig, axes = plt.subplots(1, max(1, len(chains)), figsize=(5 * max(1, len(chains)), 3.8), squeeze=False)
+    for ax, ((c, lrs), g) in zip(axes[0], chains):
+        for (k, T), d in g.groupby(["tuned_at_stage", "task"], sort=True):
+            ax.errorbar(d.after_stage, pd.to_numeric(d.forgetting, errors="coerce"),
+                        yerr=pd.to_numeric(d.forgetting_std, errors="coerce").fillna(0), marker="o", capsize=3,
+                        label=f"{short(T)} (stage {k})")
+        tasks = c.split("->")
+        ax.set_xticks(range(1, len(tasks) + 1), [f"{i}: {short(t)}" for i, t in enumerate(tasks, 1)])
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xlabel("after stage")
+        ax.set_ylabel("forgetting (%)")
+        ax.set_title(" -> ".join(short(t) for t in tasks) + (f" (lr {lrs})" if len(chains) > 1 else ""), fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, mean, out, "figure_chain_forgetting")
+    seeds = sorted({str(lc.seed) for lc in study.long_chains})
+    return (head + f"{len(study.long_chains)} long chain(s) (seeds {', '.join(seeds)}). Forgetting of task T after "
+            "stage j = acc_T after the stage that tuned T - acc_T after stage j, in percent, mean (std) over seeds "
+            "([chain_forgetting.csv](chain_forgetting.csv) per seed, [figure_chain_forgetting.csv]"
+            "(figure_chain_forgetting.csv)). Stages are found by parent_run_id from each chain's last stage.\n\n"
+            + markdown_table(mean.drop(columns=["seeds"])) + "\n![chain forgetting](figure_chain_forgetting.png)\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# curvature-guided task order
+
+ORDER_COLUMNS = ["task_x", "task_y", "rho_x", "rho_y", "recommended", "forgetting_xy", "n_xy", "forgetting_yx",
+                 "n_yx", "less_forgetting", "agrees", "agrees_order_json"]
+
+
+def _order_functions():
+    """order.py's recommend_order and check_pairs; simple stand-ins when order.py cannot be imported."""
+    try:
+        import order
+        return order.recommend_order, order.check_pairs, "order.py"
+    except Exception:  # pragma: no cover - metrics.py copied alone
+        def recommend(rho):
+            val = {t: (v["rho"] if isinstance(v, dict) else float(v)) for t, v in rho.items()}
+            return sorted(val, key=lambda t: val[t])
+
+        def check(tasks, rho, measured):
+            rows = []
+            for i, x in enumerate(tasks):
+                for y in tasks[i + 1:]:
+                    if x not in rho or y not in rho:
+                        continue
+                    rec = recommend({x: rho[x], y: rho[y]})
+                    m = {}
+                    for a, b in ((x, y), (y, x)):
+                        items = measured.get((a, b), [])
+                        m[f"{a}->{b}"] = {"forgetting": float(np.mean([f for f, _ in items])) if items else None,
+                                          "n": len(items), "run_ids": sorted(r for _, r in items)}
+                    fxy, fyx = m[f"{x}->{y}"]["forgetting"], m[f"{y}->{x}"]["forgetting"]
+                    less = None if fxy is None or fyx is None or fxy == fyx else \
+                        (f"{x}->{y}" if fxy < fyx else f"{y}->{x}")
+                    rows.append({"tasks": [x, y], "recommended": rec, "rho": {x: rho[x]["rho"], y: rho[y]["rho"]},
+                                 "measured": m, "less_forgetting": less,
+                                 "agrees": None if less is None else less == f"{rec[0]}->{rec[1]}"})
+            return rows
+        return recommend, check, "metrics.py (order.py not importable)"
+
+
+def find_order_json(runs_dir):
+    for rel in (os.path.join("results", "order.json"), "order.json"):
+        p = os.path.join(runs_dir, rel)
+        if os.path.isfile(p):
+            return rel, _read_json(p, "order.json", "it must be the JSON order.py --out writes; delete it or re-run "
+                                                    "order.py")
+    return None, None
+
+
+def section_order(study, out, opts):
+    """order.csv: per pair of tasks with curvature, the recommended order (the flatter first-task minimum first)
+    and whether the Table-1 forgetting agrees. rho and the recommendation come from <runs>/results/order.json
+    (or <runs>/order.json) when it exists, else from the curvature results (Figure 4a's rho per task) through
+    order.py's functions."""
+    head = "## Curvature-guided task order\n\n"
+    recommend, check, impl = _order_functions()
+    rel, oj = find_order_json(study.runs_dir)
+    if oj is not None:
+        rho = {t: v for t, v in (oj.get("rho") or {}).items()
+               if isinstance(v, dict) and not math.isnan(_num(v.get("rho")))}
+        tasks = [t for t in (oj.get("tasks") or list(rho)) if t in rho]
+        order_rec = oj.get("recommended_order") or recommend({t: rho[t] for t in tasks})
+        src = f"{rel} (order.py)"
+        theirs = {tuple(p.get("tasks", [])): p.get("agrees") for p in oj.get("pairs") or [] if isinstance(p, dict)}
+    else:
+        curv_files, _ = find_curvature_files(study.runs_dir, getattr(opts, "out", None))
+        if not curv_files:
+            return head + ("No task order: no results/order.json and no curvature results under the runs folder "
+                           "(order.py and curvature.py write them).\n")
+        curv_by_id, _, _ = curvature_results(curv_files, study.runs)
+        rows_a = curvature_tables(study, curv_by_id)[0]
+        rho = {r["task"]: {"rho": float(r["rho"]), "n": r["n_seeds"]} for r in rows_a
+               if not isinstance(r["rho"], str)}
+        tasks = [t for t in list(study.capability) + list(study.safety) if t in rho]
+        if len(tasks) < 2:
+            return head + (f"No task order: {len(tasks)} task(s) with curvature ({', '.join(tasks) or 'none'}); an "
+                           "order needs two.\n")
+        order_rec = recommend({t: rho[t] for t in tasks})
+        src = f"the curvature results (Figure 4a's rho per task), ordered by {impl}"
+        theirs = {}
+    measured = defaultdict(list)
+    for (A, B), ps in study.table1.items():
+        measured[(A, B)] += [(p.m["forgetting"], p.chained.run_id) for p in ps]
+    pairs = check(tasks, rho, dict(measured))
+    rows = []
+    for p in pairs:
+        x, y = p["tasks"]
+        m = p["measured"]
+        pf = lambda k: _r(100 * m[k]["forgetting"]) if m[k]["forgetting"] is not None else MISSING
+        agr = theirs.get((x, y), theirs.get((y, x), NA)) if oj is not None else NA
+        rows.append({"task_x": x, "task_y": y, "rho_x": _v(p["rho"][x]), "rho_y": _v(p["rho"][y]),
+                     "recommended": "->".join(p["recommended"]), "forgetting_xy": pf(f"{x}->{y}"),
+                     "n_xy": m[f"{x}->{y}"]["n"], "forgetting_yx": pf(f"{y}->{x}"), "n_yx": m[f"{y}->{x}"]["n"],
+                     "less_forgetting": p["less_forgetting"] or NA,
+                     "agrees": NA if p["agrees"] is None else bool(p["agrees"]),
+                     "agrees_order_json": NA if agr is None else agr})
+    df = pd.DataFrame(rows, columns=ORDER_COLUMNS)
+    write_csv(os.path.join(out, "order.csv"), df)
+    checked = [r for r in rows if isinstance(r["agrees"], bool)]
+    rt = pd.DataFrame([{"task": t, "rho": _v(float(rho[t]["rho"])), "n": rho[t].get("n", NA)} for t in order_rec
+                       if t in rho], columns=["task", "rho", "n"])
+    return (head + f"Source: {src}. Recommended order (the flattest first-task minimum first, the sharpest last): "
+            f"**{' -> '.join(order_rec)}**.\n\n" + markdown_table(_sig(rt))
+            + "\nPer pair: the measured forgetting of the first task in both orders (Table 1 chains, percent, mean "
+            "over seeds); agrees = the recommended order is the one that forgot less (agrees_order_json: "
+            "order.py's own check, which counts every two-task run it finds) ([order.csv](order.csv)).\n\n"
+            + markdown_table(_sig(df)) + f"\n{sum(r['agrees'] for r in checked)} of {len(checked)} pairs measured in "
+            "both orders agree.\n")
+
+
 SECTIONS = [section_table1, section_groups, section_figure2, section_figure3, section_lr_figures,
-            section_first_task_acc, section_curvature]
+            section_first_task_acc, section_curvature, section_replay, section_mitigation, section_long_chains,
+            section_order]
 
 
 def write_report(study, out, opts):
@@ -1393,12 +2200,15 @@ def write_report(study, out, opts):
                         for t in r.eval["tasks"].values() if t.get("source")})
     n1 = sum(r.stage == 1 for r in study.runs)
     n2 = sum(r.stage == 2 for r in study.runs)
+    n_other = len(study.all_runs) - len(study.runs)
     head = ["# Chained tuning: forgetting and biased forgetting\n",
             f"- model (run.json base_model): {', '.join(base) or 'unknown'}",
             f"- data (source): {', '.join(sources) or 'unknown'}",
             f"- profile: {opts.profile}",
             f"- runs: {os.path.abspath(study.runs_dir)} ({n1} first-stage, {n2} chained run.json; "
-            f"{len(study.pairs)} usable pairs; seeds {', '.join(map(str, study.seeds))})",
+            f"{len(study.pairs)} usable pairs; seeds {', '.join(map(str, study.seeds))})"
+            + (f"; {n_other} other run.json (replay points, mitigated stages, long chains and their copies) "
+               "outside Table 1" if n_other else ""),
             f"- main learning rate (second stage of Table 1): {study.main_lr:g} ({study.main_lr_from})"
             if study.main_lr else "- main learning rate: none (no chained run)",
             "- values in percent; mean and std (ddof=1) over seeds; n/a = a std over one seed, or not "

@@ -25,7 +25,9 @@ case "$PROFILE" in
     EVAL_LIMIT="${EVAL_LIMIT:-300}"; VAL_LIMIT="${VAL_LIMIT:-200}"; CURV_SAMPLES="${CURV_SAMPLES:-50}"
     FIRST_LR_CHAINS="${FIRST_LR_CHAINS-toxigen-arc bbq-arc}"
     SECOND_LR_CHAINS="${SECOND_LR_CHAINS-toxigen-arc arc-toxigen bbq-arc}"
-    LAUNCH=("$PY"); EXTRA="${EXTRA:-}"
+    LAUNCH=("$PY"); EXTRA="${EXTRA:-}"; JOBS="${JOBS:-2}"
+    REPLAY_CHAINS="${REPLAY_CHAINS-toxigen-arc}"; MITIGATION_CHAINS="${MITIGATION_CHAINS-toxigen-arc}"
+    CHAINS="${CHAINS-toxigen-arc-csqa2}"
     LR_NOTE="learning rates scaled for the tiny model (the paper sweeps 1e-6..2e-5 around 1e-5 for Llama-2-7B)";;
   real-tiny)
     MODEL="${MODEL:-tiny}"; DATA_DIR="${DATA_DIR:-../shared/data}"; SEEDS="${SEEDS:-0}"
@@ -33,7 +35,9 @@ case "$PROFILE" in
     EVAL_LIMIT="${EVAL_LIMIT:-400}"; VAL_LIMIT="${VAL_LIMIT:-200}"; CURV_SAMPLES="${CURV_SAMPLES:-50}"
     FIRST_LR_CHAINS="${FIRST_LR_CHAINS-toxigen-arc bbq-arc}"
     SECOND_LR_CHAINS="${SECOND_LR_CHAINS-toxigen-arc arc-toxigen bbq-arc}"
-    LAUNCH=("$PY"); EXTRA="${EXTRA:-}"
+    LAUNCH=("$PY"); EXTRA="${EXTRA:-}"; JOBS="${JOBS:-2}"
+    REPLAY_CHAINS="${REPLAY_CHAINS-toxigen-arc}"; MITIGATION_CHAINS="${MITIGATION_CHAINS-toxigen-arc}"
+    CHAINS="${CHAINS-toxigen-arc-csqa2}"
     LR_NOTE="learning rates scaled for the tiny model on the real datasets (paper: 1e-6..2e-5 for Llama-2-7B); evaluation on stratified subsets of $EVAL_LIMIT test examples per task";;
   paper)
     MODEL="${MODEL:?set MODEL to a Llama-2-7B checkpoint folder}"; DATA_DIR="${DATA_DIR:?set DATA_DIR to the datasets folder}"
@@ -41,10 +45,15 @@ case "$PROFILE" in
     EVAL_LIMIT="${EVAL_LIMIT:-}"; VAL_LIMIT="${VAL_LIMIT:-}"; CURV_SAMPLES="${CURV_SAMPLES:-50}"
     FIRST_LR_CHAINS="${FIRST_LR_CHAINS-toxigen-arc toxigen-csqa toxigen-csqa2 bbq-arc bbq-csqa bbq-csqa2}"
     SECOND_LR_CHAINS="${SECOND_LR_CHAINS-toxigen-arc toxigen-csqa toxigen-csqa2 bbq-arc bbq-csqa bbq-csqa2 arc-toxigen}"
-    LAUNCH=(torchrun --nproc_per_node="${NPROC:-8}"); EXTRA="${EXTRA:---bf16}"
+    LAUNCH=(torchrun --nproc_per_node="${NPROC:-8}"); EXTRA="${EXTRA:---bf16}"; JOBS="${JOBS:-1}"
+    REPLAY_CHAINS="${REPLAY_CHAINS-toxigen-arc toxigen-csqa toxigen-csqa2 bbq-arc bbq-csqa bbq-csqa2}"
+    MITIGATION_CHAINS="${MITIGATION_CHAINS-$REPLAY_CHAINS}"; CHAINS="${CHAINS-toxigen-arc-csqa2 arc-toxigen-csqa}"
     LR_NOTE="the paper's learning rates";;
   *) echo "error: unknown PROFILE '$PROFILE'; use tiny, real-tiny or paper" >&2; exit 2;;
 esac
+REPLAY_FRACTIONS="${REPLAY_FRACTIONS:-0,1,5,10,20,40,60,80,100}"
+REPLAY_STEPS="${REPLAY_STEPS:-0,5,10,20,40,60,80,100}"
+MITIGATIONS="${MITIGATIONS-mix5 l2_0.01 ewc_100}"   # replay during stage 2 (5%), L2 to theta_A, EWC
 CAP="${CAP:-arc csqa csqa2}"
 SAFE="${SAFE:-toxigen bbq}"   # SaFeRDialogues joins when its (generative) evaluation exists
 RUNS="${RUNS:-runs/$PROFILE}"
@@ -52,7 +61,9 @@ DATA_ARGS=(); [ -n "$DATA_DIR" ] && DATA_ARGS=(--data_dir "$DATA_DIR")
 EVAL_ARGS=(); [ -n "$EVAL_LIMIT" ] && EVAL_ARGS=(--limit "$EVAL_LIMIT")
 VAL_ARGS=(); [ -n "$VAL_LIMIT" ] && VAL_ARGS=(--limit "$VAL_LIMIT")
 mkdir -p "$RUNS/logs"
-FAILED=()
+FAILFILE="$RUNS/logs/failed.txt"; : >"$FAILFILE"
+# Small models gain nothing from a second thread: run JOBS independent stages side by side instead.
+[ "$JOBS" -gt 1 ] && export OMP_NUM_THREADS=1
 
 say() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
@@ -62,16 +73,25 @@ stage() {
   if [ -e "$out" ]; then say "done already: $name ($out)"; return 0; fi
   say "$name -> $out"
   if ! "$@" >"$RUNS/logs/$name.log" 2>&1; then
-    FAILED+=("$name")
+    echo "$name" >>"$FAILFILE"
     say "FAILED: $name (log: $RUNS/logs/$name.log)"
     tail -n 3 "$RUNS/logs/$name.log" | sed 's/^/    /'
     return 1
   fi
 }
 
-finetune() {  # finetune NAME PARENT TASK LR SEED OUT
-  stage "$1" "$6" "${LAUNCH[@]}" finetune.py --model "$2" --task "$3" --lr "$4" --seed "$5" --steps "$STEPS" \
-    --out "$6" "${DATA_ARGS[@]}" $EXTRA
+failed() { echo "$1" >>"$FAILFILE"; }
+
+# bg CMD...: run CMD in the background, at most JOBS at a time; `wait` joins them.
+bg() {
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  "$@" &
+}
+
+finetune() {  # finetune NAME PARENT TASK LR SEED OUT [extra finetune.py args]
+  local name="$1" parent="$2" task="$3" lr="$4" seed="$5" out="$6"; shift 6
+  stage "$name" "$out" "${LAUNCH[@]}" finetune.py --model "$parent" --task "$task" --lr "$lr" --seed "$seed" \
+    --steps "$STEPS" --out "$out" "${DATA_ARGS[@]}" $EXTRA "$@"
 }
 
 evaluate() {  # evaluate NAME MODEL_DIR TASKS OUT [extra args]
@@ -116,19 +136,21 @@ fi
 
 # 1. First-stage models: every task, learning rate and seed; each evaluated on its task's test and
 #    validation splits.
-for t in $CAP $SAFE; do for lr in $LRS; do for s in $SEEDS; do
-  d="$RUNS/stage1/$t/lr$lr/seed$s"
-  finetune "stage1-$t-lr$lr-seed$s" "$MODEL" "$t" "$lr" "$s" "$d" || continue
+first_stage() {  # first_stage TASK LR SEED
+  local t="$1" lr="$2" s="$3" d="$RUNS/stage1/$1/lr$2/seed$3"
+  finetune "stage1-$t-lr$lr-seed$s" "$MODEL" "$t" "$lr" "$s" "$d" || return 1
   evaluate "eval-stage1-$t-lr$lr-seed$s" "$d" "$t" "$d/eval.json" "${EVAL_ARGS[@]}"
   evaluate "evalval-stage1-$t-lr$lr-seed$s" "$d" "$t" "$d/eval_val.json" --split validation "${VAL_ARGS[@]}"
-done; done; done
+}
+for t in $CAP $SAFE; do for lr in $LRS; do for s in $SEEDS; do bg first_stage "$t" "$lr" "$s"; done; done; done
+wait
 
 # 2. Chains: capability -> safety and safety -> capability, from the best first-stage model, at the
 #    main learning rate; plus the first-stage and second-stage learning-rate sweeps.
 chain() {  # chain A B PARENT_LR LR_B SEED (PARENT_LR "best": the sweep's best)
   local a="$1" b="$2" lra="$3" lrb="$4" s="$5" parent
   if [ "$lra" = best ]; then parent="$(best_stage1 "$a" "$s")"; else parent="$RUNS/stage1/$a/lr$lra/seed$s"; fi
-  if [ -z "$parent" ] || [ ! -d "$parent" ]; then say "skipped: chain $a-$b seed $s (no first-stage model)"; FAILED+=("chain-$a-$b-seed$s"); return 1; fi
+  if [ -z "$parent" ] || [ ! -d "$parent" ]; then say "skipped: chain $a-$b seed $s (no first-stage model)"; failed "chain-$a-$b-seed$s"; return 1; fi
   lra="$(basename "$(dirname "$parent")")"; lra="${lra#lr}"
   local d="$RUNS/stage2/$a-$b/lrA${lra}_lrB$lrb/seed$s"
   finetune "stage2-$a-$b-lrA$lra-lrB$lrb-seed$s" "$parent" "$b" "$lrb" "$s" "$d" || return 1
@@ -136,43 +158,110 @@ chain() {  # chain A B PARENT_LR LR_B SEED (PARENT_LR "best": the sweep's best)
 }
 for s in $SEEDS; do
   for c in $CAP; do for f in $SAFE; do
-    chain "$c" "$f" best "$MAIN_LR" "$s"
-    chain "$f" "$c" best "$MAIN_LR" "$s"
+    bg chain "$c" "$f" best "$MAIN_LR" "$s"
+    bg chain "$f" "$c" best "$MAIN_LR" "$s"
   done; done
-  for ab in $FIRST_LR_CHAINS; do for lr in $LRS; do chain "${ab%-*}" "${ab#*-}" "$lr" "$MAIN_LR" "$s"; done; done
-  for ab in $SECOND_LR_CHAINS; do for lr in $LRS; do chain "${ab%-*}" "${ab#*-}" best "$lr" "$s"; done; done
 done
+wait  # the sweeps below reuse the main chains' folders where they coincide
+for s in $SEEDS; do
+  for ab in $FIRST_LR_CHAINS; do for lr in $LRS; do bg chain "${ab%-*}" "${ab#*-}" "$lr" "$MAIN_LR" "$s"; done; done
+  for ab in $SECOND_LR_CHAINS; do for lr in $LRS; do bg chain "${ab%-*}" "${ab#*-}" best "$lr" "$s"; done; done
+done
+wait
 
-# 3. Curvature of the first-stage minima (the models the chains start from; CURVATURE=all: every
+# 3. Mitigation: replay as a third stage (a sweep over the fraction of the first task's data and one
+#    over steps) on REPLAY_CHAINS; replay during the second stage and regularised second stages
+#    (MITIGATIONS) on MITIGATION_CHAINS; chains longer than two (CHAINS, e.g. toxigen-arc-csqa2).
+main_chain_dir() {  # main_chain_dir A B SEED -> the Table 1 chain's folder
+  local parent lra; parent="$(best_stage1 "$1" "$3")"; [ -n "$parent" ] || return 1
+  lra="$(basename "$(dirname "$parent")")"
+  echo "$RUNS/stage2/$1-$2/lrA${lra#lr}_lrB$MAIN_LR/seed$3"
+}
+replay_sweeps() {  # replay_sweeps A B SEED
+  local a="$1" b="$2" s="$3" d out; d="$(main_chain_dir "$a" "$b" "$s")"
+  [ -n "$d" ] && [ -d "$d" ] || { say "skipped: replay $a-$b seed $s (no chain)"; failed "replay-$a-$b-seed$s"; return 1; }
+  out="$RUNS/replay/$a-$b/seed$s"
+  local common=(replay.py --model "$d" --task "$a" --out "$out" --first_stage "$(best_stage1 "$a" "$s")" \
+    --lr "$MAIN_LR" --seed "$s" "${DATA_ARGS[@]}")
+  [ -n "$EVAL_LIMIT" ] && common+=(--eval_limit "$EVAL_LIMIT")
+  stage "replay-fractions-$a-$b-seed$s" "$out/.fractions-$REPLAY_FRACTIONS" bash -c \
+    '"$@" && touch "'"$out/.fractions-$REPLAY_FRACTIONS"'"' _ "$PY" "${common[@]}" --fractions "$REPLAY_FRACTIONS" --steps "$STEPS"
+  stage "replay-steps-$a-$b-seed$s" "$out/.steps-$REPLAY_STEPS" bash -c \
+    '"$@" && touch "'"$out/.steps-$REPLAY_STEPS"'"' _ "$PY" "${common[@]}" --steps_sweep "$REPLAY_STEPS"
+}
+mitigated_chain() {  # mitigated_chain A B METHOD SEED
+  local a="$1" b="$2" m="$3" s="$4" parent args
+  parent="$(best_stage1 "$a" "$s")"; [ -n "$parent" ] || { failed "mitigation-$a-$b-$m-seed$s"; return 1; }
+  case "$m" in
+    mix*) args=(--replay_task "$a" --replay_fraction "$(awk "BEGIN{print ${m#mix}/100}")");;
+    l2_*) args=(--l2_to_init "${m#l2_}");;
+    ewc_*) args=(--ewc "${m#ewc_}" --ewc_task "$a");;
+    *) say "unknown mitigation '$m' (use mix<P>, l2_<LAMBDA>, ewc_<LAMBDA>)"; failed "mitigation-$m"; return 1;;
+  esac
+  local d="$RUNS/mitigation/$a-$b/$m/seed$s"
+  finetune "mitigation-$a-$b-$m-seed$s" "$parent" "$b" "$MAIN_LR" "$s" "$d" "${args[@]}" || return 1
+  evaluate "eval-mitigation-$a-$b-$m-seed$s" "$d" "$a,$b" "$d/eval.json" "${EVAL_ARGS[@]}"
+}
+long_chain() {  # long_chain A-B-C... SEED: stage 1 is the best first-stage model of A, stage 2 the main chain
+  local spec="$1" s="$2" parent k=1 t tasks; IFS=- read -r -a tasks <<<"$spec"
+  parent="$(best_stage1 "${tasks[0]}" "$s")"; [ -n "$parent" ] || { failed "longchain-$spec-seed$s"; return 1; }
+  for t in "${tasks[@]:1}"; do
+    k=$((k + 1))
+    if [ "$k" = 2 ] && [ -d "$(main_chain_dir "${tasks[0]}" "$t" "$s")" ]; then
+      parent="$(main_chain_dir "${tasks[0]}" "$t" "$s")"  # the Table 1 chain is this chain's stage 2
+      continue
+    fi
+    local d="$RUNS/longchain/$spec/seed$s/$k-$t"
+    finetune "longchain-$spec-$k-$t-seed$s" "$parent" "$t" "$MAIN_LR" "$s" "$d" || return 1
+    evaluate "eval-longchain-$spec-$k-$t-seed$s" "$d" "$(IFS=,; echo "${tasks[*]}")" "$d/eval.json" "${EVAL_ARGS[@]}"
+    parent="$d"
+  done
+}
+for s in $SEEDS; do
+  for ab in $REPLAY_CHAINS; do bg replay_sweeps "${ab%-*}" "${ab#*-}" "$s"; done
+  for ab in $MITIGATION_CHAINS; do for m in $MITIGATIONS; do bg mitigated_chain "${ab%-*}" "${ab#*-}" "$m" "$s"; done; done
+  for spec in $CHAINS; do bg long_chain "$spec" "$s"; done
+done
+wait
+
+# 4. Curvature of the first-stage minima (the models the chains start from; CURVATURE=all: every
 #    first-stage model), and the Taylor check of every main chain against its theta_A.
 for t in $CAP $SAFE; do for s in $SEEDS; do
   if [ "${CURVATURE:-best}" = all ]; then dirs=("$RUNS"/stage1/"$t"/lr*/seed"$s"); else dirs=("$(best_stage1 "$t" "$s")"); fi
   for d in "${dirs[@]}"; do
     [ -n "$d" ] && [ -d "$d" ] || continue
     lr="$(basename "$(dirname "$d")")"
-    stage "curvature-$t-$lr-seed$s" "$RUNS/curvature/$t/$lr/seed$s/curvature.json" "$PY" curvature.py --model "$d" \
+    bg stage "curvature-$t-$lr-seed$s" "$RUNS/curvature/$t/$lr/seed$s/curvature.json" "$PY" curvature.py --model "$d" \
       --task "$t" --samples "$CURV_SAMPLES" --seed "$s" --out "$RUNS/curvature/$t/$lr/seed$s/curvature.json" "${DATA_ARGS[@]}"
   done
 done; done
+wait
 for s in $SEEDS; do for c in $CAP; do for f in $SAFE; do for ab in "$c-$f" "$f-$c"; do
   a="${ab%-*}"; b="${ab#*-}"; parent="$(best_stage1 "$a" "$s")"; [ -n "$parent" ] || continue
   lra="$(basename "$(dirname "$parent")")"; d="$RUNS/stage2/$ab/lrA${lra#lr}_lrB$MAIN_LR/seed$s"
   curv="$RUNS/curvature/$a/$lra/seed$s/curvature.json"
   [ -d "$d" ] && [ -f "$curv" ] || continue
-  stage "taylor-$ab-seed$s" "$d/taylor.json" "$PY" curvature.py --model "$parent" --task "$a" --samples "$CURV_SAMPLES" \
+  bg stage "taylor-$ab-seed$s" "$d/taylor.json" "$PY" curvature.py --model "$parent" --task "$a" --samples "$CURV_SAMPLES" \
     --seed "$s" --reference "$d" --spectrum_from "$curv" --out "$d/taylor.json" "${DATA_ARGS[@]}"
 done; done; done; done
+wait
+if [ -d "$RUNS/curvature" ]; then  # curvature-guided order, checked against the measured chains
+  say "order -> $RUNS/results/order.json"
+  mkdir -p "$RUNS/results"
+  "$PY" order.py --tasks "$(echo $CAP $SAFE | tr ' ' ,)" --curvature "$RUNS/curvature" --runs "$RUNS" \
+    --out "$RUNS/results/order.json" >"$RUNS/logs/order.log" 2>&1 || { failed order; say "FAILED: order (log: $RUNS/logs/order.log)"; }
+fi
 
-# 4. Metrics, tables, figures, report.
+# 5. Metrics, tables, figures, report.
 # (always rerun: it summarises whatever runs exist, naming the missing ones)
 say "metrics -> $RUNS/results"
 if ! "$PY" metrics.py --runs "$RUNS" --out "$RUNS/results" --profile "$PROFILE" >"$RUNS/logs/metrics.log" 2>&1; then
-  FAILED+=("metrics"); say "FAILED: metrics (log: $RUNS/logs/metrics.log)"; tail -n 3 "$RUNS/logs/metrics.log" | sed 's/^/    /'
+  failed metrics; say "FAILED: metrics (log: $RUNS/logs/metrics.log)"; tail -n 3 "$RUNS/logs/metrics.log" | sed 's/^/    /'
 fi
 
 T_END=$(date +%s)
 say "study finished in $((T_END - T_START))s; report: $RUNS/results/report.md"
-if [ ${#FAILED[@]} -gt 0 ]; then
-  say "${#FAILED[@]} stage(s) failed or were skipped: ${FAILED[*]}"
+if [ -s "$FAILFILE" ]; then
+  say "$(wc -l <"$FAILFILE") stage(s) failed or were skipped: $(tr '\n' ' ' <"$FAILFILE")"
   exit 1
 fi

@@ -653,3 +653,249 @@ def test_no_curvature_files_leaves_outputs_as_before(study_out):
     for f in ("curvature.csv", "figure4a.csv", "figure4b.png", "curvature_fit.csv", "taylor_check.csv"):
         assert not os.path.exists(os.path.join(out, f))
     assert "curvature" not in stdout and "curvature" not in json.dumps(json.load(open(os.path.join(out, "summary.json"))))
+
+
+# ---------------------------------------------------------------------------------------------- replay, mitigation,
+# long chains, order: extra inputs on top of build_runs (identified by run.json content, not folder names)
+
+def _id(root, *parts):
+    with open(os.path.join(root, *parts, "run.json")) as f:
+        return json.load(f)["run_id"]
+
+
+def _point(name, sweep, fraction, steps, n, acc_a, acc_b, fa, cb, run_id=None):
+    return {"name": name, "sweep": sweep, "fraction": fraction, "steps": steps, "n_examples": n,
+            "trained": steps > 0, "acc_a": acc_a, "acc_b": acc_b, "forgetting_a": fa, "change_b": cb,
+            "n_eval_a": 10, "run_id": run_id, "settings_match": True, "wall_time_s": 1.0}
+
+
+def build_extras(root):
+    """On top of build_runs(root):
+    replay/toxigen-arc/seed0,1: fraction 0/5/50/100 (10 steps) and steps 0/5, batch size 4; seed 1 differs
+      at 5% only (forgetting 0 instead of 5 points). Point folders with stage-3 run.json + eval.json (one
+      with point.json, one known only from the summary's run_id).
+    replay/bbq-arc/seed0: no first-stage reference (forgetting from theta_A's eval.json), never recovers.
+    mitigation/toxigen-arc: mix 10% (4 replayed of a pool of 64), l2 0.1, ewc 100 (16 Fisher samples), seed 0.
+    longchain/toxigen-arc-csqa/seed0: copies of the Table-1 stages (same run_ids, other accuracies) + stage 3.
+    longchain/bbq-toxigen-arc/seed0: its own stages 1 and 2 (a bbq->toxigen chain Table 1 must not see).
+    results/order.json: rho toxigen 5, arc 1."""
+    t1 = _id(root, "stage1", "toxigen", "lr1e-05", "seed0")
+    for seed, f5 in ((0, (0.85, 0.05)), (1, (0.9, 0.0))):
+        ab = _id(root, "stage2", "toxigen-arc", "lrA1e-05_lrB1e-05", f"seed{seed}")
+        d = os.path.join(root, "replay", "toxigen-arc", f"seed{seed}")
+        ids = {}
+        for name, cfg, counts in (("fraction5", {"train_fraction": 0.05}, {"toxigen": [4, 3, 1], "arc": [6]}),
+                                  ("fraction100", {}, {"toxigen": [4, 4, 1], "arc": [6]})):
+            pd_ = os.path.join(d, name)
+            ids[name] = write_run(pd_, ["toxigen", "arc", "toxigen"], LR, seed, ab,
+                                  config={"lr": LR, "seed": seed, **cfg})
+            write_eval(pd_, counts, samples=False)
+        with open(os.path.join(d, "fraction5", "point.json"), "w") as f:
+            json.dump({"name": "fraction5"}, f)
+        pts = [_point("fraction0", "fraction", 0, 0, 0, 0.5, 0.7, 0.4, 0.0),
+               _point("fraction5", "fraction", 5, 10, 3, f5[0], 0.65, f5[1], -0.05, ids["fraction5"]),
+               _point("fraction50", "fraction", 50, 10, 32, 0.895, 0.6, 0.005, -0.1),
+               _point("fraction100", "fraction", 100, 10, 64, 0.95, 0.6, -0.05, -0.1, ids["fraction100"]),
+               _point("steps0", "steps", 100, 0, 0, 0.5, 0.7, 0.4, 0.0),
+               _point("steps5", "steps", 100, 5, 64, 0.8, 0.68, 0.1, -0.02)]
+        with open(os.path.join(d, "replay_summary.json"), "w") as f:
+            json.dump({"task_a": "toxigen", "task_b": "arc", "chain": ["toxigen", "arc"], "model_run_id": ab,
+                       "first_stage": {"acc_a": 0.9}, "settings": {"batch_size": 4, "seed": seed}, "points": pts,
+                       "sweeps": {}}, f)
+    d = os.path.join(root, "replay", "bbq-arc", "seed0")
+    os.makedirs(d)
+    pts = [_point("fraction0", "fraction", 0, 0, 0, 0.5, 0.6, None, 0.0),
+           _point("fraction10", "fraction", 10, 10, 6, 0.9, 0.6, None, 0.0),
+           _point("fraction100", "fraction", 100, 10, 64, 0.95, 0.5, None, -0.1)]
+    with open(os.path.join(d, "replay_summary.json"), "w") as f:
+        json.dump({"task_a": "bbq", "task_b": "arc", "chain": ["bbq", "arc"],
+                   "model_run_id": _id(root, "stage2", "bbq-arc", "lrA1e-05_lrB1e-05", "seed0"), "first_stage": None,
+                   "settings": {"batch_size": 4, "seed": 0}, "points": pts}, f)
+    mit = os.path.join(root, "mitigation", "toxigen-arc")
+    for name, cfg, extra, counts in (
+            ("mix10", {"replay_task": "toxigen", "replay_fraction": 0.1}, {"replay": {"examples_replayed": 4,
+                                                                                    "n_pool": 64}},
+             {"toxigen": [4, 3, 1], "arc": [7]}),
+            ("l2_0.1", {"l2_to_init": 0.1}, {}, {"toxigen": [3, 3, 1], "arc": [8]}),
+            ("ewc_100", {"ewc": 100.0, "ewc_task": "toxigen", "ewc_samples": 16},
+             {"regularisation": {"fisher": {"n_samples": 16}}}, {"toxigen": [4, 3, 2], "arc": [6]})):
+        d = os.path.join(mit, name, "seed0")
+        write_run(d, ["toxigen", "arc"], LR, 0, t1, config={"lr": LR, "seed": 0, "batch_size": 4, "replay_fraction": 0.0,
+                                                            "l2_to_init": 0.0, "ewc": 0.0, **cfg}, **extra)
+        write_eval(d, counts, samples=False)
+    lc = os.path.join(root, "longchain", "toxigen-arc-csqa", "seed0")
+    ab0 = _id(root, "stage2", "toxigen-arc", "lrA1e-05_lrB1e-05", "seed0")
+    write_run(os.path.join(lc, "1-toxigen"), ["toxigen"], LR, 0, run_id=t1)
+    write_eval(os.path.join(lc, "1-toxigen"), {"toxigen": [4, 4, 2], "arc": [1], "csqa": [1]}, samples=False)
+    write_run(os.path.join(lc, "2-arc"), ["toxigen", "arc"], LR, 0, t1, run_id=ab0)
+    write_eval(os.path.join(lc, "2-arc"), {"toxigen": [2, 3, 1], "arc": [7], "csqa": [5]}, samples=False)
+    write_run(os.path.join(lc, "3-csqa"), ["toxigen", "arc", "csqa"], LR, 0, ab0)
+    write_eval(os.path.join(lc, "3-csqa"), {"toxigen": [2, 2, 1], "arc": [6], "csqa": [9]}, samples=False)
+    lc = os.path.join(root, "longchain", "bbq-toxigen-arc", "seed0")
+    b1 = write_run(os.path.join(lc, "1-bbq"), ["bbq"], LR, 0)
+    write_eval(os.path.join(lc, "1-bbq"), {"bbq": [5, 4, 1], "toxigen": [4, 3, 2], "arc": [8]}, samples=False)
+    b2 = write_run(os.path.join(lc, "2-toxigen"), ["bbq", "toxigen"], LR, 0, b1)
+    write_eval(os.path.join(lc, "2-toxigen"), {"bbq": [4, 4, 1], "toxigen": [4, 3, 2], "arc": [8]}, samples=False)
+    write_run(os.path.join(lc, "3-arc"), ["bbq", "toxigen", "arc"], LR, 0, b2)
+    write_eval(os.path.join(lc, "3-arc"), {"bbq": [3, 4, 1], "toxigen": [2, 3, 2], "arc": [8]}, samples=False)
+    os.makedirs(os.path.join(root, "results"))
+    with open(os.path.join(root, "results", "order.json"), "w") as f:
+        json.dump({"tasks": ["toxigen", "arc"], "recommended_order": ["arc", "toxigen"],
+                   "rho": {"toxigen": {"rho": 5.0, "n": 2}, "arc": {"rho": 1.0, "n": 2}},
+                   "pairs": [{"tasks": ["toxigen", "arc"], "agrees": False}]}, f)
+
+
+@pytest.fixture(scope="module")
+def extended(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extended")
+    runs, out = str(root / "runs"), str(root / "out")
+    build_runs(runs)
+    build_extras(runs)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "metrics.py"), "--runs", runs, "--out", out,
+                        "--n_boot", "200"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    return runs, out, r.stdout
+
+
+def _csv(out, name):
+    return pd.read_csv(os.path.join(out, name), dtype=str, keep_default_na=False)
+
+
+def test_extra_runs_leave_table1_and_every_old_output_unchanged(study_out, extended):
+    _, base, _ = study_out
+    _, out, _ = extended
+    old = sorted(f for f in os.listdir(base) if f.endswith(".csv") or f.endswith(".md") and f != "report.md")
+    assert "table1.csv" in old and "biased_forgetting.csv" in old and "figure8.csv" in old
+    for f in old:
+        assert open(os.path.join(out, f)).read() == open(os.path.join(base, f)).read(), f
+    assert "replay" not in open(os.path.join(out, "table1_runs.csv")).read()
+    assert "bbq,toxigen" not in open(os.path.join(out, "biased_forgetting.csv")).read()
+
+
+def test_study_classifies_runs_by_content(extended):
+    runs, _, _ = extended
+    study = metrics.build_study(runs)
+    names = {r.name for r in study.runs}
+    assert not any(n.startswith(("replay", "mitigation", "longchain")) for n in names)
+    assert os.path.join("stage1", "toxigen", "lr1e-05", "seed0") in names      # not its long-chain copy
+    assert len(study.long_chains) == 2 and len(study.replay) == 3
+    lc = next(c for c in study.long_chains if c.chain == ["toxigen", "arc", "csqa"])
+    assert [r.name.split(os.sep)[-1] for r in lc.stages] == ["1-toxigen", "2-arc", "3-csqa"]  # nearest copies
+
+
+def test_replay_rows_hand_computed(extended):
+    runs, _, _ = extended
+    study = metrics.build_study(runs)
+    rows, probs = metrics.replay_rows(study)
+    assert probs == []
+    by = {(r["chain"], r["seed"], r["sweep"], metrics._x(r)): r for r in rows}
+    r = by[("toxigen->arc", 0, "fraction", 5)]
+    assert r["forgetting_a"] == approx(0.05) and r["capability_forgetting"] == approx(0.05)
+    assert r["a_examples_presented"] == 40 and r["a_examples_seen"] == 3              # min(10 steps x 4, 3)
+    assert by[("toxigen->arc", 0, "fraction", 100)]["a_examples_seen"] == 40
+    assert by[("toxigen->arc", 0, "steps", 5)]["a_examples_seen"] == 20
+    assert by[("toxigen->arc", 0, "fraction", 0)]["a_examples_seen"] == 0
+    b = by[("bbq->arc", 0, "fraction", 10)]                                          # theta_A bbq: 10/10
+    assert b["forgetting_a"] == approx(0.1) and b["forgetting_source"] == "theta_A eval.json"
+    assert b["capability_forgetting"] == approx(0.0)
+    m = metrics.replay_means(rows).set_index(["chain", "sweep", "x"])
+    assert m.loc[("toxigen->arc", "fraction", 5), "forgetting_a"] == approx(2.5)
+    assert m.loc[("toxigen->arc", "fraction", 5), "forgetting_a_std"] == approx(3.5355)
+    assert m.loc[("bbq->arc", "fraction", 100), "forgetting_a_std"] == "n/a"
+
+
+def test_recovery_fraction_rule():
+    f = [0, 5, 50, 100]
+    assert metrics.recovery_fraction(f, [0.4, 0.025, 0.005, -0.05]) == 50
+    assert metrics.recovery_fraction(f, [0.4, 0.01, 0.0, 0.0]) == 5           # exactly 1 point counts
+    assert metrics.recovery_fraction(f, [0.4, -0.03, 0.2, 0.2]) == 5          # over-recovery counts
+    assert metrics.recovery_fraction(f, [0.4, 0.2, 0.1, 0.05]) is None
+    assert metrics.recovery_fraction([100, 0], [0.0, 0.005]) == 0
+    assert metrics.recovery_fraction(f, [float("nan")] * 4) is None
+
+
+def test_replay_outputs(extended):
+    _, out, _ = extended
+    r = _csv(out, "replay.csv")
+    assert list(r.columns[:4]) == ["chain", "first_task", "second_task", "seed"] and len(r) == 15
+    row = r[(r.chain == "toxigen->arc") & (r.seed == "1") & (r.sweep == "fraction") & (r.fraction == "5.0")].iloc[0]
+    assert float(row.forgetting_a) == approx(0.0) and float(row.acc_a) == approx(90.0)
+    rec = _csv(out, "replay_recovery.csv").set_index("first_task")
+    assert rec.loc["toxigen", "recovery_fraction"] == "50" and float(rec.loc["toxigen", "forgetting_at_0"]) == approx(40)
+    assert rec.loc["bbq", "recovery_fraction"] == "none"
+    for stem in ("figure7", "figure11", "figure12", "figure13", "figure14"):
+        assert os.path.getsize(os.path.join(out, stem + ".png")) > 0
+    f14 = _csv(out, "figure14.csv").set_index(["chain", "sweep", "x"])
+    assert float(f14.loc[("toxigen->arc", "steps", "5"), "capability_forgetting"]) == approx(2.0)
+    rep = open(os.path.join(out, "report.md")).read()
+    assert "Smallest replay fraction" in rep and "| toxigen | arc |" in rep
+
+
+def test_mitigation_rows_and_matched_cost(extended):
+    runs, out, _ = extended
+    study = metrics.build_study(runs)
+    rows, probs = metrics.mitigation_rows(study)
+    assert probs == []
+    by = {(r["method"], r["setting"], r["seed"]): r for r in rows if r["first_task"] == "toxigen"}
+    mix = by[("mix", "10% of each batch from toxigen", 0)]
+    assert mix["forgetting_a"] == approx(0.1) and mix["acc_b"] == approx(0.7)      # theta_A toxigen 90%
+    assert (mix["extra_steps"], mix["a_examples_seen"], mix["a_examples_presented"]) == (0, 4, 4)
+    l2 = by[("l2", "lambda 0.1", 0)]
+    assert l2["forgetting_a"] == approx(0.2) and l2["a_examples_seen"] == 0
+    ewc = by[("ewc", "lambda 100, Fisher on toxigen", 0)]
+    assert ewc["forgetting_a"] == approx(0.0) and ewc["a_examples_seen"] == 16 and ewc["fisher_samples"] == 16
+    assert by[("plain", "Table 1 chain", 0)]["forgetting_a"] == approx(0.4)
+    rep = by[("replay (fraction sweep)", "fraction 5%, 10 steps", 0)]
+    assert rep["extra_steps"] == 10 and rep["a_examples_seen"] == 3
+    m = _csv(out, "mitigation.csv")
+    t = m[m.first_task == "toxigen"].set_index("method")
+    assert float(t.loc["plain", "forgetting_a"]) == approx(35.0) and t.loc["plain", "n_seeds"] == "2"
+    assert float(t.loc["mix", "forgetting_a"]) == approx(10.0) and float(t.loc["mix", "a_examples_seen"]) == 4
+    assert list(t.index[:4]) == ["plain", "mix", "l2", "ewc"]
+    assert set(m.first_task) == {"toxigen", "bbq"}                   # bbq->arc: plain + its replay points
+    assert os.path.getsize(os.path.join(out, "mitigation.png")) > 0
+    text = open(os.path.join(out, "report.md")).read()
+    # mixing (4 A-examples) and EWC (16) are both matched with the 5% replay point (3 A-examples seen)
+    assert text.count("replay at matched cost (fraction 5%, 10 steps") == 2
+    assert "l2 (lambda 0.1): forgetting 20.00" in text and "against the plain chain" in text
+
+
+def test_chain_forgetting_hand_computed(extended):
+    runs, out, _ = extended
+    study = metrics.build_study(runs)
+    rows, probs = metrics.chain_forgetting_rows(study.long_chains)
+    assert probs == []
+    by = {(r["chain"], r["task"], r["after_stage"]): r for r in rows}
+    assert len(rows) == 6
+    # toxigen after stage 1 (the chain's own copy: 100%) -> 60% after stage 2 -> 50% after stage 3
+    assert by[("toxigen->arc->csqa", "toxigen", 2)]["forgetting"] == approx(0.4)
+    assert by[("toxigen->arc->csqa", "toxigen", 3)]["forgetting"] == approx(0.5)
+    assert by[("toxigen->arc->csqa", "arc", 3)]["forgetting"] == approx(0.1)
+    assert by[("bbq->toxigen->arc", "toxigen", 3)]["forgetting"] == approx(0.2)
+    c = _csv(out, "chain_forgetting.csv")
+    assert len(c) == 6 and float(c[(c.task == "bbq") & (c.after_stage == "3")].forgetting.iloc[0]) == approx(20.0)
+    assert os.path.isfile(os.path.join(out, "figure_chain_forgetting.csv"))
+    assert "## Chains longer than two" in open(os.path.join(out, "report.md")).read()
+
+
+def test_order_section_from_order_json(extended):
+    _, out, _ = extended
+    o = _csv(out, "order.csv").iloc[0]
+    assert (o.task_x, o.task_y, o.recommended) == ("toxigen", "arc", "arc->toxigen")
+    # Table 1: arc->toxigen forgets 0 (10, -10), toxigen->arc 35 (40, 30): the recommendation agrees
+    assert float(o.forgetting_yx) == approx(0.0) and float(o.forgetting_xy) == approx(35.0)
+    assert o.agrees == "True" and o.agrees_order_json == "False"
+    rep = open(os.path.join(out, "report.md")).read()
+    assert "**arc -> toxigen**" in rep and "1 of 1 pairs" in rep
+
+
+def test_no_extra_inputs_only_adds_sections(study_out):
+    _, out, _ = study_out
+    rep = open(os.path.join(out, "report.md")).read()
+    for s in ("No replay results", "No mitigation results", "No long chains", "No task order"):
+        assert s in rep
+    for f in ("replay.csv", "replay_mean.csv", "replay_recovery.csv", "figure7.png", "figure14.csv", "mitigation.csv",
+              "mitigation_runs.csv", "chain_forgetting.csv", "figure_chain_forgetting.png", "order.csv"):
+        assert not os.path.exists(os.path.join(out, f))
+    assert "other run.json" not in rep
