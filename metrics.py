@@ -39,8 +39,30 @@ tasks (ols_fit); the Taylor check compares L_A(theta_AB) - L_A(theta_A) with 0.5
 bound 0.5 rho ||delta||^2 (taylor_rows). A runs folder without curvature files gives the same outputs as
 before (the report's curvature section says "No curvature results").
 
-Replay (Figure 7) is a later addition: write a section function `section_xxx(study, out, opts) -> markdown`
-and append it to SECTIONS.
+Which runs the two-stage study uses (Table 1 and everything above): plain-recipe runs of stage 1 and 2
+only. Left out, by run.json content: replay points (stage 3; their run_id is in a replay_summary.json or a
+point.json lies beside them), runs with a mitigation option in their config (replay_fraction, l2_to_init or
+ewc > 0, train_fraction set) and the stages a long chain stores inside its own folder (the folder holding its
+last stage). Such a stage may be a copy of a Table-1 run (same run_id, same chain/lr/seed/steps/parent):
+copies are allowed, the study uses the copy outside the long chain; other duplicate run_ids are an error.
+
+Beyond the paper's two stages (each section says "No ... results" and writes nothing without its inputs):
+  Replay (§5, appendix 9.4): every replay_summary.json (replay.py) -> replay.csv (per chain, seed and point),
+    replay_mean.csv, figure7 (forgetting of A against replay fraction (a) and steps (b)), figure11-14 (A
+    accuracy, A forgetting, B accuracy, B forgetting = acc_B(theta_AB) - acc_B(point)), each .png + .csv,
+    and replay_recovery.csv: per chain the smallest fraction whose mean forgetting of A is <= 0.01 (1 point;
+    over-recovery counts), else "none" (recovery_fraction).
+  Mitigations: second stages with --replay_task/--replay_fraction ("mix"), --l2_to_init, --ewc (from the
+    same theta_A, found by parent_run_id) against the plain Table-1 chain and the third-stage replay points
+    -> mitigation.csv/.png (mean per chain and method), mitigation_runs.csv (per seed) and a matched-cost
+    paragraph (replay at the fraction whose A-examples seen are closest); costs in mitigation_rows.
+  Long chains: run.json of stage >= 3 that are not replay points, stages followed by parent_run_id ->
+    chain_forgetting.csv (forgetting of every earlier task after every later stage, per seed),
+    figure_chain_forgetting.png/.csv (mean over seeds).
+  Order: <runs>/results/order.json (order.py), else order.py's recommend_order / check_pairs on Figure 4a's
+    rho -> order.csv (recommended order per pair; agrees = the Table-1 forgetting of the recommended order is
+    the smaller).
+New parts of the report are section functions `section_xxx(study, out, opts) -> markdown` in SECTIONS.
 """
 import argparse
 import contextlib
@@ -1602,12 +1624,12 @@ def replay_rows(study):
                 else:
                     src, missing_f = MISSING, True
             cb = _num(p.get("change_b"))
-            capf = -cb if not math.isnan(cb) else zero_b - float(p["acc_b"])
+            capf = 0.0 - cb if not math.isnan(cb) else zero_b - float(p["acc_b"])
             presented = (steps * bs if bs else float("nan")) if trained else 0
             rows.append({"chain": chain_name([A, B]), "first_task": A, "second_task": B, "seed": seed,
-                         "sweep": p.get("sweep", NA), "fraction": _num(p.get("fraction")), "steps": steps,
+                         "sweep": p.get("sweep", NA), "fraction": _int_if_whole(_num(p.get("fraction"))), "steps": steps,
                          "n_examples": n_ex, "acc_a": float(p["acc_a"]), "acc_b": float(p["acc_b"]),
-                         "forgetting_a": fa, "change_b": -capf, "capability_forgetting": capf,
+                         "forgetting_a": fa, "change_b": 0.0 - capf, "capability_forgetting": capf,
                          "a_examples_presented": presented,
                          "a_examples_seen": (min(presented, n_ex) if not math.isnan(presented) else float("nan"))
                          if trained else 0, "forgetting_source": src, "n_eval_a": p.get("n_eval_a", NA),
@@ -1616,6 +1638,10 @@ def replay_rows(study):
             problems.append(f"{name}: no forgetting of {A} (the summary has no first-stage reference and theta_A's "
                             f"eval.json was not found); re-run replay.py with --first_stage")
     return rows, problems
+
+
+def _int_if_whole(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def _x(row):
@@ -1703,7 +1729,7 @@ def section_replay(study, out, opts):
                        "11-14 and no recovery fraction.\n")
     rows = _replay_data(study)
     pct = {"acc_a", "acc_b", "forgetting_a", "change_b", "capability_forgetting"}
-    df = pd.DataFrame([{k: (_r(100 * v) if k in pct else _r(v, 1) if k.startswith("a_examples") else v)
+    df = pd.DataFrame([{k: (_r(100 * v) if k in pct else _v(v) if k.startswith("a_examples") else v)
                         for k, v in r.items()} for r in rows], columns=REPLAY_COLUMNS)
     write_csv(os.path.join(out, "replay.csv"), df)
     means = replay_means(rows)
@@ -1878,7 +1904,7 @@ def mitigation_table(rows):
     for (A, B, _, method, setting), rs in sorted(groups.items(), key=lambda kv: kv[0][:3]):
         f, fs = cells([r["forgetting_a"] for r in rs], marker=MISSING)
         b, bsd = cells([r["acc_b"] for r in rs], marker=MISSING)
-        cost = {k: _r(mean_std([_num(r[k]) for r in rs])[0], 1)
+        cost = {k: _int_if_whole(_r(mean_std([_num(r[k]) for r in rs])[0], 1))
                 for k in ("extra_steps", "a_examples_seen", "a_examples_presented", "fisher_samples")}
         n_eval = sorted({str(r["n_eval_a"]) for r in rs})
         out.append({"first_task": A, "second_task": B, "method": method, "setting": setting, "n_seeds": len(rs),

@@ -767,8 +767,11 @@ def test_extra_runs_leave_table1_and_every_old_output_unchanged(study_out, exten
     _, out, _ = extended
     old = sorted(f for f in os.listdir(base) if f.endswith(".csv") or f.endswith(".md") and f != "report.md")
     assert "table1.csv" in old and "biased_forgetting.csv" in old and "figure8.csv" in old
-    for f in old:
-        assert open(os.path.join(out, f)).read() == open(os.path.join(base, f)).read(), f
+    for f in old:  # run_ids hash the (temporary) folder: compare everything else
+        a, b = (open(os.path.join(d, f)).read() for d in (out, base))
+        if f == "table1_runs.csv":
+            a, b = (_csv(d, f).drop(columns=["first_run_id", "chained_run_id"]).to_csv() for d in (out, base))
+        assert a == b, f
     assert "replay" not in open(os.path.join(out, "table1_runs.csv")).read()
     assert "bbq,toxigen" not in open(os.path.join(out, "biased_forgetting.csv")).read()
 
@@ -819,7 +822,7 @@ def test_replay_outputs(extended):
     _, out, _ = extended
     r = _csv(out, "replay.csv")
     assert list(r.columns[:4]) == ["chain", "first_task", "second_task", "seed"] and len(r) == 15
-    row = r[(r.chain == "toxigen->arc") & (r.seed == "1") & (r.sweep == "fraction") & (r.fraction == "5.0")].iloc[0]
+    row = r[(r.chain == "toxigen->arc") & (r.seed == "1") & (r.sweep == "fraction") & (r.fraction == "5")].iloc[0]
     assert float(row.forgetting_a) == approx(0.0) and float(row.acc_a) == approx(90.0)
     rec = _csv(out, "replay_recovery.csv").set_index("first_task")
     assert rec.loc["toxigen", "recovery_fraction"] == "50" and float(rec.loc["toxigen", "forgetting_at_0"]) == approx(40)
@@ -899,3 +902,14 @@ def test_no_extra_inputs_only_adds_sections(study_out):
               "mitigation_runs.csv", "chain_forgetting.csv", "figure_chain_forgetting.png", "order.csv"):
         assert not os.path.exists(os.path.join(out, f))
     assert "other run.json" not in rep
+
+
+def test_order_section_from_curvature(curv_out):
+    _, out, _, _ = curv_out
+    o = _csv(out, "order.csv").set_index(["task_x", "task_y"])
+    # rho (Figure 4a): arc 1.1, csqa 2.1, bbq 4, toxigen 5.5 -> flattest first
+    assert "**arc -> csqa -> bbq -> toxigen**" in open(os.path.join(out, "report.md")).read()
+    r = o.loc[("arc", "toxigen")]
+    assert r.recommended == "arc->toxigen" and float(r.forgetting_xy) == approx(0.0)
+    assert float(r.forgetting_yx) == approx(35.0) and r.agrees == "True"
+    assert o.loc[("csqa", "toxigen"), "agrees"] == "n/a"                  # csqa->toxigen was never run
