@@ -19,30 +19,25 @@ set +e  # a failed stage is recorded and the study goes on (setup_env.sh sets -e
 T_START=$(date +%s)
 
 case "$PROFILE" in
-  tiny)
+  tiny|real-tiny)
     # Two-point learning-rate sweeps, evaluation subsets and short replay sweeps keep the whole
     # study within 10 minutes on 2 cores (fewer than 100 steps a stage leaves csqa2 at chance).
-    MODEL="${MODEL:-tiny}"; DATA_DIR="${DATA_DIR:-}"; SEEDS="${SEEDS:-0}"
+    if [ "$PROFILE" = tiny ]; then
+      DATA_DIR="${DATA_DIR:-}"; EVAL_LIMIT="${EVAL_LIMIT:-200}"
+      LR_NOTE="learning rates scaled for the tiny model (the paper sweeps 1e-6..2e-5 around 1e-5 for Llama-2-7B)"
+    else
+      DATA_DIR="${DATA_DIR:-../shared/data}"; EVAL_LIMIT="${EVAL_LIMIT:-300}"
+      LR_NOTE="learning rates scaled for the tiny model on the real datasets (paper: 1e-6..2e-5 for Llama-2-7B); evaluation on stratified subsets of $EVAL_LIMIT test examples per task"
+    fi
+    MODEL="${MODEL:-tiny}"; SEEDS="${SEEDS:-0}"
     LRS="${LRS:-1e-3 2e-3}"; MAIN_LR="${MAIN_LR:-1e-3}"; STEPS="${STEPS:-100}"
-    EVAL_LIMIT="${EVAL_LIMIT:-200}"; VAL_LIMIT="${VAL_LIMIT:-100}"; CURV_SAMPLES="${CURV_SAMPLES:-50}"
+    VAL_LIMIT="${VAL_LIMIT:-100}"; CURV_SAMPLES="${CURV_SAMPLES:-50}"
     FIRST_LR_CHAINS="${FIRST_LR_CHAINS-toxigen-arc}"
     SECOND_LR_CHAINS="${SECOND_LR_CHAINS-toxigen-arc arc-toxigen}"
-    REPLAY_FRACTIONS="${REPLAY_FRACTIONS:-0,1,5,20,100}"; REPLAY_STEPS="${REPLAY_STEPS:-0,5,20,100}"
+    REPLAY_FRACTIONS="${REPLAY_FRACTIONS:-0,1,5,100}"; REPLAY_STEPS="${REPLAY_STEPS:-0,5,100}"
     LAUNCH=("$PY"); EXTRA="${EXTRA:-}"; JOBS="${JOBS:-2}"
     REPLAY_CHAINS="${REPLAY_CHAINS-toxigen-arc}"; MITIGATION_CHAINS="${MITIGATION_CHAINS-toxigen-arc}"
-    CHAINS="${CHAINS-toxigen-arc-csqa2}"
-    LR_NOTE="learning rates scaled for the tiny model (the paper sweeps 1e-6..2e-5 around 1e-5 for Llama-2-7B)";;
-  real-tiny)
-    MODEL="${MODEL:-tiny}"; DATA_DIR="${DATA_DIR:-../shared/data}"; SEEDS="${SEEDS:-0}"
-    LRS="${LRS:-1e-3 2e-3}"; MAIN_LR="${MAIN_LR:-1e-3}"; STEPS="${STEPS:-100}"
-    EVAL_LIMIT="${EVAL_LIMIT:-300}"; VAL_LIMIT="${VAL_LIMIT:-100}"; CURV_SAMPLES="${CURV_SAMPLES:-50}"
-    FIRST_LR_CHAINS="${FIRST_LR_CHAINS-toxigen-arc}"
-    SECOND_LR_CHAINS="${SECOND_LR_CHAINS-toxigen-arc arc-toxigen}"
-    REPLAY_FRACTIONS="${REPLAY_FRACTIONS:-0,1,5,20,100}"; REPLAY_STEPS="${REPLAY_STEPS:-0,5,20,100}"
-    LAUNCH=("$PY"); EXTRA="${EXTRA:-}"; JOBS="${JOBS:-2}"
-    REPLAY_CHAINS="${REPLAY_CHAINS-toxigen-arc}"; MITIGATION_CHAINS="${MITIGATION_CHAINS-toxigen-arc}"
-    CHAINS="${CHAINS-toxigen-arc-csqa2}"
-    LR_NOTE="learning rates scaled for the tiny model on the real datasets (paper: 1e-6..2e-5 for Llama-2-7B); evaluation on stratified subsets of $EVAL_LIMIT test examples per task";;
+    CHAINS="${CHAINS-toxigen-arc-csqa2}";;
   paper)
     MODEL="${MODEL:?set MODEL to a Llama-2-7B checkpoint folder}"; DATA_DIR="${DATA_DIR:?set DATA_DIR to the datasets folder}"
     SEEDS="${SEEDS:-0 1 2}"; LRS="${LRS:-1e-6 5e-6 1e-5 1.5e-5 2e-5}"; MAIN_LR="${MAIN_LR:-1e-5}"; STEPS="${STEPS:-100}"
