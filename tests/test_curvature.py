@@ -319,11 +319,6 @@ def test_cli_bad_numbers(tmp_path):
     assert p.returncode == 2 and "--samples" in p.stderr and "Traceback" not in p.stderr
 
 
-def _lead_modules_present():
-    return all(os.path.exists(os.path.join(ROOT, f)) for f in ("common.py", "tasks.py", "finetune.py"))
-
-
-@pytest.mark.skipif(not _lead_modules_present(), reason="common.py / tasks.py / finetune.py not in the repo yet")
 def test_cli_end_to_end_tiny(tmp_path):
     out = tmp_path / "curv.json"
     p = run_cli("--model", "tiny", "--task", "arc", "--samples", "4", "--out", str(out), "--max_iter", "30",
@@ -337,7 +332,6 @@ def test_cli_end_to_end_tiny(tmp_path):
     assert p2.returncode == 2 and "nosuchtask" in p2.stderr
 
 
-@pytest.mark.skipif(not _lead_modules_present(), reason="common.py / tasks.py / finetune.py not in the repo yet")
 def test_cli_reference_taylor_check(tmp_path):
     """--reference: a theta_AB made by perturbing the tiny base; the four Taylor terms are reported."""
     import common
@@ -363,7 +357,6 @@ def test_cli_reference_taylor_check(tmp_path):
     assert bad.returncode == 2 and "--reference" in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.skipif(not _lead_modules_present(), reason="common.py / tasks.py / finetune.py not in the repo yet")
 def test_cli_taylor_check_reuses_a_spectrum(tmp_path):
     """--spectrum_from takes rho from an earlier curvature.json of the same model and samples: the
     reference terms equal those of a full run, and a file of another model is refused."""
