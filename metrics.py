@@ -2109,35 +2109,12 @@ ORDER_COLUMNS = ["task_x", "task_y", "rho_x", "rho_y", "recommended", "forgettin
 
 
 def _order_functions():
-    """order.py's recommend_order and check_pairs; simple stand-ins when order.py cannot be imported."""
+    """order.py's recommend_order and check_pairs, or None when metrics.py was copied without it."""
     try:
         import order
-        return order.recommend_order, order.check_pairs, "order.py"
-    except Exception:  # pragma: no cover - metrics.py copied alone
-        def recommend(rho):
-            val = {t: (v["rho"] if isinstance(v, dict) else float(v)) for t, v in rho.items()}
-            return sorted(val, key=lambda t: val[t])
-
-        def check(tasks, rho, measured):
-            rows = []
-            for i, x in enumerate(tasks):
-                for y in tasks[i + 1:]:
-                    if x not in rho or y not in rho:
-                        continue
-                    rec = recommend({x: rho[x], y: rho[y]})
-                    m = {}
-                    for a, b in ((x, y), (y, x)):
-                        items = measured.get((a, b), [])
-                        m[f"{a}->{b}"] = {"forgetting": float(np.mean([f for f, _ in items])) if items else None,
-                                          "n": len(items), "run_ids": sorted(r for _, r in items)}
-                    fxy, fyx = m[f"{x}->{y}"]["forgetting"], m[f"{y}->{x}"]["forgetting"]
-                    less = None if fxy is None or fyx is None or fxy == fyx else \
-                        (f"{x}->{y}" if fxy < fyx else f"{y}->{x}")
-                    rows.append({"tasks": [x, y], "recommended": rec, "rho": {x: rho[x]["rho"], y: rho[y]["rho"]},
-                                 "measured": m, "less_forgetting": less,
-                                 "agrees": None if less is None else less == f"{rec[0]}->{rec[1]}"})
-            return rows
-        return recommend, check, "metrics.py (order.py not importable)"
+    except ImportError:
+        return None
+    return order.recommend_order, order.check_pairs, "order.py"
 
 
 def find_order_json(runs_dir):
@@ -2155,7 +2132,10 @@ def section_order(study, out, opts):
     (or <runs>/order.json) when it exists, else from the curvature results (Figure 4a's rho per task) through
     order.py's functions."""
     head = "## Curvature-guided task order\n\n"
-    recommend, check, impl = _order_functions()
+    funcs = _order_functions()
+    if funcs is None:
+        return head + "No task order: order.py is not beside metrics.py (copy it along to get this section).\n"
+    recommend, check, impl = funcs
     rel, oj = find_order_json(study.runs_dir)
     if oj is not None:
         rho = {t: v for t, v in (oj.get("rho") or {}).items()
