@@ -291,35 +291,44 @@ def samples_path(out):
     return stem + "_samples.jsonl"
 
 
-def run(args):
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split="test", limit=None, batch_size=16,
+                        scorer="fast", seed=0, bf16=False, device=None, model_name=None):
+    """Load a checkpoint, score `tasks` and write `out` (results JSON) with its samples JSONL beside it;
+    returns the report. model_name: what the report calls the model (default model_path), so a caller
+    that evaluates a folder before moving it into place (finetune.py --eval_tasks) records the final name."""
     for t in tasks:
         if t not in TASKS:
             raise UserError(f"unknown task {t!r} in --tasks; choose from {', '.join(TASKS)}")
-    model_path = resolve_model_path(args.model)
+    model_name = model_path if model_name is None else model_name
+    model_path = resolve_model_path(model_path)
     meta = read_meta(model_path) if os.path.isdir(model_path) else {}
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if bf16 else torch.float32
     model, tok = load_model_and_tokenizer(model_path, dtype=dtype)
     model.to(device).eval()
-    print(f"evaluate: {args.model} on {','.join(tasks)} ({args.split}, {args.scorer} scorer) -> {args.out}", flush=True)
-    results, samples = evaluate(model, tok, tasks, args.data_dir, args.split, args.limit, args.batch_size,
-                                args.scorer, device, args.seed)
-    spath = samples_path(args.out)
+    print(f"evaluate: {model_name} on {','.join(tasks)} ({split}, {scorer} scorer) -> {out}", flush=True)
+    results, samples = evaluate(model, tok, tasks, data_dir, split, limit, batch_size, scorer, device, seed)
+    spath = samples_path(out)
     os.makedirs(os.path.dirname(os.path.abspath(spath)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(spath)), prefix=".tmp-", suffix=".jsonl")
     with os.fdopen(fd, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in samples)
     os.replace(tmp, spath)
-    report = {"model": args.model, "run_id": meta.get("run_id"), "chain": meta.get("chain"),
-              "config": {"tasks": tasks, "split": args.split, "data_dir": args.data_dir, "limit": args.limit,
-                         "scorer": args.scorer, "batch_size": args.batch_size, "dtype": str(dtype).replace("torch.", ""),
-                         "seed": args.seed, "tiny": bool(meta.get("tiny"))},
+    report = {"model": model_name, "run_id": meta.get("run_id"), "chain": meta.get("chain"),
+              "config": {"tasks": list(tasks), "split": split, "data_dir": data_dir, "limit": limit,
+                         "scorer": scorer, "batch_size": batch_size, "dtype": str(dtype).replace("torch.", ""),
+                         "seed": seed, "tiny": bool(meta.get("tiny"))},
               "tasks": results, "samples": os.path.basename(spath)}
-    write_json_atomic(args.out, report)
+    write_json_atomic(out, report)
     for t, r in results.items():
         print(f"  {t:15s} acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}  n {r['n']}  loss {r['loss']:.4f}  [{r['source']}]")
     return report
+
+
+def run(args):
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    return evaluate_checkpoint(args.model, tasks, args.out, args.data_dir, args.split, args.limit, args.batch_size,
+                               args.scorer, args.seed, args.bf16, args.device)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def default_config():
     return dict(model="tiny", task=None, out=None, data_dir=None, train_size=PAPER_TRAIN_SIZE, lr=None,
                 steps=100, batch_size=16, micro_batch_size=None, max_length=2048, weight_decay=0.1,
                 beta1=0.9, beta2=0.95, eps=1e-8, max_grad_norm=1.0, seed=0, bf16=False,
-                gradient_checkpointing=False, device=None, overwrite=False, **OPTION_DEFAULTS)
+                gradient_checkpointing=False, device=None, overwrite=False, **OPTION_DEFAULTS, **EVAL_DEFAULTS)
 
 
 # Options added after the recipe: they enter the run_id only when they change the result (see config_for_id).
@@ -146,10 +146,14 @@ OPTION_DEFAULTS = dict(train_fraction=None, replay_task=None, replay_fraction=0.
                        ewc_task=None, ewc_samples=200)
 
 
+# Evaluation after training (--eval_tasks ...): evaluate.py's work on the saved folder, in this process.
+EVAL_DEFAULTS = dict(eval_tasks=None, eval_limit=None, eval_val_tasks=None, eval_val_limit=None)
+
+
 def config_for_id(cfg):
     """The settings the run_id hashes: everything that can change the result. Where and how it is computed
     stays out, and so does every added option while it is off (runs that do not use them keep their ids)."""
-    skip = {"out", "overwrite", "device", "micro_batch_size", "gradient_checkpointing"}
+    skip = {"out", "overwrite", "device", "micro_batch_size", "gradient_checkpointing", *EVAL_DEFAULTS}
     active = {"train_fraction": cfg.get("train_fraction") is not None,
               "replay_task": bool(cfg.get("replay_fraction")), "replay_fraction": bool(cfg.get("replay_fraction")),
               "l2_to_init": bool(cfg.get("l2_to_init")), "ewc": bool(cfg.get("ewc")),
@@ -370,6 +374,13 @@ def check_options(cfg, world):
     if world > 1 and (cfg["l2_to_init"] or cfg["ewc"]):
         raise UserError("--l2_to_init and --ewc run in one process only (the anchored penalty is not implemented "
                         "for FSDP-sharded weights); run finetune.py without torchrun, or use --replay_task")
+    for tasks_key, limit_key in (("eval_tasks", "eval_limit"), ("eval_val_tasks", "eval_val_limit")):
+        evaluated = _task_list(cfg[tasks_key])  # checked before training, not after it
+        if cfg[limit_key] is not None and (cfg[limit_key] < 1 or not evaluated):
+            raise UserError(f"--{limit_key} needs --{tasks_key} and a value >= 1, got {cfg[limit_key]}")
+        bad = [t for t in evaluated if t in GENERATIVE_TASKS]
+        if bad:
+            raise UserError(f"--{tasks_key}: {', '.join(bad)} is generative; its evaluation is not implemented yet")
 
 
 def train_stage(cfg):
@@ -487,24 +498,59 @@ def train_stage(cfg):
               **({"regularisation": {"l2_to_init": cfg["l2_to_init"], "ewc": cfg["ewc"], "fisher": fisher_info,
                                      "final_penalty": penalty.last}} if penalty is not None else {}),
               "wall_time_s": round(time.time() - t0, 2), **run_metadata()}
-    if master:
-        with atomic_dir(cfg["out"], overwrite=cfg["overwrite"]) as tmp:
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            lineage = {"run_id": run_id, "chain": chain, "base_model": record["base_model"], "tiny": record["tiny"],
-                       "task": cfg["task"], "data_source": data.source}
-            with open(os.path.join(tmp, META_FILE), "w") as f:
-                json.dump(lineage, f, indent=2)
-            with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in log)
-            write_json_atomic(os.path.join(tmp, "run.json"), record)
+
+    def leave_group():  # the other processes wait for the checkpoint only, never for the evaluation
+        if ddp:
+            dist.barrier()
+            if own_group:
+                dist.destroy_process_group()
+
+    if not master:
+        leave_group()
+        return record
+    with atomic_dir(cfg["out"], overwrite=cfg["overwrite"]) as tmp:
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        lineage = {"run_id": run_id, "chain": chain, "base_model": record["base_model"], "tiny": record["tiny"],
+                   "task": cfg["task"], "data_source": data.source}
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(lineage, f, indent=2)
+        with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in log)
+        write_json_atomic(os.path.join(tmp, "run.json"), record)
         print(f"finetune: done in {record['wall_time_s']:.1f}s, final loss {record['final_loss']:.4f} -> {cfg['out']}",
               flush=True)
-    if ddp:
-        dist.barrier()
-        if own_group:
-            dist.destroy_process_group()
+        leave_group()
+        del model, state, opt
+        evaluate_saved(tmp, cfg)  # inside the temporary folder: --out appears with its evaluation or not at all
     return record
+
+
+def _task_list(spec):
+    tasks = [t.strip() for t in (spec or "").split(",") if t.strip()]
+    for t in tasks:
+        if t not in TASKS:
+            raise UserError(f"unknown task {t!r} in --eval_tasks/--eval_val_tasks; choose from {', '.join(TASKS)}")
+    return tasks
+
+
+def evaluate_saved(folder, cfg):
+    """--eval_tasks / --eval_val_tasks: write eval.json / eval_val.json (and their samples) into the saved
+    checkpoint folder, exactly as `evaluate.py --model <out> --tasks ... --out <out>/eval.json [--split
+    validation] [--limit N]` would (same loading, scorer defaults and subset seed 0); saves that process's
+    start-up. Needs evaluate.py beside this file."""
+    jobs = [(_task_list(cfg["eval_tasks"]), "test", cfg["eval_limit"], "eval.json"),
+            (_task_list(cfg["eval_val_tasks"]), "validation", cfg["eval_val_limit"], "eval_val.json")]
+    jobs = [j for j in jobs if j[0]]
+    if not jobs:
+        return
+    try:
+        from evaluate import evaluate_checkpoint
+    except ImportError as e:
+        raise UserError(f"--eval_tasks needs evaluate.py beside finetune.py ({e}); run evaluate.py separately")
+    for tasks, split, limit, name in jobs:
+        evaluate_checkpoint(folder, tasks, os.path.join(folder, name), cfg["data_dir"], split, limit,
+                            device=cfg["device"], model_name=cfg["out"])
 
 
 # -----------------------------------------------------------------------------
@@ -544,6 +590,12 @@ if __name__ == "__main__":
                    help="add LAMBDA/2 sum F_i (theta_i - theta_start,i)^2 (diagonal Fisher of --ewc_task)")
     g.add_argument("--ewc_task", default=None, choices=TASKS, help="task whose samples estimate the Fisher")
     g.add_argument("--ewc_samples", type=int, default=200, help="samples for the Fisher estimate")
+    e = p.add_argument_group("evaluation of the saved model, as evaluate.py would do it (saves a process start)")
+    e.add_argument("--eval_tasks", default=None, help="comma-separated tasks: write <out>/eval.json (test split)")
+    e.add_argument("--eval_limit", type=int, default=None, help="stratified test subset (evaluate.py --limit)")
+    e.add_argument("--eval_val_tasks", default=None, help="comma-separated tasks: write <out>/eval_val.json "
+                   "(validation split)")
+    e.add_argument("--eval_val_limit", type=int, default=None, help="stratified validation subset")
     args = p.parse_args()
     if args.task in GENERATIVE_TASKS:
         print(f"note: {args.task} is generative; it trains here, its evaluation comes with the full study")

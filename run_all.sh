@@ -59,6 +59,8 @@ RUNS="${RUNS:-runs/$PROFILE}"
 DATA_ARGS=(); [ -n "$DATA_DIR" ] && DATA_ARGS=(--data_dir "$DATA_DIR")
 EVAL_ARGS=(); [ -n "$EVAL_LIMIT" ] && EVAL_ARGS=(--limit "$EVAL_LIMIT")
 VAL_ARGS=(); [ -n "$VAL_LIMIT" ] && VAL_ARGS=(--limit "$VAL_LIMIT")
+EVAL_LIMIT_ARGS=(); [ -n "$EVAL_LIMIT" ] && EVAL_LIMIT_ARGS=(--eval_limit "$EVAL_LIMIT")
+VAL_LIMIT_ARGS=(); [ -n "$VAL_LIMIT" ] && VAL_LIMIT_ARGS=(--eval_val_limit "$VAL_LIMIT")
 mkdir -p "$RUNS/logs"
 FAILFILE="$RUNS/logs/failed.txt"; : >"$FAILFILE"
 # Small models gain nothing from a second thread: run JOBS independent stages side by side instead.
@@ -134,53 +136,69 @@ if [ "$MODEL" = "tiny" ]; then
 fi
 
 # 1. First-stage models: every task, learning rate and seed; each evaluated on its task's test and
-#    validation splits.
+#    validation splits (finetune.py --eval_tasks: evaluate.py's work, in the training process).
 first_stage() {  # first_stage TASK LR SEED
   local t="$1" lr="$2" s="$3" d="$RUNS/stage1/$1/lr$2/seed$3"
-  finetune "stage1-$t-lr$lr-seed$s" "$MODEL" "$t" "$lr" "$s" "$d" || return 1
-  evaluate "eval-stage1-$t-lr$lr-seed$s" "$d" "$t" "$d/eval.json" "${EVAL_ARGS[@]}"
-  evaluate "evalval-stage1-$t-lr$lr-seed$s" "$d" "$t" "$d/eval_val.json" --split validation "${VAL_ARGS[@]}"
+  finetune "stage1-$t-lr$lr-seed$s" "$MODEL" "$t" "$lr" "$s" "$d" --eval_tasks "$t" "${EVAL_LIMIT_ARGS[@]}" \
+    --eval_val_tasks "$t" "${VAL_LIMIT_ARGS[@]}" || return 1
+  # a runs folder from an interrupted older study may hold models without their evaluation
+  [ -e "$d/eval.json" ] || evaluate "eval-stage1-$t-lr$lr-seed$s" "$d" "$t" "$d/eval.json" "${EVAL_ARGS[@]}"
+  [ -e "$d/eval_val.json" ] || evaluate "evalval-stage1-$t-lr$lr-seed$s" "$d" "$t" "$d/eval_val.json" \
+    --split validation "${VAL_ARGS[@]}"
 }
 for t in $CAP $SAFE; do for lr in $LRS; do for s in $SEEDS; do bg first_stage "$t" "$lr" "$s"; done; done; done
 wait
+declare -A BEST  # the first-stage model each chain starts from, per task and seed
+for t in $CAP $SAFE; do for s in $SEEDS; do BEST[$t-$s]="$(best_stage1 "$t" "$s")"; done; done
 
 # 2. Chains: capability -> safety and safety -> capability, from the best first-stage model, at the
-#    main learning rate; plus the first-stage and second-stage learning-rate sweeps.
-chain() {  # chain A B PARENT_LR LR_B SEED (PARENT_LR "best": the sweep's best)
-  local a="$1" b="$2" lra="$3" lrb="$4" s="$5" parent
-  if [ "$lra" = best ]; then parent="$(best_stage1 "$a" "$s")"; else parent="$RUNS/stage1/$a/lr$lra/seed$s"; fi
+#    main learning rate; plus the first-stage and second-stage learning-rate sweeps (a sweep point
+#    that is a main chain runs once).
+chain_dir() {  # chain_dir A B PARENT LR_B SEED -> the chain's folder
+  local lra; lra="$(basename "$(dirname "$3")")"
+  echo "$RUNS/stage2/$1-$2/lrA${lra#lr}_lrB$4/seed$5"
+}
+chain() {  # chain A B PARENT LR_B SEED
+  local a="$1" b="$2" parent="$3" lrb="$4" s="$5" d lra
+  d="$(chain_dir "$@")"; lra="${d##*/lrA}"; lra="${lra%%_lrB*}"
+  finetune "stage2-$a-$b-lrA$lra-lrB$lrb-seed$s" "$parent" "$b" "$lrb" "$s" "$d" --eval_tasks "$a,$b" \
+    "${EVAL_LIMIT_ARGS[@]}" || return 1
+  [ -e "$d/eval.json" ] || evaluate "eval-stage2-$a-$b-lrA$lra-lrB$lrb-seed$s" "$d" "$a,$b" "$d/eval.json" "${EVAL_ARGS[@]}"
+}
+declare -A QUEUED
+queue_chain() {  # queue_chain A B PARENT_LR LR_B SEED (PARENT_LR "best": the sweep's best)
+  local a="$1" b="$2" lra="$3" lrb="$4" s="$5" parent d
+  if [ "$lra" = best ]; then parent="${BEST[$a-$s]:-}"; else parent="$RUNS/stage1/$a/lr$lra/seed$s"; fi
   if [ -z "$parent" ] || [ ! -d "$parent" ]; then say "skipped: chain $a-$b seed $s (no first-stage model)"; failed "chain-$a-$b-seed$s"; return 1; fi
-  lra="$(basename "$(dirname "$parent")")"; lra="${lra#lr}"
-  local d="$RUNS/stage2/$a-$b/lrA${lra}_lrB$lrb/seed$s"
-  finetune "stage2-$a-$b-lrA$lra-lrB$lrb-seed$s" "$parent" "$b" "$lrb" "$s" "$d" || return 1
-  evaluate "eval-stage2-$a-$b-lrA$lra-lrB$lrb-seed$s" "$d" "$a,$b" "$d/eval.json" "${EVAL_ARGS[@]}"
+  d="$(chain_dir "$a" "$b" "$parent" "$lrb" "$s")"
+  [ -n "${QUEUED[$d]+x}" ] && return 0
+  QUEUED[$d]=1
+  bg chain "$a" "$b" "$parent" "$lrb" "$s"
 }
 for s in $SEEDS; do
   for c in $CAP; do for f in $SAFE; do
-    bg chain "$c" "$f" best "$MAIN_LR" "$s"
-    bg chain "$f" "$c" best "$MAIN_LR" "$s"
+    queue_chain "$c" "$f" best "$MAIN_LR" "$s"
+    queue_chain "$f" "$c" best "$MAIN_LR" "$s"
   done; done
-done
-wait  # the sweeps below reuse the main chains' folders where they coincide
-for s in $SEEDS; do
-  for ab in $FIRST_LR_CHAINS; do for lr in $LRS; do bg chain "${ab%-*}" "${ab#*-}" "$lr" "$MAIN_LR" "$s"; done; done
-  for ab in $SECOND_LR_CHAINS; do for lr in $LRS; do bg chain "${ab%-*}" "${ab#*-}" best "$lr" "$s"; done; done
+  for ab in $FIRST_LR_CHAINS; do for lr in $LRS; do queue_chain "${ab%-*}" "${ab#*-}" "$lr" "$MAIN_LR" "$s"; done; done
+  for ab in $SECOND_LR_CHAINS; do for lr in $LRS; do queue_chain "${ab%-*}" "${ab#*-}" best "$lr" "$s"; done; done
 done
 wait
 
 # 3. Mitigation: replay as a third stage (a sweep over the fraction of the first task's data and one
 #    over steps) on REPLAY_CHAINS; replay during the second stage and regularised second stages
 #    (MITIGATIONS) on MITIGATION_CHAINS; chains longer than two (CHAINS, e.g. toxigen-arc-csqa2).
+#    Side by side with them: the curvature of the first-stage minima (the models the chains start
+#    from; CURVATURE=all: every first-stage model), each with the Taylor check of its main chains.
 main_chain_dir() {  # main_chain_dir A B SEED -> the Table 1 chain's folder
-  local parent lra; parent="$(best_stage1 "$1" "$3")"; [ -n "$parent" ] || return 1
-  lra="$(basename "$(dirname "$parent")")"
-  echo "$RUNS/stage2/$1-$2/lrA${lra#lr}_lrB$MAIN_LR/seed$3"
+  [ -n "${BEST[$1-$3]:-}" ] || return 1
+  chain_dir "$1" "$2" "${BEST[$1-$3]:-}" "$MAIN_LR" "$3"
 }
-replay_sweeps() {  # replay_sweeps A B SEED
+replay_sweeps() {  # replay_sweeps A B SEED (one after the other: they share --out and its 0 and 100% points)
   local a="$1" b="$2" s="$3" d out; d="$(main_chain_dir "$a" "$b" "$s")"
   [ -n "$d" ] && [ -d "$d" ] || { say "skipped: replay $a-$b seed $s (no chain)"; failed "replay-$a-$b-seed$s"; return 1; }
   out="$RUNS/replay/$a-$b/seed$s"
-  local common=(replay.py --model "$d" --task "$a" --out "$out" --first_stage "$(best_stage1 "$a" "$s")" \
+  local common=(replay.py --model "$d" --task "$a" --out "$out" --first_stage "${BEST[$a-$s]:-}" \
     --lr "$MAIN_LR" --seed "$s" "${DATA_ARGS[@]}")
   [ -n "$EVAL_LIMIT" ] && common+=(--eval_limit "$EVAL_LIMIT")
   stage "replay-fractions-$a-$b-seed$s" "$out/.fractions-$REPLAY_FRACTIONS" bash -c \
@@ -189,8 +207,8 @@ replay_sweeps() {  # replay_sweeps A B SEED
     '"$@" && touch "'"$out/.steps-$REPLAY_STEPS"'"' _ "$PY" "${common[@]}" --steps_sweep "$REPLAY_STEPS"
 }
 mitigated_chain() {  # mitigated_chain A B METHOD SEED
-  local a="$1" b="$2" m="$3" s="$4" parent args
-  parent="$(best_stage1 "$a" "$s")"; [ -n "$parent" ] || { failed "mitigation-$a-$b-$m-seed$s"; return 1; }
+  local a="$1" b="$2" m="$3" s="$4" parent="${BEST[$1-$4]:-}" args
+  [ -n "$parent" ] || { failed "mitigation-$a-$b-$m-seed$s"; return 1; }
   case "$m" in
     mix*) args=(--replay_task "$a" --replay_fraction "$(awk "BEGIN{print ${m#mix}/100}")");;
     l2_*) args=(--l2_to_init "${m#l2_}");;
@@ -198,48 +216,55 @@ mitigated_chain() {  # mitigated_chain A B METHOD SEED
     *) say "unknown mitigation '$m' (use mix<P>, l2_<LAMBDA>, ewc_<LAMBDA>)"; failed "mitigation-$m"; return 1;;
   esac
   local d="$RUNS/mitigation/$a-$b/$m/seed$s"
-  finetune "mitigation-$a-$b-$m-seed$s" "$parent" "$b" "$MAIN_LR" "$s" "$d" "${args[@]}" || return 1
-  evaluate "eval-mitigation-$a-$b-$m-seed$s" "$d" "$a,$b" "$d/eval.json" "${EVAL_ARGS[@]}"
+  finetune "mitigation-$a-$b-$m-seed$s" "$parent" "$b" "$MAIN_LR" "$s" "$d" "${args[@]}" --eval_tasks "$a,$b" \
+    "${EVAL_LIMIT_ARGS[@]}" || return 1
+  [ -e "$d/eval.json" ] || evaluate "eval-mitigation-$a-$b-$m-seed$s" "$d" "$a,$b" "$d/eval.json" "${EVAL_ARGS[@]}"
 }
 long_chain() {  # long_chain A-B-C... SEED: stage 1 is the best first-stage model of A, stage 2 the main chain
   local spec="$1" s="$2" parent k=1 t tasks; IFS=- read -r -a tasks <<<"$spec"
-  parent="$(best_stage1 "${tasks[0]}" "$s")"; [ -n "$parent" ] || { failed "longchain-$spec-seed$s"; return 1; }
+  parent="${BEST[${tasks[0]}-$s]:-}"; [ -n "$parent" ] || { failed "longchain-$spec-seed$s"; return 1; }
   for t in "${tasks[@]:1}"; do
     k=$((k + 1))
     if [ "$k" = 2 ] && [ -d "$(main_chain_dir "${tasks[0]}" "$t" "$s")" ]; then
       parent="$(main_chain_dir "${tasks[0]}" "$t" "$s")"  # the Table 1 chain is this chain's stage 2
       continue
     fi
-    local d="$RUNS/longchain/$spec/seed$s/$k-$t"
-    finetune "longchain-$spec-$k-$t-seed$s" "$parent" "$t" "$MAIN_LR" "$s" "$d" || return 1
-    evaluate "eval-longchain-$spec-$k-$t-seed$s" "$d" "$(IFS=,; echo "${tasks[*]}")" "$d/eval.json" "${EVAL_ARGS[@]}"
+    local d="$RUNS/longchain/$spec/seed$s/$k-$t" all; all="$(IFS=,; echo "${tasks[*]}")"
+    finetune "longchain-$spec-$k-$t-seed$s" "$parent" "$t" "$MAIN_LR" "$s" "$d" --eval_tasks "$all" \
+      "${EVAL_LIMIT_ARGS[@]}" || return 1
+    [ -e "$d/eval.json" ] || evaluate "eval-longchain-$spec-$k-$t-seed$s" "$d" "$all" "$d/eval.json" "${EVAL_ARGS[@]}"
     parent="$d"
   done
 }
+curvature() {  # curvature TASK SEED FOLDER: rho at FOLDER, with the Taylor check of the main chains from it
+  local t="$1" s="$2" d="$3" lr refs=() c out
+  lr="$(basename "$(dirname "$d")")"; out="$RUNS/curvature/$t/$lr/seed$s/curvature.json"
+  if [ "$d" = "${BEST[$t-$s]:-}" ]; then
+    for c in $CAP $SAFE; do
+      local r; r="$(main_chain_dir "$t" "$c" "$s")"
+      [ "$c" != "$t" ] && [ -d "$r" ] && [ ! -e "$r/taylor.json" ] && refs+=("$r")
+    done
+  fi
+  local taylor=(); [ ${#refs[@]} -gt 0 ] && taylor=(--reference "${refs[@]}" --taylor_out taylor.json)
+  stage "curvature-$t-$lr-seed$s" "$out" "$PY" curvature.py --model "$d" --task "$t" --samples "$CURV_SAMPLES" \
+    --seed "$s" --out "$out" "${DATA_ARGS[@]}" "${taylor[@]}"
+}
 for s in $SEEDS; do
   for ab in $REPLAY_CHAINS; do bg replay_sweeps "${ab%-*}" "${ab#*-}" "$s"; done
+  for t in $CAP $SAFE; do
+    if [ "${CURVATURE:-best}" = all ]; then dirs=("$RUNS"/stage1/"$t"/lr*/seed"$s"); else dirs=("${BEST[$t-$s]:-}"); fi
+    for d in "${dirs[@]}"; do [ -n "$d" ] && [ -d "$d" ] && bg curvature "$t" "$s" "$d"; done
+  done
   for ab in $MITIGATION_CHAINS; do for m in $MITIGATIONS; do bg mitigated_chain "${ab%-*}" "${ab#*-}" "$m" "$s"; done; done
   for spec in $CHAINS; do bg long_chain "$spec" "$s"; done
 done
 wait
-
-# 4. Curvature of the first-stage minima (the models the chains start from; CURVATURE=all: every
-#    first-stage model), and the Taylor check of every main chain against its theta_A.
-for t in $CAP $SAFE; do for s in $SEEDS; do
-  if [ "${CURVATURE:-best}" = all ]; then dirs=("$RUNS"/stage1/"$t"/lr*/seed"$s"); else dirs=("$(best_stage1 "$t" "$s")"); fi
-  for d in "${dirs[@]}"; do
-    [ -n "$d" ] && [ -d "$d" ] || continue
-    lr="$(basename "$(dirname "$d")")"
-    bg stage "curvature-$t-$lr-seed$s" "$RUNS/curvature/$t/$lr/seed$s/curvature.json" "$PY" curvature.py --model "$d" \
-      --task "$t" --samples "$CURV_SAMPLES" --seed "$s" --out "$RUNS/curvature/$t/$lr/seed$s/curvature.json" "${DATA_ARGS[@]}"
-  done
-done; done
-wait
+# Taylor checks a resumed study still lacks (the spectrum is read back: one HVP each).
 for s in $SEEDS; do for c in $CAP; do for f in $SAFE; do for ab in "$c-$f" "$f-$c"; do
-  a="${ab%-*}"; b="${ab#*-}"; parent="$(best_stage1 "$a" "$s")"; [ -n "$parent" ] || continue
-  lra="$(basename "$(dirname "$parent")")"; d="$RUNS/stage2/$ab/lrA${lra#lr}_lrB$MAIN_LR/seed$s"
-  curv="$RUNS/curvature/$a/$lra/seed$s/curvature.json"
-  [ -d "$d" ] && [ -f "$curv" ] || continue
+  a="${ab%-*}"; parent="${BEST[$a-$s]:-}"; [ -n "$parent" ] || continue
+  d="$(main_chain_dir "$a" "${ab#*-}" "$s")"
+  curv="$RUNS/curvature/$a/$(basename "$(dirname "$parent")")/seed$s/curvature.json"
+  [ -d "$d" ] && [ -f "$curv" ] && [ ! -e "$d/taylor.json" ] || continue
   bg stage "taylor-$ab-seed$s" "$d/taylor.json" "$PY" curvature.py --model "$parent" --task "$a" --samples "$CURV_SAMPLES" \
     --seed "$s" --reference "$d" --spectrum_from "$curv" --out "$d/taylor.json" "${DATA_ARGS[@]}"
 done; done; done; done

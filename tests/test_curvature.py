@@ -153,19 +153,45 @@ def test_dominant_stop_rule(model64, dense):
 
 
 def test_start_vectors(model64, dense):
-    """The default Lanczos start mixes the loss gradient into the seeded random vector; both starts converge
-    to the dense spectrum; power iteration starts from the random vector (eigenthings' way)."""
-    mixed = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="torch")
+    """The default Lanczos start is the subsample warm start (two micro-batches here), the gradient+random
+    start where it cannot be used (one micro-batch, or a memory budget too small for its basis); every start
+    converges to the dense spectrum; power iteration starts from the random vector (eigenthings' way)."""
+    warm = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="torch")
+    mixed = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="torch", start="gradient+random")
     rnd = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="torch", start="random")
+    assert warm["settings"]["start_vector"] == "subsample" and warm["sub_hvp_count"] == warm["warm_start"]["steps"]
+    assert warm["warm_start"]["micro_batch_samples"] == 3 and warm["warm_start"]["seconds"] >= 0
     assert mixed["settings"]["start_vector"] == "gradient+random" and rnd["settings"]["start_vector"] == "random"
-    for r in (mixed, rnd):
+    assert mixed["sub_hvp_count"] == 0 and mixed["warm_start"] is None
+    for r in (warm, mixed, rnd):
         assert rel(r["rho"], dense["rho"]) <= 1e-5
+        assert rel(r["lambda_min"], dense["lmin"]) <= 1e-5 and r["hvp_count"] == r["iterations"]
+    one = C.hessian_spectrum(model64, [batches()[0]], backend="torch")
+    assert one["settings"]["start_vector"] == "gradient+random"
+    nbytes = sum(p.numel() * p.element_size() for p in model64.parameters())
+    small = C.hessian_spectrum(model64, batches(), backend="torch", graph_memory_budget=20 * nbytes)
+    assert small["settings"]["start_vector"] == "gradient+random"  # 6 vectors > a quarter of the budget
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         pw = C.hessian_spectrum(model64, batches(), method="power", max_iter=2, backend="torch")
     assert pw["settings"]["start_vector"] == "random"
     with pytest.raises(C.CurvatureError):
         C.hessian_spectrum(model64, batches(), backend="torch", start="ones")
+
+
+def test_first_micro_batch_hvp(model64):
+    """hvp_first is the Hessian of the first micro-batch's share of the loss: scaled by the token ratio it
+    equals the HVP of an operator built on that micro-batch alone."""
+    bs = batches()
+    op = C.HessianOperator(model64, bs, keep_first=True)
+    alone = C.HessianOperator(model64, bs[:1])
+    v = C._start_vector(op.params, 3)
+    scale = op.total_tokens / alone.total_tokens
+    got, want = op.hvp_first(v), alone.hvp(v)
+    err = max(float((a * scale - b).abs().max()) for a, b in zip(got, want))
+    # not 1e-12: HF's RMSNorm computes in float32 even in a float64 model, so the two loss scalings round apart
+    assert err <= 1e-6 * max(float(b.abs().max()) for b in want)
+    assert op.sub_hvp_count == 1 and op.hvp_count == 0
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("extension", marks=needs_ext)])
@@ -380,3 +406,20 @@ def test_cli_taylor_check_reuses_a_spectrum(tmp_path):
                             "--out", str(tmp_path / "bad.json")], cwd=ROOT, capture_output=True, text=True)
     assert other.returncode == 2 and "computed for another model" in other.stderr
     assert not (tmp_path / "bad.json").exists()
+    # several references in one process: each gets the file a one-reference run writes, --out the spectrum
+    ab2 = str(tmp_path / "ab2")
+    train_stage({"model": a, "task": "toxigen", "out": ab2, "steps": 2, "train_size": 32, "batch_size": 8})
+    two = subprocess.run(base + ["--reference", ab, ab2, "--taylor_out", "taylor.json", "--out",
+                                 str(tmp_path / "two.json")], cwd=ROOT, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    t = json.load(open(tmp_path / "two.json"))
+    assert t["reference"] is None and t["taylor_files"] == [os.path.join(ab, "taylor.json"),
+                                                            os.path.join(ab2, "taylor.json")]
+    t1, t2 = (json.load(open(os.path.join(d, "taylor.json"))) for d in (ab, ab2))
+    assert t1["rho"] == t["rho"] == t2["rho"] and t1["config"]["reference"] == ab and t2["reference"]["model"] == ab2
+    for k in ("delta_sq_norm", "actual_loss_change", "quadratic_term", "bound"):
+        assert t1["reference"][k] == pytest.approx(f["reference"][k], rel=1e-6)
+    assert t2["reference"]["delta_sq_norm"] != t1["reference"]["delta_sq_norm"]
+    many = subprocess.run(base + ["--reference", ab, ab2, "--out", str(tmp_path / "many.json")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert many.returncode == 2 and "--taylor_out" in many.stderr and not (tmp_path / "many.json").exists()

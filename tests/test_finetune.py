@@ -160,3 +160,30 @@ def test_answer_logits_match_the_full_right_padded_loss(tiny_path, tok):
         logits, labels = finetune.answer_logits(model, finetune.collate(enc, tok.pad_token_id, "left"))
         s, n = finetune.answer_loss_sum(logits, labels)
     assert n == n_full and logits.shape[1] < full.shape[1] and s.item() == pytest.approx(s_full.item(), rel=1e-5)
+
+
+def test_eval_after_training_equals_evaluate_py(tmp_path, tiny_path):
+    """--eval_tasks/--eval_val_tasks write what evaluate.py writes for the saved folder (same JSON, same
+    samples); a bad task name fails before any training and leaves no folder."""
+    out = tmp_path / "m"
+    r = run_script("finetune.py", "--model", "tiny", "--task", "toxigen", "--out", out, "--steps", "2",
+                   "--train_size", "32", "--batch_size", "8", "--eval_tasks", "toxigen,arc", "--eval_limit", "20",
+                   "--eval_val_tasks", "toxigen", "--eval_val_limit", "10")
+    assert r.returncode == 0, r.stderr
+    for name, extra in (("eval", ["--tasks", "toxigen,arc", "--limit", "20"]),
+                        ("eval_val", ["--tasks", "toxigen", "--limit", "10", "--split", "validation"])):
+        e = run_script("evaluate.py", "--model", out, "--out", tmp_path / f"{name}.json", *extra)
+        assert e.returncode == 0, e.stderr
+        mine, ref = json.load(open(out / f"{name}.json")), json.load(open(tmp_path / f"{name}.json"))
+        assert mine["samples"] == f"{name}_samples.jsonl"
+        mine.pop("samples"), ref.pop("samples")
+        assert mine == ref and mine["model"] == str(out) and mine["run_id"]
+        assert (out / f"{name}_samples.jsonl").read_text() == (tmp_path / f"{name}_samples.jsonl").read_text()
+    run = json.load(open(out / "run.json"))
+    plain = finetune.train_stage({"model": "tiny", "task": "toxigen", "out": str(tmp_path / "plain"), "steps": 2,
+                                  "train_size": 32, "batch_size": 8})
+    assert run["run_id"] == plain["run_id"]  # evaluating is not part of the run's identity
+    r = run_script("finetune.py", "--model", "tiny", "--task", "toxigen", "--out", tmp_path / "bad", "--steps", "2",
+                   "--eval_tasks", "toxigen,arcc")
+    assert one_error_line(r) and "arcc" in r.stderr and not (tmp_path / "bad").exists()
+    assert "finetune:" not in r.stdout  # refused before training
