@@ -30,11 +30,11 @@ Solvers
       reorthogonalisation converged Ritz values reappear as "ghost" copies; that does not move the extreme
       Ritz values, which is all this module reads.
   Start vector (``start``): "subsample" (lanczos default): 3 Lanczos steps on the Hessian of the first
-      micro-batch alone (its graph is one of the retained ones, so each of those HVPs costs ~1/n of a full
-      one), then its dominant Ritz vector + 0.05 r/||r||: on the tiny ARC checkpoint (50 samples, 5
-      micro-batches) the full solve then reaches rho within 1e-3 after 3 HVPs instead of 5. It holds a
-      stored basis (WARM_VECTORS = 6 parameter-sized vectors), so it is used only where those fit in a quarter
-      of the memory budget and there are at least two micro-batches; otherwise "gradient+random" =
+      k = ceil(N/10) samples alone (at least 2; they become a micro-batch of their own whose graph is one of
+      the retained ones, so each of those HVPs costs ~k/N of a full one), then its dominant Ritz vector +
+      0.05 r/||r||: on the tiny ARC checkpoint (50 samples) the full solve then reaches rho within 1e-3 after 3
+      HVPs instead of 5. It holds a stored basis (WARM_VECTORS = 6 parameter-sized vectors), so by default it
+      is used only where those fit in a quarter of the memory budget and k <= N/4; otherwise "gradient+random" =
       g/||g|| + r/||r|| with g the loss gradient (computed anyway while the graphs are built) and r a seeded
       Gaussian: the gradient leans towards the top of the spectrum, r keeps every eigenvector in the Krylov
       space; "random" = r alone (power default, as in eigenthings). The result records "start_vector",
@@ -515,7 +515,7 @@ class HessianOperator:
     """H v for the answer-token loss of `batches` at the model's current parameters."""
 
     def __init__(self, model, batches, fused_ce=False, graph_memory_budget: int | None = None,
-                 answer_logits_only: bool = True, keep_first: bool = False):
+                 answer_logits_only: bool = True, keep_first: int = 0):
         """fused_ce: False/"torch" (autograd cross-entropy), "softmax_xent" (fused op on the logits),
         "linear_xent" (fused LM head + cross-entropy, required), True/"auto" (linear_xent where
         verify_linear_head() holds on the first batch, else softmax_xent). Needs the extension unless "torch"."""
@@ -527,6 +527,12 @@ class HessianOperator:
         if not self.params:
             raise CurvatureError("the model has no trainable parameters")
         self.batches = list(batches)
+        k = int(keep_first or 0)
+        n0 = int(self.batches[0]["input_ids"].shape[0])
+        if 0 < k < n0:
+            b0 = self.batches[0]
+            self.batches[:1] = [{key: (v[:k] if torch.is_tensor(v) else v) for key, v in b0.items()},
+                                {key: (v[k:] if torch.is_tensor(v) else v) for key, v in b0.items()}]
         self.total_tokens = sum(_count_answer_tokens(b) for b in self.batches)
         if self.total_tokens == 0:
             raise CurvatureError("the batches contain no answer tokens (every label is -100)")
@@ -594,7 +600,7 @@ class HessianOperator:
             else:
                 grads = self._first_order(b)
             kept += 1
-            if kept == 1 and self._keep_first and len(self.batches) > 1:
+            if kept == 1 and self._keep_first and len(self.batches) > 1 and _count_answer_tokens(b) > 0:
                 fi = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
                 self.first_index, self.first_out = fi, [grads[j] for j in fi]
                 self.first_tokens = _count_answer_tokens(b)
@@ -617,7 +623,7 @@ class HessianOperator:
             return batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only) / self.total_tokens
 
     def hvp_first(self, v):
-        """H_1 v, H_1 the Hessian of the first micro-batch's share of the loss (its graph is part of the full one)."""
+        """H_1 v, H_1 the Hessian of the split-off samples' share of the loss (their graph is part of the full one)."""
         self.sub_hvp_count += 1
         res = torch.autograd.grad(self.first_out, self.params, grad_outputs=[v[i] for i in self.first_index],
                                   retain_graph=True, allow_unused=True)
@@ -711,11 +717,12 @@ def _dot(a, b):
 
 def _subsample_start_vector(op, seed, steps=WARM_STEPS):
     """Warm start from a subsample: `steps` Lanczos steps (stored basis, full reorthogonalisation) on H_1, the
-    Hessian of the first retained micro-batch alone (one of n graphs: an H_1 v costs about 1/n of an H v), and
-    its Ritz vector of the end of largest magnitude y, plus WARM_RANDOM * r/||r|| (r the seeded Gaussian, so
-    every eigenvector stays in the Krylov space). y is close to H's dominant eigenvector as far as one
-    micro-batch represents all N samples (squared overlap 0.96 on the tiny ARC checkpoint, 10 of 50 samples),
-    which saves the full solve about two HVPs. The full solve is unchanged: same operator, same stop rule."""
+    Hessian of the k samples HessianOperator(keep_first=k) split off (k = ceil(N/10), at least 2: an H_1 v
+    costs about k/N of an H v), and its Ritz vector y of the end of largest magnitude, plus
+    WARM_RANDOM * r/||r|| (r the seeded Gaussian, so every eigenvector stays in the Krylov space). y is
+    close to H's dominant eigenvector as far as k samples represent all N (squared overlap 0.91-0.96 with 5
+    of 50 samples on the tiny ARC checkpoint), which saves the full solve about two HVPs to rho within 1e-3.
+    The full solve is unchanged: same operator, same stop rule."""
     r = _start_vector(op.params, seed)
     q0, _ = _mixed_start_vector(op, seed)  # the first micro-batch's graph sits inside g: the same lean
     basis, alphas, betas = [_normalize(q0)], [], []
@@ -739,7 +746,7 @@ def _subsample_start_vector(op, seed, steps=WARM_STEPS):
     y = _normalize(y)
     rn = math.sqrt(_dot(r, r))
     v0 = [a + (WARM_RANDOM / rn) * b for a, b in zip(y, r)]
-    return v0, {"steps": k, "micro_batch_samples": int(op.batches[0]["input_ids"].shape[0]),
+    return v0, {"steps": k, "samples": int(op.batches[0]["input_ids"].shape[0]),
                 "micro_batch_answer_tokens": op.first_tokens, "subsample_ritz": [float(theta[0]), float(theta[-1])]}
 
 
@@ -813,10 +820,11 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
     backend: "auto" (extension if it loads, else plain PyTorch), "extension" (required), "torch" (plain).
     stop (lanczos): "dominant" (default: the end giving rho converged to tol and the other end bounded below
         rho) or "both" (both ends converged to tol * rho).
-    start: the start vector: "subsample" (lanczos default where its vectors fit: a few Lanczos steps on the first
-        micro-batch's Hessian give a Ritz vector near the dominant eigenvector, see _subsample_start_vector),
-        "gradient+random" (g/||g|| + r/||r||, see _mixed_start_vector; the lanczos default otherwise: one
-        micro-batch, or WARM_VECTORS parameter-sized vectors over a quarter of the memory budget) or "random"
+    start: the start vector: "subsample" (lanczos default where its vectors fit: a few Lanczos steps on the
+        Hessian of the first ceil(N/10) samples give a Ritz vector near the dominant eigenvector, see
+        _subsample_start_vector), "gradient+random" (g/||g|| + r/||r||, see _mixed_start_vector; the lanczos
+        default otherwise: fewer than 8 samples, or WARM_VECTORS parameter-sized vectors over a quarter of the
+        memory budget) or "random"
         (seeded Gaussian r; the default for power, like eigenthings); v0 overrides it.
     cross_entropy (extension backend): "auto" (linear_xent where the LM head is verified to be a plain linear
         layer, else softmax_xent), "linear_xent", "softmax_xent", or "torch" (autograd's).
@@ -855,10 +863,13 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
     ce = ("auto" if use_ext else "torch") if cross_entropy == "auto" else cross_entropy
     params = [p for p in model.parameters() if p.requires_grad]
     budget = graph_memory_budget if graph_memory_budget is not None else _default_budget(device)
-    want_warm = v0 is None and start == "subsample" and len(batches) > 1
-    if want_warm and auto_start and not _warm_start_fits(params, budget):
-        want_warm, start = False, "gradient+random"  # at 7B the basis does not fit: three vectors only
-    op = HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=graph_memory_budget, keep_first=want_warm)
+    n_samples = sum(int(b["input_ids"].shape[0]) for b in batches)
+    warm_rows = min(int(batches[0]["input_ids"].shape[0]), max(2, math.ceil(n_samples / 10))) if batches else 0
+    want_warm = v0 is None and start == "subsample" and 0 < warm_rows < n_samples
+    if want_warm and auto_start and not (warm_rows <= n_samples / 4 and _warm_start_fits(params, budget)):
+        want_warm = False  # too few samples for a cheap subsample, or (7B) the basis does not fit: three vectors
+    op = HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=graph_memory_budget,
+                         keep_first=warm_rows if want_warm else 0)
     t_setup = time.perf_counter() - t0
     warm = None
     if v0 is not None:
@@ -997,8 +1008,8 @@ def main(argv=None):
                     help="lanczos stop rule: the end giving rho converged (and the other end bounded below rho), "
                          "or both ends converged")
     ap.add_argument("--start", choices=list(START_VECTORS), default=None,
-                    help="start vector: a Ritz vector of the first micro-batch's Hessian (lanczos default where it "
-                         "fits in memory), the loss gradient plus a seeded random vector (lanczos otherwise), or the "
+                    help="start vector: a Ritz vector of the Hessian of the first N/10 samples (lanczos default "
+                         "where it fits in memory), the loss gradient plus a seeded random vector (lanczos otherwise), or the "
                          "random vector alone (power default)")
     ap.add_argument("--max_iter", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)

@@ -153,24 +153,28 @@ def test_dominant_stop_rule(model64, dense):
 
 
 def test_start_vectors(model64, dense):
-    """The default Lanczos start is the subsample warm start (two micro-batches here), the gradient+random
-    start where it cannot be used (one micro-batch, or a memory budget too small for its basis); every start
-    converges to the dense spectrum; power iteration starts from the random vector (eigenthings' way)."""
-    warm = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="torch")
-    mixed = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="torch", start="gradient+random")
+    """The subsample warm start, the gradient+random start and the random start all converge to the dense
+    spectrum. By default Lanczos takes the warm start where it is cheap (8 samples or more) and its basis
+    fits in a quarter of the memory budget, else gradient+random; power iteration starts from the random
+    vector (eigenthings' way)."""
+    warm = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="torch", start="subsample")
+    mixed = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="torch")
     rnd = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="torch", start="random")
     assert warm["settings"]["start_vector"] == "subsample" and warm["sub_hvp_count"] == warm["warm_start"]["steps"]
-    assert warm["warm_start"]["micro_batch_samples"] == 3 and warm["warm_start"]["seconds"] >= 0
+    assert warm["warm_start"]["samples"] == 2 and warm["warm_start"]["seconds"] >= 0
+    assert warm["graphs"]["micro_batches"] == 3  # the 2 warm-start samples became a micro-batch of their own
     assert mixed["settings"]["start_vector"] == "gradient+random" and rnd["settings"]["start_vector"] == "random"
-    assert mixed["sub_hvp_count"] == 0 and mixed["warm_start"] is None
+    assert mixed["sub_hvp_count"] == 0 and mixed["warm_start"] is None  # 5 samples: too few for the default
     for r in (warm, mixed, rnd):
         assert rel(r["rho"], dense["rho"]) <= 1e-5
         assert rel(r["lambda_min"], dense["lmin"]) <= 1e-5 and r["hvp_count"] == r["iterations"]
-    one = C.hessian_spectrum(model64, [batches()[0]], backend="torch")
-    assert one["settings"]["start_vector"] == "gradient+random"
+    many = [make_batch(3, 10, s) for s in range(4)]  # 12 samples: the warm start is the default
+    auto = C.hessian_spectrum(model64, many, backend="torch")
+    assert auto["settings"]["start_vector"] == "subsample" and auto["warm_start"]["samples"] == 2
     nbytes = sum(p.numel() * p.element_size() for p in model64.parameters())
-    small = C.hessian_spectrum(model64, batches(), backend="torch", graph_memory_budget=20 * nbytes)
+    small = C.hessian_spectrum(model64, many, backend="torch", graph_memory_budget=20 * nbytes)
     assert small["settings"]["start_vector"] == "gradient+random"  # 6 vectors > a quarter of the budget
+    assert rel(small["rho"], auto["rho"]) <= 1e-4
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         pw = C.hessian_spectrum(model64, batches(), method="power", max_iter=2, backend="torch")
@@ -180,11 +184,13 @@ def test_start_vectors(model64, dense):
 
 
 def test_first_micro_batch_hvp(model64):
-    """hvp_first is the Hessian of the first micro-batch's share of the loss: scaled by the token ratio it
-    equals the HVP of an operator built on that micro-batch alone."""
+    """keep_first=k splits the first k samples off (the operator is unchanged) and hvp_first is the Hessian of
+    their share of the loss: scaled by the token ratio it equals the HVP of an operator built on them alone."""
     bs = batches()
-    op = C.HessianOperator(model64, bs, keep_first=True)
-    alone = C.HessianOperator(model64, bs[:1])
+    op = C.HessianOperator(model64, bs, keep_first=2)
+    alone = C.HessianOperator(model64, [{k: v[:2] for k, v in bs[0].items()}])
+    whole = C.HessianOperator(model64, bs)
+    assert len(op.batches) == 3 and op.total_tokens == whole.total_tokens
     v = C._start_vector(op.params, 3)
     scale = op.total_tokens / alone.total_tokens
     got, want = op.hvp_first(v), alone.hvp(v)
@@ -192,6 +198,8 @@ def test_first_micro_batch_hvp(model64):
     # not 1e-12: HF's RMSNorm computes in float32 even in a float64 model, so the two loss scalings round apart
     assert err <= 1e-6 * max(float(b.abs().max()) for b in want)
     assert op.sub_hvp_count == 1 and op.hvp_count == 0
+    full, ref = op.hvp(v), whole.hvp(v)
+    assert max(float((a - b).abs().max()) for a, b in zip(full, ref)) <= 1e-6 * max(float(b.abs().max()) for b in ref)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("extension", marks=needs_ext)])

@@ -80,3 +80,21 @@ def test_failed_stages_are_named_and_exit_nonzero(tmp_path):
     assert r.returncode == 1
     assert "FAILED: stage1-arc-lr1e-3-seed0" in r.stdout and "not a folder" in r.stdout
     assert "stage(s) failed or were skipped" in r.stdout and not (tmp_path / "runs" / "stage1" / "arc").exists()
+
+
+def test_resume_fills_missing_evaluations_and_taylor_checks(study):
+    """A runs folder with a model but not its evaluation, or a curvature.json without a chain's taylor.json
+    (an older or interrupted study), gets exactly the missing files on the next run."""
+    runs, _ = study
+    val = runs / "stage1" / "arc" / "lr2e-3" / "seed0" / "eval_val.json"
+    taylor = sorted((runs / "stage2").glob("*/*/seed0/taylor.json"))[0]
+    val.unlink()
+    taylor.unlink()
+    r = run_all(runs)
+    assert r.returncode == 0, r.stdout[-2000:]
+    started = [line.split("] ", 1)[1].split(" -> ")[0] for line in r.stdout.splitlines()
+               if " -> " in line and "done already" not in line and "study:" not in line and "base:" not in line
+               and "metrics" not in line and "order ->" not in line]
+    chain = taylor.parent.parent.parent.name
+    assert started == ["evalval-stage1-arc-lr2e-3-seed0", f"taylor-{chain}-seed0"], started
+    assert val.is_file() and taylor.is_file()
