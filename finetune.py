@@ -16,7 +16,11 @@ GPU); every rank takes its slice of the same global batch, giving the one-proces
 
 Writes --out (atomically: the folder appears only when the stage is complete): the checkpoint
 (safetensors + tokenizer, loadable by from_pretrained), run.json (arguments, seed, versions, git
-commit, data, per-step and final loss), train_log.jsonl, chained_tuning.json (lineage).
+commit, data, per-step and final loss), train_log.jsonl, chained_tuning.json (lineage). With
+--eval_tasks T1,T2 [--eval_limit N] and/or --eval_val_tasks T [--eval_val_limit N] it also holds
+eval.json / eval_val.json and their samples: evaluate.py's files for the saved checkpoint (process 0
+loads it back from the folder and scores it before the folder is moved into place; under torchrun the
+other processes leave first). They are not part of the run_id.
 
 Options beyond the paper's recipe (all off by default; a run that does not set them has the run_id and
 the result it had before they existed: they enter the run_id only when set):

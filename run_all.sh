@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The chained-tuning study, end to end: base model -> first-stage model per task and learning rate
-# (theta_A) -> every capability/safety chain in both orders (theta_AB) -> evaluation of every model
-# on its tasks -> learning-rate sweeps of the first and second stage -> curvature of the first-stage
-# minima and the Taylor check of every chain -> metrics, tables, figures and report.md.
+# (theta_A) -> every capability/safety chain in both orders (theta_AB) and the learning-rate sweeps of
+# the first and second stage (every model evaluated on its tasks by finetune.py --eval_tasks) ->
+# replay, mitigated and longer chains, side by side with the curvature of the first-stage minima and
+# the Taylor check of every chain -> metrics, tables, figures and report.md.
 #
 #   bash run_all.sh                                    # profile tiny: synthetic tasks, tiny model
 #   PROFILE=real-tiny DATA_DIR=../shared/data bash run_all.sh
