@@ -74,7 +74,7 @@ curvature.json (CLI output; keys of hessian_spectrum's dict plus run information
    "peak_memory": {"device": str, "peak_rss_bytes": int (CPU process high-water mark),
                    "cuda_peak_allocated_bytes": int|null},
    "settings": {"tol", "max_iter", "seed", "method", "stop_rule": "dominant"|"both"|"relative_change",
-                "start_vector": "gradient+random"|"random"|"given",
+                "start_vector": "subsample"|"gradient+random"|"random"|"given",
                 "dominant_margin": float|null, "graph_memory_budget", ...},
    "backend": {"extension": "installed"|"jit"|"none", "extension_detail": str, "solver_loop": "cpp"|"python",
                "step": "fused_op"|"torch",
@@ -689,17 +689,17 @@ def _start_vector(params, seed):
             for p in params]
 
 
-def _mixed_start_vector(op, seed):
+def _mixed_start_vector(op, seed, r=None):
     """g/||g|| + r/||r||: the loss gradient (a by-product of the graph build; it leans towards the top of the
     spectrum) plus a seeded Gaussian r of the same weight, which keeps every eigenvector in the Krylov space
-    almost surely. Falls back to r alone where no gradient is available or it is zero / not finite."""
-    r = _start_vector(op.params, seed)
+    almost surely. Falls back to r alone where no gradient is available or it is zero / not finite.
+    r: that random vector when the caller already drew it (_start_vector(op.params, seed))."""
+    r = _start_vector(op.params, seed) if r is None else r
     g = getattr(op, "_g_sum", None)
     if g is None:
         return r, "random"
     g = [torch.zeros_like(p) if t is None else t.detach() for t, p in zip(g, op.params)]
-    gn = math.sqrt(sum(float(t.double().pow(2).sum()) for t in g))
-    rn = math.sqrt(sum(float(t.double().pow(2).sum()) for t in r))
+    gn, rn = _norm(g), _norm(r)
     if not (gn > 0 and math.isfinite(gn)):
         return r, "random"
     return [(a.double() / gn + b.double() / rn).to(p.dtype).contiguous() for a, b, p in zip(g, r, op.params)], \
@@ -712,7 +712,12 @@ WARM_VECTORS = 6      # parameter-sized vectors the warm start holds at once (ba
 
 
 def _dot(a, b):
+    """<a, b> over lists of tensors, accumulated in float64."""
     return float(sum(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in zip(a, b)))
+
+
+def _norm(v):
+    return math.sqrt(max(_dot(v, v), 0.0))
 
 
 def _subsample_start_vector(op, seed, steps=WARM_STEPS):
@@ -724,7 +729,7 @@ def _subsample_start_vector(op, seed, steps=WARM_STEPS):
     of 50 samples on the tiny ARC checkpoint), which saves the full solve about two HVPs to rho within 1e-3.
     The full solve is unchanged: same operator, same stop rule."""
     r = _start_vector(op.params, seed)
-    q0, _ = _mixed_start_vector(op, seed)  # the first micro-batch's graph sits inside g: the same lean
+    q0, _ = _mixed_start_vector(op, seed, r)  # the subsample's graph sits inside g: the same lean
     basis, alphas, betas = [_normalize(q0)], [], []
     for j in range(steps):
         w = op.hvp_first(basis[-1])
@@ -733,7 +738,7 @@ def _subsample_start_vector(op, seed, steps=WARM_STEPS):
             for q in basis:
                 c = _dot(w, q)
                 w = [a - c * b for a, b in zip(w, q)]
-        b = math.sqrt(max(_dot(w, w), 0.0))
+        b = _norm(w)
         betas.append(b)
         if j == steps - 1 or not b > 1e-12 * max(abs(a) for a in alphas):
             break
@@ -744,10 +749,9 @@ def _subsample_start_vector(op, seed, steps=WARM_STEPS):
     col = S[:, -1] if abs(theta[-1]) >= abs(theta[0]) else S[:, 0]
     y = [sum(float(col[i]) * basis[i][n] for i in range(k)) for n in range(len(op.params))]
     y = _normalize(y)
-    rn = math.sqrt(_dot(r, r))
-    v0 = [a + (WARM_RANDOM / rn) * b for a, b in zip(y, r)]
-    return v0, {"steps": k, "samples": int(op.batches[0]["input_ids"].shape[0]),
-                "micro_batch_answer_tokens": op.first_tokens, "subsample_ritz": [float(theta[0]), float(theta[-1])]}
+    v0 = [a + (WARM_RANDOM / _norm(r)) * b for a, b in zip(y, r)]
+    return v0, {"steps": k, "samples": int(op.batches[0]["input_ids"].shape[0]), "answer_tokens": op.first_tokens,
+                "subsample_ritz": [float(theta[0]), float(theta[-1])]}
 
 
 def _warm_start_fits(params, budget):
@@ -756,7 +760,7 @@ def _warm_start_fits(params, budget):
 
 
 def _normalize(v):
-    nrm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in v))
+    nrm = _norm(v)
     if nrm == 0:
         raise CurvatureError("start vector is zero")
     return [(t.double() / nrm).to(t.dtype).contiguous() for t in v]
@@ -824,8 +828,7 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
         Hessian of the first ceil(N/10) samples give a Ritz vector near the dominant eigenvector, see
         _subsample_start_vector), "gradient+random" (g/||g|| + r/||r||, see _mixed_start_vector; the lanczos
         default otherwise: fewer than 8 samples, or WARM_VECTORS parameter-sized vectors over a quarter of the
-        memory budget) or "random"
-        (seeded Gaussian r; the default for power, like eigenthings); v0 overrides it.
+        memory budget) or "random" (seeded Gaussian r; the default for power, like eigenthings); v0 overrides it.
     cross_entropy (extension backend): "auto" (linear_xent where the LM head is verified to be a plain linear
         layer, else softmax_xent), "linear_xent", "softmax_xent", or "torch" (autograd's).
     Returns the result dict; with return_operator=True, (dict, HessianOperator).
@@ -932,7 +935,8 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
                           f"rho={res['rho']:.6g} is an estimate with residual {res['residual']:.3g}")
         warnings.warn(res["warning"], RuntimeWarning, stacklevel=2)
     res.update({
-        "hvp_count": op.hvp_count, "sub_hvp_count": op.sub_hvp_count, "warm_start": warm, "wall_time_s": wall, "setup_time_s": t_setup, "iteration_times_s": times,
+        "hvp_count": op.hvp_count, "sub_hvp_count": op.sub_hvp_count, "warm_start": warm, "wall_time_s": wall,
+        "setup_time_s": t_setup, "iteration_times_s": times,
         "peak_memory": _peak_memory(device),
         "settings": {"method": method, "tol": tol, "max_iter": int(max_iter), "seed": seed,
                      "stop_rule": stop if method == "lanczos" else "relative_change", "start_vector": start_used,
@@ -1009,8 +1013,8 @@ def main(argv=None):
                          "or both ends converged")
     ap.add_argument("--start", choices=list(START_VECTORS), default=None,
                     help="start vector: a Ritz vector of the Hessian of the first N/10 samples (lanczos default "
-                         "where it fits in memory), the loss gradient plus a seeded random vector (lanczos otherwise), or the "
-                         "random vector alone (power default)")
+                         "where it fits in memory), the loss gradient plus a seeded random vector (lanczos "
+                         "otherwise), or the random vector alone (power default)")
     ap.add_argument("--max_iter", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reference", nargs="+", default=None,

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from common import UserError, die_on_user_error, load_model_and_tokenizer, read_meta, resolve_model_path, write_json_atomic
-from tasks import GENERATIVE_TASKS, SPLITS, TASKS, encode_pair, load_task, stratified_sample
+from tasks import GENERATIVE_TASKS, SPLITS, TASKS, encode_pair, load_task, parse_tasks, stratified_sample
 
 # -----------------------------------------------------------------------------
 # Requests: token ids of every (example, option)
@@ -293,12 +293,10 @@ def samples_path(out):
 
 def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split="test", limit=None, batch_size=16,
                         scorer="fast", seed=0, bf16=False, device=None, model_name=None):
-    """Load a checkpoint, score `tasks` and write `out` (results JSON) with its samples JSONL beside it;
+    """Load a checkpoint, score `tasks` (names, or a comma-separated string) and write `out` (results JSON) with its samples JSONL beside it;
     returns the report. model_name: what the report calls the model (default model_path), so a caller
     that evaluates a folder before moving it into place (finetune.py --eval_tasks) records the final name."""
-    for t in tasks:
-        if t not in TASKS:
-            raise UserError(f"unknown task {t!r} in --tasks; choose from {', '.join(TASKS)}")
+    tasks = parse_tasks(tasks)
     model_name = model_path if model_name is None else model_name
     model_path = resolve_model_path(model_path)
     meta = read_meta(model_path) if os.path.isdir(model_path) else {}
@@ -326,8 +324,7 @@ def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split="test", lim
 
 
 def run(args):
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    return evaluate_checkpoint(args.model, tasks, args.out, args.data_dir, args.split, args.limit, args.batch_size,
+    return evaluate_checkpoint(args.model, args.tasks, args.out, args.data_dir, args.split, args.limit, args.batch_size,
                                args.scorer, args.seed, args.bf16, args.device)
 
 

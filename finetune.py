@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 from common import (META_FILE, UserError, atomic_dir, die_on_user_error, load_model_and_tokenizer, read_meta,
                     resolve_model_path, run_metadata, seed_everything, write_json_atomic)
-from tasks import GENERATIVE_TASKS, PAPER_TRAIN_SIZE, TASKS, TaskData, encode_pair, load_task
+from tasks import GENERATIVE_TASKS, PAPER_TRAIN_SIZE, TASKS, TaskData, encode_pair, load_task, parse_tasks
 
 PAPER_LR = 1e-5
 
@@ -227,8 +227,7 @@ def fraction_subset(data, fraction, seed):
     a default_rng([seed, 5]) permutation (nested across fractions), in their original order."""
     n = len(data.examples)
     k = min(n, max(1, _round_half_up(exact(fraction) * n)))
-    keep = sorted(np.random.default_rng([seed, 5]).permutation(n)[:k].tolist())
-    examples = [data.examples[i] for i in keep]
+    examples = seeded_samples(data.examples, k, seed, 5)
     info = {**data.info, "train_fraction": fraction, "fraction_of": n, "n": k,
             "ids_sha256": hashlib.sha256("\n".join(ex.id for ex in examples).encode()).hexdigest()}
     return TaskData(data.task, data.split, examples, data.source, info)
@@ -379,7 +378,7 @@ def check_options(cfg, world):
         raise UserError("--l2_to_init and --ewc run in one process only (the anchored penalty is not implemented "
                         "for FSDP-sharded weights); run finetune.py without torchrun, or use --replay_task")
     for tasks_key, limit_key in (("eval_tasks", "eval_limit"), ("eval_val_tasks", "eval_val_limit")):
-        evaluated = _task_list(cfg[tasks_key])  # checked before training, not after it
+        evaluated = parse_tasks(cfg[tasks_key], f"--{tasks_key}")  # checked before training, not after it
         if cfg[limit_key] is not None and (cfg[limit_key] < 1 or not evaluated):
             raise UserError(f"--{limit_key} needs --{tasks_key} and a value >= 1, got {cfg[limit_key]}")
         bad = [t for t in evaluated if t in GENERATIVE_TASKS]
@@ -530,21 +529,14 @@ def train_stage(cfg):
     return record
 
 
-def _task_list(spec):
-    tasks = [t.strip() for t in (spec or "").split(",") if t.strip()]
-    for t in tasks:
-        if t not in TASKS:
-            raise UserError(f"unknown task {t!r} in --eval_tasks/--eval_val_tasks; choose from {', '.join(TASKS)}")
-    return tasks
-
-
 def evaluate_saved(folder, cfg):
     """--eval_tasks / --eval_val_tasks: write eval.json / eval_val.json (and their samples) into the saved
     checkpoint folder, exactly as `evaluate.py --model <out> --tasks ... --out <out>/eval.json [--split
     validation] [--limit N]` would (same loading, scorer defaults and subset seed 0); saves that process's
     start-up. Needs evaluate.py beside this file."""
-    jobs = [(_task_list(cfg["eval_tasks"]), "test", cfg["eval_limit"], "eval.json"),
-            (_task_list(cfg["eval_val_tasks"]), "validation", cfg["eval_val_limit"], "eval_val.json")]
+    jobs = [(parse_tasks(cfg["eval_tasks"], "--eval_tasks"), "test", cfg["eval_limit"], "eval.json"),
+            (parse_tasks(cfg["eval_val_tasks"], "--eval_val_tasks"), "validation", cfg["eval_val_limit"],
+             "eval_val.json")]
     jobs = [j for j in jobs if j[0]]
     if not jobs:
         return

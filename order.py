@@ -39,7 +39,7 @@ import statistics
 import sys
 
 from common import UserError, die_on_user_error, write_json_atomic
-from tasks import TASKS
+from tasks import parse_tasks
 
 AGGREGATES = {"mean": statistics.fmean, "median": statistics.median, "max": max, "min": min}
 
@@ -168,10 +168,7 @@ def check_pairs(tasks, rho, measured):
 
 
 def run(args):
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in TASKS]
-    if bad:
-        raise UserError(f"unknown task(s) {', '.join(bad)} in --tasks; choose from {', '.join(TASKS)}")
+    tasks = parse_tasks(args.tasks)
     if len(set(tasks)) != len(tasks) or len(tasks) < 2:
         raise UserError("--tasks needs two or more different tasks")
     runs = find_runs(args.runs) if args.runs else None

@@ -96,6 +96,15 @@ finetune() {  # finetune NAME PARENT TASK LR SEED OUT [extra finetune.py args]
     --steps "$STEPS" --out "$out" "${DATA_ARGS[@]}" $EXTRA "$@"
 }
 
+# finetune_eval NAME PARENT TASK LR SEED OUT EVAL_TASKS [extra finetune.py args]: a stage tuned and then
+# evaluated on EVAL_TASKS (test split) in the same process; a folder left by an older or interrupted
+# study without its eval.json gets one from evaluate.py.
+finetune_eval() {
+  local name="$1" out="$6" tasks="$7" head=("${@:1:6}"); shift 7
+  finetune "${head[@]}" "$@" --eval_tasks "$tasks" "${EVAL_LIMIT_ARGS[@]}" || return 1
+  [ -e "$out/eval.json" ] || evaluate "eval-$name" "$out" "$tasks" "$out/eval.json" "${EVAL_ARGS[@]}"
+}
+
 evaluate() {  # evaluate NAME MODEL_DIR TASKS OUT [extra args]
   local name="$1" dir="$2" tasks="$3" out="$4"; shift 4
   [ -d "$dir" ] || { say "skipped: $name (no model at $dir)"; return 1; }
@@ -140,10 +149,8 @@ fi
 #    validation splits (finetune.py --eval_tasks: evaluate.py's work, in the training process).
 first_stage() {  # first_stage TASK LR SEED
   local t="$1" lr="$2" s="$3" d="$RUNS/stage1/$1/lr$2/seed$3"
-  finetune "stage1-$t-lr$lr-seed$s" "$MODEL" "$t" "$lr" "$s" "$d" --eval_tasks "$t" "${EVAL_LIMIT_ARGS[@]}" \
+  finetune_eval "stage1-$t-lr$lr-seed$s" "$MODEL" "$t" "$lr" "$s" "$d" "$t" \
     --eval_val_tasks "$t" "${VAL_LIMIT_ARGS[@]}" || return 1
-  # a runs folder from an interrupted older study may hold models without their evaluation
-  [ -e "$d/eval.json" ] || evaluate "eval-stage1-$t-lr$lr-seed$s" "$d" "$t" "$d/eval.json" "${EVAL_ARGS[@]}"
   [ -e "$d/eval_val.json" ] || evaluate "evalval-stage1-$t-lr$lr-seed$s" "$d" "$t" "$d/eval_val.json" \
     --split validation "${VAL_ARGS[@]}"
 }
@@ -160,11 +167,9 @@ chain_dir() {  # chain_dir A B PARENT LR_B SEED -> the chain's folder
   echo "$RUNS/stage2/$1-$2/lrA${lra#lr}_lrB$4/seed$5"
 }
 chain() {  # chain A B PARENT LR_B SEED
-  local a="$1" b="$2" parent="$3" lrb="$4" s="$5" d lra
-  d="$(chain_dir "$@")"; lra="${d##*/lrA}"; lra="${lra%%_lrB*}"
-  finetune "stage2-$a-$b-lrA$lra-lrB$lrb-seed$s" "$parent" "$b" "$lrb" "$s" "$d" --eval_tasks "$a,$b" \
-    "${EVAL_LIMIT_ARGS[@]}" || return 1
-  [ -e "$d/eval.json" ] || evaluate "eval-stage2-$a-$b-lrA$lra-lrB$lrb-seed$s" "$d" "$a,$b" "$d/eval.json" "${EVAL_ARGS[@]}"
+  local a="$1" b="$2" parent="$3" lrb="$4" s="$5" lra
+  lra="$(basename "$(dirname "$parent")")"; lra="${lra#lr}"
+  finetune_eval "stage2-$a-$b-lrA$lra-lrB$lrb-seed$s" "$parent" "$b" "$lrb" "$s" "$(chain_dir "$@")" "$a,$b"
 }
 declare -A QUEUED
 queue_chain() {  # queue_chain A B PARENT_LR LR_B SEED (PARENT_LR "best": the sweep's best)
@@ -217,9 +222,7 @@ mitigated_chain() {  # mitigated_chain A B METHOD SEED
     *) say "unknown mitigation '$m' (use mix<P>, l2_<LAMBDA>, ewc_<LAMBDA>)"; failed "mitigation-$m"; return 1;;
   esac
   local d="$RUNS/mitigation/$a-$b/$m/seed$s"
-  finetune "mitigation-$a-$b-$m-seed$s" "$parent" "$b" "$MAIN_LR" "$s" "$d" "${args[@]}" --eval_tasks "$a,$b" \
-    "${EVAL_LIMIT_ARGS[@]}" || return 1
-  [ -e "$d/eval.json" ] || evaluate "eval-mitigation-$a-$b-$m-seed$s" "$d" "$a,$b" "$d/eval.json" "${EVAL_ARGS[@]}"
+  finetune_eval "mitigation-$a-$b-$m-seed$s" "$parent" "$b" "$MAIN_LR" "$s" "$d" "$a,$b" "${args[@]}"
 }
 long_chain() {  # long_chain A-B-C... SEED: stage 1 is the best first-stage model of A, stage 2 the main chain
   local spec="$1" s="$2" parent k=1 t tasks; IFS=- read -r -a tasks <<<"$spec"
@@ -231,9 +234,7 @@ long_chain() {  # long_chain A-B-C... SEED: stage 1 is the best first-stage mode
       continue
     fi
     local d="$RUNS/longchain/$spec/seed$s/$k-$t" all; all="$(IFS=,; echo "${tasks[*]}")"
-    finetune "longchain-$spec-$k-$t-seed$s" "$parent" "$t" "$MAIN_LR" "$s" "$d" --eval_tasks "$all" \
-      "${EVAL_LIMIT_ARGS[@]}" || return 1
-    [ -e "$d/eval.json" ] || evaluate "eval-longchain-$spec-$k-$t-seed$s" "$d" "$all" "$d/eval.json" "${EVAL_ARGS[@]}"
+    finetune_eval "longchain-$spec-$k-$t-seed$s" "$parent" "$t" "$MAIN_LR" "$s" "$d" "$all" || return 1
     parent="$d"
   done
 }
@@ -277,7 +278,7 @@ if [ -d "$RUNS/curvature" ]; then  # curvature-guided order, checked against the
     --out "$RUNS/results/order.json" >"$RUNS/logs/order.log" 2>&1 || { failed order; say "FAILED: order (log: $RUNS/logs/order.log)"; }
 fi
 
-# 5. Metrics, tables, figures, report.
+# 4. Metrics, tables, figures, report.
 # (always rerun: it summarises whatever runs exist, naming the missing ones)
 say "metrics -> $RUNS/results"
 if ! "$PY" metrics.py --runs "$RUNS" --out "$RUNS/results" --profile "$PROFILE" >"$RUNS/logs/metrics.log" 2>&1; then

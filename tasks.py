@@ -66,6 +66,18 @@ class TaskData:
 # --------------------------------------------------------------------------------------------
 # Templates (paper, appendix 8.2). The wording is part of the protocol: do not edit.
 
+def parse_tasks(spec, flag="--tasks"):
+    """Task names from a comma-separated string or a list (None or "" gives []); an unknown name is a
+    UserError naming `flag`."""
+    parts = (spec or "").split(",") if spec is None or isinstance(spec, str) else spec
+    names = [t.strip() for t in parts if t.strip()]
+    bad = [t for t in names if t not in TASKS]
+    if bad:
+        raise UserError(f"unknown task{'s' if len(bad) > 1 else ''} {', '.join(repr(t) for t in bad)} in {flag}; "
+                        f"choose from {', '.join(TASKS)}")
+    return names
+
+
 def _letters_phrase(n, conj):
     ls = list(LETTERS[:n])
     return ", ".join(ls[:-1]) + f" {conj} " + ls[-1]

@@ -235,16 +235,22 @@ def build_runs(root):
         json.dump({"profile": "test-profile"}, f)
 
 
-@pytest.fixture(scope="module")
-def study_out(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
+def metrics_cli_on_built_runs(root, *builders):
+    """Build a runs folder under root with build_runs (then each of `builders`) and run metrics.py's CLI on it."""
     runs, out = str(root / "runs"), str(root / "out")
     build_runs(runs)
+    for build in builders:
+        build(runs)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "metrics.py"), "--runs", runs, "--out", out,
                         "--n_boot", "200"], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     return runs, out, r.stdout
+
+
+@pytest.fixture(scope="module")
+def study_out(tmp_path_factory):
+    return metrics_cli_on_built_runs(tmp_path_factory.mktemp("study"))
 
 
 def test_table1_columns_and_hand_computed_cells(study_out):
@@ -747,15 +753,7 @@ def build_extras(root):
 
 @pytest.fixture(scope="module")
 def extended(tmp_path_factory):
-    root = tmp_path_factory.mktemp("extended")
-    runs, out = str(root / "runs"), str(root / "out")
-    build_runs(runs)
-    build_extras(runs)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "metrics.py"), "--runs", runs, "--out", out,
-                        "--n_boot", "200"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    return runs, out, r.stdout
+    return metrics_cli_on_built_runs(tmp_path_factory.mktemp("extended"), build_extras)
 
 
 def _csv(out, name):
