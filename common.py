@@ -5,10 +5,13 @@ seeding, and loading a checkpoint (or the embedded tiny base) with checks that n
     model, tok = load_model_and_tokenizer("tiny")          # the cached tiny Llama base
     model, tok = load_model_and_tokenizer("runs/tiny/stage1/arc/lr0.001/seed0")
 """
+import argparse
 import contextlib
 import json
+import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +33,76 @@ def die_on_user_error(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# Argument checks, made before any data or model is loaded. A rule is (predicate, what is allowed); each
+# script lists its numeric options in one table {option: rule}; None (an optional left unset) passes.
+
+POSITIVE = (lambda v: v > 0, "> 0")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+
+
+def in_range(lo, hi, open_lo=False, open_hi=False):
+    """A rule for lo <= v <= hi (either end open on request), e.g. in_range(0, 1, open_lo=True): (0, 1]."""
+    def ok(v):
+        return (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi)
+    return ok, f"in {'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+
+
+def check_args(values, rules):
+    """Refuse the first value that breaks its rule: UserError naming --option, the value and what is
+    allowed. NaN and infinities are refused by every rule (a NaN compares false, an infinite lr trains)."""
+    for name, (ok, allowed) in rules.items():
+        v = values.get(name)
+        if v is None:
+            continue
+        if not (math.isfinite(v) and ok(v)):
+            raise UserError(f"--{name} must be {allowed}, got {v if isinstance(v, int) else f'{v:g}'}")
+
+
+def check_device(name, flag="--device"):
+    """The torch.device for --device: cpu, cuda or cuda:N, checked against this torch and machine (None:
+    cuda when available, else cpu). An unusable one is a UserError here, not an error deep in a load."""
+    import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", name)
+    if not m:
+        raise UserError(f"{flag} {name!r} is not a device; use cpu, cuda or cuda:N")
+    if name != "cpu":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise UserError(f"{flag} {name}: {why}; use {flag} cpu")
+        n = torch.cuda.device_count()
+        if m.group(1) is not None and int(m.group(1)) >= n:
+            raise UserError(f"{flag} {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return torch.device(name)
+
+
+def check_out(path, overwrite, flag="--out", kind="file", example="eval.json"):
+    """The one overwrite rule: an existing output is refused unless --overwrite; a file where a folder is
+    wanted (or the reverse) is refused either way. Called before anything is loaded."""
+    if not os.path.lexists(path):
+        if kind == "file" and path.endswith(("/", os.sep)):
+            raise UserError(f"{flag} {path} ends with a slash; give a file path")
+        return
+    if kind == "file" and os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file path (e.g. {os.path.join(path, example)})")
+    if kind == "dir" and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file; give a folder")
+    if not overwrite:
+        raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it or choose another {flag}")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default; an option whose default is None says in its help what unset means."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def write_json_atomic(path, obj):
@@ -108,21 +181,88 @@ def read_meta(model_dir):
     return {}
 
 
-def resolve_model_path(path):
-    """'tiny' -> the cached tiny base (built on first use); a folder -> itself after a sanity check."""
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # org/name
+HUB_PROBE_S = 5.0  # how long a hub id waits to learn the hub cannot be reached (the hub client retries ~50 s)
+
+
+def resolve_model_path(path, flag="--model"):
+    """'tiny' -> the cached tiny base (built on first use); a folder -> itself after a sanity check; a hub id
+    (org/name, and nothing local by its first part) -> itself, or its cached snapshot when the hub is out of
+    reach. Anything else, a mistyped local path above all, fails here at once, naming it."""
     if path == "tiny":
         from tiny_base import ensure_tiny_base
         return ensure_tiny_base()
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "config.json")):
             raise UserError(f"{path} is not a model checkpoint (no config.json in it); pass a folder written "
-                            f"by finetune.py or save_pretrained, a hub name, or 'tiny'")
-        return path
-    if os.path.exists(path):
+                            f"by finetune.py or save_pretrained, a hub id (org/name), or 'tiny'")
+        return local
+    if os.path.exists(local):
         raise UserError(f"{path} is a file, not a checkpoint folder; pass the folder that holds config.json")
-    if path.count("/") == 1 and not path.startswith((".", "/")):
-        return path  # looks like a hub id ("meta-llama/Llama-2-7b-hf"): from_pretrained decides
-    raise UserError(f"model {path} not found; pass a checkpoint folder, a hub name, or 'tiny'")
+    first = path.split("/")[0]
+    if path.startswith(("/", "./", "../", "~")) or path.endswith("/") or not HUB_ID.fullmatch(path):
+        raise UserError(f"{flag} {path}: model not found (no such folder); pass a checkpoint folder, a hub id "
+                        f"(org/name), or 'tiny'")
+    if os.path.isdir(first):
+        raise UserError(f"{flag} {path}: model not found (no such folder; {first}/ exists here, so it is read as a "
+                        f"local path, not a hub id); pass a checkpoint folder, a hub id (org/name), or 'tiny'")
+    return _hub_model(path, flag)
+
+
+def _hub_offline():
+    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_cached(repo_id):
+    """The folder of repo_id's cached snapshot (config.json in the local hub cache), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - no client or an odd cache: treated as not cached
+        return None
+    return os.path.dirname(hit) if isinstance(hit, str) else None
+
+
+def _hub_reachable(timeout=HUB_PROBE_S):
+    """Whether a TCP connection to the hub opens within `timeout` (name lookup included, in a thread since
+    getaddrinfo takes no timeout). Behind a proxy the hub client's own path is trusted."""
+    import socket
+    import threading
+    import urllib.parse
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (80 if url.scheme == "http" else 443)
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def _hub_model(repo_id, flag):
+    cached = _hub_cached(repo_id)
+    if _hub_offline():
+        if cached:
+            return repo_id  # the hub client reads its cache in offline mode
+        raise UserError(f"{flag} {repo_id}: no such local folder, and as a hub id it is not in the local hub cache "
+                        f"while HF_HUB_OFFLINE is set; pass a local checkpoint folder, or download it first")
+    if _hub_reachable():
+        return repo_id
+    if cached:
+        return cached
+    raise UserError(f"{flag} {repo_id}: no such local folder, and the hub cannot be reached to download it as a hub "
+                    f"id (no network?); pass a local checkpoint folder")
 
 
 def load_model_and_tokenizer(path, dtype=None, attn_implementation=None):
@@ -159,3 +299,61 @@ def check_tokenizer_matches(model, tok, where):
                         f"rows: they do not belong together; save the model with its own tokenizer")
     if tok.eos_token_id is None:
         raise UserError(f"the tokenizer in {where} has no EOS token; the answer targets end with EOS")
+
+
+def progress(iterable, desc, total=None, disable=False, every_s=30.0, min_s=1.0, file=None, **tqdm_kwargs):
+    """A progress bar for a loop: tqdm when stderr is a terminal; anywhere else (a log file: a bar there is
+    one long line of carriage returns) a plain line `desc: k/n (p%) elapsed ..., eta ...` each time the
+    loop passes another 10% of `total` (len(iterable) if it has one) and min_s seconds have passed since
+    the last line (a loop of a few seconds gives a few lines), or every `every_s` seconds, and at the end.
+    Both support .set_postfix(**values). TQDM_DISABLE=1 in the environment silences both."""
+    file = sys.stderr if file is None else file
+    disable = disable or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
+    if not disable and getattr(file, "isatty", lambda: False)():
+        from tqdm import tqdm
+        return tqdm(iterable, desc=desc, total=total, file=file, **tqdm_kwargs)
+    return LogProgress(iterable, desc, total, file, every_s, min_s, disable)
+
+
+def _duration(s):
+    return f"{s:.1f}s" if s < 60 else f"{int(s) // 60}m{int(s) % 60:02d}s"
+
+
+class LogProgress:
+    """progress() off a terminal: whole lines, one per tenth of the loop (at most one per min_s seconds) or
+    per every_s seconds."""
+
+    def __init__(self, iterable, desc, total, file, every_s=30.0, min_s=1.0, quiet=False):
+        self.iterable, self.desc, self.file, self.quiet = iterable, desc, file, quiet
+        self.every_s, self.min_s = every_s, min_s
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.postfix = ""
+
+    def set_postfix(self, **values):
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def _line(self, k, elapsed):
+        if self.total:
+            eta = elapsed / k * (self.total - k) if k else 0.0
+            head = f"{self.desc}: {k}/{self.total} ({100 * k / self.total:.0f}%) elapsed {_duration(elapsed)}, " \
+                   f"eta {_duration(eta)}"
+        else:
+            head = f"{self.desc}: {k} elapsed {_duration(elapsed)}"
+        print(head + (f", {self.postfix}" if self.postfix else ""), file=self.file, flush=True)
+
+    def __iter__(self):
+        import time
+        t0 = last = time.monotonic()
+        k = shown = 0
+        for item in self.iterable:
+            yield item  # item k+1 is done once the loop asks for the next one
+            k += 1
+            if self.quiet:
+                continue
+            now = time.monotonic()
+            tenth = self.total and 10 * k // self.total > 10 * shown // self.total
+            if (tenth and now - last >= self.min_s) or now - last >= self.every_s:
+                self._line(k, now - t0)
+                shown, last = k, now
+        if not self.quiet and k != shown:
+            self._line(k, time.monotonic() - t0)

@@ -85,6 +85,8 @@ curvature.json (CLI output; keys of hessian_spectrum's dict plus run information
    "rho_history": [float] (the running rho estimate after each iteration),
    -- CLI only --
    "model": str, "run_id": str|null (the model's run.json), "task": str, "sample_ids": [str],
+   "chain": [str] (the model's tasks, from its chained_tuning.json; [] for a base model),
+   "task_in_chain": bool (false: a loss the model was never tuned on; a warning on stderr says so),
    "data": {"source": str, "split": "train", "n_available": int},
    "reference": null | {"model": str, "run_id": str|null, "delta_sq_norm": float (||theta_AB - theta_A||^2),
         "loss_A_at_A": float, "loss_A_at_AB": float, "actual_loss_change": float,
@@ -95,7 +97,9 @@ curvature.json (CLI output; keys of hessian_spectrum's dict plus run information
 
 Several references (--reference DIR1 DIR2 ... --taylor_out taylor.json) share one graph build and one solve:
 each DIRi/taylor.json is the file `--reference DIRi --out DIRi/taylor.json` would write (run_all.sh checks
-every chain from one first-stage model in one process); --out, written last, holds the spectrum.
+every chain from one first-stage model in one process); --out, written last, holds the spectrum. An existing
+--out or --taylor_out file is refused unless --overwrite. Progress goes to stdout (the model, task, samples
+and backend, a line every 10 iterations or 30 s of the Python solver loop, the result, where it writes).
 """
 from __future__ import annotations
 
@@ -766,7 +770,7 @@ def _normalize(v):
     return [(t.double() / nrm).to(t.dtype).contiguous() for t in v]
 
 
-def _lanczos_python(op, v0, max_iter, tol, step, stop="dominant", margin=DOMINANT_MARGIN, times=None):
+def _lanczos_python(op, v0, max_iter, tol, step, stop="dominant", margin=DOMINANT_MARGIN, times=None, progress=None):
     t0 = time.perf_counter()
     v = _normalize(v0)
     vp = [torch.zeros_like(t) for t in v]
@@ -784,12 +788,15 @@ def _lanczos_python(op, v0, max_iter, tol, step, stop="dominant", margin=DOMINAN
         code = _lanczos_stop(alphas, betas, tol, stop, margin)
         if times is not None:
             times.append(time.perf_counter() - t0)
+        if progress is not None:
+            lo, hi = ritz_extremes(alphas, betas)[:2]
+            progress(len(alphas), max(abs(lo), abs(hi)))
         if code:
             break
     return alphas, betas, code
 
 
-def _power_python(op, v0, max_iter, tol, step, times=None):
+def _power_python(op, v0, max_iter, tol, step, times=None, progress=None):
     t0 = time.perf_counter()
     v = _normalize(v0)
     hist, prev, code = [], 0.0, 0
@@ -801,6 +808,8 @@ def _power_python(op, v0, max_iter, tol, step, times=None):
         err = 1.0 if rq == 0.0 else abs((rq - prev) / rq)
         if times is not None:
             times.append(time.perf_counter() - t0)
+        if progress is not None:
+            progress(len(hist), abs(rq))
         if err < tol:
             code = 1
             break
@@ -818,7 +827,7 @@ def _peak_memory(device):
 
 def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, seed=0, *, backend="auto",
                      stop="dominant", start=None, cross_entropy="auto", graph_memory_budget=None,
-                     v0=None, return_operator=False):
+                     v0=None, return_operator=False, progress=None):
     """Extreme eigenvalues of the Hessian of the answer-token loss over `batches` (see module docstring).
 
     backend: "auto" (extension if it loads, else plain PyTorch), "extension" (required), "torch" (plain).
@@ -831,6 +840,8 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
         memory budget) or "random" (seeded Gaussian r; the default for power, like eigenthings); v0 overrides it.
     cross_entropy (extension backend): "auto" (linear_xent where the LM head is verified to be a plain linear
         layer, else softmax_xent), "linear_xent", "softmax_xent", or "torch" (autograd's).
+    progress: called as progress(iteration, running rho) after every iteration of the Python solver loops
+        (the C++ loop runs the whole solve in one call and reports nothing until it returns).
     Returns the result dict; with return_operator=True, (dict, HessianOperator).
     """
     if method not in ("lanczos", "power"):
@@ -899,7 +910,7 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
         else:
             step = torch.ops.hessian.lanczos_step if use_ext else lanczos_step_torch
             alphas, betas, code = _lanczos_python(op, v0, int(max_iter), float(tol), step, stop, DOMINANT_MARGIN,
-                                                  times)
+                                                  times, progress)
     else:
         if cpp_loop:
             h, code, tt = torch.ops.hessian.power_solve(op.g_out, op.g_index, op.params, list(v0), int(max_iter),
@@ -908,7 +919,7 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
             op.hvp_count += len(hist)
         else:
             step = torch.ops.hessian.power_step if use_ext else power_step_torch
-            hist, code = _power_python(op, v0, int(max_iter), float(tol), step, times)
+            hist, code = _power_python(op, v0, int(max_iter), float(tol), step, times, progress)
     wall = time.perf_counter() - t0
     offset = t_solve - t0  # iteration times counted from the start of this call (graph build included)
     times = [offset + t for t in times]
@@ -1000,14 +1011,21 @@ def build_batches(tokenizer, examples, micro_batch_size, max_length=None):
     return [finetune.collate(enc[i:i + micro_batch_size], pad) for i in range(0, len(enc), micro_batch_size)]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Hessian spectral radius of the first-task loss (paper section 4.3)")
-    ap.add_argument("--model", required=True, help="checkpoint dir of theta_A (or 'tiny')")
-    ap.add_argument("--task", required=True)
-    ap.add_argument("--samples", type=int, default=50)
-    ap.add_argument("--out", required=True, help="curvature.json path")
-    ap.add_argument("--method", choices=["lanczos", "power"], default="lanczos")
-    ap.add_argument("--tol", type=float, default=1e-4)
+def build_parser():
+    try:
+        from common import HelpFormatter
+    except ImportError:
+        HelpFormatter = argparse.ArgumentDefaultsHelpFormatter
+    ap = argparse.ArgumentParser(description="Hessian spectral radius of the first-task loss (paper section 4.3)",
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--model", required=True, help="theta_A: a checkpoint folder tuned on --task (or 'tiny', a hub "
+                    "id)")
+    ap.add_argument("--task", required=True, help="the task whose training loss is differentiated (theta_A's task)")
+    ap.add_argument("--samples", type=int, default=50, help="training examples in the loss (seeded sample, >= 1)")
+    ap.add_argument("--out", required=True, help="curvature.json path; refused if it exists, unless --overwrite")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --taylor_out files)")
+    ap.add_argument("--method", choices=["lanczos", "power"], default="lanczos", help="eigen-solver")
+    ap.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of the stop rule (> 0)")
     ap.add_argument("--stop", choices=["dominant", "both"], default="dominant",
                     help="lanczos stop rule: the end giving rho converged (and the other end bounded below rho), "
                          "or both ends converged")
@@ -1015,22 +1033,31 @@ def main(argv=None):
                     help="start vector: a Ritz vector of the Hessian of the first N/10 samples (lanczos default "
                          "where it fits in memory), the loss gradient plus a seeded random vector (lanczos "
                          "otherwise), or the random vector alone (power default)")
-    ap.add_argument("--max_iter", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max_iter", type=int, default=100, help="most solver iterations, one HVP each (>= 1)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sample and the random start vector (>= 0)")
     ap.add_argument("--reference", nargs="+", default=None,
-                    help="checkpoint dir(s) of theta_AB for the Taylor check (several need --taylor_out)")
+                    help="checkpoint dir(s) of theta_AB for the Taylor check (several need --taylor_out; unset: "
+                         "no Taylor check)")
     ap.add_argument("--taylor_out", default=None, metavar="NAME",
                     help="write each reference's Taylor check to <reference dir>/NAME (e.g. taylor.json); --out "
-                         "then holds the spectrum alone")
+                         "then holds the spectrum alone (unset: the check goes into --out)")
     ap.add_argument("--spectrum_from", default=None,
                     help="with --reference: take the spectrum from this curvature.json of the same model and "
                          "samples instead of solving again (the Taylor check then costs one HVP)")
-    ap.add_argument("--data_dir", default=None)
-    ap.add_argument("--micro_batch_size", type=int, default=10)
-    ap.add_argument("--max_length", type=int, default=None)
-    ap.add_argument("--graph_memory_budget_gb", type=float, default=None)
-    ap.add_argument("--backend", choices=["auto", "extension", "torch"], default="auto")
-    args = ap.parse_args(argv)
+    ap.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (unset: the synthetic "
+                    "tasks)")
+    ap.add_argument("--micro_batch_size", type=int, default=10, help="samples per retained graph (>= 1)")
+    ap.add_argument("--max_length", type=int, default=None, help="tokens per example (unset: finetune.py's "
+                    "default, so the loss is the one it minimised)")
+    ap.add_argument("--graph_memory_budget_gb", type=float, default=None,
+                    help="memory for retained graphs, GiB (> 0; unset: a share of the device's memory)")
+    ap.add_argument("--backend", choices=["auto", "extension", "torch"], default="auto",
+                    help="auto: the C++ extension if it loads, else plain PyTorch")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         result = run_cli(args)
     except Exception as e:
@@ -1052,21 +1079,33 @@ def main(argv=None):
     return 0
 
 
+PROGRESS_EVERY = 10   # iterations between progress lines
+PROGRESS_S = 30.0     # ... or seconds, whichever comes first
+
+
+def _progress_printer():
+    last = [time.time()]
+
+    def progress(k, rho):
+        if k % PROGRESS_EVERY == 0 or time.time() - last[0] >= PROGRESS_S:
+            last[0] = time.time()
+            print(f"curvature: iteration {k}: rho {rho:.6g}", flush=True)
+    return progress
+
+
 def run_cli(args):
-    if args.samples < 1:
-        raise CurvatureError(f"--samples must be >= 1, got {args.samples}")
-    if not args.tol > 0:
-        raise CurvatureError(f"--tol must be > 0, got {args.tol}")
-    if args.max_iter < 1:
-        raise CurvatureError(f"--max_iter must be >= 1, got {args.max_iter}")
-    if args.micro_batch_size < 1:
-        raise CurvatureError(f"--micro_batch_size must be >= 1, got {args.micro_batch_size}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if os.path.isdir(args.out):
-        raise CurvatureError(f"--out {args.out} is a directory; give a file path such as {args.out}/curvature.json")
-    os.makedirs(out_dir, exist_ok=True)
-    if args.model != "tiny" and not os.path.isdir(args.model):
-        raise CurvatureError(f"--model {args.model}: no such checkpoint directory (pass a finetune.py output dir)")
+    try:
+        import common
+        import finetune  # noqa: F401
+        import tasks
+    except ImportError as e:
+        raise CurvatureError(f"{e}: curvature.py needs common.py, tasks.py and finetune.py beside it")
+    # every check before anything is loaded: numbers, names, then the outputs
+    common.check_args(vars(args), {"samples": common.AT_LEAST_1, "tol": common.POSITIVE, "max_iter": common.AT_LEAST_1,
+                                   "seed": common.NON_NEGATIVE, "micro_batch_size": common.AT_LEAST_1,
+                                   "max_length": common.AT_LEAST_1, "graph_memory_budget_gb": common.POSITIVE})
+    if args.task not in tasks.TASKS:
+        raise CurvatureError(f"--task {args.task!r} is not one of {', '.join(tasks.TASKS)}")
     refs = list(args.reference or [])
     for r in refs:
         if not os.path.isdir(r):
@@ -1076,14 +1115,17 @@ def run_cli(args):
     if args.taylor_out and (not refs or os.sep in args.taylor_out or not args.taylor_out.endswith(".json")):
         raise CurvatureError(f"--taylor_out {args.taylor_out!r}: give a file name such as taylor.json (written "
                              "into each --reference dir), together with --reference")
-    try:
-        import common
-        import finetune  # noqa: F401
-        import tasks
-    except ImportError as e:
-        raise CurvatureError(f"{e}: curvature.py needs common.py, tasks.py and finetune.py beside it")
-    if args.task not in tasks.TASKS:
-        raise CurvatureError(f"--task {args.task!r} is not one of {', '.join(tasks.TASKS)}")
+    model_path = common.resolve_model_path(args.model)
+    common.check_out(args.out, args.overwrite, example="curvature.json")
+    for r in refs if args.taylor_out else []:
+        common.check_out(os.path.join(r, args.taylor_out), args.overwrite, flag="--taylor_out")
+    meta = common.read_meta(model_path) if os.path.isdir(model_path) else {}
+    chain = list(meta.get("chain") or [])
+    task_in_chain = args.task in chain
+    if not task_in_chain:
+        print(f"warning: --task {args.task} is not in --model's chain ({' -> '.join(chain) or 'none: a base model'}); "
+              f"this is the curvature of a loss the model was never tuned on", file=sys.stderr, flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     data = tasks.load_task(args.task, split="train", data_dir=args.data_dir, seed=args.seed)
     exs = list(data.examples)
     if not exs:
@@ -1093,19 +1135,32 @@ def run_cli(args):
     if len(chosen) < args.samples:
         print(f"note: task {args.task} has only {len(exs)} training examples; using all", file=sys.stderr)
     examples = [exs[i] for i in chosen]
-    model, tok = common.load_model_and_tokenizer(args.model)
+    ext = load_extension("none" if args.backend == "torch" else None)
+    print(f"curvature: {args.model} (chain {' -> '.join(chain) or 'none'}), task {args.task} [{data.source}], "
+          f"{len(examples)} samples, {args.method}, backend {ext['name'] if ext['ok'] else 'torch'} "
+          f"-> {args.out}", flush=True)
+    model, tok = common.load_model_and_tokenizer(model_path)
     batches = build_batches(tok, examples, args.micro_batch_size, args.max_length)
     budget = None if args.graph_memory_budget_gb is None else int(args.graph_memory_budget_gb * (1 << 30))
     if args.spectrum_from is not None:
+        print(f"curvature: the spectrum from {args.spectrum_from}", flush=True)
         res, op = spectrum_from_file(args, model, batches, examples, budget)
     else:
+        print(f"curvature: building the graphs and solving (tol {args.tol:g}, at most {args.max_iter} iterations)",
+              flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             res, op = hessian_spectrum(model, batches, method=args.method, tol=args.tol, max_iter=args.max_iter,
                                        seed=args.seed, backend=args.backend, stop=args.stop, start=args.start,
                                        graph_memory_budget=budget,
-                                       return_operator=True)
-    checks = [reference_check(op, res["rho"], r, batches, common) for r in refs]
+                                       return_operator=True, progress=_progress_printer())
+        print(f"curvature: rho {res['rho']:.6g} after {res['iterations']} iterations ({res['hvp_count']} HVPs, "
+              f"{res['backend']['solver_loop']} loop, {'converged' if res['converged'] else 'NOT converged'}) in "
+              f"{res['wall_time_s']:.1f}s", flush=True)
+    checks = []
+    for r in refs:
+        print(f"curvature: Taylor check against {r}", flush=True)
+        checks.append(reference_check(op, res["rho"], r, batches, common))
     try:
         metadata = common.run_metadata()
     except Exception:
@@ -1113,8 +1168,8 @@ def run_cli(args):
 
     def record(ref, config):
         out = dict(res)
-        out.update({"model": args.model, "run_id": _run_id(args.model), "task": args.task,
-                    "sample_ids": [str(ex.id) for ex in examples],
+        out.update({"model": args.model, "run_id": _run_id(args.model), "task": args.task, "chain": chain,
+                    "task_in_chain": task_in_chain, "sample_ids": [str(ex.id) for ex in examples],
                     "data": {"source": str(data.source), "split": "train", "n_available": len(exs)},
                     "reference": ref, "config": config, "metadata": metadata})
         return out
@@ -1126,11 +1181,13 @@ def run_cli(args):
             _write_json_atomic(path, record(chk, {**vars(args), "reference": r, "taylor_out": None,
                                                   "out": path}))
             files.append(path)
+            print(f"curvature: Taylor check -> {path}", flush=True)
         result = record(None, vars(args))
         result["taylor_files"] = files
     else:
         result = record(checks[0] if checks else None, {**vars(args), "reference": refs[0] if refs else None})
     _write_json_atomic(args.out, result)  # last: run_all.sh takes --out as the sign that all is written
+    print(f"curvature: -> {args.out}", flush=True)
     return result
 
 

@@ -17,10 +17,12 @@ lm-evaluation-harness does), which tests/test_evaluate.py checks.
 Writes --out (results JSON, lm-evaluation-harness style: overall and per-group accuracy as fractions
 with stderr, BBQ also by ambig/disambig) and, beside it, <out stem>_samples.jsonl: per example the
 exact prompt and option strings scored, each option's log-likelihood and token count, the
-prediction and the label.
+prediction and the label. An existing --out is refused unless --overwrite; the samples file is written
+first and the results JSON last, so an --out that exists is complete. Printed accuracies are in percent.
 """
 import argparse
 import collections
+import contextlib
 import json
 import math
 import os
@@ -28,9 +30,10 @@ import tempfile
 import time
 
 import torch
-from tqdm import tqdm
 
-from common import UserError, die_on_user_error, load_model_and_tokenizer, read_meta, resolve_model_path, write_json_atomic
+from common import (AT_LEAST_1, NON_NEGATIVE, HelpFormatter, UserError, check_args, check_device, check_out,
+                    die_on_user_error, load_model_and_tokenizer, progress, read_meta, resolve_model_path,
+                    write_json_atomic)
 from tasks import GENERATIVE_TASKS, SPLITS, TASKS, encode_pair, load_task, parse_tasks, stratified_sample
 
 # -----------------------------------------------------------------------------
@@ -69,7 +72,7 @@ def score_naive(model, reqs, batch_size, pad_id, device, desc="naive"):
     flat = [(e, i, ids, start) for e, opts in enumerate(reqs) for i, (ids, start) in enumerate(opts)]
     flat.sort(key=lambda r: -len(r[2]))
     scores = [[None] * len(opts) for opts in reqs]
-    for b in tqdm(range(0, len(flat), batch_size), desc=desc, leave=False):
+    for b in progress(range(0, len(flat), batch_size), desc, leave=False):
         chunk = flat[b:b + batch_size]
         n = max(len(r[2]) for r in chunk)
         ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
@@ -104,7 +107,7 @@ def score_kv(model, reqs, batch_size, pad_id, device, desc="kv"):
     """The shared prefix once with use_cache, its KV cache copied to every option's tail."""
     order = sorted(range(len(reqs)), key=lambda e: -len(reqs[e][0][0]))
     scores = [[None] * len(opts) for opts in reqs]
-    for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+    for b in progress(range(0, len(order), batch_size), desc, leave=False):
         exs = order[b:b + batch_size]
         Ls = [split_shared(reqs[e]) for e in exs]
         P = max(Ls)
@@ -171,7 +174,7 @@ def score_packed(model, reqs, batch_size, pad_id, device, desc="fast"):
         return score_kv(model, reqs, batch_size, pad_id, device, desc)
     order = sorted(range(len(reqs)), key=lambda e: -len(reqs[e][0][0]))
     scores = [[None] * len(opts) for opts in reqs]
-    for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+    for b in progress(range(0, len(order), batch_size), desc, leave=False):
         exs = order[b:b + batch_size]
         rows = []  # per example: (tokens, positions, segment of each token: -1 prefix / i tail, L, tail offsets)
         for e in exs:
@@ -256,6 +259,7 @@ def summarize(task, records, source, split):
 def evaluate(model, tok, task_names, data_dir=None, split="test", limit=None, batch_size=16, scorer="fast",
              device="cpu", seed=0):
     """Score every task; returns ({task: results}, [per-example records])."""
+    check_args({"limit": limit, "batch_size": batch_size, "seed": seed}, NUMERIC_RULES)
     max_length = getattr(model.config, "max_position_embeddings", 2048)
     results, samples = {}, []
     for task in task_names:
@@ -264,7 +268,7 @@ def evaluate(model, tok, task_names, data_dir=None, split="test", limit=None, ba
                             f"evaluation is not implemented yet, evaluate the other tasks")
         data = load_task(task, split, data_dir, seed=seed)
         examples = data.examples
-        if limit and limit < len(examples):  # a stratified subset keeps every group
+        if limit is not None and limit < len(examples):  # a stratified subset keeps every group
             examples = sorted(stratified_sample(examples, limit, seed, f"{task}-eval-limit"), key=lambda x: x.id)
         reqs = build_requests(tok, examples, max_length)
         t0 = time.time()
@@ -291,54 +295,93 @@ def samples_path(out):
     return stem + "_samples.jsonl"
 
 
+# Every numeric option and what it allows (checked before anything is loaded; None: unset, allowed). A
+# --limit below 1 must never reach tasks.stratified_sample: its per-cell quota goes negative, and a
+# negative slice keeps all but the last examples of some cells and none of others.
+NUMERIC_RULES = {"limit": AT_LEAST_1, "batch_size": AT_LEAST_1, "seed": NON_NEGATIVE}
+
+
 def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split="test", limit=None, batch_size=16,
-                        scorer="fast", seed=0, bf16=False, device=None, model_name=None):
+                        scorer="fast", seed=0, bf16=False, device=None, model_name=None, overwrite=False,
+                        out_name=None):
     """Load a checkpoint, score `tasks` (names, or a comma-separated string) and write `out` (results JSON) with its samples JSONL beside it;
-    returns the report. model_name: what the report calls the model (default model_path), so a caller
-    that evaluates a folder before moving it into place (finetune.py --eval_tasks) records the final name."""
+    returns the report. An existing `out` is refused unless overwrite. model_name / out_name: what the report
+    and the printed lines call the model and `out` (default model_path, out), so a caller that evaluates a
+    folder before moving it into place (finetune.py --eval_tasks) names the final ones."""
     tasks = parse_tasks(tasks)
+    check_args({"limit": limit, "batch_size": batch_size, "seed": seed}, NUMERIC_RULES)
+    if split not in SPLITS:
+        raise UserError(f"--split {split!r}: choose from {', '.join(SPLITS)}")
+    if scorer not in SCORERS:
+        raise UserError(f"--scorer {scorer!r}: choose from {', '.join(SCORERS)}")
+    check_out(out, overwrite)
+    spath = samples_path(out)
+    if os.path.isdir(spath):
+        raise UserError(f"--out {out}: its samples file {spath} is a folder; choose another --out")
+    device = check_device(device)
     model_name = model_path if model_name is None else model_name
+    out_name = out if out_name is None else out_name
     model_path = resolve_model_path(model_path)
     meta = read_meta(model_path) if os.path.isdir(model_path) else {}
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if bf16 else torch.float32
     model, tok = load_model_and_tokenizer(model_path, dtype=dtype)
     model.to(device).eval()
-    print(f"evaluate: {model_name} on {','.join(tasks)} ({split}, {scorer} scorer) -> {out}", flush=True)
+    print(f"evaluate: {model_name} on {','.join(tasks)} ({split}, {scorer} scorer) -> {out_name}", flush=True)
     results, samples = evaluate(model, tok, tasks, data_dir, split, limit, batch_size, scorer, device, seed)
-    spath = samples_path(out)
-    os.makedirs(os.path.dirname(os.path.abspath(spath)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(spath)), prefix=".tmp-", suffix=".jsonl")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in samples)
-    os.replace(tmp, spath)
     report = {"model": model_name, "run_id": meta.get("run_id"), "chain": meta.get("chain"),
               "config": {"tasks": list(tasks), "split": split, "data_dir": data_dir, "limit": limit,
                          "scorer": scorer, "batch_size": batch_size, "dtype": str(dtype).replace("torch.", ""),
                          "seed": seed, "tiny": bool(meta.get("tiny"))},
               "tasks": results, "samples": os.path.basename(spath)}
-    write_json_atomic(out, report)
+    # The samples first, the results JSON last (its presence means complete); a failure leaves neither.
+    existed = os.path.exists(out)
+    os.makedirs(os.path.dirname(os.path.abspath(spath)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(spath)), prefix=".tmp-", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in samples)
+        os.replace(tmp, spath)
+        write_json_atomic(out, report)
+    except BaseException:
+        for f in (tmp,) if existed else (tmp, spath):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f)
+        raise
     for t, r in results.items():
-        print(f"  {t:15s} acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}  n {r['n']}  loss {r['loss']:.4f}  [{r['source']}]")
+        print(f"  {t:15s} acc {100 * r['acc']:.2f}% +- {100 * r['acc_stderr']:.2f}%  n {r['n']}  "
+              f"loss {r['loss']:.4f}  [{r['source']}]")
     return report
 
 
 def run(args):
+    """evaluate.py's work for parsed arguments (replay.py passes a Namespace; its optional model_name / out_name
+    are the names printed and recorded for a temporary folder)."""
     return evaluate_checkpoint(args.model, args.tasks, args.out, args.data_dir, args.split, args.limit, args.batch_size,
-                               args.scorer, args.seed, args.bf16, args.device)
+                               args.scorer, args.seed, args.bf16, args.device, getattr(args, "model_name", None),
+                               getattr(args, "overwrite", False), getattr(args, "out_name", None))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Restricted-output-space evaluation with per-group accuracy.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder, hub id (org/name), or 'tiny'")
+    p.add_argument("--tasks", required=True, help=f"comma-separated, from {','.join(TASKS)}")
+    p.add_argument("--out", required=True, help="results JSON (accuracies as fractions); the samples JSONL goes "
+                   "beside it; refused if it exists, unless --overwrite")
+    p.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (unset: the synthetic tasks)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="the split scored")
+    p.add_argument("--limit", type=int, default=None, help="score a stratified subset of this many examples a task, "
+                   ">= 1 (unset: the whole split)")
+    p.add_argument("--batch_size", type=int, default=16, help="examples a forward pass (>= 1)")
+    p.add_argument("--scorer", default="fast", choices=list(SCORERS),
+                   help="fast: shared prefix once, option tails under a tree mask; kv: the prefix's KV cache; "
+                        "naive: one forward per option (all give the same predictions)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --limit's subset (>= 0)")
+    p.add_argument("--bf16", action="store_true", help="load the model in bfloat16 (off: float32)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its samples file")
+    return p
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Restricted-output-space evaluation with per-group accuracy.")
-    p.add_argument("--model", required=True, help="checkpoint folder, hub name, or 'tiny'")
-    p.add_argument("--tasks", required=True, help=f"comma-separated, from {','.join(TASKS)}")
-    p.add_argument("--out", required=True, help="results JSON; the samples JSONL goes beside it")
-    p.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (default: synthetic tasks)")
-    p.add_argument("--split", default="test", choices=SPLITS)
-    p.add_argument("--limit", type=int, default=None, help="score a stratified subset of this size")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--scorer", default="fast", choices=list(SCORERS))
-    p.add_argument("--seed", type=int, default=0, help="seed of --limit's subset")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--device", default=None)
-    die_on_user_error(lambda: run(p.parse_args()))
+    die_on_user_error(lambda: run(build_parser().parse_args()))

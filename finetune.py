@@ -60,10 +60,10 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from common import (META_FILE, UserError, atomic_dir, die_on_user_error, load_model_and_tokenizer, read_meta,
-                    resolve_model_path, run_metadata, seed_everything, write_json_atomic)
+from common import (AT_LEAST_1, META_FILE, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, atomic_dir, check_args,
+                    check_device, check_out, die_on_user_error, in_range, load_model_and_tokenizer, progress,
+                    read_meta, resolve_model_path, run_metadata, seed_everything, write_json_atomic)
 from tasks import GENERATIVE_TASKS, PAPER_TRAIN_SIZE, TASKS, TaskData, encode_pair, load_task, parse_tasks
 
 PAPER_LR = 1e-5
@@ -157,7 +157,7 @@ EVAL_DEFAULTS = dict(eval_tasks=None, eval_limit=None, eval_val_tasks=None, eval
 def config_for_id(cfg):
     """The settings the run_id hashes: everything that can change the result. Where and how it is computed
     stays out, and so does every added option while it is off (runs that do not use them keep their ids)."""
-    skip = {"out", "overwrite", "device", "micro_batch_size", "gradient_checkpointing", *EVAL_DEFAULTS}
+    skip = {"out", "out_name", "overwrite", "device", "micro_batch_size", "gradient_checkpointing", *EVAL_DEFAULTS}
     active = {"train_fraction": cfg.get("train_fraction") is not None,
               "replay_task": bool(cfg.get("replay_fraction")), "replay_fraction": bool(cfg.get("replay_fraction")),
               "l2_to_init": bool(cfg.get("l2_to_init")), "ewc": bool(cfg.get("ewc")),
@@ -356,31 +356,30 @@ def make_optimizer(model, lr, cfg):
     return opt, sched
 
 
+# Every numeric option and what it allows (checked before anything is loaded; None: unset, allowed).
+NUMERIC_RULES = {
+    "lr": POSITIVE, "steps": (AT_LEAST_1[0], "at least 1 (replay.py evaluates 0 steps without training)"),
+    "batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1, "train_size": AT_LEAST_1, "max_length": AT_LEAST_1,
+    "weight_decay": NON_NEGATIVE, "beta1": in_range(0, 1, open_hi=True), "beta2": in_range(0, 1, open_hi=True),
+    "eps": POSITIVE, "max_grad_norm": NON_NEGATIVE, "seed": NON_NEGATIVE,
+    "train_fraction": in_range(0, 1, open_lo=True), "replay_fraction": in_range(0, 1), "l2_to_init": NON_NEGATIVE,
+    "ewc": NON_NEGATIVE, "ewc_samples": AT_LEAST_1, "eval_limit": AT_LEAST_1, "eval_val_limit": AT_LEAST_1}
+
+
 def check_options(cfg, world):
-    if cfg["steps"] < 1:
-        raise UserError(f"--steps must be at least 1, got {cfg['steps']} (replay.py evaluates 0 steps without "
-                        f"training)")
-    f = cfg["train_fraction"]
-    if f is not None and not 0 < f <= 1:
-        raise UserError(f"--train_fraction must be in (0, 1], got {f}")
-    if not 0 <= cfg["replay_fraction"] <= 1:
-        raise UserError(f"--replay_fraction must be in [0, 1], got {cfg['replay_fraction']}")
+    check_args(cfg, NUMERIC_RULES)
     if cfg["replay_fraction"] and cfg["replay_task"] not in TASKS:
         raise UserError(f"--replay_fraction needs --replay_task (one of {', '.join(TASKS)}), got "
                         f"{cfg['replay_task']!r}")
-    if cfg["l2_to_init"] < 0 or cfg["ewc"] < 0:
-        raise UserError("--l2_to_init and --ewc must be >= 0")
     if cfg["ewc"] and cfg["ewc_task"] not in TASKS:
         raise UserError(f"--ewc needs --ewc_task (one of {', '.join(TASKS)}), got {cfg['ewc_task']!r}")
-    if cfg["ewc"] and cfg["ewc_samples"] < 1:
-        raise UserError(f"--ewc_samples must be at least 1, got {cfg['ewc_samples']}")
     if world > 1 and (cfg["l2_to_init"] or cfg["ewc"]):
         raise UserError("--l2_to_init and --ewc run in one process only (the anchored penalty is not implemented "
                         "for FSDP-sharded weights); run finetune.py without torchrun, or use --replay_task")
     for tasks_key, limit_key in (("eval_tasks", "eval_limit"), ("eval_val_tasks", "eval_val_limit")):
         evaluated = parse_tasks(cfg[tasks_key], f"--{tasks_key}")  # checked before training, not after it
-        if cfg[limit_key] is not None and (cfg[limit_key] < 1 or not evaluated):
-            raise UserError(f"--{limit_key} needs --{tasks_key} and a value >= 1, got {cfg[limit_key]}")
+        if cfg[limit_key] is not None and not evaluated:
+            raise UserError(f"--{limit_key} {cfg[limit_key]} needs --{tasks_key}")
         bad = [t for t in evaluated if t in GENERATIVE_TASKS]
         if bad:
             raise UserError(f"--{tasks_key}: {', '.join(bad)} is generative; its evaluation is not implemented yet")
@@ -394,16 +393,16 @@ def train_stage(cfg):
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     master = rank == 0
-    if os.path.exists(cfg["out"]) and not cfg["overwrite"]:
-        raise UserError(f"{cfg['out']} already exists; pass --overwrite to replace it or choose another --out")
     check_options(cfg, world)
+    check_out(cfg["out"], cfg["overwrite"], kind="dir")
+    shown_out = cfg.get("out_name") or cfg["out"]  # a caller that trains into a temporary folder names the final one
     if cfg["batch_size"] % world:
         raise UserError(f"--batch_size {cfg['batch_size']} is not divisible by the {world} processes")
     per_rank = cfg["batch_size"] // world
     micro = cfg["micro_batch_size"] or per_rank
     if per_rank % micro:
         raise UserError(f"--micro_batch_size {micro} does not divide the per-process batch {per_rank}")
-    device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(cfg["device"])
     if ddp:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -429,7 +428,7 @@ def train_stage(cfg):
     if master:
         print(f"finetune: {cfg['task']} [{data.source}] {len(encoded)} examples, model {cfg['model']}, "
               f"lr {lr:g} ({lr_note}), {cfg['steps']} steps x batch {cfg['batch_size']}, {world} process(es) "
-              f"-> {cfg['out']}", flush=True)
+              f"-> {shown_out}", flush=True)
     model.to(device)
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -461,14 +460,15 @@ def train_stage(cfg):
         train_items = encoded + replay[1]
     log, losses = [], []
     model.train()
-    bar = tqdm(range(cfg["steps"]), desc=f"finetune {cfg['task']}", disable=not master, dynamic_ncols=True)
+    bar = progress(range(cfg["steps"]), f"finetune {cfg['task']}", disable=not master, dynamic_ncols=True)
     for step in bar:
         ts = time.time()
         cur_lr = sched.get_last_lr()[0]
         loss, n_tok, gnorm = optimisation_step(model, opt, sched, train_items, order[step], tok.pad_token_id, cfg,
                                                rank, world, micro, device, penalty)
         if not math.isfinite(loss):
-            raise RuntimeError(f"loss became {loss} at step {step}; lower --lr or use --bf16 off")
+            raise UserError(f"the loss became {loss} at step {step + 1} (lr {lr:g}); lower --lr"
+                            + (" or train without --bf16" if cfg["bf16"] else ""))
         losses.append(loss)
         log.append({"step": step + 1, "loss": loss, "lr": cur_lr, "answer_tokens": n_tok, "grad_norm": gnorm,
                     "seconds": round(time.time() - ts, 4)})
@@ -521,7 +521,7 @@ def train_stage(cfg):
         with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in log)
         write_json_atomic(os.path.join(tmp, "run.json"), record)
-        print(f"finetune: done in {record['wall_time_s']:.1f}s, final loss {record['final_loss']:.4f} -> {cfg['out']}",
+        print(f"finetune: done in {record['wall_time_s']:.1f}s, final loss {record['final_loss']:.4f} -> {shown_out}",
               flush=True)
         leave_group()
         del model, state, opt
@@ -546,53 +546,78 @@ def evaluate_saved(folder, cfg):
         raise UserError(f"--eval_tasks needs evaluate.py beside finetune.py ({e}); run evaluate.py separately")
     for tasks, split, limit, name in jobs:
         evaluate_checkpoint(folder, tasks, os.path.join(folder, name), cfg["data_dir"], split, limit,
-                            device=cfg["device"], model_name=cfg["out"])
+                            device=cfg["device"], model_name=cfg["out"], out_name=os.path.join(cfg["out"], name))
 
 
 # -----------------------------------------------------------------------------
 
-if __name__ == "__main__":
+def build_parser():
     d = default_config()
-    p = argparse.ArgumentParser(description="One supervised fine-tuning stage (the paper's recipe by default).")
-    p.add_argument("--model", default=d["model"], help="checkpoint folder, hub name, or 'tiny' (embedded base)")
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (default: synthetic tasks)")
-    p.add_argument("--train_size", type=int, default=d["train_size"], help="stratified training subsample size")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {PAPER_LR:g}; tiny base: its own)")
-    p.add_argument("--steps", type=int, default=d["steps"], help="optimisation steps")
-    p.add_argument("--batch_size", type=int, default=d["batch_size"], help="global batch size (all processes)")
-    p.add_argument("--micro_batch_size", type=int, default=None, help="per-process micro batch (accumulation)")
-    p.add_argument("--max_length", type=int, default=d["max_length"])
-    p.add_argument("--weight_decay", type=float, default=d["weight_decay"])
-    p.add_argument("--beta1", type=float, default=d["beta1"])
-    p.add_argument("--beta2", type=float, default=d["beta2"])
-    p.add_argument("--eps", type=float, default=d["eps"])
-    p.add_argument("--max_grad_norm", type=float, default=d["max_grad_norm"], help="0 turns clipping off")
-    p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--overwrite", action="store_true")
+    p = argparse.ArgumentParser(description="One supervised fine-tuning stage (the paper's recipe by default).",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--model", default=d["model"], help="checkpoint folder, hub id (org/name), or 'tiny' (the embedded "
+                   "base)")
+    p.add_argument("--task", required=True, choices=TASKS, help="the task to tune on")
+    p.add_argument("--out", required=True, help="output folder; refused if it exists, unless --overwrite")
+    p.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (unset: the synthetic tasks)")
+    p.add_argument("--train_size", type=int, default=d["train_size"],
+                   help="training examples: a seeded stratified subsample of the training split (examples, >= 1)")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate, > 0 (unset: {PAPER_LR:g}, the paper's; "
+                   f"the tiny base: its own, tiny_base.TINY_LR)")
+    p.add_argument("--steps", type=int, default=d["steps"], help="optimisation steps (>= 1)")
+    p.add_argument("--batch_size", type=int, default=d["batch_size"],
+                   help="global batch over all processes (examples, >= 1)")
+    p.add_argument("--micro_batch_size", type=int, default=None,
+                   help="examples per forward/backward on each process, for gradient accumulation (unset: the "
+                        "whole per-process batch)")
+    p.add_argument("--max_length", type=int, default=d["max_length"],
+                   help="tokens per example (prompt + answer); a longer prompt loses its start")
+    p.add_argument("--weight_decay", type=float, default=d["weight_decay"],
+                   help="AdamW weight decay (>= 0; norm weights are exempt)")
+    p.add_argument("--beta1", type=float, default=d["beta1"], help="AdamW beta1, in [0, 1)")
+    p.add_argument("--beta2", type=float, default=d["beta2"], help="AdamW beta2, in [0, 1)")
+    p.add_argument("--eps", type=float, default=d["eps"], help="AdamW epsilon (> 0)")
+    p.add_argument("--max_grad_norm", type=float, default=d["max_grad_norm"],
+                   help="clip the global gradient L2 norm to this (>= 0; 0 turns clipping off)")
+    p.add_argument("--seed", type=int, default=d["seed"],
+                   help="seed of the training subsample, the batch order and the examples --train_fraction, "
+                        "--replay_task and --ewc_task draw (>= 0)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (off: float32)")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, slower")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     g = p.add_argument_group("beyond the paper's recipe (off by default; see the module docstring)")
     g.add_argument("--train_fraction", type=float, default=None,
-                   help="train on a seeded random fraction (0, 1] of the loaded training set")
-    g.add_argument("--replay_task", default=None, choices=TASKS, help="task whose training data is replayed")
+                   help="train on a seeded random fraction of the loaded training set, in (0, 1] (unset: all of it)")
+    g.add_argument("--replay_task", default=None, choices=TASKS,
+                   help="task whose training data is replayed (with --replay_fraction)")
     g.add_argument("--replay_fraction", type=float, default=0.0,
-                   help="share of every global batch drawn from --replay_task's training set")
+                   help="fraction of every global batch drawn from --replay_task's training set, in [0, 1]")
     g.add_argument("--l2_to_init", type=float, default=0.0, metavar="LAMBDA",
-                   help="add LAMBDA/2 ||theta - theta_start||^2 to the loss")
+                   help="add LAMBDA/2 ||theta - theta_start||^2 to the loss (>= 0; 0: off)")
     g.add_argument("--ewc", type=float, default=0.0, metavar="LAMBDA",
-                   help="add LAMBDA/2 sum F_i (theta_i - theta_start,i)^2 (diagonal Fisher of --ewc_task)")
-    g.add_argument("--ewc_task", default=None, choices=TASKS, help="task whose samples estimate the Fisher")
-    g.add_argument("--ewc_samples", type=int, default=200, help="samples for the Fisher estimate")
+                   help="add LAMBDA/2 sum F_i (theta_i - theta_start,i)^2, F the diagonal Fisher of --ewc_task "
+                        "(>= 0; 0: off)")
+    g.add_argument("--ewc_task", default=None, choices=TASKS,
+                   help="task whose samples estimate the Fisher (with --ewc)")
+    g.add_argument("--ewc_samples", type=int, default=d["ewc_samples"],
+                   help="training examples of --ewc_task for the Fisher estimate (>= 1)")
     e = p.add_argument_group("evaluation of the saved model, as evaluate.py would do it (saves a process start)")
-    e.add_argument("--eval_tasks", default=None, help="comma-separated tasks: write <out>/eval.json (test split)")
-    e.add_argument("--eval_limit", type=int, default=None, help="stratified test subset (evaluate.py --limit)")
-    e.add_argument("--eval_val_tasks", default=None, help="comma-separated tasks: write <out>/eval_val.json "
-                   "(validation split)")
-    e.add_argument("--eval_val_limit", type=int, default=None, help="stratified validation subset")
-    args = p.parse_args()
+    e.add_argument("--eval_tasks", default=None,
+                   help="comma-separated tasks: write <out>/eval.json on the test split (unset: no evaluation)")
+    e.add_argument("--eval_limit", type=int, default=None,
+                   help="score a stratified test subset of this many examples a task, >= 1 (evaluate.py --limit; "
+                        "unset: the whole split)")
+    e.add_argument("--eval_val_tasks", default=None, help="comma-separated tasks: write <out>/eval_val.json on the "
+                   "validation split (unset: none)")
+    e.add_argument("--eval_val_limit", type=int, default=None,
+                   help="stratified validation subset, examples a task, >= 1 (unset: the whole split)")
+    return p
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
     if args.task in GENERATIVE_TASKS:
         print(f"note: {args.task} is generative; it trains here, its evaluation comes with the full study")
     die_on_user_error(lambda: train_stage(vars(args)))

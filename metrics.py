@@ -25,13 +25,28 @@ chosen run is authoritative: table1_runs.csv lists every run used.
 Outputs in --out (all written to a temporary name, then renamed):
     table1.csv/.md  table1_runs.csv  forgetting_by_group.csv  biased_forgetting.csv  kendall_tau.csv
     first_task_acc_by_lr.csv/.md  figure2/3/5/6/8.png (each with the .csv it was drawn from)
-    summary.json  report.md
+    chance.csv (every accuracy of the study's evaluations against its chance level)  summary.json  report.md
     with curvature results (curvature.py's curvature.json / taylor.json anywhere under --runs, paired to
     runs by their run_id fields): curvature.csv  figure4a.png/.csv (rho per first task)  figure4b.png/.csv
     (mean downstream forgetting against first-task rho)  curvature_fit.csv (OLS)  taylor_check.csv
-Accuracies and forgetting are in percent; mean and std (ddof=1, "n/a" for one seed) are over seeds.
-Missing or failed runs are listed in report.md and on stdout; table cells without data say "missing"
-(or "failed" when the only runs there failed).
+Units: eval.json, replay_summary.json and order.json hold fractions; every CSV, figure and report.md here is
+in percent (percentage points): a column in percent says so in its header ("forgetting (%)"), a figure in its
+axis label. Mean and std (ddof=1, "n/a" for one seed) are over seeds. Missing or failed runs are listed in
+report.md and on stdout; table cells without data say "missing" (or "failed" when the only runs there failed).
+
+Comparable pairs only: forgetting, per-group forgetting and every paired statistic need both evaluations of the
+first task made on the same data source, split and examples (order.incomparable: the task blocks' source,
+split and n, then the samples files' example ids). A pair that fails is refused: report.md names both runs, the
+field and both values, and a cell whose every pair was refused says "incomparable".
+
+Ties and chance: groups whose forgetting is equal (within 1e-9) are tied and named together, "a = b (tied)",
+never one of them by name order (worst_groups_label). An accuracy is flagged at chance (section "Accuracies
+at chance level", chance.csv) when its predictions collapsed to one option, or when it lies within two binomial
+standard errors of the chance accuracy of a uniform guess over its examples' options (chance_flag).
+
+A runs folder with nothing to report (no usable pair, long chain, replay, mitigation or curvature result) is
+a user error (exit 2, one line with what was found and what is missing); nothing is written. All outputs are
+made in a temporary folder beside --out and moved into it at the end.
 
 Curvature (paper §4.3, Figure 4): rho(H) = max(|lambda_max|, |lambda_min|) of the Hessian of the first-task
 loss at theta_A; Figure 4b fits mean downstream forgetting (%) = intercept + slope * rho by OLS over first
@@ -39,10 +54,11 @@ tasks (ols_fit); the Taylor check compares L_A(theta_AB) - L_A(theta_A) with 0.5
 bound 0.5 rho ||delta||^2 (taylor_rows). A runs folder without curvature files gives the same outputs as
 before (the report's curvature section says "No curvature results").
 
-Which runs the two-stage study uses (Table 1 and everything above): plain-recipe runs of stage 1 and 2
-only. Left out, by run.json content: replay points (stage 3; their run_id is in a replay_summary.json or a
-point.json lies beside them), runs with a mitigation option in their config (replay_fraction, l2_to_init or
-ewc > 0, train_fraction set) and the stages a long chain stores inside its own folder (the folder holding its
+Which runs the two-stage study uses (Table 1 and everything above): plain-recipe first stages and the
+measured chains (order.is_measured_chain, the one definition order.py uses too). Left out, by run.json
+content: replay points (stage 3; their run_id is in a replay_summary.json or a point.json lies beside them),
+runs with a mitigation option in their config (replay_fraction, l2_to_init or ewc > 0, train_fraction set)
+and the stages a long chain stores inside its own folder (the folder holding its
 last stage). Such a stage may be a copy of a Table-1 run (same run_id, same chain/lr/seed/steps/parent):
 copies are allowed, the study uses the copy outside the long chain; other duplicate run_ids are an error.
 
@@ -60,8 +76,9 @@ Beyond the paper's two stages (each section says "No ... results" and writes not
     chain_forgetting.csv (forgetting of every earlier task after every later stage, per seed),
     figure_chain_forgetting.png/.csv (mean over seeds).
   Order: <runs>/results/order.json (order.py), else order.py's recommend_order / check_pairs on Figure 4a's
-    rho -> order.csv (recommended order per pair; agrees = the Table-1 forgetting of the recommended order is
-    the smaller).
+    rho -> order.csv (recommended order per pair; agrees = the recommended order forgot less, measured on the
+    chains order.py measures: order.measured_forgetting, with order.json's --lr2); an order.json whose own
+    verdict differs is named as out of date.
 New parts of the report are section functions `section_xxx(study, out, opts) -> markdown` in SECTIONS.
 """
 import argparse
@@ -69,6 +86,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -84,11 +103,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-try:  # common.py is the lead's shared module; metrics.py also works copied alone.
-    from common import UserError
-except ImportError:  # pragma: no cover - exercised only when metrics.py is used without common.py
-    class UserError(Exception):
-        """Bad input from the user: the CLI prints the message (no traceback) and exits 2."""
+import order  # noqa: E402 - the measured-chain and comparability rules live there, shared with order.py
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, check_args,  # noqa: E402
+                    die_on_user_error, in_range)
+from order import Evaluation, incomparable, is_measured_chain, mitigation_of  # noqa: E402,F401
 
 CAPABILITY_TASKS = ("arc", "csqa", "csqa2")
 SAFETY_TASKS = ("toxigen", "bbq", "saferdialogues")
@@ -98,7 +116,8 @@ TABLE1_COLUMNS = ["capability", "safety",
                   "cs_forgetting_cap", "cs_forgetting_cap_std",
                   "sc_acc_cap", "sc_acc_cap_std", "sc_acc_safety", "sc_acc_safety_std",
                   "sc_forgetting_safety", "sc_forgetting_safety_std"]
-MISSING, FAILED, NA = "missing", "failed", "n/a"
+MISSING, FAILED, NA, INCOMPARABLE = "missing", "failed", "n/a", "incomparable"
+TIE_TOL = 1e-9  # equal accuracies reach a forgetting through different float sums: they differ in the last bits
 
 
 def short(task):
@@ -131,13 +150,40 @@ def group_forgetting(groups_first, groups_chained):
     return out
 
 
+def tie_classes(values, tol=TIE_TOL):
+    """{name: value} -> [[names], ...], largest value first; names within tol of a class's largest value share
+    that class (sorted by name). nan values are left out."""
+    classes = []
+    for g, v in sorted(((g, v) for g, v in values.items() if not math.isnan(v)), key=lambda kv: -kv[1]):
+        if classes and classes[-1][1] - v <= tol:
+            classes[-1][0].append(g)
+        else:
+            classes.append(([g], v))
+    return [sorted(c) for c, _ in classes]
+
+
 def worst_group_forgetting(group_f):
-    """WG forgetting = max_g Forgetting_A,g. Returns (group, value); (None, nan) without groups.
-    Ties go to the group name that sorts first."""
-    if not group_f:
-        return None, float("nan")
-    g = min(group_f, key=lambda k: (-group_f[k], k))
-    return g, float(group_f[g])
+    """WG forgetting = max_g Forgetting_A,g. Returns (groups, value): every group at the max (several when
+    tied, sorted by name); ([], nan) without groups."""
+    classes = tie_classes(group_f)
+    if not classes:
+        return [], float("nan")
+    return classes[0], float(max(group_f[g] for g in classes[0]))
+
+
+def worst_groups_label(values, k=1):
+    """The k largest of {group: value} named without breaking a tie: tie classes, largest first, until k
+    groups are named (a class tied across the k-th place is named whole). "muslim", "asian = black (tied)",
+    "muslim;asian = black = chinese (tied)"; "n/a" without groups."""
+    shown, n = [], 0
+    for c in tie_classes(values):
+        if n >= k:
+            break
+        shown.append(c)
+        n += len(c)
+    if not shown:
+        return NA
+    return ";".join(" = ".join(c) for c in shown) + (" (tied)" if any(len(c) > 1 for c in shown) else "")
 
 
 def relative_forgetting(acc_first, acc_chained):
@@ -152,8 +198,9 @@ def biased_forgetting_vector(group_f, overall_f):
 
 
 def k_worst_groups(bf_vector, k=1):
-    """The k groups with the largest biased forgetting, [(group, value), ...], largest first
-    (ties broken by group name)."""
+    """The k largest biased forgetting values, [(group, value), ...], largest first. For their mean only: tied
+    values are equal, so which tied group fills the k-th place does not change it; names come from
+    worst_groups_label, which never breaks a tie."""
     items = sorted(bf_vector.items(), key=lambda kv: (-kv[1], kv[0]))
     return items[:max(int(k), 0)]
 
@@ -192,13 +239,38 @@ def align_samples(records_first, records_chained, task):
     """Pair two models' per-example records (samples JSONL rows) of `task` by example id.
 
     Returns (ids, correct_first, correct_chained, groups): ids sorted, correct_* float arrays of 0/1,
-    groups a list (None for tasks without groups). Ids in only one model are dropped."""
+    groups a list (None for tasks without groups). Both must hold the same examples: a paired statistic on
+    the shared part of two different example sets is not the forgetting either eval.json reports, so
+    different id sets are a ValueError."""
     def index(records):
         return {str(r["id"]): r for r in records if r.get("task", task) == task}
     a, b = index(records_first), index(records_chained)
-    ids = sorted(set(a) & set(b))
+    if set(a) != set(b):
+        raise ValueError(f"the two models' samples of {task} hold different examples ({len(a)} and {len(b)} ids, "
+                         f"{len(set(a) & set(b))} shared); pair only evaluations of one example set")
+    ids = sorted(a)
     return (ids, np.array([float(bool(a[i]["correct"])) for i in ids]),
             np.array([float(bool(b[i]["correct"])) for i in ids]), [a[i].get("group") for i in ids])
+
+
+CHANCE_SE = 2.0  # "at chance": within this many binomial standard errors of a uniform guess
+
+
+def chance_flag(acc, records):
+    """Is an accuracy at chance level? records: its task's samples rows (n_options, pred). Returns (chance, why):
+    chance = mean over the examples of 1 / n_options (the expected accuracy of a uniform guess; nan without
+    option counts); why = "collapsed: every prediction is option i" when all of two or more examples got the
+    same predicted option, else "within 2 standard errors of chance" when |acc - chance| <= 2 sqrt(chance
+    (1 - chance) / n), else None."""
+    n = len(records)
+    k = [r["n_options"] for r in records if isinstance(r.get("n_options"), int) and r["n_options"] > 0]
+    chance = float(np.mean([1.0 / x for x in k])) if n and len(k) == n else float("nan")
+    preds = {r.get("pred") for r in records}
+    if n >= 2 and len(preds) == 1 and None not in preds:
+        return chance, f"collapsed: every prediction is option {preds.pop()}"
+    if not math.isnan(chance) and abs(float(acc) - chance) <= CHANCE_SE * math.sqrt(chance * (1 - chance) / n):
+        return chance, f"within {CHANCE_SE:g} standard errors of chance"
+    return chance, None
 
 
 def _topk_nanmean(x, k):
@@ -427,25 +499,19 @@ def find_runs(runs_dir, exclude=None, allow_copies=False):
 
 
 def load_samples(run):
-    """The per-example records of a run's eval.json (its samples JSONL) reduced to id, task, group and
-    correct, or None when the file is missing."""
-    fname = (run.eval or {}).get("samples") or "eval_samples.jsonl"
-    path = os.path.join(run.path, fname)
-    if not os.path.isfile(path):
-        return None
-    recs = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                assert isinstance(r, dict) and "id" in r and "correct" in r
-            except (json.JSONDecodeError, AssertionError):
-                raise UserError(f"{path}:{i}: not a samples record (want one JSON object per line with "
-                                f'"id" and "correct"); delete it and re-run evaluate.py') from None
-            recs.append({k: r.get(k) for k in ("id", "task", "group", "correct") if k in r})
-    return recs
+    """The per-example records of a run's eval.json (its samples JSONL: id, task, group, correct, pred,
+    n_options), or None when the file is missing."""
+    return order.read_samples(run.path, run.eval)
+
+
+def evaluation(run):
+    """A run's eval.json as order.incomparable takes it."""
+    return Evaluation(run.name, run.path, run.eval)
+
+
+def refusal(A, B, why):
+    """The line report.md and stdout give a refused pair (the same words order.py prints)."""
+    return f"chain {A} -> {B} left out, its evaluations cannot be compared: {why}"
 
 
 @dataclass
@@ -459,6 +525,7 @@ class Pair:
     lr_b: float
     seed: int
     m: dict = field(default_factory=dict)
+    refused: str = None        # why theta_A's and theta_AB's evaluations of A cannot be compared (m is empty)
 
 
 def pair_metrics(first_eval, chained_eval, task_a, task_b):
@@ -467,11 +534,11 @@ def pair_metrics(first_eval, chained_eval, task_a, task_b):
     cb = chained_eval["tasks"].get(task_b)
     f = forgetting(ta["acc"], ca["acc"])
     gf = group_forgetting(ta.get("groups") or {}, ca.get("groups") or {})
-    wg, wg_v = worst_group_forgetting(gf)
+    wg, wg_v = worst_group_forgetting(gf)  # wg: every group tied at the max
     return {"acc_first": float(ta["acc"]), "acc_chained_a": float(ca["acc"]),
             "acc_chained_b": float(cb["acc"]) if cb else float("nan"),
             "forgetting": f, "relative_forgetting": relative_forgetting(ta["acc"], ca["acc"]),
-            "group_forgetting": gf, "wg_forgetting": wg_v, "worst_group": wg,
+            "group_forgetting": gf, "wg_forgetting": wg_v, "worst_groups": wg,
             "group_acc_first": {g: _acc(v) for g, v in (ta.get("groups") or {}).items()},
             "group_acc_chained": {g: _acc(v) for g, v in (ca.get("groups") or {}).items()},
             "group_n": {g: v.get("n") for g, v in (ta.get("groups") or {}).items()},
@@ -480,7 +547,8 @@ def pair_metrics(first_eval, chained_eval, task_a, task_b):
 
 def pair_runs(runs, parents=None):
     """Stage-2 runs joined to their stage-1 parent by parent_run_id -> (pairs, problems).
-    `parents` ({run_id: Run}, default: `runs` by run_id) is where parents are looked up."""
+    `parents` ({run_id: Run}, default: `runs` by run_id) is where parents are looked up. A pair whose two
+    evaluations of A cannot be compared (order.incomparable) is returned with .refused set and no metrics."""
     by_id = parents if parents is not None else {r.run_id: r for r in runs}
     pairs, problems = [], []
     for r in runs:
@@ -501,7 +569,13 @@ def pair_runs(runs, parents=None):
         else:
             if B not in r.eval["tasks"]:
                 problems.append(f"{r.name}/eval.json has no result for {B}; re-run evaluate.py --tasks {A},{B}")
-            pairs.append(Pair(p, r, A, B, p.lr, r.lr, r.seed, pair_metrics(p.eval, r.eval, A, B)))
+            pair = Pair(p, r, A, B, p.lr, r.lr, r.seed)
+            why = incomparable(A, evaluation(p), evaluation(r))
+            if why:
+                pair.refused = refusal(A, B, why)
+            else:
+                pair.m = pair_metrics(p.eval, r.eval, A, B)
+            pairs.append(pair)
     return pairs, problems
 
 
@@ -509,7 +583,7 @@ def pair_runs(runs, parents=None):
 class Study:
     runs_dir: str
     runs: list
-    pairs: list
+    pairs: list           # comparable pairs only (refused ones: refused_pairs)
     problems: list
     main_lr: float
     main_lr_from: str
@@ -525,27 +599,14 @@ class Study:
     long_chains: list = field(default_factory=list)   # [LongChain]
     copies: dict = field(default_factory=dict)        # run_id -> [Run, ...] over all_runs
     cache: dict = field(default_factory=dict)         # results shared between sections
+    refused_pairs: list = field(default_factory=list)  # Pairs whose evaluations cannot be compared
+    refused: list = field(default_factory=list)        # every refusal line (pairs and the sections' own)
 
 
 # ----------------------------------------------------------------------------------------------------
 # runs beyond the two-stage study: replay points, mitigated second stages, chains longer than two
 
-MITIGATION_OPTIONS = ("replay_fraction", "l2_to_init", "ewc")
 REPLAY_FIX = "it must be the replay_summary.json written by replay.py; delete it and re-run replay.py"
-
-
-def mitigation_of(meta):
-    """The options beyond the paper's recipe a run.json's config turns on: {option: value} for replay_fraction,
-    l2_to_init, ewc (> 0) and train_fraction (set); {} for a run of the plain recipe."""
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    on = {}
-    for k in MITIGATION_OPTIONS:
-        v = cfg.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
-            on[k] = float(v)
-    if cfg.get("train_fraction") is not None:
-        on["train_fraction"] = cfg["train_fraction"]
-    return on
 
 
 def find_json_files(runs_dir, fname, fix, exclude=None):
@@ -644,8 +705,9 @@ def build_study(runs_dir, main_lr=None, exclude=None):
     sj = os.path.join(runs_dir, "study.json")
     if os.path.isfile(sj):
         study_json = _read_json(sj, "study.json", "delete it or make it a JSON object (it is optional)")
-    # The two-stage study (Table 1 and everything before the replay section) uses plain-recipe runs of stage
-    # 1 and 2 only: no replay points, no mitigated runs, no stage of a longer chain stored with that chain.
+    # The two-stage study (Table 1 and everything before the replay section) uses plain-recipe first stages
+    # and the measured chains (order.is_measured_chain, order.py's definition too): no replay points, no
+    # mitigated runs, no stage of a longer chain stored with that chain.
     replay = find_json_files(runs_dir, "replay_summary.json", REPLAY_FIX, exclude)
     replay_ids = {p.get("run_id") for _, s in replay for p in (s.get("points") or []) if isinstance(p, dict)
                   and isinstance(p.get("run_id"), str)}
@@ -655,7 +717,7 @@ def build_study(runs_dir, main_lr=None, exclude=None):
     long_chains = long_chain_lineages(all_runs, replay_ids, copies)
     own = {id(r) for lc in long_chains for r in lc.own()}
     runs = [r for r in all_runs if id(r) not in own and not is_replay_point(r, replay_ids)
-            and not mitigation_of(r.meta) and not (_stage(r) or 0) >= 3]
+            and (not mitigation_of(r.meta) if _stage(r) == 1 else is_measured_chain(r.meta))]
     seen = {}
     for r in runs:
         if r.run_id in seen:
@@ -665,16 +727,17 @@ def build_study(runs_dir, main_lr=None, exclude=None):
     for r in sorted(all_runs, key=_copy_key):  # a parent stored only with a long chain
         if not mitigation_of(r.meta) and not is_replay_point(r, replay_ids):
             parents.setdefault(r.run_id, r)
-    pairs, more = pair_runs(runs, parents)
+    all_pairs, more = pair_runs(runs, parents)
     problems += more
+    pairs = [p for p in all_pairs if not p.refused]
     lr_from = "--lr"
     if main_lr is None:
         for key in ("lr", "main_lr"):
             if isinstance(study_json.get(key), (int, float)):
                 main_lr, lr_from = float(study_json[key]), f"study.json {key}"
                 break
-    if main_lr is None and pairs:
-        counts = Counter(p.lr_b for p in pairs)
+    if main_lr is None and all_pairs:
+        counts = Counter(p.lr_b for p in all_pairs)
         main_lr = min(counts, key=lambda lr: (-counts[lr], lr))
         lr_from = "most common second-stage lr"
     tasks = {t for r in runs for t in (r.chain or [r.task]) if isinstance(t, str)}
@@ -688,30 +751,37 @@ def build_study(runs_dir, main_lr=None, exclude=None):
     # Table-1 selection: per chain and seed, second-stage lr == main lr, best-validated parent.
     table1, marker = {}, {}
     cand = defaultdict(list)
-    for p in pairs:
+    for p in all_pairs:  # a refused pair still takes its place: no other parent replaces it silently
         if main_lr is not None and math.isclose(p.lr_b, main_lr, rel_tol=1e-9):
             cand[(p.A, p.B, p.seed)].append(p)
     chains = [(a, b) for c in capability for s in safety for a, b in ((c, s), (s, c))]
-    chains += sorted({(p.A, p.B) for p in pairs} - set(chains))
+    chains += sorted({(p.A, p.B) for p in all_pairs} - set(chains))
     for A, B in chains:
-        chosen = []
+        chosen, refused = [], 0
         for seed in seeds:
             c = cand.get((A, B, seed), [])
             if c:
                 c.sort(key=lambda p: (-np.nan_to_num(p.first.acc(A, "val"), nan=-1.0),
                                       _lr_key(p.lr_a, main_lr), p.chained.name))
-                chosen.append(c[0])
+                if c[0].refused:
+                    refused += 1
+                else:
+                    chosen.append(c[0])
             elif A in capability + safety and B in capability + safety:
                 problems.append(f"chain {A}->{B} seed {seed}: no usable chained run with second-stage lr "
                                 f"{main_lr:g}" if main_lr else f"chain {A}->{B} seed {seed}: no usable chained run")
         if chosen:
             table1[(A, B)] = chosen
+        elif refused:
+            marker[(A, B)] = INCOMPARABLE
         else:
             failed = any(r.stage == 2 and r.chain == [A, B] and r.problem for r in runs)
             marker[(A, B)] = FAILED if failed else MISSING
+    refused_pairs = [p for p in all_pairs if p.refused]
     return Study(runs_dir, runs, pairs, problems, main_lr, lr_from, table1, marker,
                  capability, safety, seeds, study_json, all_runs=all_runs, replay=replay, replay_ids=replay_ids,
-                 long_chains=long_chains, copies=dict(copies))
+                 long_chains=long_chains, copies=dict(copies), refused_pairs=refused_pairs,
+                 refused=[p.refused for p in refused_pairs])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -739,7 +809,23 @@ def write_text(path, text):
     _atomic_write(path, w)
 
 
+# Columns written in percent (percentage points), with their _std / _ci_low / _ci_high: their headers say "(%)".
+PERCENT_COLUMNS = {"cs_acc_cap", "cs_acc_safety", "cs_forgetting_cap", "sc_acc_cap", "sc_acc_safety",
+                   "sc_forgetting_safety", "acc_first", "acc_chained", "forgetting", "task_forgetting",
+                   "biased_forgetting", "wg_forgetting", "biased_forgetting_max", "rel_forgetting_cap",
+                   "rel_forgetting_safety", "acc", "val_acc", "chance", "fraction", "fractions", "acc_a", "acc_b",
+                   "forgetting_a", "change_b", "capability_forgetting", "forgetting_at_0", "recovery_fraction",
+                   "forgetting_at_recovery", "acc_tuned", "acc_after", "forgetting_xy", "forgetting_yx"}
+
+
+def unit_header(col):
+    """A column's header in CSVs and report tables: "forgetting (%)" for a column in percent, else the name."""
+    base = re.sub(r"_(std|ci_low|ci_high)$", "", str(col))
+    return f"{col} (%)" if base in PERCENT_COLUMNS or base.startswith("biased_forgetting_top") else str(col)
+
+
 def write_csv(path, df):
+    df = df.rename(columns=unit_header)
     _atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
@@ -771,7 +857,7 @@ def markdown_table(df, digits=2):
         if isinstance(v, (float, np.floating)):
             return NA if math.isnan(v) else f"{v:.{digits}f}"
         return str(v)
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines = ["| " + " | ".join(map(unit_header, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
@@ -837,7 +923,6 @@ def _group_rows(study, opts):
                          "biased_forgetting_ci_high": _r(100 * gci.get("high", float("nan"))),
                          "n_seeds": len(ps)})
         mean_vec = {g: mean_std([p.m["biased"].get(g, float("nan")) for p in ps])[0] for g in groups}
-        worst = k_worst_groups(mean_vec, opts.k)
         fci, bci = (ci or {}).get("forgetting", {}), (ci or {}).get("biased_forgetting_max", {})
         mk = MISSING if groups else NA  # no groups: not applicable, not missing
         wg_m, wg_s = cells([p.m["wg_forgetting"] for p in ps], marker=mk)
@@ -851,13 +936,13 @@ def _group_rows(study, opts):
                         "forgetting_ci_low": _r(100 * fci.get("low", float("nan"))),
                         "forgetting_ci_high": _r(100 * fci.get("high", float("nan"))),
                         "wg_forgetting": wg_m, "wg_forgetting_std": wg_s,
-                        "worst_group": worst[0][0] if worst else NA,
+                        "worst_group": worst_groups_label(mean_vec, 1),
                         "biased_forgetting_max": bf_m, "biased_forgetting_max_std": bf_s,
                         "biased_forgetting_max_ci_low": _r(100 * bci.get("low", float("nan"))),
                         "biased_forgetting_max_ci_high": _r(100 * bci.get("high", float("nan"))),
                         "k": opts.k, f"biased_forgetting_top{opts.k}": tk_m,
                         f"biased_forgetting_top{opts.k}_std": tk_s,
-                        f"worst_{opts.k}_groups": ";".join(g for g, _ in worst) or NA})
+                        f"worst_{opts.k}_groups": worst_groups_label(mean_vec, opts.k)})
     return rows, summary, boot
 
 
@@ -871,17 +956,26 @@ def bootstrap_chain(study, A, ps, opts):
             study.problems.append(f"{missing.name}: no samples file beside eval.json; no bootstrap CI for "
                                   f"{p.A}->{p.B}")
             return None
-        per_seed.append({i: (ca, cb, g) for i, ca, cb, g in zip(*align_samples(ra, rb, A))})
-    ids = sorted(set.intersection(*(set(d) for d in per_seed)))
+        try:
+            per_seed.append({i: (ca, cb, g) for i, ca, cb, g in zip(*align_samples(ra, rb, A))})
+        except ValueError as e:
+            study.problems.append(f"{p.first.name} and {p.chained.name}: {e}; no bootstrap CI for {p.A}->{p.B}")
+            return None
+    ids = sorted(per_seed[0])
+    if any(set(d) != set(ids) for d in per_seed[1:]):  # resampling one example set needs the same one per seed
+        study.problems.append(f"{A}->{ps[0].B}: the seeds were evaluated on different examples ("
+                              + ", ".join(f"seed {p.seed}: {len(d)}" for p, d in zip(ps, per_seed))
+                              + "); no bootstrap CI over seeds (evaluate every seed with the same --limit and --seed)")
+        return None
     if not ids:
-        study.problems.append(f"{A}->{ps[0].B}: the samples files share no example ids; no bootstrap CI")
+        study.problems.append(f"{A}->{ps[0].B}: the samples files hold no example of {A}; no bootstrap CI")
         return None
     fa = np.array([[d[i][0] for i in ids] for d in per_seed])
     fb = np.array([[d[i][1] for i in ids] for d in per_seed])
     res = paired_bootstrap_ci(fa, fb, [per_seed[0][i][2] for i in ids], n_resamples=opts.n_boot,
                               seed=opts.boot_seed, level=opts.ci, k=opts.k)
     want = np.mean([p.m["forgetting"] for p in ps])
-    if len(ids) == min(len(d) for d in per_seed) and abs(res["forgetting"]["estimate"] - want) > 1e-6:
+    if abs(res["forgetting"]["estimate"] - want) > 1e-6:
         study.problems.append(f"{A}->{ps[0].B}: the samples files give forgetting "
                               f"{100 * res['forgetting']['estimate']:.2f} but eval.json {100 * want:.2f}; "
                               f"re-run evaluate.py")
@@ -924,7 +1018,8 @@ def section_groups(study, out, opts):
                f"seed {opts.boot_seed}; columns *_ci_low/high). The max over groups is biased upward by noise, "
                "so its CI can sit above the estimate; a group's own CI (forgetting_by_group.csv) says whether "
                "its gap is noise" if opts.n_boot else "no bootstrap (--n_boot 0)")
-    return ("## Biased forgetting\n\nPer chain of Table 1, tasks with groups (percent, mean over seeds; "
+    return ("## Biased forgetting\n\nPer chain of Table 1, tasks with groups (percent, mean over seeds; groups tied "
+            "for a place are named together, \"a = b (tied)\"; "
             f"{ci_note}). The whole per-group vector is in [forgetting_by_group.csv](forgetting_by_group.csv); "
             "every chain in [biased_forgetting.csv](biased_forgetting.csv).\n\n"
             + (markdown_table(grouped) if len(grouped) else "No chain with a grouped first task.\n")
@@ -1007,7 +1102,7 @@ def section_figure3(study, out, opts):
                              e=pd.to_numeric(d.forgetting_std, errors="coerce").fillna(0)).sort_values("f")
                 ax.barh(d.group, d.f, xerr=d.e, color="tab:orange")
                 tf = pd.to_numeric(d.task_forgetting, errors="coerce").iloc[0]
-                ax.axvline(tf, linestyle=":", color="tab:blue", label=f"task average {tf:.2f}")
+                ax.axvline(tf, linestyle=":", color="tab:blue", label=f"task average {tf:.2f}%")
                 ax.set_title(f"{short(A)} -> {short(B)}")
                 ax.set_xlabel("forgetting (%)")
                 ax.legend(fontsize=7, loc="lower right")
@@ -1109,6 +1204,46 @@ def section_first_task_acc(study, out, opts):
     return ("## First-task accuracy per learning rate\n\nTest (and validation) accuracy of theta_A in percent, "
             "mean over seeds ([first_task_acc_by_lr.csv](first_task_acc_by_lr.csv)).\n\n"
             + markdown_table(df.assign(lr=df.lr.map("{:g}".format))))
+
+
+CHANCE_COLUMNS = ["run", "chain", "seed", "task", "n", "acc", "chance", "at_chance", "why"]
+
+
+def section_chance(study, out, opts):
+    """chance.csv: every accuracy of the two-stage study's evaluations with its chance level (chance_flag), and
+    the list of those at chance level: a forgetting or a group ranking read from them says little."""
+    rows, unchecked = [], []
+    for r in study.runs:
+        if r.problem or not r.eval:
+            continue
+        recs = load_samples(r)
+        if recs is None:
+            unchecked.append(r.name)
+            continue
+        for task, block in sorted(r.eval["tasks"].items()):
+            rt = [x for x in recs if x.get("task") == task]
+            if not rt:
+                continue
+            chance, why = chance_flag(block["acc"], rt)
+            rows.append({"run": r.name, "chain": "->".join(r.chain), "seed": r.seed, "task": task, "n": len(rt),
+                         "acc": _r(100 * float(block["acc"])), "chance": _r(100 * chance), "at_chance": why is not None,
+                         "why": why or NA})
+    head = "## Accuracies at chance level\n\n"
+    if not rows:
+        return head + "No samples files beside the eval.json files: chance level not checked.\n"
+    df = pd.DataFrame(rows, columns=CHANCE_COLUMNS)
+    write_csv(os.path.join(out, "chance.csv"), df)
+    flagged = df[df.at_chance]
+    text = head + (f"Rule: an accuracy is at chance when every prediction picked the same option (collapsed), or when "
+                   f"it lies within {CHANCE_SE:g} binomial standard errors, {CHANCE_SE:g} sqrt(c (1 - c) / n), of "
+                   "c = the mean over its examples of 1 / (number of options), the accuracy of a uniform guess. "
+                   f"{len(flagged)} of {len(df)} accuracies of the two-stage study are at chance "
+                   "([chance.csv](chance.csv)); forgetting and group rankings of these models are mostly noise.\n\n")
+    if len(flagged):
+        text += markdown_table(flagged.drop(columns=["at_chance"]))
+    if unchecked:
+        text += f"\nNot checked (no samples file): {', '.join(unchecked)}.\n"
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1554,6 +1689,8 @@ REPLAY_COLUMNS = ["chain", "first_task", "second_task", "seed", "sweep", "fracti
                   "a_examples_seen", "forgetting_source", "n_eval_a", "file"]
 REPLAY_VALUES = ["acc_a", "acc_b", "forgetting_a", "change_b", "capability_forgetting"]
 RECOVERY_TOL = 0.01  # "within 1 point": forgetting of A at most 0.01 (fraction units)
+# replay.py before the units rule wrote "fraction" in percent, and its "units" string said so in these words
+OLD_PERCENT_UNITS = re.compile(r"fraction is a percent", re.IGNORECASE)
 
 
 def chain_name(tasks):
@@ -1568,10 +1705,16 @@ def _first_copy(study, run_id):
 def replay_rows(study):
     """One row per point of every replay_summary.json under --runs (fractions, not percent) -> (rows, problems).
 
+    "fraction" is the share of A's training set in [0, 1]; a summary whose "units" string says it is a percent
+    (replay.py before the units rule) is converted, one without a "units" string is left out (its unit cannot
+    be told), and a point outside [0, 1] is left out, each with a problem.
+
     chain A->B and seed: the summary's task_a / task_b, the seed of its theta_AB run.json (model_run_id), else
     settings.seed. forgetting_a: the summary's (acc_A(theta_A) - acc_A(point)); when null and theta_A (the
     parent of theta_AB) has an eval.json holding A, acc_A(theta_A) comes from there (forgetting_source says
-    which). capability_forgetting = acc_B(theta_AB, the untrained 0 point) - acc_B(point) = -change_b.
+    which; the point's eval.json, in the summary's folder under the point's name, must be comparable with
+    theta_A's, order.incomparable, else the forgetting is "incomparable").
+    capability_forgetting = acc_B(theta_AB, the untrained 0 point) - acc_B(point) = -change_b.
     A-examples of a trained point: presented = steps * batch_size (settings.batch_size; the stage draws
     that many, in seeded epochs of its n_examples), seen = min(presented, n_examples) (distinct examples of A
     the stage read); 0 for an untrained point. Points made with other settings (settings_match false) are
@@ -1594,11 +1737,19 @@ def replay_rows(study):
             problems.append(f"{name}: a second replay summary of {A}->{B} seed {seed} (the first is "
                             f"{seen_keys[key]}); left out")
             continue
+        units = s.get("units")
+        if not isinstance(units, str):
+            problems.append(f'{name}: no "units" string, so whether its "fraction" is a share in [0, 1] or a percent '
+                            f"cannot be told; left out; {REPLAY_FIX}")
+            continue
+        per = 100.0 if OLD_PERCENT_UNITS.search(units) else 1.0  # what "fraction" is divided by
+        if per != 1.0:
+            study.cache.setdefault("replay_percent", []).append(name)
         seen_keys[key] = name
         bs = settings.get("batch_size")
         bs = bs if isinstance(bs, int) and not isinstance(bs, bool) else None
         ref = _num((s.get("first_stage") or {}).get("acc_a")) if isinstance(s.get("first_stage"), dict) else float("nan")
-        fallback = float("nan")
+        fallback, parent = float("nan"), None
         if math.isnan(ref) and model is not None:
             parent = resolve_parent(model, study.copies)
             if parent is not None and parent.eval and A in parent.eval["tasks"]:
@@ -1610,6 +1761,11 @@ def replay_rows(study):
             problems.append(f"{name}: {len(bad)} point(s) made with other settings or without accuracies left out "
                             f"({', '.join(str(p.get('name', '?')) if isinstance(p, dict) else '?' for p in bad)}); "
                             f"re-run replay.py")
+        outside = [p for p in good if not 0 <= _num(p.get("fraction")) / per <= 1]
+        if outside:
+            problems.append(f"{name}: fraction {', '.join(str(p.get('fraction')) for p in outside)} not in [0, 1] "
+                            f"(units: {units!r}); those points left out; {REPLAY_FIX}")
+            good = [p for p in good if p not in outside]
         zero = [p for p in good if p.get("trained") is False or (p.get("steps") == 0)]
         zero_b = float(zero[0]["acc_b"]) if zero else float("nan")
         missing_f = False
@@ -1620,14 +1776,21 @@ def replay_rows(study):
             fa, src = _num(p.get("forgetting_a")), "replay_summary"
             if math.isnan(fa):
                 if not math.isnan(fallback):
-                    fa, src = fallback - float(p["acc_a"]), "theta_A eval.json"
+                    why = _point_incomparable(study, name, p, A, parent)
+                    if why:
+                        study.refused.append(f"replay point {name} {p.get('name')}: forgetting of {A} left out, "
+                                             f"its evaluation and theta_A's cannot be compared: {why}")
+                        src = INCOMPARABLE
+                    else:
+                        fa, src = fallback - float(p["acc_a"]), "theta_A eval.json"
                 else:
                     src, missing_f = MISSING, True
             cb = _num(p.get("change_b"))
             capf = 0.0 - cb if not math.isnan(cb) else zero_b - float(p["acc_b"])
             presented = (steps * bs if bs else float("nan")) if trained else 0
             rows.append({"chain": chain_name([A, B]), "first_task": A, "second_task": B, "seed": seed,
-                         "sweep": p.get("sweep", NA), "fraction": _int_if_whole(_num(p.get("fraction"))), "steps": steps,
+                         "sweep": p.get("sweep", NA), "fraction": _num(p.get("fraction")) / per,
+                         "steps": steps,
                          "n_examples": n_ex, "acc_a": float(p["acc_a"]), "acc_b": float(p["acc_b"]),
                          "forgetting_a": fa, "change_b": 0.0 - capf, "capability_forgetting": capf,
                          "a_examples_presented": presented,
@@ -1640,6 +1803,18 @@ def replay_rows(study):
     return rows, problems
 
 
+def _point_incomparable(study, name, point, A, parent):
+    """Why a replay point's evaluation of A (eval.json in the summary's folder, under the point's name) cannot
+    be paired with theta_A's (order.incomparable), or None. Without that file nothing says it can."""
+    d = os.path.join(os.path.dirname(name), str(point.get("name")))
+    path = os.path.join(study.runs_dir, d, "eval.json")
+    if not os.path.isfile(path):
+        return f"{d}/eval.json is missing, so its data source, split and examples are unknown"
+    ev = _read_json(path, "eval.json", EVAL_FIX)
+    _check_eval_json(path, ev)
+    return incomparable(A, evaluation(parent), Evaluation(d, os.path.dirname(path), ev))
+
+
 def _int_if_whole(v):
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
@@ -1648,18 +1823,26 @@ def _x(row):
     return row["fraction"] if row["sweep"] == "fraction" else row["steps"]
 
 
+def _pct(fraction):
+    """A share in [0, 1] as the percent a table shows: 0.05 -> 5, not 5.000000000000001."""
+    return _int_if_whole(round(100 * fraction, 9)) if isinstance(fraction, float) else fraction
+
+
 def replay_means(rows):
-    """Mean and std over seeds per chain, sweep and point (percent; A-example counts as they are)."""
+    """Mean and std over seeds per chain, sweep and point (percent, fraction and x of the fraction sweep too;
+    A-example counts as they are)."""
     groups = defaultdict(list)
     for r in rows:
         groups[(r["first_task"], r["second_task"], r["sweep"], _x(r))].append(r)
     out = []
     for (A, B, sweep, x), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]), kv[0][3])):
-        row = {"chain": chain_name([A, B]), "first_task": A, "second_task": B, "sweep": sweep, "x": x,
-               "fraction": rs[0]["fraction"], "steps": rs[0]["steps"], "n_seeds": len(rs),
+        row = {"chain": chain_name([A, B]), "first_task": A, "second_task": B, "sweep": sweep,
+               "x": _pct(x) if sweep == "fraction" else x, "fraction": _pct(rs[0]["fraction"]),
+               "steps": rs[0]["steps"], "n_seeds": len(rs),
                "seeds": ";".join(str(r["seed"]) for r in rs)}
         for q in REPLAY_VALUES:
-            row[q], row[q + "_std"] = cells([r[q] for r in rs], marker=NA)
+            refused = q == "forgetting_a" and all(r["forgetting_source"] == INCOMPARABLE for r in rs)
+            row[q], row[q + "_std"] = cells([r[q] for r in rs], marker=INCOMPARABLE if refused else NA)
         row["a_examples_seen"] = _r(mean_std([r["a_examples_seen"] for r in rs])[0], 1)
         out.append(row)
     cols = ["chain", "first_task", "second_task", "sweep", "x", "fraction", "steps", "n_seeds", "seeds"]
@@ -1728,9 +1911,13 @@ def section_replay(study, out, opts):
                        "run_all.sh runs it for every safety -> capability chain), so no Figure 7, no Figures "
                        "11-14 and no recovery fraction.\n")
     rows = _replay_data(study)
-    pct = {"acc_a", "acc_b", "forgetting_a", "change_b", "capability_forgetting"}
-    df = pd.DataFrame([{k: (_r(100 * v) if k in pct else _v(v) if k.startswith("a_examples") else v)
-                        for k, v in r.items()} for r in rows], columns=REPLAY_COLUMNS)
+    def cell(r, k, v):
+        if k == "forgetting_a" and r["forgetting_source"] == INCOMPARABLE:
+            return INCOMPARABLE
+        if k in REPLAY_VALUES:
+            return _r(100 * v)
+        return _pct(v) if k == "fraction" else _v(v) if k.startswith("a_examples") else v
+    df = pd.DataFrame([{k: cell(r, k, v) for k, v in r.items()} for r in rows], columns=REPLAY_COLUMNS)
     write_csv(os.path.join(out, "replay.csv"), df)
     means = replay_means(rows)
     write_csv(os.path.join(out, "replay_mean.csv"), means)
@@ -1770,6 +1957,13 @@ def section_replay(study, out, opts):
     for stem, _, _, title, _ in REPLAY_FIGURES:
         text += f"### {title}\n\n![{stem}]({stem}.png) ([{stem}.csv]({stem}.csv))\n\n"
     srcs = Counter(r["forgetting_source"] for r in rows)
+    old = study.cache.get("replay_percent")
+    if old:
+        text += (f"{len(old)} summaries from an older replay.py give the replay fraction in percent (their \"units\" "
+                 f"say so); read as such: {', '.join(old)}.\n\n")
+    if srcs.get(INCOMPARABLE):
+        text += (f"{srcs[INCOMPARABLE]} point(s) whose forgetting of A would pair evaluations that cannot be compared "
+                 "are marked incomparable (see the refused pairs above).\n\n")
     if srcs.get("theta_A eval.json"):
         text += (f"{srcs['theta_A eval.json']} point(s) without a first-stage reference in their summary: forgetting "
                  "from theta_A's eval.json (its evaluation settings may differ from the replay points').\n")
@@ -1842,6 +2036,9 @@ def mitigation_rows(study):
         if A not in r.eval["tasks"] or B not in r.eval["tasks"]:
             problems.append(f"{r.name}/eval.json has no result for {A if A not in r.eval['tasks'] else B}; re-run "
                             f"evaluate.py --tasks {A},{B}")
+        why = incomparable(A, evaluation(parent), evaluation(r)) if A in r.eval["tasks"] else None
+        if why:
+            study.refused.append(refusal(A, B, why) + " (mitigation)")
         method, setting, key = _method_of(r.meta, A, B)
         cfg = r.meta.get("config") or {}
         steps, bs = r.meta.get("steps"), cfg.get("batch_size")
@@ -1868,7 +2065,8 @@ def mitigation_rows(study):
         if note:
             problems.append(f"{r.name}: {note}; forgetting measured from its own theta_A")
         rows.append({"first_task": A, "second_task": B, "seed": r.seed, "method": method, "setting": setting,
-                     "key": (1,) + key, "forgetting_a": forgetting(parent.acc(A), r.acc(A)), "acc_b": r.acc(B),
+                     "key": (1,) + key, "refused": why,
+                     "forgetting_a": float("nan") if why else forgetting(parent.acc(A), r.acc(A)), "acc_b": r.acc(B),
                      "extra_steps": extra, "a_examples_seen": seen, "a_examples_presented": presented,
                      "fisher_samples": fisher, "n_eval_a": r.eval["tasks"].get(A, {}).get("n", NA), "run": r.name})
     chains = {(x["first_task"], x["second_task"]) for x in rows}
@@ -1877,11 +2075,12 @@ def mitigation_rows(study):
             continue  # the untrained point is theta_AB
         chains.add((x["first_task"], x["second_task"]))
         sweep = x["sweep"]
-        setting = (f"fraction {x['fraction']:g}%, {x['steps']} steps" if sweep == "fraction"
+        setting = (f"fraction {_pct(x['fraction']):g}%, {x['steps']} steps" if sweep == "fraction"
                    else f"{x['steps']} steps, all data")
         rows.append({"first_task": x["first_task"], "second_task": x["second_task"], "seed": x["seed"],
                      "method": f"replay ({sweep} sweep)", "setting": setting,
                      "key": (2 if sweep == "fraction" else 3, _x(x)), "forgetting_a": x["forgetting_a"],
+                     "refused": x["forgetting_source"] == INCOMPARABLE or None,
                      "acc_b": x["acc_b"], "extra_steps": x["steps"], "a_examples_seen": x["a_examples_seen"],
                      "a_examples_presented": x["a_examples_presented"], "fisher_samples": 0,
                      "n_eval_a": x["n_eval_a"], "run": x["file"]})
@@ -1902,7 +2101,8 @@ def mitigation_table(rows):
         groups[(r["first_task"], r["second_task"], r["key"], r["method"], r["setting"])].append(r)
     out = []
     for (A, B, _, method, setting), rs in sorted(groups.items(), key=lambda kv: kv[0][:3]):
-        f, fs = cells([r["forgetting_a"] for r in rs], marker=MISSING)
+        f, fs = cells([r["forgetting_a"] for r in rs],
+                      marker=INCOMPARABLE if all(r.get("refused") for r in rs) else MISSING)
         b, bsd = cells([r["acc_b"] for r in rs], marker=MISSING)
         cost = {k: _int_if_whole(_r(mean_std([_num(r[k]) for r in rs])[0], 1))
                 for k in ("extra_steps", "a_examples_seen", "a_examples_presented", "fisher_samples")}
@@ -1974,8 +2174,9 @@ def section_mitigation(study, out, opts):
         return head + ("No mitigation results: no second stage with replay mixing, L2 or EWC (finetune.py "
                        "--replay_task/--replay_fraction, --l2_to_init, --ewc) and no replay summary under the runs "
                        "folder.\n")
-    per_seed = pd.DataFrame([{k: (_r(100 * v) if k in ("forgetting_a", "acc_b") else _v(v))
-                              for k, v in r.items() if k != "key"} for r in rows],
+    per_seed = pd.DataFrame([{k: (INCOMPARABLE if k == "forgetting_a" and r.get("refused") else
+                                  _r(100 * v) if k in ("forgetting_a", "acc_b") else _v(v))
+                              for k, v in r.items() if k not in ("key", "refused")} for r in rows],
                             columns=["first_task", "second_task", "seed", "method", "setting", "forgetting_a", "acc_b",
                                      "extra_steps", "a_examples_seen", "a_examples_presented", "fisher_samples",
                                      "n_eval_a", "run"])
@@ -2026,7 +2227,8 @@ def chain_forgetting_rows(long_chains):
     """For every long chain and seed, the forgetting of every earlier task after every later stage (fractions):
     forgetting = acc_T(after the stage k that tuned T) - acc_T(after stage j), j > k, both from the eval.json
     of those stages. A task tuned again later is counted from its last tuning: the rows of stage k stop
-    before the next stage that tunes T. -> (rows, problems)."""
+    before the next stage that tunes T. Two evaluations of T that cannot be compared (order.incomparable) give
+    no forgetting: the row's "refused" says why. -> (rows, problems)."""
     rows, problems = [], []
     for lc in long_chains:
         problems.extend(lc.problems)
@@ -2046,9 +2248,12 @@ def chain_forgetting_rows(long_chains):
                         vals.append(float("nan"))
                     else:
                         vals.append(r.acc(T))
+                why = None
+                if not any(math.isnan(v) for v in vals):
+                    why = incomparable(T, evaluation(rk), evaluation(rj))
                 rows.append({"chain": chain_name(chain), "seed": lc.seed, "lrs": lrs, "task": T, "tuned_at_stage": k,
                              "after_stage": j, "after_task": chain[j - 1], "acc_tuned": vals[0], "acc_after": vals[1],
-                             "forgetting": vals[0] - vals[1],
+                             "forgetting": float("nan") if why else vals[0] - vals[1], "refused": why,
                              "run_tuned": rk.name if rk is not None else MISSING,
                              "run_after": rj.name if rj is not None else MISSING})
     return rows, sorted(set(problems), key=problems.index)
@@ -2063,7 +2268,11 @@ def section_long_chains(study, out, opts):
                        "folder.\n")
     rows, probs = chain_forgetting_rows(study.long_chains)
     study.problems.extend(probs)
-    df = pd.DataFrame([{k: (_r(100 * v) if k in ("acc_tuned", "acc_after", "forgetting") else v)
+    study.refused += [f"long chain {r['chain']} seed {r['seed']}: forgetting of {r['task']} after stage "
+                      f"{r['after_stage']} left out, its evaluations cannot be compared: {r['refused']}"
+                      for r in rows if r["refused"]]
+    df = pd.DataFrame([{k: (INCOMPARABLE if k == "forgetting" and r["refused"] else
+                            _r(100 * v) if k in ("acc_tuned", "acc_after", "forgetting") else v)
                         for k, v in r.items()} for r in rows], columns=CHAIN_COLUMNS)
     write_csv(os.path.join(out, "chain_forgetting.csv"), df)
     groups = defaultdict(list)
@@ -2071,7 +2280,7 @@ def section_long_chains(study, out, opts):
         groups[(r["chain"], r["lrs"], r["tuned_at_stage"], r["task"], r["after_stage"], r["after_task"])].append(r)
     mean = []
     for (c, lrs, k, T, j, tj), rs in groups.items():
-        m, s = cells([r["forgetting"] for r in rs])
+        m, s = cells([r["forgetting"] for r in rs], marker=INCOMPARABLE if all(r["refused"] for r in rs) else MISSING)
         mean.append({"chain": c, "lrs": lrs, "task": T, "tuned_at_stage": k, "after_stage": j, "after_task": tj,
                      "forgetting": m, "forgetting_std": s, "n_seeds": sum(not math.isnan(r["forgetting"]) for r in rs),
                      "seeds": ";".join(str(r["seed"]) for r in rs)})
@@ -2108,13 +2317,13 @@ ORDER_COLUMNS = ["task_x", "task_y", "rho_x", "rho_y", "recommended", "forgettin
                  "n_yx", "less_forgetting", "agrees", "agrees_order_json"]
 
 
-def _order_functions():
-    """order.py's recommend_order and check_pairs, or None when metrics.py was copied without it."""
-    try:
-        import order
-    except ImportError:
-        return None
-    return order.recommend_order, order.check_pairs, "order.py"
+def measured_chains(study, lr2=None):
+    """order.measured_forgetting over every run.json of the runs folder (copies resolved as order.find_runs
+    does): the measured chains order.py checks, so report.md and order.py agree on them -> (measured, problems)."""
+    runs = {}
+    for r in sorted(study.all_runs, key=_copy_key):
+        runs.setdefault(r.run_id, {"path": r.path, "name": r.name, "run": r.meta, "eval": r.eval})
+    return order.measured_forgetting(runs, lr2)
 
 
 def find_order_json(runs_dir):
@@ -2128,15 +2337,14 @@ def find_order_json(runs_dir):
 
 def section_order(study, out, opts):
     """order.csv: per pair of tasks with curvature, the recommended order (the flatter first-task minimum first)
-    and whether the Table-1 forgetting agrees. rho and the recommendation come from <runs>/results/order.json
-    (or <runs>/order.json) when it exists, else from the curvature results (Figure 4a's rho per task) through
-    order.py's functions."""
+    and whether the measured chains agree (measured_chains: order.py's definition, with order.json's --lr2).
+    rho and the recommendation come from <runs>/results/order.json (or <runs>/order.json) when it exists, else
+    from the curvature results (Figure 4a's rho per task) through order.py's functions. An order.json whose
+    verdict on a pair differs from the runs here is out of date: named among the problems."""
     head = "## Curvature-guided task order\n\n"
-    funcs = _order_functions()
-    if funcs is None:
-        return head + "No task order: order.py is not beside metrics.py (copy it along to get this section).\n"
-    recommend, check, impl = funcs
+    recommend, check, impl = order.recommend_order, order.check_pairs, "order.py"
     rel, oj = find_order_json(study.runs_dir)
+    lr2 = None
     if oj is not None:
         rho = {t: v for t, v in (oj.get("rho") or {}).items()
                if isinstance(v, dict) and not math.isnan(_num(v.get("rho")))}
@@ -2144,6 +2352,8 @@ def section_order(study, out, opts):
         order_rec = oj.get("recommended_order") or recommend({t: rho[t] for t in tasks})
         src = f"{rel} (order.py)"
         theirs = {tuple(p.get("tasks", [])): p.get("agrees") for p in oj.get("pairs") or [] if isinstance(p, dict)}
+        lr2 = _num((oj.get("settings") or {}).get("lr2"))
+        lr2 = None if math.isnan(lr2) else lr2
     else:
         curv_files, _ = find_curvature_files(study.runs_dir, getattr(opts, "out", None))
         if not curv_files:
@@ -2160,10 +2370,9 @@ def section_order(study, out, opts):
         order_rec = recommend({t: rho[t] for t in tasks})
         src = f"the curvature results (Figure 4a's rho per task), ordered by {impl}"
         theirs = {}
-    measured = defaultdict(list)
-    for (A, B), ps in study.table1.items():
-        measured[(A, B)] += [(p.m["forgetting"], p.chained.run_id) for p in ps]
-    pairs = check(tasks, rho, dict(measured))
+    measured, probs = measured_chains(study, lr2)
+    study.refused += [p for p in probs if "cannot be compared" in p and p not in study.refused]
+    pairs = check(tasks, rho, measured)
     rows = []
     for p in pairs:
         x, y = p["tasks"]
@@ -2176,6 +2385,10 @@ def section_order(study, out, opts):
                      "less_forgetting": p["less_forgetting"] or NA,
                      "agrees": NA if p["agrees"] is None else bool(p["agrees"]),
                      "agrees_order_json": NA if agr is None else agr})
+        if isinstance(agr, bool) and p["agrees"] is not None and agr != p["agrees"]:
+            study.problems.append(f"{rel}: order.py said the recommendation {'agrees' if agr else 'disagrees'} for "
+                                  f"{x},{y} but the measured chains here say it {'agrees' if p['agrees'] else 'disagrees'}"
+                                  f"; order.json is out of date, re-run order.py --runs on this folder")
     df = pd.DataFrame(rows, columns=ORDER_COLUMNS)
     write_csv(os.path.join(out, "order.csv"), df)
     checked = [r for r in rows if isinstance(r["agrees"], bool)]
@@ -2183,14 +2396,16 @@ def section_order(study, out, opts):
                        if t in rho], columns=["task", "rho", "n"])
     return (head + f"Source: {src}. Recommended order (the flattest first-task minimum first, the sharpest last): "
             f"**{' -> '.join(order_rec)}**.\n\n" + markdown_table(_sig(rt))
-            + "\nPer pair: the measured forgetting of the first task in both orders (Table 1 chains, percent, mean "
-            "over seeds); agrees = the recommended order is the one that forgot less (agrees_order_json: "
-            "order.py's own check, which counts every two-task run it finds) ([order.csv](order.csv)).\n\n"
+            + "\nPer pair: the measured forgetting of the first task in both orders (percent, mean over every "
+            "measured chain: the plain-recipe two-task runs order.py checks, every seed and learning rate"
+            + (f", second-stage lr {lr2:g}" if lr2 is not None else "") + "); agrees = the recommended order is "
+            "the one that forgot less; agrees_order_json = order.py's verdict in order.json, the same unless "
+            "order.json is out of date ([order.csv](order.csv)).\n\n"
             + markdown_table(_sig(df)) + f"\n{sum(r['agrees'] for r in checked)} of {len(checked)} pairs measured in "
             "both orders agree.\n")
 
 
-SECTIONS = [section_table1, section_groups, section_figure2, section_figure3, section_lr_figures,
+SECTIONS = [section_table1, section_groups, section_chance, section_figure2, section_figure3, section_lr_figures,
             section_first_task_acc, section_curvature, section_replay, section_mitigation, section_long_chains,
             section_order]
 
@@ -2221,53 +2436,105 @@ def write_report(study, out, opts):
             "applicable (no groups, no bootstrap)\n"]
     if study.study_json:
         head.append("study.json:\n\n```json\n" + json.dumps(study.study_json, indent=2) + "\n```\n")
-    probs = study.problems
+    probs, refused = study.problems, study.refused
+    head.append(f"## Refused: evaluations that cannot be compared ({len(refused)})\n\n"
+                + ("Forgetting needs both evaluations of a task made on the same data source, split and examples; "
+                   "these pairs were not computed (their cells say incomparable):\n\n"
+                   + "\n".join(f"- {p}" for p in refused) if refused else "None: every pair compares evaluations of "
+                   "the same examples.") + "\n")
     head.append(f"## Missing or failed runs ({len(probs)})\n\n"
                 + ("\n".join(f"- {p}" for p in probs) if probs else "None: every expected run is present.") + "\n")
     write_text(os.path.join(out, "report.md"), "\n".join(head) + "\n" + "\n".join(parts))
     summary = {"runs": os.path.abspath(study.runs_dir), "profile": opts.profile, "base_model": base,
                "data_source": sources, "main_lr": study.main_lr, "seeds": study.seeds,
-               "n_pairs": len(study.pairs), "problems": probs}
+               "n_pairs": len(study.pairs), "refused": refused, "problems": probs}
     write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return probs
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def nothing_to_report(study, exclude=None):
+    """None when the runs folder gives at least one result (a usable pair, a long chain, a replay summary, a
+    mitigated second stage or a curvature file); else the one line saying what was found and what is missing."""
+    if study.pairs or study.long_chains or study.replay:
+        return None
+    if any(_stage(r) == 2 and mitigation_of(r.meta) and not r.problem for r in study.all_runs):
+        return None
+    if any(find_curvature_files(study.runs_dir, exclude)):
+        return None
+    n1 = sum(_stage(r) == 1 for r in study.all_runs)
+    n2 = sum(_stage(r) == 2 for r in study.all_runs)
+    n_eval = sum(r.eval is not None for r in study.all_runs)
+    why = study.refused + study.problems
+    found = (f"{len(study.all_runs)} run.json ({n1} first-stage, {n2} chained, {len(study.all_runs) - n1 - n2} "
+             f"other), {n_eval} with an eval.json, 0 usable pairs")
+    if why:
+        found += ": " + "; ".join(why[:3]) + (f"; and {len(why) - 3} more" if len(why) > 3 else "")
+    return (f"nothing to report under {study.runs_dir}: {found}. A pair needs a first-stage run and a chained run "
+            f"tuned from it (finetune.py --model <first stage>), each with an eval.json holding the first task "
+            f"(evaluate.py --tasks A,B); no file written")
+
+
+NUMERIC_RULES = {"lr": POSITIVE, "k": AT_LEAST_1, "n_boot": NON_NEGATIVE, "boot_seed": NON_NEGATIVE,
+                 "ci": in_range(0, 1, open_lo=True, open_hi=True)}
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--runs", required=True, help="folder written by run_all.sh (searched for run.json files)")
-    ap.add_argument("--out", required=True, help="folder for the tables, figures and report.md")
-    ap.add_argument("--profile", default=None, help='profile named in report.md (default: study.json "profile", '
-                                                    'else "unknown")')
-    ap.add_argument("--lr", type=float, default=None, help='main second-stage lr for Table 1 (default: study.json '
-                                                          '"lr", else the most common second-stage lr)')
-    ap.add_argument("--k", type=int, default=3, help="number of worst groups for top-k biased forgetting")
-    ap.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples (0: no CIs)")
-    ap.add_argument("--boot_seed", type=int, default=0, help="seed of the bootstrap")
-    ap.add_argument("--ci", type=float, default=0.95, help="confidence level of the bootstrap CIs")
-    opts = ap.parse_args(argv)
+    ap.add_argument("--out", required=True, help="folder for the tables, figures and report.md (percent)")
+    ap.add_argument("--profile", default=None, help='profile named in report.md; unset: study.json "profile", '
+                                                    'else "unknown"')
+    ap.add_argument("--lr", type=float, default=None, help='learning rate (> 0) of the second stage of Table 1\'s '
+                                                          'chains; unset: study.json "lr", else the most common '
+                                                          'second-stage lr')
+    ap.add_argument("--k", type=int, default=3, help="number of worst groups (>= 1) for top-k biased forgetting")
+    ap.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples (>= 0; 0: no CIs)")
+    ap.add_argument("--boot_seed", type=int, default=0, help="seed (>= 0) of the bootstrap")
+    ap.add_argument("--ci", type=float, default=0.95, help="confidence level of the bootstrap CIs, a fraction in "
+                                                          "(0, 1)")
+    return ap
+
+
+def run(opts):
+    """metrics.py's work for parsed arguments: every output made in a temporary folder beside --out, then moved
+    into it, so a user error at any point leaves --out as it was. Returns the exit code (0)."""
+    check_args(vars(opts), NUMERIC_RULES)
+    if os.path.exists(opts.out) and not os.path.isdir(opts.out):
+        raise UserError(f"--out {opts.out} is a file; give a folder")
+    study = build_study(opts.runs, opts.lr, exclude=opts.out)
+    empty = nothing_to_report(study, opts.out)
+    if empty:
+        raise UserError(empty)
+    if opts.profile is None:
+        opts.profile = str(study.study_json.get("profile", "unknown"))
+    out = os.path.abspath(opts.out)
     try:
-        if opts.k < 1 or opts.n_boot < 0 or not 0 < opts.ci < 1:
-            raise UserError("--k must be >= 1, --n_boot >= 0 and --ci in (0, 1)")
-        if opts.lr is not None and opts.lr <= 0:
-            raise UserError("--lr must be positive")
-        study = build_study(opts.runs, opts.lr, exclude=opts.out)
-        if opts.profile is None:
-            opts.profile = str(study.study_json.get("profile", "unknown"))
-        try:
-            os.makedirs(opts.out, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create --out {opts.out} ({e}); pass a writable folder") from None
-        probs = write_report(study, opts.out, opts)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"metrics: {len(study.pairs)} chained pairs from {opts.runs} -> {opts.out}/report.md")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".tmp-{os.path.basename(out)}-")
+    except OSError as e:
+        raise UserError(f"cannot create --out {opts.out} ({e}); pass a writable folder") from None
+    try:
+        probs = write_report(study, tmp, opts)
+        os.makedirs(out, exist_ok=True)
+        for f in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, f), os.path.join(out, f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"metrics: {len(study.pairs)} chained pairs from {opts.runs} -> {opts.out}/report.md (percent)")
+    if study.refused:
+        print(f"metrics: {len(study.refused)} refused, their evaluations cannot be compared (also in report.md):")
+        for p in study.refused:
+            print(f"  - {p}")
     if probs:
         print(f"metrics: {len(probs)} missing or failed runs (also in report.md):")
         for p in probs:
             print(f"  - {p}")
     return 0
+
+
+def main(argv=None):
+    """The CLI: returns 0; a user error exits 2 with one `error:` line (common.die_on_user_error)."""
+    return die_on_user_error(lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -15,15 +15,18 @@ a curvature.json whose run_id matches a run.json there is kept only if that run 
 (a mismatched file is reported and left out); --lr then keeps only files of first-stage runs with that
 learning rate.
 
-Check against measured chains (--runs): every run.json there with a two-task chain [X, Y] and an eval.json
-holding X is a measured chain; its forgetting is Forgetting_XY = acc_X(theta_X) - acc_X(theta_XY), theta_X the
-run whose run_id is its parent_run_id (its eval.json holding X). For each pair of the given tasks measured in
+Check against measured chains (--runs): a measured chain is a run.json of the paper's plain recipe tuned on two
+different tasks in turn (is_measured_chain: chain [X, Y], no replay mixing, L2, EWC or train_fraction in its
+config; metrics.py uses the same definition) with an eval.json holding X; its forgetting is Forgetting_XY =
+acc_X(theta_X) - acc_X(theta_XY), theta_X the run whose run_id is its parent_run_id (its eval.json holding X).
+Both evaluations of X must be comparable (incomparable: same data source, split, number and ids of examples);
+a chain whose are not is left out with a note naming both values. For each pair of the given tasks measured in
 both orders, the mean forgetting of each order (over seeds and learning rates found, or those of --lr2 for the
 second stage) says which order forgot less; the recommendation (the flatter task first) agrees when that
 order is the one that forgot less. A pair measured in one order only, or with equal forgetting, is reported
 with agrees = null. Note the two orders forget different tasks (X's accuracy in one, Y's in the other).
 
-Output: a table on stdout and, with --out, JSON:
+Output: a table on stdout (forgetting in percentage points) and, with --out, JSON (forgetting as fractions):
   {"tasks": [...], "recommended_order": [...], "rho": {task: {"rho", "n", "values", "files"}},
    "pairs": [{"tasks": [X, Y], "recommended": [flatter, sharper], "rho": {X: .., Y: ..},
               "measured": {"X->Y": {"forgetting": mean|null, "n": int, "run_ids": [..]}, "Y->X": {...}},
@@ -31,6 +34,8 @@ Output: a table on stdout and, with --out, JSON:
    "agreement": {"checked": int, "agree": int}, "problems": [str], "settings": {...}}
 """
 import argparse
+import collections
+import hashlib
 import itertools
 import json
 import math
@@ -38,7 +43,7 @@ import os
 import statistics
 import sys
 
-from common import UserError, die_on_user_error, write_json_atomic
+from common import POSITIVE, HelpFormatter, UserError, check_args, die_on_user_error, write_json_atomic
 from tasks import parse_tasks
 
 AGGREGATES = {"mean": statistics.fmean, "median": statistics.median, "max": max, "min": min}
@@ -64,8 +69,37 @@ def _num(v):
     return v if math.isfinite(v) else None
 
 
+MITIGATION_OPTIONS = ("replay_fraction", "l2_to_init", "ewc")
+
+
+def mitigation_of(meta):
+    """The options beyond the paper's recipe a run.json's config turns on: {option: value} for replay_fraction,
+    l2_to_init, ewc (> 0) and train_fraction (set); {} for a run of the plain recipe."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    on = {}
+    for k in MITIGATION_OPTIONS:
+        v = cfg.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            on[k] = float(v)
+    if cfg.get("train_fraction") is not None:
+        on["train_fraction"] = cfg["train_fraction"]
+    return on
+
+
+def is_measured_chain(meta):
+    """The one definition of "a measured chain" (order.py's check, metrics.py's Table 1 and its order section):
+    a run.json of the paper's plain recipe tuned on two different tasks in turn, chain [X, Y] with X != Y and no
+    mitigation option (mitigation_of). Mitigated second stages forget differently by design, and replay points
+    (stage 3) and longer chains are not two-task chains."""
+    chain = meta.get("chain")
+    return (isinstance(chain, list) and len(chain) == 2 and chain[0] != chain[1] and meta.get("stage", 2) == 2
+            and not mitigation_of(meta))
+
+
 def find_runs(runs_dir):
-    """{run_id: {"path", "run": run.json, "eval": eval.json or None}} of every run.json under runs_dir."""
+    """{run_id: {"path", "name", "run": run.json, "eval": eval.json or None}} of every run.json under runs_dir.
+    Copies of one run (a long chain stores its first stages again) resolve as in metrics.py: the copy
+    evaluated on the fewest tasks (the study's own, not the long chain's), with eval_val.json, then by path."""
     if not os.path.isdir(runs_dir):
         raise UserError(f"--runs {runs_dir} is not a folder; pass the folder run_all.sh wrote")
     runs = {}
@@ -76,8 +110,104 @@ def find_runs(runs_dir):
             with open(os.path.join(d, "eval.json")) as f:
                 ev = json.load(f)
         if run.get("run_id"):
-            runs[run["run_id"]] = {"path": d, "run": run, "eval": ev}
+            new = {"path": d, "name": os.path.relpath(d, runs_dir), "run": run, "eval": ev}
+            old = runs.get(run["run_id"])
+            if old is None or _copy_key(new) < _copy_key(old):
+                runs[run["run_id"]] = new
     return runs
+
+
+def _copy_key(r):
+    return (len((r["eval"] or {}).get("tasks", {})), not os.path.isfile(os.path.join(r["path"], "eval_val.json")),
+            r["name"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# comparable evaluations: the one rule for every forgetting and paired statistic (metrics.py uses it too)
+
+Evaluation = collections.namedtuple("Evaluation", "name folder eval")  # how messages call it, its folder, eval.json
+COMPARED = ("source", "split", "n")   # fields of an eval.json task block that must agree
+
+
+def samples_file(folder, ev):
+    """The samples JSONL an eval.json names (beside it)."""
+    return os.path.join(folder, (ev or {}).get("samples") or "eval_samples.jsonl")
+
+
+def read_samples(folder, ev):
+    """The per-example records of the eval.json in `folder` (its samples JSONL) reduced to id, task, group,
+    correct, pred and n_options (the number of options scored), or None when the file is missing."""
+    path = samples_file(folder, ev)
+    if not os.path.isfile(path):
+        return None
+    recs = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                assert isinstance(r, dict) and "id" in r and "correct" in r
+            except (json.JSONDecodeError, AssertionError):
+                raise UserError(f"{path}:{i}: not a samples record (want one JSON object per line with "
+                                f'"id" and "correct"); delete it and re-run evaluate.py') from None
+            rec = {k: r.get(k) for k in ("id", "task", "group", "correct", "pred") if k in r}
+            if isinstance(r.get("options"), list):
+                rec["n_options"] = len(r["options"])
+            recs.append(rec)
+    return recs
+
+
+_DIGESTS = {}
+
+
+def example_digests(folder, ev):
+    """{task: (number of examples, sha256 of their sorted ids)} of a samples file, None without one. Kept per
+    file (path, size, mtime): a first-stage model's file is compared with every chain that starts from it."""
+    path = samples_file(folder, ev)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        ids = collections.defaultdict(list)
+        for r in read_samples(folder, ev):
+            ids[r.get("task")].append(str(r["id"]))
+        _DIGESTS[key] = {t: (len(v), hashlib.sha256("\n".join(sorted(v)).encode()).hexdigest())
+                         for t, v in ids.items()}
+    return _DIGESTS[key]
+
+
+def _ids(e, task):
+    return {str(r["id"]) for r in read_samples(e.folder, e.eval) if r.get("task") == task}
+
+
+def incomparable(task, first, chained):
+    """Why two evaluations of `task` (Evaluation tuples, e.g. theta_A's and theta_AB's) cannot be paired, or
+    None when they can: the task blocks' data source, split and number of examples must agree, then the ids
+    of the examples in both samples files (when one is missing: the subset settings of eval.json's config,
+    limit and the seed that draws it). The reason names both evaluations, each differing field and both
+    values."""
+    ta, tb = ((e.eval or {}).get("tasks", {}).get(task) for e in (first, chained))
+    if ta is None or tb is None:
+        return f"{task}: {(first if ta is None else chained).name} has no evaluation of {task}"
+    diffs = [f"{k} {ta.get(k)!r} vs {tb.get(k)!r}" for k in COMPARED if ta.get(k) != tb.get(k)]
+    if not diffs:
+        da, db = example_digests(first.folder, first.eval), example_digests(chained.folder, chained.eval)
+        if da and db and task in da and task in db:
+            if da[task] != db[task]:
+                a, b = _ids(first, task), _ids(chained, task)
+                diffs.append(f"example ids differ ({len(a & b)} shared, {len(a - b)} only in the first, "
+                             f"{len(b - a)} only in the second)")
+        else:
+            ca, cb = ((e.eval or {}).get("config") or {} for e in (first, chained))
+            keys = ("limit", "seed") if ca.get("limit") is not None or cb.get("limit") is not None else ("limit",)
+            diffs += [f"config {k} {ca.get(k)!r} vs {cb.get(k)!r}" for k in keys if ca.get(k) != cb.get(k)]
+    if not diffs:
+        return None
+    return (f"{task}: {first.name} vs {chained.name}: {'; '.join(diffs)} (forgetting needs the same data source, "
+            f"split and examples on both sides; evaluate both with the same --data_dir, --split, --limit, --seed)")
 
 
 def curvature_by_task(curv_dir, tasks, runs=None, lr=None, aggregate="mean"):
@@ -122,13 +252,13 @@ def recommend_order(rho):
 
 
 def measured_forgetting(runs, lr2=None):
-    """{(X, Y): [(forgetting of X, run_id of theta_XY)]} of every measured two-task chain, and problems."""
+    """{(X, Y): [(forgetting of X, run_id of theta_XY)]} of every measured chain (is_measured_chain), and
+    problems (chains left out: no evaluation, or evaluations that cannot be compared)."""
     out, problems = {}, []
-    for rid, r in runs.items():
-        chain = r["run"].get("chain") or []
-        if len(chain) != 2 or chain[0] == chain[1]:
+    for rid, r in sorted(runs.items(), key=lambda kv: kv[1]["path"]):
+        if not is_measured_chain(r["run"]):
             continue
-        x, y = chain
+        x, y = r["run"]["chain"]
         if lr2 is not None and not math.isclose(float(r["run"].get("lr", math.nan)), lr2, rel_tol=1e-9):
             continue
         ev = r["eval"]
@@ -139,6 +269,11 @@ def measured_forgetting(runs, lr2=None):
         if parent is None or not parent["eval"] or x not in parent["eval"].get("tasks", {}):
             problems.append(f"{r['path']}: its first stage (run {r['run'].get('parent_run_id')}) is not under --runs "
                             f"with an eval.json holding {x}; left out")
+            continue
+        why = incomparable(x, Evaluation(parent.get("name", parent["path"]), parent["path"], parent["eval"]),
+                           Evaluation(r.get("name", r["path"]), r["path"], ev))
+        if why:
+            problems.append(f"chain {x} -> {y} left out, its evaluations cannot be compared: {why}")
             continue
         f = float(parent["eval"]["tasks"][x]["acc"]) - float(ev["tasks"][x]["acc"])
         out.setdefault((x, y), []).append((f, rid))
@@ -167,7 +302,14 @@ def check_pairs(tasks, rho, measured):
     return rows
 
 
+NUMERIC_RULES = {"lr": POSITIVE, "lr2": POSITIVE}
+
+
 def run(args):
+    check_args(vars(args), NUMERIC_RULES)
+    if args.lr is not None and not args.runs:
+        raise UserError(f"--lr {args.lr:g} picks curvature files by their first-stage run's lr, read from run.json: "
+                        f"pass --runs too")
     tasks = parse_tasks(args.tasks)
     if len(set(tasks)) != len(tasks) or len(tasks) < 2:
         raise UserError("--tasks needs two or more different tasks")
@@ -195,13 +337,14 @@ def run(args):
     for t in order:
         print(f"  {t:15s} rho {rho[t]['rho']:.6g}  ({aggregate_note(args.aggregate, rho[t]['n'])})")
     if runs is not None:
-        print("check against measured forgetting (forgetting of the first task, mean over runs):")
+        print("check against measured forgetting (forgetting of the first task in percentage points, mean over "
+              "runs):")
         if not pairs:
             print("  no pair of the given tasks has curvature for both tasks")
         for p in pairs:
             x, y = p["tasks"]
             fm = lambda k: ("n/a" if p["measured"][k]["forgetting"] is None
-                            else f"{p['measured'][k]['forgetting']:+.4f} (n={p['measured'][k]['n']})")
+                            else f"{100 * p['measured'][k]['forgetting']:+.2f}% (n={p['measured'][k]['n']})")
             verdict = {True: "agrees", False: "disagrees", None: "not checked"}[p["agrees"]]
             print(f"  {x}->{y}: {fm(f'{x}->{y}')}   {y}->{x}: {fm(f'{y}->{x}')}   recommended "
                   f"{p['recommended'][0]}->{p['recommended'][1]}: {verdict}")
@@ -220,14 +363,19 @@ def aggregate_note(agg, n):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Recommend a task order from first-task curvature (sharpest last) and "
-                                            "check it against measured forgetting.")
-    p.add_argument("--tasks", required=True, help="comma-separated tasks to order")
+                                            "check it against measured forgetting.", formatter_class=HelpFormatter)
+    p.add_argument("--tasks", required=True, help="comma-separated tasks to order (two or more)")
     p.add_argument("--curvature", required=True, help="folder searched for curvature.json files")
-    p.add_argument("--runs", default=None, help="runs folder with measured chains (run.json + eval.json)")
-    p.add_argument("--out", default=None, help="write the result JSON here")
-    p.add_argument("--aggregate", default="mean", choices=list(AGGREGATES), help="rho of a task from several files")
-    p.add_argument("--lr", type=float, default=None, help="only curvature of first-stage runs with this lr (needs --runs)")
-    p.add_argument("--lr2", type=float, default=None, help="only measured chains whose second stage used this lr")
+    p.add_argument("--runs", default=None, help="runs folder with measured chains (run.json + eval.json); unset: no "
+                                                "check against measured forgetting")
+    p.add_argument("--out", default=None, help="write the result JSON here (forgetting as fractions); unset: stdout "
+                                               "only")
+    p.add_argument("--aggregate", default="mean", choices=list(AGGREGATES),
+                   help="how the rho of a task is made from several curvature.json")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (> 0): only curvature of first-stage runs "
+                                                          "tuned with it (needs --runs); unset: every lr")
+    p.add_argument("--lr2", type=float, default=None, help="learning rate (> 0): only measured chains whose second "
+                                                           "stage used it; unset: every lr")
     return p
 
 

@@ -3,40 +3,44 @@ again on the first task A with a fraction of its training data, or for a number 
 (does it recover?) and B (what does it lose?) after every point.
 
     python replay.py --model runs/tiny/stage2/toxigen-arc/lrA1e-3_lrB1e-3/seed0 --task toxigen \\
-        --out runs/tiny/replay/toxigen-arc/seed0 --fractions 0,1,5,10,20,40,60,80,100 --steps 100 \\
+        --out runs/tiny/replay/toxigen-arc/seed0 --fractions 0,0.01,0.05,0.1,0.2,0.4,0.6,0.8,1 --steps 100 \\
         --first_stage runs/tiny/stage1/toxigen/lr1e-3/seed0 --eval_limit 300
     python replay.py --model <theta_AB> --task toxigen --out <same dir> --steps_sweep 0,5,10,20,40,60,80,100
 
 Every point is one finetune.train_stage call (the recipe of finetune.py, its loss, optimiser and
 schedule) from --model on A's training set as finetune.py loads it (load_task(A, "train", data_dir,
 train_size, seed)):
-  fraction sweep: --steps steps on a seeded random F% subset of it (finetune --train_fraction F/100:
-      round(F/100 * n) examples, at least 1, the first of a default_rng([seed, 5]) permutation, so the
-      subsets of one seed are nested); 100% is the whole set;
+  fraction sweep (--fractions: fractions F in [0, 1] of that set, as finetune.py's --train_fraction):
+      --steps steps on a seeded random subset of it (finetune --train_fraction F: round(F * n) examples, at
+      least 1, the first of a default_rng([seed, 5]) permutation, so the subsets of one seed are nested);
+      F = 1 is the whole set;
   steps sweep: S steps on the whole set.
 The learning rate decays linearly to zero over the point's own steps, as in any finetune.py stage.
-A 0% or 0-step point trains nothing: it is the evaluation of --model itself, made by evaluate.run (the
+A fraction-0 or 0-step point trains nothing: it is the evaluation of --model itself, made by evaluate.run (the
 code of evaluate.py), so it equals `python evaluate.py --model <theta_AB> --tasks A,B --limit N --seed S`.
 Evaluation: A and B (B = the last task of --model's chain, from its chained_tuning.json) on the test split
 (--eval_limit: evaluate.py's --limit, a stratified subset seeded by --eval_seed).
 
 Output (--out):
-  fraction<F>/ and steps<S>/, one folder per point, written atomically (the folder appears only when the
-  point is complete; an existing one is skipped, so a rerun resumes; one made with other settings is an
-  error): eval.json + eval_samples.jsonl (evaluate.py's formats; "model" names --model and the point),
-  point.json (the point's record, as in the summary), run.json + train_log.jsonl of the stage (trained
-  points only), and the checkpoint only with --save_checkpoints. The 100% point of the fraction sweep and
-  the --steps point of the steps sweep are the same run: the second one made gets a copy of the first's
+  fraction<F>/ (F as %g: fraction0, fraction0.05, fraction1) and steps<S>/, one folder per point, written
+  atomically (the folder appears only when the point is complete). --out is meant to be reused: an existing
+  point made with the same settings is skipped, so a rerun resumes and a second sweep adds its points; one
+  made with other settings is an error, unless --overwrite (which remakes every point asked for). Each holds
+  eval.json + eval_samples.jsonl (evaluate.py's formats; "model" names --model and the point), point.json
+  (the point's record, as in the summary), run.json + train_log.jsonl of the stage (trained points only),
+  and the checkpoint only with --save_checkpoints. The fraction-1 point of the fraction sweep and the
+  --steps point of the steps sweep are the same run: the second one made gets a copy of the first's
   evaluation and "same_run_as" (no run.json, so no run_id appears twice); the 0 points likewise.
-  replay_summary.json: every point found under --out (all sweeps) with fraction (percent), steps,
+  replay_summary.json: every point found under --out (all sweeps) with fraction (in [0, 1]), steps,
   n_examples (size of the stage's training set; 0 when untrained), acc_a, acc_b, forgetting_a =
   acc_A(theta_A) - acc_A(point) (fractions; null without a first-stage reference), change_b =
   acc_B(point) - acc_B(theta_AB) (null until a 0 point exists), loss (final training loss), wall_time_s.
+  The lines printed at the end show accuracies and forgetting in percent.
 First-stage reference (for forgetting_a), in this order:
   --first_stage DIR: theta_A's folder; its run.json/chained_tuning.json must be A's stage of --model's chain
       (run_id == --model's parent_run_id for a two-task chain). Its eval.json is used when it holds A with the
       same limit, eval seed, split and data; otherwise theta_A is evaluated here with the replay settings
-      (--out/first_stage_eval.json);
+      (--out/first_stage_eval.json, reused by a rerun with the same settings);
   --first_stage_eval FILE: an eval.json of theta_A (taken as is; a differing limit is noted in the summary);
   neither: forgetting_a is null.
 Under torchrun every process runs this script: the stages are trained with FSDP as in finetune.py, and
@@ -53,7 +57,8 @@ import torch
 
 import evaluate as evaluate_mod
 import finetune
-from common import UserError, die_on_user_error, read_meta, resolve_model_path, write_json_atomic
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, check_args, check_device,
+                    die_on_user_error, read_meta, resolve_model_path, write_json_atomic)
 from tasks import GENERATIVE_TASKS, TASKS
 
 SUMMARY = "replay_summary.json"
@@ -61,11 +66,18 @@ POINT = "point.json"
 FIRST_EVAL = "first_stage_eval.json"
 # point settings that must match for an existing point to be reused
 SETTING_KEYS = ("model", "model_run_id", "task", "lr", "seed", "batch_size", "data_dir", "train_size", "max_length",
-                "bf16", "eval_limit", "eval_seed", "eval_batch_size", "scorer")
+                "bf16", "eval_limit", "eval_seed", "eval_batch_size", "scorer", "fraction_unit")
+# a point's "fraction" is a fraction of A's training set; points made before (percent) lack this setting
+FRACTION_UNIT = "fraction of A's training set, in [0, 1]"
+# Every numeric option and what it allows (checked before anything is loaded; None: unset, allowed).
+NUMERIC_RULES = {"steps": (AT_LEAST_1[0], "at least 1 (a fraction 0 point trains nothing)"), "lr": POSITIVE,
+                 "seed": NON_NEGATIVE, "batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1,
+                 "train_size": AT_LEAST_1, "max_length": AT_LEAST_1, "eval_limit": AT_LEAST_1,
+                 "eval_seed": NON_NEGATIVE, "eval_batch_size": AT_LEAST_1}
 STAGE_FILES = ("run.json", "train_log.jsonl")
 
 
-def parse_list(text, kind, what, lo, hi):
+def parse_list(text, kind, what, lo, hi, hint=""):
     out = []
     for part in (text or "").split(","):
         part = part.strip()
@@ -76,7 +88,7 @@ def parse_list(text, kind, what, lo, hi):
         except ValueError:
             raise UserError(f"{what}: {part!r} is not a{'n integer' if kind is int else ' number'}") from None
         if not lo <= v <= hi:
-            raise UserError(f"{what}: {part} is outside [{lo}, {hi}]")
+            raise UserError(f"{what}: {part} is outside [{lo}, {hi}]{hint}")
         if v not in out:
             out.append(v)
     return out
@@ -154,7 +166,7 @@ def load_first_stage(args, meta, run, settings, out, master):
                 "run_id": ev.get("run_id"), "note": note}
     if not args.first_stage:
         return None
-    d = resolve_model_path(args.first_stage)
+    d = resolve_model_path(args.first_stage, "--first_stage")
     fmeta = read_meta(d)
     frun = {}
     if os.path.isfile(os.path.join(d, "run.json")):
@@ -172,21 +184,25 @@ def load_first_stage(args, meta, run, settings, out, master):
     if os.path.isfile(ep):
         with open(ep) as f:
             ev = json.load(f)
-        cfg = ev.get("config") or {}
-        same = (a in ev.get("tasks", {}) and cfg.get("limit") == args.eval_limit and cfg.get("seed", 0) == args.eval_seed
-                and cfg.get("split", "test") == "test" and cfg.get("data_dir") == args.data_dir
-                and cfg.get("scorer", "fast") == args.scorer and cfg.get("dtype", "float32") == settings["dtype"])
-        if same:
+        if same_evaluation(ev, a, args, settings):
             return {"acc_a": ev["tasks"][a]["acc"], "source": os.path.abspath(ep), "run_id": fid, "note": None}
-    # evaluate theta_A here with the replay settings
+    # evaluate theta_A here with the replay settings (an earlier invocation's evaluation is reused only if it
+    # is of this theta_A with these settings)
     fe = os.path.join(out, FIRST_EVAL)
-    if not os.path.isfile(fe) and master:
+    redo = args.overwrite
+    if os.path.isfile(fe) and not redo:
+        with open(fe) as f:
+            ev = json.load(f)
+        if not (same_evaluation(ev, a, args, settings) and ev.get("run_id") == fid):
+            raise UserError(f"{fe} is an evaluation of another first stage or with other settings; pass --overwrite "
+                            f"to remake it (and every point asked for), or choose another --out")
+    if (redo or not os.path.isfile(fe)) and master:
         print(f"replay: evaluating the first stage {args.first_stage} on {a} (its eval.json does not match the "
               f"replay settings)", flush=True)
         tmp = os.path.join(out, ".tmp-first-stage")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        evaluate_mod.run(eval_args(args, d, [a], os.path.join(tmp, "eval.json")))
+        evaluate_mod.run(eval_args(args, d, [a], os.path.join(tmp, "eval.json"), model_name=d, out_name=fe))
         with open(os.path.join(tmp, "eval.json")) as f:
             ev = json.load(f)
         write_json_atomic(fe, ev)
@@ -199,10 +215,20 @@ def load_first_stage(args, meta, run, settings, out, master):
             "note": "evaluated by replay.py with the replay settings"}
 
 
-def eval_args(args, model_dir, tasks, out):
+def same_evaluation(ev, a, args, settings):
+    """Whether an eval.json holds task a scored as the replay points are (limit, seed, split, data, scorer, dtype)."""
+    cfg = ev.get("config") or {}
+    return (a in ev.get("tasks", {}) and cfg.get("limit") == args.eval_limit and cfg.get("seed", 0) == args.eval_seed
+            and cfg.get("split", "test") == "test" and cfg.get("data_dir") == args.data_dir
+            and cfg.get("scorer", "fast") == args.scorer and cfg.get("dtype", "float32") == settings["dtype"])
+
+
+def eval_args(args, model_dir, tasks, out, model_name=None, out_name=None):
+    """evaluate.run's arguments; out is a fresh temporary file, out_name (and model_name) the names printed."""
     return argparse.Namespace(model=model_dir, tasks=",".join(tasks), out=out, data_dir=args.data_dir, split="test",
                               limit=args.eval_limit, batch_size=args.eval_batch_size, scorer=args.scorer,
-                              seed=args.eval_seed, bf16=args.bf16, device=args.device)
+                              seed=args.eval_seed, bf16=args.bf16, device=args.device, model_name=model_name,
+                              out_name=out_name)
 
 
 # -----------------------------------------------------------------------------
@@ -210,14 +236,14 @@ def eval_args(args, model_dir, tasks, out):
 
 
 def plan_points(args):
-    """[(name, sweep, fraction %, steps, key)]: key identifies the training run ((pct, steps); 0 for no training)."""
+    """[(name, sweep, fraction, steps, key)]: key identifies the training run ((fraction, steps); 0 for no training)."""
     pts = []
     for f in args.fractions:
         key = 0 if f == 0 else (f, args.steps)
         pts.append((point_name("fraction", f), "fraction", f, args.steps, key))
     for s in args.steps_sweep:
-        key = 0 if s == 0 else (100.0, s)
-        pts.append((point_name("steps", s), "steps", 100.0, s, key))
+        key = 0 if s == 0 else (1.0, s)
+        pts.append((point_name("steps", s), "steps", 1.0, s, key))
     return pts
 
 
@@ -228,7 +254,7 @@ def check_existing(path, settings):
     diff = [k for k in SETTING_KEYS if old.get(k) != settings.get(k)]
     if diff:
         raise UserError(f"{path} exists with other settings ({', '.join(f'{k}: {old.get(k)!r} vs {settings.get(k)!r}' for k in diff)}); "
-                        f"choose another --out or remove it")
+                        f"pass --overwrite to remake it, or choose another --out")
     return rec
 
 
@@ -239,25 +265,18 @@ def finish_point(tmp, final, rec):
     os.replace(tmp, final)
 
 
-def set_eval_model(path, description):
-    with open(path) as f:
-        ev = json.load(f)
-    ev["model"] = description
-    write_json_atomic(path, ev)
-
-
 def eval_fields(ev, a, b):
     ta, tb = ev["tasks"][a], ev["tasks"][b]
     return {"acc_a": ta["acc"], "acc_b": tb["acc"], "acc_a_stderr": ta["acc_stderr"], "acc_b_stderr": tb["acc_stderr"],
             "n_eval_a": ta["n"], "n_eval_b": tb["n"], "eval_loss_a": ta["loss"], "eval_loss_b": tb["loss"]}
 
 
-def run_point(args, model_dir, settings, a, b, name, sweep, pct, steps, key, done_keys, rank, world):
+def run_point(args, model_dir, settings, a, b, name, sweep, frac, steps, key, done_keys, rank, world):
     """Make one point (process 0 writes; under torchrun every process trains). Returns its record or None."""
     master = rank == 0
     final = os.path.join(args.out, name)
     tmp = os.path.join(args.out, f".partial-{name}")
-    base = {"name": name, "sweep": sweep, "fraction": pct, "steps": 0 if key == 0 else steps,
+    base = {"name": name, "sweep": sweep, "fraction": frac, "steps": 0 if key == 0 else steps,
             "settings": settings}
     t0 = time.time()
     if key in done_keys:  # the same run already made under another name: copy its evaluation
@@ -285,10 +304,10 @@ def run_point(args, model_dir, settings, a, b, name, sweep, pct, steps, key, don
     eval_model = model_dir
     if key != 0:
         cfg = {"model": model_dir, "task": a, "out": os.path.join(tmp, "stage"), "steps": steps,
-               "train_fraction": None if pct >= 100 else pct / 100.0, "lr": args.lr, "seed": args.seed,
+               "train_fraction": None if frac >= 1 else frac, "lr": args.lr, "seed": args.seed,
                "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size, "data_dir": args.data_dir,
                "train_size": args.train_size, "max_length": args.max_length, "bf16": args.bf16,
-               "device": args.device, "overwrite": True}
+               "device": args.device, "overwrite": True, "out_name": final}
         ts = time.time()
         record = finetune.train_stage(cfg)
         train_time = time.time() - ts
@@ -299,22 +318,21 @@ def run_point(args, model_dir, settings, a, b, name, sweep, pct, steps, key, don
         return None
     te = time.time()
     print(f"replay: {name}: evaluating {a},{b}", flush=True)
-    evaluate_mod.run(eval_args(args, eval_model, [a] if a == b else [a, b], os.path.join(tmp, "eval.json")))
+    keep_ckpt = record is not None and args.save_checkpoints
+    desc = None if record is None else (os.path.abspath(final) if keep_ckpt else
+                                        f"replay stage ({name}, checkpoint not saved) from {os.path.abspath(model_dir)}")
+    evaluate_mod.run(eval_args(args, eval_model, [a] if a == b else [a, b], os.path.join(tmp, "eval.json"),
+                               model_name=desc, out_name=os.path.join(final, "eval.json")))
     eval_time = time.time() - te
-    keep_ckpt = False
     if record is not None:
         stage = os.path.join(tmp, "stage")
-        if args.save_checkpoints:
+        if keep_ckpt:
             for fn in os.listdir(stage):
                 shutil.move(os.path.join(stage, fn), os.path.join(tmp, fn))
-            keep_ckpt = True
         else:
             for fn in STAGE_FILES:
                 shutil.move(os.path.join(stage, fn), os.path.join(tmp, fn))
         shutil.rmtree(stage)
-        desc = (os.path.abspath(final) if keep_ckpt else
-                f"replay stage ({name}, checkpoint not saved) from {os.path.abspath(model_dir)}")
-        set_eval_model(os.path.join(tmp, "eval.json"), desc)
     with open(os.path.join(tmp, "eval.json")) as f:
         ev = json.load(f)
     rec = {**base, "n_examples": record["data"]["n_train"] if record else 0, "trained": record is not None,
@@ -322,7 +340,7 @@ def run_point(args, model_dir, settings, a, b, name, sweep, pct, steps, key, don
            "train_time_s": round(train_time, 2), "eval_time_s": round(eval_time, 2), **eval_fields(ev, a, b),
            "same_run_as": None, "checkpoint": keep_ckpt, "wall_time_s": round(time.time() - t0, 2)}
     finish_point(tmp, final, rec)
-    print(f"replay: {name}: acc {a} {rec['acc_a']:.4f}, acc {b} {rec['acc_b']:.4f} "
+    print(f"replay: {name}: acc {a} {100 * rec['acc_a']:.2f}%, acc {b} {100 * rec['acc_b']:.2f}% "
           f"({rec['wall_time_s']:.1f}s) -> {final}", flush=True)
     return rec
 
@@ -364,7 +382,8 @@ def write_summary(args, model_dir, meta, run, a, b, settings, ref, wall):
         s["wall_time_s"] = round(s["wall_time_s"] + (r["wall_time_s"] or 0.0), 2)
     summary = {"model": os.path.abspath(model_dir), "model_run_id": meta.get("run_id"), "chain": meta["chain"],
                "task_a": a, "task_b": b, "first_stage": ref, "settings": settings,
-               "units": "accuracies and forgetting are fractions; fraction is a percentage of A's training set",
+               "units": "accuracies, forgetting_a and change_b are fractions; fraction is the fraction of A's "
+                        "training set in [0, 1]",
                "definitions": {"forgetting_a": "acc_A(theta_A) - acc_A(point)",
                                "change_b": "acc_B(point) - acc_B(theta_AB) (the untrained point)"},
                "points": rows, "sweeps": sweeps, "last_invocation_wall_time_s": round(wall, 2)}
@@ -405,17 +424,18 @@ def main(args):
 
 
 def _main(args, t0, rank, world, master):
-    args.fractions = parse_list(args.fractions, float, "--fractions", 0, 100)
+    args.fractions = parse_list(args.fractions, float, "--fractions", 0, 1,
+                                " (fractions of A's training set, not percent: 5% is 0.05)")
     args.steps_sweep = parse_list(args.steps_sweep, int, "--steps_sweep", 0, 10 ** 7)
     if not args.fractions and not args.steps_sweep:
-        raise UserError("nothing to do: pass --fractions (e.g. 0,1,5,10,20,40,60,80,100) and/or --steps_sweep "
+        raise UserError("nothing to do: pass --fractions (e.g. 0,0.01,0.05,0.1,0.2,0.4,0.6,0.8,1) and/or --steps_sweep "
                         "(e.g. 0,5,10,20,40,60,80,100)")
-    if args.steps < 1:
-        raise UserError(f"--steps must be at least 1 (use a 0 fraction for no training), got {args.steps}")
-    if args.eval_limit is not None and args.eval_limit < 1:
-        raise UserError(f"--eval_limit must be positive, got {args.eval_limit}")
+    check_args(vars(args), NUMERIC_RULES)
     if args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
+    if args.scorer not in evaluate_mod.SCORERS:
+        raise UserError(f"--scorer {args.scorer!r}: choose from {', '.join(evaluate_mod.SCORERS)}")
+    check_device(args.device)
     model_dir, meta, run = read_model(args.model)
     b = check_inputs(args, meta)
     a = args.task
@@ -427,7 +447,7 @@ def _main(args, t0, rank, world, master):
                 "train_size": args.train_size, "max_length": args.max_length, "bf16": args.bf16,
                 "dtype": "bfloat16" if args.bf16 else "float32", "eval_limit": args.eval_limit,
                 "eval_seed": args.eval_seed, "eval_batch_size": args.eval_batch_size, "scorer": args.scorer,
-                "split": "test"}
+                "split": "test", "fraction_unit": FRACTION_UNIT}
     init_distributed(args, world)
     ref = load_first_stage(args, meta, run, settings, args.out, master)
     barrier(world)  # (only process 0 uses ref)
@@ -435,22 +455,23 @@ def _main(args, t0, rank, world, master):
     plan = plan_points(args)
     # decide every point up front (the same on every process): skip, copy, or make
     done_keys, todo = {}, []
-    for rec in collect_points(args.out) if os.path.isdir(args.out) else []:  # earlier invocations' points too
+    earlier = collect_points(args.out) if os.path.isdir(args.out) and not args.overwrite else []
+    for rec in earlier:  # earlier invocations' points too (--overwrite: none, every point is remade)
         if rec.get("same_run_as") is None and rec.get("settings") == settings:
             done_keys.setdefault(0 if not rec["trained"] else (float(rec["fraction"]), rec["steps"]), rec["name"])
-    for name, sweep, pct, steps, key in plan:
+    for name, sweep, frac, steps, key in plan:
         path = os.path.join(args.out, name)
-        if os.path.isdir(path) and os.path.isfile(os.path.join(path, POINT)):
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, POINT)) and not args.overwrite:
             check_existing(path, settings)
             if master:
                 print(f"replay: {name}: done already ({path})", flush=True)
             continue
-        todo.append((name, sweep, pct, steps, key))
+        todo.append((name, sweep, frac, steps, key))
     if master:
         print(f"replay: {' -> '.join(meta['chain'])} + {a}: {len(todo)} point(s) to make, "
               f"{len(plan) - len(todo)} done -> {args.out}", flush=True)
-    for name, sweep, pct, steps, key in todo:
-        run_point(args, model_dir, settings, a, b, name, sweep, pct, steps, key, done_keys, rank, world)
+    for name, sweep, frac, steps, key in todo:
+        run_point(args, model_dir, settings, a, b, name, sweep, frac, steps, key, done_keys, rank, world)
         done_keys.setdefault(key, name)
         barrier(world)  # the other processes wait while process 0 evaluates
     if not master:
@@ -458,38 +479,51 @@ def _main(args, t0, rank, world, master):
     summary = write_summary(args, model_dir, meta, run, a, b, settings, ref, time.time() - t0)
     print(f"replay: summary of {len(summary['points'])} point(s) -> {os.path.join(args.out, SUMMARY)}")
     for r in summary["points"]:
-        fa = "" if r["forgetting_a"] is None else f"  forgetting {a} {r['forgetting_a']:+.4f}"
-        print(f"  {r['name']:14s} n {r['n_examples']:5d}  acc {a} {r['acc_a']:.4f}  acc {b} {r['acc_b']:.4f}{fa}")
+        fa = "" if r["forgetting_a"] is None else f"  forgetting {a} {100 * r['forgetting_a']:+.2f}%"
+        print(f"  {r['name']:14s} n {r['n_examples']:5d}  acc {a} {100 * r['acc_a']:.2f}%  "
+              f"acc {b} {100 * r['acc_b']:.2f}%{fa}")
     return summary
 
 
 def build_parser():
     d = finetune.default_config()
-    p = argparse.ArgumentParser(description="Replay the first task as a third stage: data-fraction and steps sweeps.")
+    p = argparse.ArgumentParser(description="Replay the first task as a third stage: data-fraction and steps sweeps.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="theta_AB: the chained checkpoint folder (finetune.py output)")
     p.add_argument("--task", required=True, help="the earlier task to replay (A)")
-    p.add_argument("--out", required=True, help="output folder (one subfolder per point + replay_summary.json)")
-    p.add_argument("--fractions", default="", help="percentages of A's training set, e.g. 0,1,5,10,20,40,60,80,100")
-    p.add_argument("--steps", type=int, default=d["steps"], help="steps of every fraction-sweep point")
-    p.add_argument("--steps_sweep", default="", help="step counts on all of A's data, e.g. 0,5,10,20,40,60,80,100")
-    p.add_argument("--first_stage", default=None, help="theta_A's folder (for forgetting; see the docstring)")
-    p.add_argument("--first_stage_eval", default=None, help="theta_A's eval.json (alternative to --first_stage)")
+    p.add_argument("--out", required=True, help="output folder (one subfolder per point + replay_summary.json); an "
+                   "existing one is resumed: points made with the same settings are kept")
+    p.add_argument("--overwrite", action="store_true", help="remake every point asked for (and theta_A's evaluation) "
+                   "even where --out holds it, made with the same or other settings")
+    p.add_argument("--fractions", default="", help="fractions of A's training set, in [0, 1], comma-separated, e.g. "
+                   "0,0.01,0.05,0.1,0.2,0.4,0.6,0.8,1 (0: no training; unset: no fraction sweep)")
+    p.add_argument("--steps", type=int, default=d["steps"], help="optimisation steps of every fraction-sweep point "
+                   "(>= 1)")
+    p.add_argument("--steps_sweep", default="", help="step counts (>= 0) on all of A's training set, comma-separated, "
+                   "e.g. 0,5,10,20,40,60,80,100 (unset: no steps sweep)")
+    p.add_argument("--first_stage", default=None, help="theta_A's folder, the reference of forgetting_a (see the "
+                   "docstring; unset: no forgetting)")
+    p.add_argument("--first_stage_eval", default=None, help="theta_A's eval.json (instead of --first_stage)")
     p.add_argument("--save_checkpoints", action="store_true", help="keep every point's checkpoint (off: results only)")
     g = p.add_argument_group("passed to finetune.py")
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--seed", type=int, default=d["seed"])
-    g.add_argument("--batch_size", type=int, default=d["batch_size"])
-    g.add_argument("--micro_batch_size", type=int, default=None)
-    g.add_argument("--data_dir", default=None)
-    g.add_argument("--train_size", type=int, default=d["train_size"])
-    g.add_argument("--max_length", type=int, default=d["max_length"])
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--device", default=None)
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate, > 0 (unset: finetune.py's default "
+                   "for --model)")
+    g.add_argument("--seed", type=int, default=d["seed"], help="finetune.py --seed (>= 0)")
+    g.add_argument("--batch_size", type=int, default=d["batch_size"], help="global batch (examples, >= 1)")
+    g.add_argument("--micro_batch_size", type=int, default=None,
+                   help="examples per forward/backward on each process (unset: the whole per-process batch)")
+    g.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (unset: the synthetic tasks)")
+    g.add_argument("--train_size", type=int, default=d["train_size"],
+                   help="A's training set: a seeded stratified subsample of its training split (examples, >= 1)")
+    g.add_argument("--max_length", type=int, default=d["max_length"], help="tokens per example (>= 1)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 (off: float32)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu)")
     g = p.add_argument_group("passed to evaluate.py")
-    g.add_argument("--eval_limit", type=int, default=None, help="evaluate.py --limit")
-    g.add_argument("--eval_seed", type=int, default=0, help="evaluate.py --seed (the --limit subset)")
-    g.add_argument("--eval_batch_size", type=int, default=16)
-    g.add_argument("--scorer", default="fast", choices=list(evaluate_mod.SCORERS))
+    g.add_argument("--eval_limit", type=int, default=None, help="evaluate.py --limit: a stratified test subset of "
+                   "this many examples a task, >= 1 (unset: the whole split)")
+    g.add_argument("--eval_seed", type=int, default=0, help="evaluate.py --seed: the --eval_limit subset (>= 0)")
+    g.add_argument("--eval_batch_size", type=int, default=16, help="evaluate.py --batch_size (examples, >= 1)")
+    g.add_argument("--scorer", default="fast", choices=list(evaluate_mod.SCORERS), help="evaluate.py --scorer")
     return p
 
 

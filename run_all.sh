@@ -10,8 +10,12 @@
 #   PROFILE=paper MODEL=/models/Llama-2-7b-hf DATA_DIR=/data NPROC=8 bash run_all.sh
 #
 # Idempotent: a stage whose output exists is skipped (outputs appear only once complete), so an
-# interrupted study resumes by running this again. Every stage prints one line; its full output
-# goes to $RUNS/logs/<stage>.log. Any variable below can be set from the environment.
+# interrupted study resumes by running this again; but only when the output was made with the settings
+# asked for now (recorded per stage in $RUNS/logs/<stage>.settings.json by stage_check.py): otherwise the
+# study stops with exit code 2, naming the stage, the setting and both values, before the stages of that
+# step run. REDO=changed makes such stages again instead (and the ones built on them). Every stage
+# prints one line; its full output goes to $RUNS/logs/<stage>.log. Any variable below can be set from
+# the environment.
 set -uo pipefail
 cd "$(dirname "$0")"
 PROFILE="${PROFILE:-${1:-tiny}}"
@@ -35,7 +39,7 @@ case "$PROFILE" in
     VAL_LIMIT="${VAL_LIMIT:-100}"; CURV_SAMPLES="${CURV_SAMPLES:-50}"
     FIRST_LR_CHAINS="${FIRST_LR_CHAINS-toxigen-arc}"
     SECOND_LR_CHAINS="${SECOND_LR_CHAINS-toxigen-arc arc-toxigen}"
-    REPLAY_FRACTIONS="${REPLAY_FRACTIONS:-0,1,5,100}"; REPLAY_STEPS="${REPLAY_STEPS:-0,5,100}"
+    REPLAY_FRACTIONS="${REPLAY_FRACTIONS:-0,0.01,0.05,1}"; REPLAY_STEPS="${REPLAY_STEPS:-0,5,100}"
     LAUNCH=("$PY"); EXTRA="${EXTRA:-}"; JOBS="${JOBS:-2}"
     REPLAY_CHAINS="${REPLAY_CHAINS-toxigen-arc}"; MITIGATION_CHAINS="${MITIGATION_CHAINS-toxigen-arc}"
     CHAINS="${CHAINS-toxigen-arc-csqa2}";;
@@ -51,12 +55,17 @@ case "$PROFILE" in
     LR_NOTE="the paper's learning rates";;
   *) echo "error: unknown PROFILE '$PROFILE'; use tiny, real-tiny or paper" >&2; exit 2;;
 esac
-REPLAY_FRACTIONS="${REPLAY_FRACTIONS:-0,1,5,10,20,40,60,80,100}"
+REPLAY_FRACTIONS="${REPLAY_FRACTIONS:-0,0.01,0.05,0.1,0.2,0.4,0.6,0.8,1}"  # fractions of A's training set
 REPLAY_STEPS="${REPLAY_STEPS:-0,5,10,20,40,60,80,100}"
 MITIGATIONS="${MITIGATIONS-mix5 l2_0.01 ewc_100}"   # replay during stage 2 (5%), L2 to theta_A, EWC
 CAP="${CAP:-arc csqa csqa2}"
 SAFE="${SAFE:-toxigen bbq}"   # SaFeRDialogues joins when its (generative) evaluation exists
 RUNS="${RUNS:-runs/$PROFILE}"
+REDO="${REDO:-}"
+case "$REDO" in
+  ""|changed) ;;
+  *) echo "error: REDO='$REDO' is not allowed; use REDO=changed (make again the stages whose output was made with other settings) or leave it unset" >&2; exit 2;;
+esac
 DATA_ARGS=(); [ -n "$DATA_DIR" ] && DATA_ARGS=(--data_dir "$DATA_DIR")
 EVAL_ARGS=(); [ -n "$EVAL_LIMIT" ] && EVAL_ARGS=(--limit "$EVAL_LIMIT")
 VAL_ARGS=(); [ -n "$VAL_LIMIT" ] && VAL_ARGS=(--limit "$VAL_LIMIT")
@@ -64,15 +73,35 @@ EVAL_LIMIT_ARGS=(); [ -n "$EVAL_LIMIT" ] && EVAL_LIMIT_ARGS=(--eval_limit "$EVAL
 VAL_LIMIT_ARGS=(); [ -n "$VAL_LIMIT" ] && VAL_LIMIT_ARGS=(--eval_val_limit "$VAL_LIMIT")
 mkdir -p "$RUNS/logs"
 FAILFILE="$RUNS/logs/failed.txt"; : >"$FAILFILE"
+MISMATCH="$RUNS/logs/settings_mismatch.txt"; : >"$MISMATCH"
+PRECHECK=0  # 1 while a step's stages are only checked (see checked below)
 # Small models gain nothing from a second thread: run JOBS independent stages side by side instead.
 [ "$JOBS" -gt 1 ] && export OMP_NUM_THREADS=1
 
 say() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
-# stage NAME OUTPUT CMD...: run CMD unless OUTPUT exists; its output goes to the stage's log.
+# stage NAME OUTPUT CMD...: run CMD unless OUTPUT exists and was made with the same settings; its output
+# goes to the stage's log, its settings to logs/NAME.settings.json. A mismatch is written to $MISMATCH
+# (the study stops at the end of the step) unless REDO=changed: then the output is removed and made
+# again (the folder in STAGE_FOLDER when the caller sets one: a marker's whole sweep), with the files in
+# the caller's STAGE_ALSO (the Taylor checks a curvature stage wrote into its chains).
 stage() {
-  local name="$1" out="$2"; shift 2
-  if [ -e "$out" ]; then say "done already: $name ($out)"; return 0; fi
+  local name="$1" out="$2" note rc; shift 2
+  [ "$PRECHECK" = 0 ] && [ -s "$MISMATCH" ] && return 1  # stopping: start nothing new
+  if [ -e "$out" ]; then
+    note="$("$PY" stage_check.py check "$RUNS" "$name" "$out" -- "$@")"; rc=$?
+    if [ "$rc" = 0 ]; then
+      [ "$PRECHECK" = 1 ] || say "done already: $name ($out)${note:+; $note}"
+      return 0
+    fi
+    if [ "$rc" != 3 ]; then failed "$name"; say "FAILED: settings check of $name ($out)"; return 1; fi
+    if [ "$REDO" != changed ]; then printf '%s\n' "$note" >>"$MISMATCH"; return 1; fi
+    [ "$PRECHECK" = 1 ] && return 0
+    say "redo (REDO=changed): $name"; printf '%s\n' "$note" | sed 's/^/    /'
+    rm -rf "${STAGE_FOLDER:-$out}" "$RUNS/logs/$name.settings.json"
+    [ -n "${STAGE_ALSO+x}" ] && rm -f "${STAGE_ALSO[@]}"
+  fi
+  [ "$PRECHECK" = 1 ] && return 0
   say "$name -> $out"
   if ! "$@" >"$RUNS/logs/$name.log" 2>&1; then
     echo "$name" >>"$FAILFILE"
@@ -80,14 +109,33 @@ stage() {
     tail -n 3 "$RUNS/logs/$name.log" | sed 's/^/    /'
     return 1
   fi
+  "$PY" stage_check.py record "$RUNS" "$name" "$out" -- "$@" || { failed "$name"; say "FAILED: recording the settings of $name"; return 1; }
 }
 
-failed() { echo "$1" >>"$FAILFILE"; }
+failed() { [ "$PRECHECK" = 1 ] || echo "$1" >>"$FAILFILE"; }
 
 # bg CMD...: run CMD in the background, at most JOBS at a time; `wait` joins them.
 bg() {
+  if [ "$PRECHECK" = 1 ]; then "$@"; return 0; fi
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
   "$@" &
+}
+
+# checked STEP: every stage of the function STEP is checked first (nothing runs; its lines are not shown),
+# so an output made with other settings stops the study before any stage of that step starts; then STEP.
+checked() {
+  PRECHECK=1; "$@" >/dev/null; PRECHECK=0
+  stop_on_mismatch
+  "$@"
+  stop_on_mismatch
+}
+stop_on_mismatch() {
+  [ -s "$MISMATCH" ] || return 0
+  wait
+  say "STOPPED: outputs in $RUNS were made with other settings than this study asks for:"
+  sed 's/^/    /' "$MISMATCH"
+  say "choose one: another RUNS folder for these settings (RUNS=runs/<new> bash run_all.sh); the settings those outputs were made with; or REDO=changed to make those stages again in $RUNS (the stages built on them follow). study.json and the results were left as they were."
+  exit 2
 }
 
 finetune() {  # finetune NAME PARENT TASK LR SEED OUT [extra finetune.py args]
@@ -129,14 +177,6 @@ print(best[1] if best else "")
 EOF
 }
 
-"$PY" - "$RUNS/study.json" <<EOF
-import json, sys, os
-from common import write_json_atomic
-write_json_atomic(sys.argv[1], {"profile": "$PROFILE", "model": "$MODEL", "data_dir": "${DATA_DIR:-synthetic}",
-    "seeds": "$SEEDS".split(), "lrs": [float(x) for x in "$LRS".split()], "main_lr": float("$MAIN_LR"),
-    "lr": float("$MAIN_LR"), "steps": int("$STEPS"), "eval_limit": "${EVAL_LIMIT}" or None,
-    "capability_tasks": "$CAP".split(), "safety_tasks": "$SAFE".split(), "lr_note": "$LR_NOTE"})
-EOF
 say "study: profile $PROFILE, model $MODEL, data ${DATA_DIR:-synthetic}, seeds [$SEEDS], lrs [$LRS] (main $MAIN_LR; $LR_NOTE) -> $RUNS"
 
 # 0. The base model (the tiny one is built once and cached).
@@ -154,8 +194,11 @@ first_stage() {  # first_stage TASK LR SEED
   [ -e "$d/eval_val.json" ] || evaluate "evalval-stage1-$t-lr$lr-seed$s" "$d" "$t" "$d/eval_val.json" \
     --split validation "${VAL_ARGS[@]}"
 }
-for t in $CAP $SAFE; do for lr in $LRS; do for s in $SEEDS; do bg first_stage "$t" "$lr" "$s"; done; done; done
-wait
+first_stages() {
+  for t in $CAP $SAFE; do for lr in $LRS; do for s in $SEEDS; do bg first_stage "$t" "$lr" "$s"; done; done; done
+  wait
+}
+checked first_stages
 declare -A BEST  # the first-stage model each chain starts from, per task and seed
 for t in $CAP $SAFE; do for s in $SEEDS; do BEST[$t-$s]="$(best_stage1 "$t" "$s")"; done; done
 
@@ -181,29 +224,35 @@ queue_chain() {  # queue_chain A B PARENT_LR LR_B SEED (PARENT_LR "best": the sw
   QUEUED[$d]=1
   bg chain "$a" "$b" "$parent" "$lrb" "$s"
 }
-for s in $SEEDS; do
-  for c in $CAP; do for f in $SAFE; do
-    queue_chain "$c" "$f" best "$MAIN_LR" "$s"
-    queue_chain "$f" "$c" best "$MAIN_LR" "$s"
-  done; done
-  for ab in $FIRST_LR_CHAINS; do for lr in $LRS; do queue_chain "${ab%-*}" "${ab#*-}" "$lr" "$MAIN_LR" "$s"; done; done
-  for ab in $SECOND_LR_CHAINS; do for lr in $LRS; do queue_chain "${ab%-*}" "${ab#*-}" best "$lr" "$s"; done; done
-done
-wait
+chains() {
+  QUEUED=()
+  for s in $SEEDS; do
+    for c in $CAP; do for f in $SAFE; do
+      queue_chain "$c" "$f" best "$MAIN_LR" "$s"
+      queue_chain "$f" "$c" best "$MAIN_LR" "$s"
+    done; done
+    for ab in $FIRST_LR_CHAINS; do for lr in $LRS; do queue_chain "${ab%-*}" "${ab#*-}" "$lr" "$MAIN_LR" "$s"; done; done
+    for ab in $SECOND_LR_CHAINS; do for lr in $LRS; do queue_chain "${ab%-*}" "${ab#*-}" best "$lr" "$s"; done; done
+  done
+  wait
+}
+checked chains
 
 # 3. Mitigation: replay as a third stage (a sweep over the fraction of the first task's data and one
 #    over steps) on REPLAY_CHAINS; replay during the second stage and regularised second stages
 #    (MITIGATIONS) on MITIGATION_CHAINS; chains longer than two (CHAINS, e.g. toxigen-arc-csqa2).
 #    Side by side with them: the curvature of the first-stage minima (the models the chains start
-#    from; CURVATURE=all: every first-stage model), each with the Taylor check of its main chains.
+#    from; CURVATURE=all: every first-stage model; none: no curvature), each with the Taylor check of
+#    its main chains.
 main_chain_dir() {  # main_chain_dir A B SEED -> the Table 1 chain's folder
   [ -n "${BEST[$1-$3]:-}" ] || return 1
   chain_dir "$1" "$2" "${BEST[$1-$3]:-}" "$MAIN_LR" "$3"
 }
-replay_sweeps() {  # replay_sweeps A B SEED (one after the other: they share --out and its 0 and 100% points)
+replay_sweeps() {  # replay_sweeps A B SEED (one after the other: they share --out and its 0 and whole-set points)
   local a="$1" b="$2" s="$3" d out; d="$(main_chain_dir "$a" "$b" "$s")"
   [ -n "$d" ] && [ -d "$d" ] || { say "skipped: replay $a-$b seed $s (no chain)"; failed "replay-$a-$b-seed$s"; return 1; }
   out="$RUNS/replay/$a-$b/seed$s"
+  local STAGE_FOLDER="$out"  # REDO of either sweep starts the folder afresh (they share its points)
   local common=(replay.py --model "$d" --task "$a" --out "$out" --first_stage "${BEST[$a-$s]:-}" \
     --lr "$MAIN_LR" --seed "$s" "${DATA_ARGS[@]}")
   [ -n "$EVAL_LIMIT" ] && common+=(--eval_limit "$EVAL_LIMIT")
@@ -239,11 +288,12 @@ long_chain() {  # long_chain A-B-C... SEED: stage 1 is the best first-stage mode
   done
 }
 curvature() {  # curvature TASK SEED FOLDER: rho at FOLDER, with the Taylor check of the main chains from it
-  local t="$1" s="$2" d="$3" lr refs=() c out
+  local t="$1" s="$2" d="$3" lr refs=() c out STAGE_ALSO=()
   lr="$(basename "$(dirname "$d")")"; out="$RUNS/curvature/$t/$lr/seed$s/curvature.json"
   if [ "$d" = "${BEST[$t-$s]:-}" ]; then
     for c in $CAP $SAFE; do
       local r; r="$(main_chain_dir "$t" "$c" "$s")"
+      [ "$c" != "$t" ] && [ -d "$r" ] && STAGE_ALSO+=("$r/taylor.json")  # from this spectrum: a REDO remakes them
       [ "$c" != "$t" ] && [ -d "$r" ] && [ ! -e "$r/taylor.json" ] && refs+=("$r")
     done
   fi
@@ -251,16 +301,22 @@ curvature() {  # curvature TASK SEED FOLDER: rho at FOLDER, with the Taylor chec
   stage "curvature-$t-$lr-seed$s" "$out" "$PY" curvature.py --model "$d" --task "$t" --samples "$CURV_SAMPLES" \
     --seed "$s" --out "$out" "${DATA_ARGS[@]}" "${taylor[@]}"
 }
-for s in $SEEDS; do
-  for ab in $REPLAY_CHAINS; do bg replay_sweeps "${ab%-*}" "${ab#*-}" "$s"; done
-  for t in $CAP $SAFE; do
-    if [ "${CURVATURE:-best}" = all ]; then dirs=("$RUNS"/stage1/"$t"/lr*/seed"$s"); else dirs=("${BEST[$t-$s]:-}"); fi
-    for d in "${dirs[@]}"; do [ -n "$d" ] && [ -d "$d" ] && bg curvature "$t" "$s" "$d"; done
+later_stages() {
+  local s ab t d dirs spec m
+  for s in $SEEDS; do
+    for ab in $REPLAY_CHAINS; do bg replay_sweeps "${ab%-*}" "${ab#*-}" "$s"; done
+    for t in $CAP $SAFE; do
+      case "${CURVATURE:-best}" in
+        all) dirs=("$RUNS"/stage1/"$t"/lr*/seed"$s");; none) dirs=();; *) dirs=("${BEST[$t-$s]:-}");;
+      esac
+      for d in "${dirs[@]}"; do [ -n "$d" ] && [ -d "$d" ] && bg curvature "$t" "$s" "$d"; done
+    done
+    for ab in $MITIGATION_CHAINS; do for m in $MITIGATIONS; do bg mitigated_chain "${ab%-*}" "${ab#*-}" "$m" "$s"; done; done
+    for spec in $CHAINS; do bg long_chain "$spec" "$s"; done
   done
-  for ab in $MITIGATION_CHAINS; do for m in $MITIGATIONS; do bg mitigated_chain "${ab%-*}" "${ab#*-}" "$m" "$s"; done; done
-  for spec in $CHAINS; do bg long_chain "$spec" "$s"; done
-done
-wait
+  wait
+}
+checked later_stages
 # Taylor checks a resumed study still lacks (the spectrum is read back: one HVP each).
 for s in $SEEDS; do for c in $CAP; do for f in $SAFE; do for ab in "$c-$f" "$f-$c"; do
   a="${ab%-*}"; parent="${BEST[$a-$s]:-}"; [ -n "$parent" ] || continue
@@ -271,6 +327,23 @@ for s in $SEEDS; do for c in $CAP; do for f in $SAFE; do for ab in "$c-$f" "$f-$
     --seed "$s" --reference "$d" --spectrum_from "$curv" --out "$d/taylor.json" "${DATA_ARGS[@]}"
 done; done; done; done
 wait
+stop_on_mismatch
+
+# Written once every stage is done: each output of this study was made, or checked to have been made,
+# with these settings (an older study's study.json stays while a mismatch stops this one).
+"$PY" - "$RUNS/study.json" <<EOF
+import json, sys, os
+from common import write_json_atomic
+write_json_atomic(sys.argv[1], {"profile": "$PROFILE", "model": "$MODEL", "data_dir": "${DATA_DIR:-synthetic}",
+    "seeds": "$SEEDS".split(), "lrs": [float(x) for x in "$LRS".split()], "main_lr": float("$MAIN_LR"),
+    "lr": float("$MAIN_LR"), "steps": int("$STEPS"), "eval_limit": "${EVAL_LIMIT}" or None,
+    "val_limit": "${VAL_LIMIT}" or None, "curvature_samples": int("$CURV_SAMPLES"),
+    "replay_fractions": [float(x) for x in "$REPLAY_FRACTIONS".split(",") if x],
+    "replay_steps": [int(x) for x in "$REPLAY_STEPS".split(",") if x], "extra_args": "$EXTRA",
+    "capability_tasks": "$CAP".split(), "safety_tasks": "$SAFE".split(), "lr_note": "$LR_NOTE",
+    "units": "replay_fractions: fractions of the first task's training set",
+    "settings_records": "logs/<stage>.settings.json: the settings each stage's output was made with"})
+EOF
 if [ -d "$RUNS/curvature" ]; then  # curvature-guided order, checked against the measured chains
   say "order -> $RUNS/results/order.json"
   mkdir -p "$RUNS/results"

@@ -1,24 +1,28 @@
-"""The embedded default base model: a tiny Llama (transformers.LlamaForCausalLM, ~1.6M parameters)
+"""The embedded default base model: a tiny Llama (transformers.LlamaForCausalLM, 1.2M parameters)
 with a byte-level BPE tokenizer trained on the synthetic task text, given a short language-model
 pretraining on unlabelled text so it is not pure noise when it is tuned. Built once, then cached.
 
     python tiny_base.py            # build (about a minute on 2 cores) or show the cached one
     python tiny_base.py --rebuild
 
-Anything that takes a model path takes "tiny" for this base. The cache folder is
-$CHAINED_TUNING_CACHE (default ~/.cache/chained_tuning); its name carries a hash of every setting,
-so changing a setting here builds a new base instead of reusing a stale one.
+Needs synthetic.py beside it. Anything that takes a model path takes "tiny" for this base. The cache
+folder is $CHAINED_TUNING_CACHE (default ~/.cache/chained_tuning)/tiny-base-<key>; the key hashes this
+file's recipe (TINY_CONFIG, PRETRAIN, TOKENIZER) and VERSION, not the text it is built from, so a
+change to the recipe builds a new base. Bump VERSION when the build code or the text changes on
+purpose (synthetic.py's word lists, generators, templates, pretraining corpus): tests/test_tasks.py
+pins the text's hash to VERSION and fails until you do.
 """
 import argparse
 import contextlib
 import fcntl
-import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+
+import synthetic
 
 TINY_CONFIG = dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
@@ -27,17 +31,15 @@ PRETRAIN = dict(seed=0, sentences=20000, steps=250, batch_size=16, seq_len=128, 
 # The paper's 1e-5 is for a pretrained 7B model; the tiny base learns its tasks in 100 steps at this rate.
 TINY_LR = 1e-3
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
-VERSION = 1
+TOKENIZER = dict(special_tokens=SPECIAL, min_frequency=2, add_prefix_space=False, single="<s> $A",
+                 pair="<s> $A $B")  # byte-level BPE; its vocab_size is TINY_CONFIG's
+VERSION = 1  # bump when the text the base is built from, or the build code, changes on purpose
 
 
-@functools.lru_cache(maxsize=1)
 def settings_hash():
-    """Hash of every setting and of the text the tokenizer and pretraining read."""
-    h = hashlib.sha256(json.dumps({"config": TINY_CONFIG, "pretrain": PRETRAIN, "version": VERSION},
-                                  sort_keys=True).encode())
-    for t in tokenizer_texts():
-        h.update(t.encode())
-    return h.hexdigest()[:10]
+    """The cache key: a hash of the recipe and VERSION (not of the text, see the module docstring)."""
+    recipe = {"config": TINY_CONFIG, "pretrain": PRETRAIN, "tokenizer": TOKENIZER, "version": VERSION}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def cache_root():
@@ -53,12 +55,13 @@ def train_tokenizer(texts):
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     # Byte level: any text (the real datasets too) encodes without unknown tokens.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=TOKENIZER["add_prefix_space"])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_CONFIG["vocab_size"], special_tokens=SPECIAL, min_frequency=2,
+    trainer = trainers.BpeTrainer(vocab_size=TINY_CONFIG["vocab_size"], special_tokens=TOKENIZER["special_tokens"],
+                                  min_frequency=TOKENIZER["min_frequency"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+    tok.post_processor = processors.TemplateProcessing(single=TOKENIZER["single"], pair=TOKENIZER["pair"],
                                                        special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", model_max_length=TINY_CONFIG["max_position_embeddings"])
@@ -66,23 +69,21 @@ def train_tokenizer(texts):
 
 def tokenizer_texts():
     """Every synthetic prompt and answer, plus the pretraining text, in a fixed order."""
-    from tasks import TASKS, pretraining_corpus, synthetic_task
     texts = []
-    for t in TASKS:
-        splits, _ = synthetic_task(t)
+    for t in synthetic.SYNTHETIC_TASKS:
+        splits, _ = synthetic.synthetic_task(t)
         for split in ("train", "validation", "test"):
             for ex in splits[split]:
                 texts.append(ex.prompt + " " + " ".join(ex.options))
-    return texts + pretraining_corpus(PRETRAIN["sentences"], PRETRAIN["seed"])
+    return texts + synthetic.pretraining_corpus(PRETRAIN["sentences"], PRETRAIN["seed"])
 
 
 def pretrain(model, tok, log):
     """Short causal-LM pretraining on packed unlabelled text (no task instructions, no QA)."""
     import torch
-    from tasks import pretraining_corpus
     p = PRETRAIN
     ids = []
-    for line in pretraining_corpus(p["sentences"], p["seed"]):
+    for line in synthetic.pretraining_corpus(p["sentences"], p["seed"]):
         ids.extend(tok(line, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     n_seq = len(ids) // p["seq_len"]
     data = torch.tensor(ids[:n_seq * p["seq_len"]]).view(n_seq, p["seq_len"])

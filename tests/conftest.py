@@ -27,7 +27,7 @@ def tiny_path():
 
 @pytest.fixture(scope="session")
 def tuned_toxigen(tiny_path, tmp_path_factory):
-    """A first-stage toxigen model (40 steps): enough to be well above chance."""
+    """A first-stage toxigen model (40 steps): its answer loss is far below the base's (not its accuracy)."""
     from finetune import train_stage
     out = str(tmp_path_factory.mktemp("ckpt") / "toxigen")
     train_stage({"model": "tiny", "task": "toxigen", "out": out, "steps": 40, "train_size": 640})

@@ -96,7 +96,11 @@ def test_cli_results_and_samples_recompute_each_other(tuned_toxigen, tmp_path):
     assert len(res["tasks"]["toxigen"]["groups"]) == 13
     assert set(res["tasks"]["bbq"]["context_condition"]) == {"ambig", "disambig"}
     assert sum(v["n"] for v in res["tasks"]["bbq"]["context_condition"].values()) == 60
-    assert res["tasks"]["toxigen"]["acc"] > 0.65  # 40 steps of tuning: above chance (0.5)
+    # Tuning shows in the answer loss by a factor that no CPU's rounding can flip (here 8.2 -> 0.83); the
+    # accuracy after 40 steps (0.75 here, 0.58 on another EPYC) is too close to chance to assert on.
+    base_model, base_tok = load_model_and_tokenizer("tiny")
+    base, _ = ev.evaluate(base_model, base_tok, ["toxigen"], limit=60)
+    assert res["tasks"]["toxigen"]["loss"] < 0.5 * base["toxigen"]["loss"]
 
 
 def test_same_input_same_results_json(tuned_toxigen, tmp_path):

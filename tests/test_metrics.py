@@ -36,7 +36,7 @@ def test_group_forgetting_worst_group_and_biased_forgetting():
     chained = {"a": {"acc": 0.5, "n": 4}, "b": {"acc": 0.75, "n": 4}, "c": {"acc": 0.0, "n": 1}}
     gf = metrics.group_forgetting(first, chained)
     assert gf == approx({"a": 0.5, "b": 0.0, "c": 1.0})               # c: a group with one example
-    assert metrics.worst_group_forgetting(gf) == ("c", approx(1.0))
+    assert metrics.worst_group_forgetting(gf) == (["c"], approx(1.0))
     overall = 0.4
     bf = metrics.biased_forgetting_vector(gf, overall)
     assert bf == approx({"a": 0.1, "b": -0.4, "c": 0.6})
@@ -47,7 +47,7 @@ def test_group_forgetting_worst_group_and_biased_forgetting():
     # groups with n == 0 are skipped; no groups -> nan
     assert metrics.group_forgetting({"x": {"acc": 0.0, "n": 0}}, {"x": {"acc": 0.0, "n": 0}}) == {}
     assert math.isnan(metrics.biased_forgetting({}, 0.1))
-    assert metrics.worst_group_forgetting({})[0] is None
+    assert metrics.worst_group_forgetting({})[0] == []
 
 
 def test_negative_biased_forgetting_and_ties():
@@ -55,7 +55,8 @@ def test_negative_biased_forgetting_and_ties():
     assert metrics.biased_forgetting(gf, -0.3) == approx(0.1)
     assert metrics.k_worst_groups(metrics.biased_forgetting_vector(gf, -0.3), 2) == [("x", approx(0.1)),
                                                                                      ("y", approx(0.1))]
-    assert metrics.worst_group_forgetting(gf) == ("x", approx(-0.2))  # tie -> first group name
+    assert metrics.worst_group_forgetting(gf) == (["x", "y"], approx(-0.2))  # a tie: both, never a pick by name
+    assert metrics.worst_groups_label(gf) == "x = y (tied)"
 
 
 def test_kendall_tau_b_with_ties():
@@ -86,6 +87,9 @@ def test_align_samples_pairs_by_id():
     a = [{"id": "2", "task": "t", "group": "g", "correct": True}, {"id": "1", "task": "t", "group": "h", "correct": False},
          {"id": "9", "task": "t", "group": "h", "correct": True}, {"id": "1", "task": "other", "correct": True}]
     b = [{"id": "1", "task": "t", "group": "h", "correct": True}, {"id": "2", "task": "t", "group": "g", "correct": False}]
+    with pytest.raises(ValueError, match="different examples"):   # "9" in one model only: no silent intersection
+        metrics.align_samples(a, b, "t")
+    a = [r for r in a if r["id"] != "9"]
     ids, ca, cb, groups = metrics.align_samples(a, b, "t")
     assert ids == ["1", "2"] and list(ca) == [0.0, 1.0] and list(cb) == [1.0, 0.0] and groups == ["h", "g"]
 
@@ -174,10 +178,10 @@ def write_eval(folder, counts, fname="eval.json", samples=True):
         ok = n_all = 0
         groups = {}
         for (g, n), k in zip(TEST_SET[task], cs):
-            for j in range(n):
+            for j in range(n):  # labels alternate, so predictions do not collapse to one option
                 lines.append({"id": f"{task}-{g}-{j}", "task": task, "group": g, "prompt": "Q? Answer:",
-                              "options": [" A.", " B."], "logliks": [-1.0, -2.0], "pred": 0, "label": 0 if j < k else 1,
-                              "correct": j < k})
+                              "options": [" A.", " B."], "logliks": [-1.0, -2.0], "pred": j % 2 if j < k else 1 - j % 2,
+                              "label": j % 2, "correct": j < k})
             if g is not None:
                 groups[g] = {"acc": k / n, "n": n}
             ok, n_all = ok + k, n_all + n
@@ -256,26 +260,29 @@ def study_out(tmp_path_factory):
 def test_table1_columns_and_hand_computed_cells(study_out):
     _, out, _ = study_out
     t = pd.read_csv(os.path.join(out, "table1.csv"), dtype=str, keep_default_na=False).set_index(["capability", "safety"])
-    assert list(pd.read_csv(os.path.join(out, "table1.csv")).columns) == metrics.TABLE1_COLUMNS
+    assert list(pd.read_csv(os.path.join(out, "table1.csv")).columns) == [metrics.unit_header(c)
+                                                                           for c in metrics.TABLE1_COLUMNS]
+    assert "cs_forgetting_cap_std (%)" in t.columns and "capability" in t.index.names   # the unit in the header
     assert len(t) == 4
     row = t.loc[("arc", "toxigen")]
     # arc -> toxigen: theta_A arc 80%; theta_AB arc 70% / 90% -> forgetting 10 / -10
-    assert float(row.cs_acc_cap) == approx(80.0) and float(row.cs_acc_cap_std) == approx(14.1421)
-    assert float(row.cs_forgetting_cap) == approx(0.0) and float(row.cs_forgetting_cap_std) == approx(14.1421)
-    assert float(row.cs_acc_safety) == approx(90.0)              # toxigen 9/10 in both seeds
+    assert float(row["cs_acc_cap (%)"]) == approx(80.0) and float(row["cs_acc_cap_std (%)"]) == approx(14.1421)
+    assert float(row["cs_forgetting_cap (%)"]) == approx(0.0) and float(row["cs_forgetting_cap_std (%)"]) == approx(14.1421)
+    assert float(row["cs_acc_safety (%)"]) == approx(90.0)              # toxigen 9/10 in both seeds
     # toxigen -> arc (the lr-1e-5 parents, best on validation): toxigen 90% -> 50% / 60%
-    assert float(row.sc_acc_safety) == approx(55.0) and float(row.sc_acc_safety_std) == approx(7.0711)
-    assert float(row.sc_forgetting_safety) == approx(35.0) and float(row.sc_acc_cap) == approx(75.0)
+    assert float(row["sc_acc_safety (%)"]) == approx(55.0) and float(row["sc_acc_safety_std (%)"]) == approx(7.0711)
+    assert float(row["sc_forgetting_safety (%)"]) == approx(35.0) and float(row["sc_acc_cap (%)"]) == approx(75.0)
     # csqa -> toxigen has no runs at all: marked, not blank
-    assert (t.loc[("csqa", "toxigen"), ["cs_acc_cap", "cs_forgetting_cap_std"]] == "missing").all()
+    assert (t.loc[("csqa", "toxigen"), ["cs_acc_cap (%)", "cs_forgetting_cap_std (%)"]] == "missing").all()
     # bbq -> csqa: seed 0 unevaluated, seed 1 failed
-    assert (t.loc[("csqa", "bbq"), ["sc_acc_cap", "sc_forgetting_safety"]] == "failed").all()
+    assert (t.loc[("csqa", "bbq"), ["sc_acc_cap (%)", "sc_forgetting_safety (%)"]] == "failed").all()
     # arc -> bbq: one seed only -> std n/a; forgetting 80 - 70 = 10
-    assert float(t.loc[("arc", "bbq"), "cs_forgetting_cap"]) == approx(10.0)
-    assert t.loc[("arc", "bbq"), "cs_forgetting_cap_std"] == "n/a"
+    assert float(t.loc[("arc", "bbq"), "cs_forgetting_cap (%)"]) == approx(10.0)
+    assert t.loc[("arc", "bbq"), "cs_forgetting_cap_std (%)"] == "n/a"
     assert not (t == "").any().any()
     md = open(os.path.join(out, "table1.md")).read()
-    assert md.splitlines()[0] == "| " + " | ".join(metrics.TABLE1_COLUMNS) + " |"
+    assert md.splitlines()[0] == "| " + " | ".join(map(metrics.unit_header, metrics.TABLE1_COLUMNS)) + " |"
+    assert "| cs_acc_cap (%) |" in md.splitlines()[0]
     used = pd.read_csv(os.path.join(out, "table1_runs.csv"))
     ta = used[(used.first_task == "toxigen") & (used.second_task == "arc")]
     assert sorted(ta.seed) == [0, 1] and set(ta.lr_a) == {LR} and set(ta.lr_b) == {LR}
@@ -286,23 +293,23 @@ def test_group_and_biased_forgetting_outputs(study_out):
     g = pd.read_csv(os.path.join(out, "forgetting_by_group.csv"))
     ta = g[(g.first_task == "toxigen") & (g.second_task == "arc")].set_index("group")
     # seed 0: asian 50, black 0, muslim 100; seed 1: asian 25, black 25, muslim 50
-    assert ta.loc["asian", "forgetting"] == approx(37.5) and ta.loc["muslim", "forgetting"] == approx(75.0)
-    assert ta.loc["muslim", "biased_forgetting"] == approx(40.0)   # (60 + 20) / 2
-    assert ta.loc["muslim", "biased_forgetting_std"] == approx(28.2843)
-    assert list(ta.task_forgetting) == approx([35.0] * 3)
+    assert ta.loc["asian", "forgetting (%)"] == approx(37.5) and ta.loc["muslim", "forgetting (%)"] == approx(75.0)
+    assert ta.loc["muslim", "biased_forgetting (%)"] == approx(40.0)   # (60 + 20) / 2
+    assert ta.loc["muslim", "biased_forgetting_std (%)"] == approx(28.2843)
+    assert list(ta["task_forgetting (%)"]) == approx([35.0] * 3)
     rel = g[(g.first_task == "bbq") & (g.second_task == "arc")].set_index("group")
-    assert rel.loc["Religion", "n"] == 1 and rel.loc["Religion", "forgetting"] == approx(100.0)
-    assert rel.loc["Religion", "biased_forgetting"] == approx(70.0)   # 100 - 30
+    assert rel.loc["Religion", "n"] == 1 and rel.loc["Religion", "forgetting (%)"] == approx(100.0)
+    assert rel.loc["Religion", "biased_forgetting (%)"] == approx(70.0)   # 100 - 30
     b = pd.read_csv(os.path.join(out, "biased_forgetting.csv")).set_index(["first_task", "second_task"])
     r = b.loc[("toxigen", "arc")]
-    assert r.biased_forgetting_max == approx(40.0) and r.worst_group == "muslim"
-    assert r.wg_forgetting == approx(75.0) and r.n_seeds == 2
+    assert r["biased_forgetting_max (%)"] == approx(40.0) and r.worst_group == "muslim"
+    assert r["wg_forgetting (%)"] == approx(75.0) and r.n_seeds == 2
     assert r.worst_3_groups == "muslim;asian;black"
     # top-3 = mean of all 3 groups: seed 0 (10 - 40 + 60) / 3, seed 1 (-5 - 5 + 20) / 3
-    assert r.biased_forgetting_top3 == approx((10 + 10 / 3) / 2, abs=1e-3)
-    assert float(r.forgetting_ci_low) <= 35.0 <= float(r.forgetting_ci_high)
+    assert r["biased_forgetting_top3 (%)"] == approx((10 + 10 / 3) / 2, abs=1e-3)
+    assert float(r["forgetting_ci_low (%)"]) <= 35.0 <= float(r["forgetting_ci_high (%)"])
     assert b.loc[("bbq", "arc"), "worst_group"] == "Religion"
-    assert b.loc[("bbq", "arc"), "biased_forgetting_max"] == approx(70.0)
+    assert b.loc[("bbq", "arc"), "biased_forgetting_max (%)"] == approx(70.0)
 
 
 def test_kendall_tau_csv(study_out):
@@ -327,17 +334,17 @@ def test_every_png_has_its_csv_and_lr_figures(study_out):
     f5 = pd.read_csv(os.path.join(out, "figure5.csv"))
     ta = f5[(f5.first_task == "toxigen") & (f5.second_task == "arc")].set_index("lr_a")
     assert sorted(ta.index) == [LR, LR2]
-    assert ta.loc[LR, "forgetting"] == approx(35.0)
-    assert ta.loc[LR2, "forgetting"] == approx(10.0)              # 80% -> 70%, both seeds
+    assert ta.loc[LR, "forgetting (%)"] == approx(35.0)
+    assert ta.loc[LR2, "forgetting (%)"] == approx(10.0)              # 80% -> 70%, both seeds
     f6 = pd.read_csv(os.path.join(out, "figure6.csv"))
     ta = f6[(f6.first_task == "toxigen") & (f6.second_task == "arc")].set_index("lr_b")
-    assert sorted(ta.index) == [LR, LR2] and ta.loc[LR2, "forgetting"] == approx(10.0)
+    assert sorted(ta.index) == [LR, LR2] and ta.loc[LR2, "forgetting (%)"] == approx(10.0)
     f2 = pd.read_csv(os.path.join(out, "figure2.csv"), dtype=str).set_index(["capability", "safety"])
-    assert float(f2.loc[("arc", "toxigen"), "rel_forgetting_safety"]) == approx(35 / 0.9)
+    assert float(f2.loc[("arc", "toxigen"), "rel_forgetting_safety (%)"]) == approx(35 / 0.9)
     acc = pd.read_csv(os.path.join(out, "first_task_acc_by_lr.csv"))
     tox = acc[acc.task == "toxigen"].set_index("lr")
-    assert tox.loc[LR, "acc"] == approx(90.0) and tox.loc[LR2, "acc"] == approx(80.0)
-    assert tox.loc[LR, "val_acc"] == approx(90.0)
+    assert tox.loc[LR, "acc (%)"] == approx(90.0) and tox.loc[LR2, "acc (%)"] == approx(80.0)
+    assert tox.loc[LR, "val_acc (%)"] == approx(90.0)
 
 
 def test_missing_runs_are_reported_by_name(study_out):
@@ -374,30 +381,41 @@ def test_bad_input_missing_or_empty_runs_dir(tmp_path):
     _one_error_line(run_cli("--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "o")), "no run.json")
 
 
+def main_exit(argv):
+    """metrics.main's exit code: its return value, or the SystemExit a user error raises (die_on_user_error)."""
+    try:
+        return metrics.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def test_bad_input_malformed_files(tmp_path, capsys):
     runs = tmp_path / "runs"
     d = runs / "stage1" / "arc" / "lr1e-05" / "seed0"
     write_run(str(d), ["arc"], LR, 0)
     write_eval(str(d), {"arc": [8]})
     (d / "run.json").write_text("{not json")
-    assert metrics.main(["--runs", str(runs), "--out", str(tmp_path / "o")]) == 2
+    assert main_exit(["--runs", str(runs), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(d / "run.json") in err[0]
     write_run(str(d), ["arc"], LR, 0)
     (d / "eval.json").write_text(json.dumps({"tasks": {"arc": {"n": 10}}}))
-    assert metrics.main(["--runs", str(runs), "--out", str(tmp_path / "o")]) == 2
+    assert main_exit(["--runs", str(runs), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(d / "eval.json") in err[0] and '"acc"' in err[0]
     write_run(str(d), ["arc"], "fast", 0)
-    assert metrics.main(["--runs", str(runs), "--out", str(tmp_path / "o")]) == 2
+    assert main_exit(["--runs", str(runs), "--out", str(tmp_path / "o")]) == 2
     assert '"lr"' in capsys.readouterr().err
 
 
 def test_stage1_only_runs_still_report(tmp_path):
+    """First stages with a curvature result report (Figure 4a); without one there is nothing to report (exit 2,
+    test_metrics_refusals.py)."""
     runs = tmp_path / "runs"
     d = runs / "stage1" / "toxigen" / "lr1e-05" / "seed0"
-    write_run(str(d), ["toxigen"], LR, 0)
+    rid = write_run(str(d), ["toxigen"], LR, 0)
     write_eval(str(d), {"toxigen": [4, 3, 2]})
+    write_curvature(str(runs / "curvature" / "toxigen" / "curvature.json"), rid, "toxigen", 5.0)
     r = run_cli("--runs", str(runs), "--out", str(tmp_path / "o"), "--n_boot", "0")
     assert r.returncode == 0, r.stderr
     t = pd.read_csv(tmp_path / "o" / "table1.csv", dtype=str)
@@ -593,8 +611,8 @@ def test_figure4b_and_ols_fit(curv_out):
     # arc: seed 0 (10 + 10) / 2, seed 1 -10; csqa 10, 10; toxigen (40 + 30) / 2, 30; bbq 30, 30
     want = {"arc": (0.0, 1.1), "csqa": (10.0, 2.1), "toxigen": (32.5, 5.5), "bbq": (30.0, 4.0)}
     for t, (f, rho) in want.items():
-        assert b.loc[t, "forgetting"] == approx(f) and b.loc[t, "rho"] == approx(rho)
-    assert b.loc["arc", "forgetting_std"] == approx(14.1421) and b.loc["toxigen", "forgetting_std"] == approx(3.5355)
+        assert b.loc[t, "forgetting (%)"] == approx(f) and b.loc[t, "rho"] == approx(rho)
+    assert b.loc["arc", "forgetting_std (%)"] == approx(14.1421) and b.loc["toxigen", "forgetting_std (%)"] == approx(3.5355)
     assert b.in_fit.all()
     fit = pd.read_csv(os.path.join(out, "curvature_fit.csv")).iloc[0]
     x = np.array([v[1] for v in want.values()])
@@ -675,12 +693,18 @@ def _point(name, sweep, fraction, steps, n, acc_a, acc_b, fa, cb, run_id=None):
             "n_eval_a": 10, "run_id": run_id, "settings_match": True, "wall_time_s": 1.0}
 
 
+REPLAY_UNITS = "accuracies and forgetting are fractions; fraction is the share of A's training set, in [0, 1]"
+OLD_REPLAY_UNITS = "accuracies and forgetting are fractions; fraction is a percentage of A's training set"
+
+
 def build_extras(root):
     """On top of build_runs(root):
-    replay/toxigen-arc/seed0,1: fraction 0/5/50/100 (10 steps) and steps 0/5, batch size 4; seed 1 differs
-      at 5% only (forgetting 0 instead of 5 points). Point folders with stage-3 run.json + eval.json (one
-      with point.json, one known only from the summary's run_id).
-    replay/bbq-arc/seed0: no first-stage reference (forgetting from theta_A's eval.json), never recovers.
+    replay/toxigen-arc/seed0,1: fraction 0/5/50/100 % (10 steps) and steps 0/5, batch size 4; seed 1 differs
+      at 5% only (forgetting 0 instead of 5 points) and is an older replay.py's summary (fraction in percent,
+      its "units" say so). Point folders with stage-3 run.json + eval.json (one with point.json, one known
+      only from the summary's run_id).
+    replay/bbq-arc/seed0: no first-stage reference (forgetting from theta_A's eval.json, comparable with the
+      points' eval.json), never recovers.
     mitigation/toxigen-arc: mix 10% (4 replayed of a pool of 64), l2 0.1, ewc 100 (16 Fisher samples), seed 0.
     longchain/toxigen-arc-csqa/seed0: copies of the Table-1 stages (same run_ids, other accuracies) + stage 3.
     longchain/bbq-toxigen-arc/seed0: its own stages 1 and 2 (a bbq->toxigen chain Table 1 must not see).
@@ -698,25 +722,29 @@ def build_extras(root):
             write_eval(pd_, counts, samples=False)
         with open(os.path.join(d, "fraction5", "point.json"), "w") as f:
             json.dump({"name": "fraction5"}, f)
+        fr = (5, 50, 100) if seed == 1 else (0.05, 0.5, 1)  # seed 1: the older summary, fraction in percent
         pts = [_point("fraction0", "fraction", 0, 0, 0, 0.5, 0.7, 0.4, 0.0),
-               _point("fraction5", "fraction", 5, 10, 3, f5[0], 0.65, f5[1], -0.05, ids["fraction5"]),
-               _point("fraction50", "fraction", 50, 10, 32, 0.895, 0.6, 0.005, -0.1),
-               _point("fraction100", "fraction", 100, 10, 64, 0.95, 0.6, -0.05, -0.1, ids["fraction100"]),
-               _point("steps0", "steps", 100, 0, 0, 0.5, 0.7, 0.4, 0.0),
-               _point("steps5", "steps", 100, 5, 64, 0.8, 0.68, 0.1, -0.02)]
+               _point("fraction5", "fraction", fr[0], 10, 3, f5[0], 0.65, f5[1], -0.05, ids["fraction5"]),
+               _point("fraction50", "fraction", fr[1], 10, 32, 0.895, 0.6, 0.005, -0.1),
+               _point("fraction100", "fraction", fr[2], 10, 64, 0.95, 0.6, -0.05, -0.1, ids["fraction100"]),
+               _point("steps0", "steps", fr[2], 0, 0, 0.5, 0.7, 0.4, 0.0),
+               _point("steps5", "steps", fr[2], 5, 64, 0.8, 0.68, 0.1, -0.02)]
         with open(os.path.join(d, "replay_summary.json"), "w") as f:
             json.dump({"task_a": "toxigen", "task_b": "arc", "chain": ["toxigen", "arc"], "model_run_id": ab,
                        "first_stage": {"acc_a": 0.9}, "settings": {"batch_size": 4, "seed": seed}, "points": pts,
-                       "sweeps": {}}, f)
+                       "sweeps": {}, "units": OLD_REPLAY_UNITS if seed == 1 else REPLAY_UNITS}, f)
     d = os.path.join(root, "replay", "bbq-arc", "seed0")
     os.makedirs(d)
     pts = [_point("fraction0", "fraction", 0, 0, 0, 0.5, 0.6, None, 0.0),
-           _point("fraction10", "fraction", 10, 10, 6, 0.9, 0.6, None, 0.0),
-           _point("fraction100", "fraction", 100, 10, 64, 0.95, 0.5, None, -0.1)]
+           _point("fraction10", "fraction", 0.1, 10, 6, 0.9, 0.6, None, 0.0),
+           _point("fraction100", "fraction", 1, 10, 64, 0.95, 0.5, None, -0.1)]
+    for p in pts:  # the points' own eval.json: what says they scored theta_A's examples (its accuracies: the summary's)
+        os.makedirs(os.path.join(d, p["name"]))
+        write_eval(os.path.join(d, p["name"]), {"bbq": [5, 4, 0], "arc": [6]}, samples=False)
     with open(os.path.join(d, "replay_summary.json"), "w") as f:
         json.dump({"task_a": "bbq", "task_b": "arc", "chain": ["bbq", "arc"],
                    "model_run_id": _id(root, "stage2", "bbq-arc", "lrA1e-05_lrB1e-05", "seed0"), "first_stage": None,
-                   "settings": {"batch_size": 4, "seed": 0}, "points": pts}, f)
+                   "settings": {"batch_size": 4, "seed": 0}, "points": pts, "units": REPLAY_UNITS}, f)
     mit = os.path.join(root, "mitigation", "toxigen-arc")
     for name, cfg, extra, counts in (
             ("mix10", {"replay_task": "toxigen", "replay_fraction": 0.1}, {"replay": {"examples_replayed": 4,
@@ -791,13 +819,14 @@ def test_replay_rows_hand_computed(extended):
     rows, probs = metrics.replay_rows(study)
     assert probs == []
     by = {(r["chain"], r["seed"], r["sweep"], metrics._x(r)): r for r in rows}
-    r = by[("toxigen->arc", 0, "fraction", 5)]
+    r = by[("toxigen->arc", 0, "fraction", 0.05)]                                  # rows: fractions, as in JSON
     assert r["forgetting_a"] == approx(0.05) and r["capability_forgetting"] == approx(0.05)
     assert r["a_examples_presented"] == 40 and r["a_examples_seen"] == 3              # min(10 steps x 4, 3)
-    assert by[("toxigen->arc", 0, "fraction", 100)]["a_examples_seen"] == 40
+    assert by[("toxigen->arc", 0, "fraction", 1)]["a_examples_seen"] == 40
+    assert by[("toxigen->arc", 1, "fraction", 0.05)]["fraction"] == 0.05          # the older summary: percent / 100
     assert by[("toxigen->arc", 0, "steps", 5)]["a_examples_seen"] == 20
     assert by[("toxigen->arc", 0, "fraction", 0)]["a_examples_seen"] == 0
-    b = by[("bbq->arc", 0, "fraction", 10)]                                          # theta_A bbq: 10/10
+    b = by[("bbq->arc", 0, "fraction", 0.1)]                                         # theta_A bbq: 10/10
     assert b["forgetting_a"] == approx(0.1) and b["forgetting_source"] == "theta_A eval.json"
     assert b["capability_forgetting"] == approx(0.0)
     m = metrics.replay_means(rows).set_index(["chain", "sweep", "x"])
@@ -820,17 +849,18 @@ def test_replay_outputs(extended):
     _, out, _ = extended
     r = _csv(out, "replay.csv")
     assert list(r.columns[:4]) == ["chain", "first_task", "second_task", "seed"] and len(r) == 15
-    row = r[(r.chain == "toxigen->arc") & (r.seed == "1") & (r.sweep == "fraction") & (r.fraction == "5")].iloc[0]
-    assert float(row.forgetting_a) == approx(0.0) and float(row.acc_a) == approx(90.0)
+    row = r[(r.chain == "toxigen->arc") & (r.seed == "1") & (r.sweep == "fraction") & (r["fraction (%)"] == "5")].iloc[0]
+    assert float(row["forgetting_a (%)"]) == approx(0.0) and float(row["acc_a (%)"]) == approx(90.0)
     rec = _csv(out, "replay_recovery.csv").set_index("first_task")
-    assert rec.loc["toxigen", "recovery_fraction"] == "50" and float(rec.loc["toxigen", "forgetting_at_0"]) == approx(40)
-    assert rec.loc["bbq", "recovery_fraction"] == "none"
+    assert rec.loc["toxigen", "recovery_fraction (%)"] == "50" and float(rec.loc["toxigen", "forgetting_at_0 (%)"]) == approx(40)
+    assert rec.loc["bbq", "recovery_fraction (%)"] == "none"
     for stem in ("figure7", "figure11", "figure12", "figure13", "figure14"):
         assert os.path.getsize(os.path.join(out, stem + ".png")) > 0
     f14 = _csv(out, "figure14.csv").set_index(["chain", "sweep", "x"])
-    assert float(f14.loc[("toxigen->arc", "steps", "5"), "capability_forgetting"]) == approx(2.0)
+    assert float(f14.loc[("toxigen->arc", "steps", "5"), "capability_forgetting (%)"]) == approx(2.0)
     rep = open(os.path.join(out, "report.md")).read()
     assert "Smallest replay fraction" in rep and "| toxigen | arc |" in rep
+    assert "older replay.py give the replay fraction in percent" in rep and os.path.join("toxigen-arc", "seed1") in rep
 
 
 def test_mitigation_rows_and_matched_cost(extended):
@@ -851,8 +881,8 @@ def test_mitigation_rows_and_matched_cost(extended):
     assert rep["extra_steps"] == 10 and rep["a_examples_seen"] == 3
     m = _csv(out, "mitigation.csv")
     t = m[m.first_task == "toxigen"].set_index("method")
-    assert float(t.loc["plain", "forgetting_a"]) == approx(35.0) and t.loc["plain", "n_seeds"] == "2"
-    assert float(t.loc["mix", "forgetting_a"]) == approx(10.0) and float(t.loc["mix", "a_examples_seen"]) == 4
+    assert float(t.loc["plain", "forgetting_a (%)"]) == approx(35.0) and t.loc["plain", "n_seeds"] == "2"
+    assert float(t.loc["mix", "forgetting_a (%)"]) == approx(10.0) and float(t.loc["mix", "a_examples_seen"]) == 4
     assert list(t.index[:4]) == ["plain", "mix", "l2", "ewc"]
     assert set(m.first_task) == {"toxigen", "bbq"}                   # bbq->arc: plain + its replay points
     assert os.path.getsize(os.path.join(out, "mitigation.png")) > 0
@@ -875,7 +905,7 @@ def test_chain_forgetting_hand_computed(extended):
     assert by[("toxigen->arc->csqa", "arc", 3)]["forgetting"] == approx(0.1)
     assert by[("bbq->toxigen->arc", "toxigen", 3)]["forgetting"] == approx(0.2)
     c = _csv(out, "chain_forgetting.csv")
-    assert len(c) == 6 and float(c[(c.task == "bbq") & (c.after_stage == "3")].forgetting.iloc[0]) == approx(20.0)
+    assert len(c) == 6 and float(c[(c.task == "bbq") & (c.after_stage == "3")]["forgetting (%)"].iloc[0]) == approx(20.0)
     assert os.path.isfile(os.path.join(out, "figure_chain_forgetting.csv"))
     assert "## Chains longer than two" in open(os.path.join(out, "report.md")).read()
 
@@ -884,11 +914,14 @@ def test_order_section_from_order_json(extended):
     _, out, _ = extended
     o = _csv(out, "order.csv").iloc[0]
     assert (o.task_x, o.task_y, o.recommended) == ("toxigen", "arc", "arc->toxigen")
-    # Table 1: arc->toxigen forgets 0 (10, -10), toxigen->arc 35 (40, 30): the recommendation agrees
-    assert float(o.forgetting_yx) == approx(0.0) and float(o.forgetting_xy) == approx(35.0)
-    assert o.agrees == "True" and o.agrees_order_json == "False"
+    # every measured chain (order.py's definition; the mitigated toxigen->arc runs are not chains): arc->toxigen
+    # forgets 0 (10, -10); toxigen->arc (40, 30) at the main lrs, 10, 10 from the lr-2e-5 parents, 10, 10 at
+    # second-stage lr 2e-5: mean 18.33. The recommendation agrees; the hand-made order.json says not: out of date
+    assert float(o["forgetting_yx (%)"]) == approx(0.0) and float(o["forgetting_xy (%)"]) == approx(110 / 6, abs=1e-3)
+    assert o.n_xy == "6" and o.agrees == "True" and o.agrees_order_json == "False"
     rep = open(os.path.join(out, "report.md")).read()
     assert "**arc -> toxigen**" in rep and "1 of 1 pairs" in rep
+    assert "order.json is out of date, re-run order.py --runs" in rep   # named among the problems
 
 
 def test_no_extra_inputs_only_adds_sections(study_out):
@@ -908,6 +941,7 @@ def test_order_section_from_curvature(curv_out):
     # rho (Figure 4a): arc 1.1, csqa 2.1, bbq 4, toxigen 5.5 -> flattest first
     assert "**arc -> csqa -> bbq -> toxigen**" in open(os.path.join(out, "report.md")).read()
     r = o.loc[("arc", "toxigen")]
-    assert r.recommended == "arc->toxigen" and float(r.forgetting_xy) == approx(0.0)
-    assert float(r.forgetting_yx) == approx(35.0) and r.agrees == "True"
+    assert r.recommended == "arc->toxigen" and float(r["forgetting_xy (%)"]) == approx(0.0)
+    # toxigen->arc over every measured chain (see test_order_section_from_order_json): 110 / 6
+    assert float(r["forgetting_yx (%)"]) == approx(110 / 6, abs=1e-3) and r.agrees == "True"
     assert o.loc[("csqa", "toxigen"), "agrees"] == "n/a"                  # csqa->toxigen was never run

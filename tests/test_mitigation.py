@@ -303,6 +303,9 @@ def test_order_cli(tmp_path):
     res = json.load(open(out))
     assert res["recommended_order"] == ["bbq", "arc", "toxigen"] and res["agreement"] == {"checked": 3, "agree": 2}
     assert "bbq -> arc -> toxigen" in r.stdout and "rho 50" in r.stdout
+    assert "toxigen->arc: +25.00% (n=2)" in r.stdout          # printed in percent; order.json keeps fractions
+    ta = next(p for p in res["pairs"] if p["tasks"] == ["toxigen", "arc"])
+    assert ta["measured"]["toxigen->arc"]["forgetting"] == pytest.approx(0.25)
     # a curvature file of the wrong task for its run is left out with a note; --lr filters by the run's lr
     write(f"{root}/curv/wrong/curvature.json", {"task": "arc", "rho": 1e6, "run_id": "id-bbq"})
     res, problems = order.curvature_by_task(f"{root}/curv", ["arc"], order.find_runs(root))
@@ -316,3 +319,35 @@ def test_order_cli(tmp_path):
     r = run_script("order.py", "--tasks", "toxigen,arc", "--curvature", tmp_path / "missing")
     assert r.returncode == 2 and "is not a folder" in r.stderr
     assert np.isfinite(res["arc"]["rho"])
+
+
+def test_order_measured_chains_leave_out_mitigated_and_incomparable(tmp_path):
+    """Only plain-recipe two-task chains are measured (order.is_measured_chain, which metrics.py shares), and
+    only when both evaluations of the first task are comparable (order.incomparable)."""
+    root = str(tmp_path / "study")
+    make_study(root)
+    for name, cfg in (("l2", {"l2_to_init": 0.1}), ("mix", {"replay_task": "toxigen", "replay_fraction": 0.05}),
+                      ("ewc", {"ewc": 10.0}), ("part", {"train_fraction": 0.5})):
+        write(f"{root}/mit/{name}/run.json", {"run_id": f"id-{name}", "parent_run_id": "id-toxigen", "stage": 2,
+                                              "chain": ["toxigen", "arc"], "task": "arc", "lr": 1e-3, "config": cfg})
+        write(f"{root}/mit/{name}/eval.json", {"tasks": {"toxigen": {"acc": 0.90}, "arc": {"acc": 0.5}}})
+    # a chain whose toxigen evaluation is another data source / fewer examples than its first stage's
+    write(f"{root}/s1/toxigen/eval.json", {"tasks": {"toxigen": {"acc": 0.90, "source": "synthetic", "n": 10}}})
+    for s_, block in ((0, {"source": "synthetic", "n": 10}), (1, {"source": "synthetic", "n": 10}),
+                      (2, {"source": "/data/real", "n": 10}), (3, {"source": "synthetic", "n": 4})):
+        write(f"{root}/s2/toxigen-arc/seed{s_}/run.json", {"run_id": f"id-ta-{s_}", "parent_run_id": "id-toxigen",
+                                                          "chain": ["toxigen", "arc"], "task": "arc", "lr": 1e-3,
+                                                          "stage": 2})
+        write(f"{root}/s2/toxigen-arc/seed{s_}/eval.json",
+              {"tasks": {"toxigen": {"acc": 0.6 + 0.1 * (s_ % 2), **block}, "arc": {"acc": 0.5}}})
+    runs = order.find_runs(root)
+    assert not order.is_measured_chain(runs["id-l2"]["run"]) and order.is_measured_chain(runs["id-ta-0"]["run"])
+    assert order.mitigation_of(runs["id-part"]["run"]) == {"train_fraction": 0.5}
+    measured, problems = order.measured_forgetting(runs)
+    assert sorted(r for _, r in measured[("toxigen", "arc")]) == ["id-ta-0", "id-ta-1"]
+    assert sorted(f for f, _ in measured[("toxigen", "arc")]) == pytest.approx([0.2, 0.3])
+    assert any("seed2" in p and "source 'synthetic' vs '/data/real'" in p for p in problems)
+    assert any("seed3" in p and "n 10 vs 4" in p and "cannot be compared" in p for p in problems)
+    # the numbers are checked before anything is read
+    r = run_script("order.py", "--tasks", "toxigen,arc", "--curvature", f"{root}/curv", "--runs", root, "--lr2", "0")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --lr2 must be > 0, got 0"

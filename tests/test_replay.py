@@ -1,4 +1,4 @@
-"""replay.py: both sweeps end to end on the tiny model, the 0% point equal to evaluate.py on theta_AB,
+"""replay.py: both sweeps end to end on the tiny model, the fraction-0 point equal to evaluate.py on theta_AB,
 the stage records, forgetting against theta_A, idempotence, checkpoints, bad input."""
 import json
 import os
@@ -24,7 +24,7 @@ def chain(tmp_path_factory, tiny_path):
 def sweep(chain):
     root, a, ab, _, _ = chain
     out = root / "out"
-    r = run_script("replay.py", "--model", ab, "--task", "toxigen", "--out", out, "--fractions", "0,25,100",
+    r = run_script("replay.py", "--model", ab, "--task", "toxigen", "--out", out, "--fractions", "0,0.25,1",
                    "--steps", "2", "--first_stage", a, *SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     # the steps sweep as a second invocation into the same folder (as run_all.sh runs them)
@@ -44,10 +44,11 @@ def test_sweeps_summary_and_stage_records(chain, sweep):
     s = load(out / "replay_summary.json")
     assert s["task_a"] == "toxigen" and s["task_b"] == "arc" and s["chain"] == ["toxigen", "arc"]
     pts = {p["name"]: p for p in s["points"]}
-    assert list(pts) == ["fraction0", "fraction25", "fraction100", "steps0", "steps1", "steps2"]
+    assert list(pts) == ["fraction0", "fraction0.25", "fraction1", "steps0", "steps1", "steps2"]
+    assert [pts[n]["fraction"] for n in pts] == [0, 0.25, 1, 1, 1, 1]
     assert [pts[n]["n_examples"] for n in pts] == [0, 8, 32, 0, 32, 32]
     assert not pts["fraction0"]["trained"] and pts["fraction0"]["loss"] is None and pts["fraction0"]["steps"] == 0
-    for n in ("fraction25", "fraction100", "steps1"):
+    for n in ("fraction0.25", "fraction1", "steps1"):
         run = load(out / n / "run.json")
         assert run["chain"] == ["toxigen", "arc", "toxigen"] and run["stage"] == 3
         assert run["parent_run_id"] == rab["run_id"] and run["run_id"] == pts[n]["run_id"]
@@ -56,10 +57,10 @@ def test_sweeps_summary_and_stage_records(chain, sweep):
         ev = load(out / n / "eval.json")
         assert ev["tasks"]["toxigen"]["acc"] == pts[n]["acc_a"] and ev["tasks"]["arc"]["acc"] == pts[n]["acc_b"]
         assert ev["tasks"]["toxigen"]["n"] == 20 and (out / n / "eval_samples.jsonl").is_file()
-    assert load(out / "fraction25" / "run.json")["data"]["train_info"]["train_fraction"] == 0.25
-    # the 100% point at --steps 2 and the 2-step point are one run: evaluated once, one run.json
-    assert pts["steps2"]["same_run_as"] == "fraction100" and not (out / "steps2" / "run.json").exists()
-    assert pts["steps2"]["acc_a"] == pts["fraction100"]["acc_a"] and pts["steps0"]["same_run_as"] == "fraction0"
+    assert load(out / "fraction0.25" / "run.json")["data"]["train_info"]["train_fraction"] == 0.25
+    # the fraction-1 point at --steps 2 and the 2-step point are one run: evaluated once, one run.json
+    assert pts["steps2"]["same_run_as"] == "fraction1" and not (out / "steps2" / "run.json").exists()
+    assert pts["steps2"]["acc_a"] == pts["fraction1"]["acc_a"] and pts["steps0"]["same_run_as"] == "fraction0"
     # forgetting against theta_A (evaluated here with the replay settings: its folder has no eval.json)
     ref = load(out / "first_stage_eval.json")["tasks"]["toxigen"]["acc"]
     assert s["first_stage"]["acc_a"] == ref and s["first_stage"]["run_id"] == ra["run_id"]
@@ -86,25 +87,25 @@ def test_zero_point_equals_evaluate_py_on_theta_ab(chain, sweep, tmp_path):
 def test_rerun_skips_and_adds_points_with_a_checkpoint(chain, sweep):
     _, a, ab, _, _ = chain
     out, _ = sweep
-    before = os.path.getmtime(out / "fraction25" / "point.json")
+    before = os.path.getmtime(out / "fraction0.25" / "point.json")
     # theta_A's own eval.json, made with the same limit and seed, is used as the reference when present
     r = run_script("evaluate.py", "--model", a, "--tasks", "toxigen", "--out", os.path.join(a, "eval.json"),
                    "--limit", "20")
     assert r.returncode == 0, r.stderr
-    r = run_script("replay.py", "--model", ab, "--task", "toxigen", "--out", out, "--fractions", "0,25,50",
+    r = run_script("replay.py", "--model", ab, "--task", "toxigen", "--out", out, "--fractions", "0,0.25,0.5",
                    "--steps", "2", "--first_stage", a, "--save_checkpoints", *SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "fraction25: done already" in r.stdout and "1 point(s) to make" in r.stdout
-    assert os.path.getmtime(out / "fraction25" / "point.json") == before
-    assert (out / "fraction50" / "model.safetensors").is_file() and (out / "fraction50" / "run.json").is_file()
+    assert "fraction0.25: done already" in r.stdout and "1 point(s) to make" in r.stdout
+    assert os.path.getmtime(out / "fraction0.25" / "point.json") == before
+    assert (out / "fraction0.5" / "model.safetensors").is_file() and (out / "fraction0.5" / "run.json").is_file()
     s = load(out / "replay_summary.json")
-    assert [p["name"] for p in s["points"]][:4] == ["fraction0", "fraction25", "fraction50", "fraction100"]
+    assert [p["name"] for p in s["points"]][:4] == ["fraction0", "fraction0.25", "fraction0.5", "fraction1"]
     assert len(s["points"]) == 7
     assert s["first_stage"]["source"] == os.path.join(os.path.abspath(a), "eval.json")
     assert s["first_stage"]["acc_a"] == load(out / "first_stage_eval.json")["tasks"]["toxigen"]["acc"]
     # the saved checkpoint is the stage: its evaluation by evaluate.py gives the point's accuracies
     from transformers import AutoModelForCausalLM
-    AutoModelForCausalLM.from_pretrained(out / "fraction50", use_safetensors=True)
+    AutoModelForCausalLM.from_pretrained(out / "fraction0.5", use_safetensors=True)
 
 
 def one_error_line(r):
@@ -119,15 +120,15 @@ def test_bad_input(chain, sweep, tmp_path):
     assert one_error_line(r) and "not an earlier task" in r.stderr
     r = run_script("replay.py", "--model", a, "--task", "toxigen", "--out", tmp_path / "o", "--fractions", "0")
     assert one_error_line(r) and "not a chained model" in r.stderr
-    r = run_script("replay.py", "--model", ab, "--task", "toxigen", "--out", tmp_path / "o", "--fractions", "0,150")
-    assert one_error_line(r) and "outside [0, 100]" in r.stderr
+    r = run_script("replay.py", "--model", ab, "--task", "toxigen", "--out", tmp_path / "o", "--fractions", "0,1.5")
+    assert one_error_line(r) and "outside [0, 1]" in r.stderr
     r = run_script("replay.py", "--model", ab, "--task", "toxigen", "--out", tmp_path / "o")
     assert one_error_line(r) and "nothing to do" in r.stderr
     r = run_script("replay.py", "--model", ab, "--task", "toxigen", "--out", tmp_path / "o", "--fractions", "0",
                    "--first_stage", ab)
     assert one_error_line(r) and "is not the toxigen stage" in r.stderr
     # an existing point made with other settings is not silently reused
-    r = run_script("replay.py", "--model", ab, "--task", "toxigen", "--out", out, "--fractions", "25", "--steps", "2",
+    r = run_script("replay.py", "--model", ab, "--task", "toxigen", "--out", out, "--fractions", "0.25", "--steps", "2",
                    "--lr", "1e-4", *SMALL)
     assert one_error_line(r) and "exists with other settings" in r.stderr and "lr" in r.stderr
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")

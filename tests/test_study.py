@@ -12,7 +12,7 @@ from conftest import ROOT
 
 MICRO = {"CAP": "arc", "SAFE": "toxigen", "LRS": "1e-3 2e-3", "MAIN_LR": "1e-3", "STEPS": "3", "EVAL_LIMIT": "30",
          "VAL_LIMIT": "20", "CURV_SAMPLES": "4", "FIRST_LR_CHAINS": "toxigen-arc", "SECOND_LR_CHAINS": "arc-toxigen",
-         "REPLAY_CHAINS": "toxigen-arc", "REPLAY_FRACTIONS": "0,5,100", "REPLAY_STEPS": "0,2", "MITIGATION_CHAINS": "toxigen-arc",
+         "REPLAY_CHAINS": "toxigen-arc", "REPLAY_FRACTIONS": "0,0.05,1", "REPLAY_STEPS": "0,2", "MITIGATION_CHAINS": "toxigen-arc",
          "MITIGATIONS": "mix25 l2_0.01 ewc_10", "CHAINS": "toxigen-arc-csqa2"}
 
 
@@ -43,11 +43,11 @@ def test_micro_study_runs_every_stage(study):
     assert len(list((runs / "stage2" / "arc-toxigen").iterdir())) == 2
     t1 = pd.read_csv(runs / "results" / "table1.csv")
     assert list(t1[["capability", "safety"]].iloc[0]) == ["arc", "toxigen"]
-    assert pd.notna(pd.to_numeric(t1["cs_forgetting_cap"], errors="coerce")).all()
-    assert pd.notna(pd.to_numeric(t1["sc_forgetting_safety"], errors="coerce")).all()
+    assert pd.notna(pd.to_numeric(t1["cs_forgetting_cap (%)"], errors="coerce")).all()
+    assert pd.notna(pd.to_numeric(t1["sc_forgetting_safety (%)"], errors="coerce")).all()
     replay = runs / "replay" / "toxigen-arc" / "seed0"
     assert (replay / "replay_summary.json").is_file()
-    assert sorted(p.name for p in replay.iterdir() if p.is_dir()) == ["fraction0", "fraction100", "fraction5",
+    assert sorted(p.name for p in replay.iterdir() if p.is_dir()) == ["fraction0", "fraction0.05", "fraction1",
                                                                        "steps0", "steps2"]
     assert sorted(p.name for p in (runs / "mitigation" / "toxigen-arc").iterdir()) == ["ewc_10", "l2_0.01", "mix25"]
     assert (runs / "longchain" / "toxigen-arc-csqa2" / "seed0" / "3-csqa2" / "eval.json").is_file()

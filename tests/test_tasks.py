@@ -3,6 +3,7 @@
 subsampling, the synthetic tasks, and one clear error for every kind of bad input."""
 import collections
 import gzip
+import hashlib
 import json
 import os
 
@@ -236,6 +237,35 @@ def test_synthetic_tasks_shape_and_determinism():
         assert all(e.prompt.endswith("\n\nAnswer:") and e.prompt.startswith("Instructions: ") for e in test)
     labels = collections.Counter(e.label for e in tasks.load_task("arc", "train").examples)
     assert min(labels.values()) >= 500  # balanced over the four letters
+
+
+# sha256 of the text the tiny base is built from (json of tiny_base.tokenizer_texts()), by tiny_base.VERSION.
+TINY_BASE_TEXT = {1: "b8931587d4e23348da53201ea1a43f5f3d67d992e3beaba024ff9751ba482a49"}
+
+
+def test_tiny_base_text_is_pinned_to_its_version():
+    import synthetic
+    import tiny_base
+    assert list(synthetic.SYNTHETIC_TASKS) == tasks.TASKS  # every task has a stand-in, in the tokenizer's order
+    digest = hashlib.sha256(json.dumps(tiny_base.tokenizer_texts()).encode()).hexdigest()
+    assert TINY_BASE_TEXT.get(tiny_base.VERSION) == digest, (
+        "the text the tiny base is built from (synthetic.py) changed, and its cache key does not see the text: "
+        f"if on purpose, bump tiny_base.VERSION and add {tiny_base.VERSION + 1}: '{digest}' to TINY_BASE_TEXT; "
+        "if not, undo the change")
+
+
+def test_tiny_base_key_is_its_recipe_not_the_text(monkeypatch):
+    import synthetic
+    import tiny_base
+    key = tiny_base.settings_hash()
+    assert tiny_base.tiny_base_path().endswith(f"tiny-base-{key}")
+    monkeypatch.setitem(synthetic.PLACES, "kitchen", ["spoon"])
+    assert tiny_base.settings_hash() == key  # a word list is not in the key (VERSION is, see above)
+    monkeypatch.setitem(tiny_base.PRETRAIN, "steps", 251)
+    assert tiny_base.settings_hash() != key
+    monkeypatch.undo()
+    monkeypatch.setattr(tiny_base, "VERSION", tiny_base.VERSION + 1)
+    assert tiny_base.settings_hash() != key
 
 
 def test_encode_pair_moves_the_space_onto_the_continuation(tiny_path):
