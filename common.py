@@ -1,5 +1,6 @@
-"""Small helpers every script shares: the user-facing error type, atomic writes, run metadata,
-seeding, and loading a checkpoint (or the embedded tiny base) with checks that name the fix.
+"""The shared helpers, each in one place (a leaf: of the project's modules it imports tiny_base alone, for
+--model tiny): user errors and the one CLI handler, argument checks, atomic writes, the id hash, seeded
+draws with named streams, torchrun set-up, loading a checkpoint (or the embedded tiny base), progress lines.
 
     from common import load_model_and_tokenizer, write_json_atomic, UserError
     model, tok = load_model_and_tokenizer("tiny")          # the cached tiny Llama base
@@ -7,6 +8,7 @@ seeding, and loading a checkpoint (or the embedded tiny base) with checks that n
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -105,21 +107,36 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def write_json_atomic(path, obj):
-    """Write JSON to a temporary name beside `path`, then rename: readers never see half a file."""
+def write_text_atomic(path, text, suffix=".tmp"):
+    """Write `text` to a temporary name beside `path`, then rename: readers never see half a file, and a
+    failed write leaves nothing."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def write_json_atomic(path, obj):
+    """JSON (indent 2, a final newline), written atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", suffix=".json")
+
+
+def write_jsonl_atomic(path, rows):
+    """One JSON object a line, written atomically."""
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows), suffix=".jsonl")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 @contextlib.contextmanager
@@ -151,6 +168,67 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def ids_sha256(ids):
+    """The hash that names an example set in every record: sha256 of its ids, one a line, in order."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# Seeded draws. Each use of a run's seed draws from its own numpy stream, default_rng([seed, k]) (the batch
+# order: default_rng(seed)), so adding a draw never moves another. The numbers are part of every run_id's
+# data: never renumber one.
+STREAMS = {"batch_order": None, "replay": 1, "mix_positions": 2, "ewc": 3, "train_fraction": 5}
+
+
+def seeded_rng(seed, stream):
+    """The numpy generator of the named stream (see STREAMS) for this seed."""
+    k = STREAMS[stream]
+    return np.random.default_rng(seed if k is None else [seed, k])
+
+
+def seeded_samples(items, n, seed, stream):
+    """The first n items of a permutation drawn from the named stream (all of them if fewer), in their
+    original order. Subsets of one seed and stream are nested: the first n lie inside the first n + 1."""
+    keep = sorted(seeded_rng(seed, stream).permutation(len(items))[:n].tolist())
+    return [items[i] for i in keep]
+
+
+def sample_indices(n_items, n, seed):
+    """Sorted indices of n of n_items (all of them if fewer), chosen by random.Random(seed): curvature.py's
+    sample of training examples (its own scheme, kept: changing it changes every curvature result)."""
+    return sorted(random.Random(seed).sample(range(n_items), min(n, n_items)))
+
+
+# -----------------------------------------------------------------------------
+# Processes under torchrun
+
+
+def under_torchrun():
+    return int(os.environ.get("RANK", -1)) != -1
+
+
+def torchrun_rank_world():
+    """(rank, number of processes) under torchrun; (0, 1) in a plain process."""
+    if not under_torchrun():
+        return 0, 1
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def setup_process_group(device, timeout=None):
+    """Under torchrun: this process's device (cuda:LOCAL_RANK when `device` is a cuda device) and the process
+    group (nccl on cuda, gloo on cpu), unless one is already set up (a caller may hold one across several
+    stages). Returns (device, whether this call set the group up: then the caller destroys it)."""
+    import torch
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return device, False
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return device, True
+
+
 def git_commit():
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -173,12 +251,15 @@ def run_metadata():
 
 
 def read_meta(model_dir):
-    """The lineage file of a checkpoint this toolkit saved, or {} for any other checkpoint."""
+    """The lineage file of a checkpoint this toolkit saved, or {} for any other checkpoint (a hub id too)."""
     p = os.path.join(model_dir, META_FILE)
-    if os.path.isfile(p):
-        with open(p) as f:
-            return json.load(f)
-    return {}
+    return read_json(p) if os.path.isfile(p) else {}
+
+
+def write_meta(model_dir, lineage):
+    """The lineage file read_meta reads, into a checkpoint folder being written (an atomic_dir)."""
+    with open(os.path.join(model_dir, META_FILE), "w") as f:
+        json.dump(lineage, f, indent=2)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # org/name

@@ -1,118 +1,26 @@
-"""Curvature of the first-task minimum: extreme Hessian eigenvalues from Hessian-vector products.
+"""Curvature of the first-task minimum: the extreme Hessian eigenvalues and spectral radius rho of the loss
+finetune.py minimised (its answer-token NLL on N seeded training samples), from Hessian-vector products, and
+the Taylor check of the paper's eqs. 3-4 against the chains tuned from that minimum.
 
-The operator is the exact Hessian H of the loss finetune.py minimises -- the summed token negative
-log-likelihood over the answer tokens (labels != -100, logits[:, t] predicting labels[:, t+1]) of a fixed,
-seeded set of N training samples, divided by the total number of answer tokens -- with the model in eval
-mode (no dropout), attention through the eager path or SDPA's math kernel (the only ones with a double
-backward) and gradient checkpointing, if enabled, non-reentrant.
+    python curvature.py --model runs/demo/toxigen --task toxigen --samples 50 --out runs/demo/curv/toxigen.json
+    python curvature.py --model runs/demo/toxigen --task toxigen --reference runs/demo/toxigen-arc --out c.json
+    python curvature.py --model runs/demo/toxigen --task toxigen --reference runs/demo/toxigen-arc runs/demo/mix \\
+        --taylor_out taylor.json --out runs/demo/curv/toxigen.json      # one solve, <reference>/taylor.json each
+    python setup.py build_ext --inplace        # the C++/CUDA extension ahead of time (else built on first use)
 
-HVPs are double backward passes through first-order graphs built once (``create_graph=True``) and retained
-for every iteration. If the graphs of all micro-batches do not fit in ``graph_memory_budget`` bytes (the size
-of one graph is measured with saved-tensor hooks while it is built), as many as fit are retained and the
-others are rebuilt for every HVP.
-
-Solvers
-  lanczos (default): three-term Lanczos recurrence without a stored basis (three parameter-sized vectors),
-      alpha/beta as float64 scalars. After every step the Ritz values of the k x k tridiagonal T_k are
-      computed (LAPACK, float64); for the extreme Ritz pairs (theta, s) the residual bound
-      ||H y - theta y|| = r = |beta_{k+1} * s_k| holds: some eigenvalue lies within r of theta.
-      rho_k = max(|theta_min|, |theta_max|). Stopping rules (``stop``):
-        "dominant" (default): the pair giving rho_k has r <= tol * rho_k, and the other end is bounded away
-            from it: |theta_o| + r_o <= (1 - DOMINANT_MARGIN) * rho_k (margin 0.05). The dominant end is
-            then as accurate as under "both" (error <= r, in practice ~r^2/gap); lambda_min (or lambda_max)
-            of the other end is reported with its own, larger residual (see "converged_ends"). Caveat: the
-            residual bound only says that SOME eigenvalue lies within r_o of theta_o, not that none lies
-            further out; the rule assumes, as every Krylov stop does for the dominant end too, that the
-            extreme Ritz value of that end tracks the extreme eigenvalue (it is never outside the spectrum:
-            |lambda_o| >= |theta_o|). Where a second end beyond rho matters, use "both".
-        "both": both extreme pairs satisfy r <= tol * rho_k (both ends measured on the scale of rho).
-      Either rule also stops when beta_{k+1} <= 1e-12 * rho_k (invariant subspace: exact). Without
-      reorthogonalisation converged Ritz values reappear as "ghost" copies; that does not move the extreme
-      Ritz values, which is all this module reads.
-  Start vector (``start``): "subsample" (lanczos default): 3 Lanczos steps on the Hessian of the first
-      k = ceil(N/10) samples alone (at least 2; they become a micro-batch of their own whose graph is one of
-      the retained ones, so each of those HVPs costs ~k/N of a full one), then its dominant Ritz vector +
-      0.05 r/||r||: on the tiny ARC checkpoint (50 samples) the full solve then reaches rho within 1e-3 after 3
-      HVPs instead of 5. It holds a stored basis (WARM_VECTORS = 6 parameter-sized vectors), so by default it
-      is used only where those fit in a quarter of the memory budget and k <= N/4; otherwise "gradient+random" =
-      g/||g|| + r/||r|| with g the loss gradient (computed anyway while the graphs are built) and r a seeded
-      Gaussian: the gradient leans towards the top of the spectrum, r keeps every eigenvector in the Krylov
-      space; "random" = r alone (power default, as in eigenthings). The result records "start_vector",
-      "warm_start" (steps, seconds, the subsample's Ritz values) and "sub_hvp_count".
-  power: power iteration with pytorch-hessian-eigenthings' rule: stop when
-      |rq_k - rq_{k-1}| / |rq_k| < tol (rq_0 = 0); converges to the eigenvalue of largest magnitude.
-      The reported residual is ||H v - rq v|| = sqrt(||Hv||^2 - rq^2) of the last iterate (no extra HVP).
-  A run that stops on max_iter reports converged=false, a `warning` entry and a message on stderr.
-
-Cross-entropy (recorded as backend.cross_entropy)
-  fused_linear_xent (default with the extension): the LM head and the loss in one op (hessian::linear_xent)
-      over the decoder's answer-row hidden states, row-chunked: the retained graph keeps the softmax
-      probabilities (one [answer rows, vocab] buffer) and no logits, logit gradient or one-hot tensors; the
-      backward and the double backward run chunk by chunk from them. Used where the model's logits are
-      lm_head(decoder hidden states) with an nn.Linear head without bias, checked numerically on the first
-      batch (verify_linear_head); otherwise
-  fused_softmax_xent: hessian::softmax_xent on the logits (saves the probabilities only); or
-  torch_log_softmax_nll: autograd's F.cross_entropy (backend "torch", the plain-PyTorch fallback).
-
-Backends (recorded under "backend" in the result)
-  The optional C++ extension (csrc/, operator namespace ``hessian``) provides the fused multi-tensor solver
-  steps (float64 accumulation, no flattening copies), the fused cross-entropy ops above, and the whole solve
-  loop in C++ (one call per solve). It is found, in order, as
-  the module ``curvature_ext`` built by ``python setup.py build_ext --inplace`` (or pip install), else a JIT
-  build with torch.utils.cpp_extension.load into build/jit (about 20 s once on 2 cores), else plain
-  PyTorch (torch ops, F.cross_entropy, Python loop). CURVATURE_EXT=auto|installed|jit|none overrides.
-
-curvature.json (CLI output; keys of hessian_spectrum's dict plus run information)
-  {"method": "lanczos"|"power", "lambda_max": float|null, "lambda_min": float|null, "rho": float,
-   "iterations": int, "hvp_count": int, "residual": float (residual bound of the pair that gives rho),
-   "residual_max": float|null, "residual_min": float|null, "converged": bool,
-   "converged_ends": {"max": bool, "min": bool} (lanczos: residual <= tol * rho at that end),
-   "stop_reason": "residual_dominant_end"|"residual_both_ends"|"invariant_subspace"|"relative_change"|
-                  "max_iter", "warning": str (only when not converged),
-   "wall_time_s": float (the solve, graphs included), "setup_time_s": float (graph build),
-   "iteration_times_s": [float] (seconds from the start of the call to the end of each iteration),
-   "peak_memory": {"device": str, "peak_rss_bytes": int (CPU process high-water mark),
-                   "cuda_peak_allocated_bytes": int|null},
-   "settings": {"tol", "max_iter", "seed", "method", "stop_rule": "dominant"|"both"|"relative_change",
-                "start_vector": "subsample"|"gradient+random"|"random"|"given",
-                "dominant_margin": float|null, "graph_memory_budget", ...},
-   "backend": {"extension": "installed"|"jit"|"none", "extension_detail": str, "solver_loop": "cpp"|"python",
-               "step": "fused_op"|"torch",
-               "cross_entropy": "fused_linear_xent"|"fused_softmax_xent"|"torch_log_softmax_nll"},
-   "graphs": {"micro_batches": int, "retained": int, "recomputed": int, "saved_bytes_per_graph": int},
-   "n_params": int, "n_samples": int, "n_answer_tokens": int, "loss": float (L_A at the model),
-   "ritz_history": [[lambda_min, lambda_max] per iteration] (lanczos) | [rayleigh quotient] (power),
-   "rho_history": [float] (the running rho estimate after each iteration),
-   -- CLI only --
-   "model": str, "run_id": str|null (the model's run.json), "task": str, "sample_ids": [str],
-   "chain": [str] (the model's tasks, from its chained_tuning.json; [] for a base model),
-   "task_in_chain": bool (false: a loss the model was never tuned on; a warning on stderr says so),
-   "data": {"source": str, "split": "train", "n_available": int},
-   "reference": null | {"model": str, "run_id": str|null, "delta_sq_norm": float (||theta_AB - theta_A||^2),
-        "loss_A_at_A": float, "loss_A_at_AB": float, "actual_loss_change": float,
-        "quadratic_term": float (0.5 delta^T H delta, one HVP), "bound": float (0.5 rho ||delta||^2),
-        "quadratic_le_bound": bool},
-   "taylor_files": [str] (with --taylor_out: the per-reference files written, "reference" is then null),
-   "config": {every CLI argument}, "metadata": {...}}
-
-Several references (--reference DIR1 DIR2 ... --taylor_out taylor.json) share one graph build and one solve:
-each DIRi/taylor.json is the file `--reference DIRi --out DIRi/taylor.json` would write (run_all.sh checks
-every chain from one first-stage model in one process); --out, written last, holds the spectrum. An existing
---out or --taylor_out file is refused unless --overwrite. Progress goes to stdout (the model, task, samples
-and backend, a line every 10 iterations or 30 s of the Python solver loop, the result, where it writes).
+The command line needs common.py, tasks.py, finetune.py and synthetic.py beside it (tiny_base.py for --model
+tiny); hessian_spectrum() alone needs torch and numpy (the extension in csrc/ is optional). Solvers, stop
+rules, backends and what curvature.json holds: README.md.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import math
 import os
-import random
 import resource
 import sys
-import tempfile
 import time
 import warnings
 
@@ -124,17 +32,14 @@ IGNORE_INDEX = -100
 CSRC = os.path.join(HERE, "csrc")
 
 
-class CurvatureError(Exception):
-    """Bad input to curvature.py (printed as `error: ...`, exit 2). Subclasses common.UserError if present."""
+try:  # the project's UserError, so that callers catch one type and the CLI's handler prints it
+    from common import UserError as _UserErrorBase
+except ImportError:  # curvature.py copied alone: the solver needs no other file of the project
+    _UserErrorBase = Exception
 
 
-try:  # use the project's UserError so callers can catch one type
-    from common import UserError as _UserError  # noqa: E402
-
-    class CurvatureError(_UserError):  # type: ignore[no-redef]
-        pass
-except Exception:  # common.py absent or broken: keep the local class
-    pass
+class CurvatureError(_UserErrorBase):
+    """Bad input to curvature.py (the command line prints it as one `error: ...` line and exits 2)."""
 
 
 # --------------------------------------------------------------------------------------------- extension
@@ -146,9 +51,11 @@ def _cuda_sources_usable() -> bool:
 
 
 def load_extension(mode: str | None = None, verbose: bool = False) -> dict:
-    """Load the `hessian` operator library once per process; return {"name", "detail", "ok"}.
+    """Load the `hessian` operator library (csrc/) once per process; return {"name", "detail", "ok"}.
 
     mode: "auto" (installed, else JIT, else none), "installed", "jit", "none". Default: $CURVATURE_EXT or auto.
+    installed: the module curvature_ext built by `python setup.py build_ext --inplace` (or pip install); jit: a
+    torch.utils.cpp_extension.load build into build/jit (about 20 s once on 2 cores); none: plain PyTorch.
     The state is cached: whichever library loaded first stays loaded (registering twice is an error).
     """
     global _EXT_STATE
@@ -516,7 +423,13 @@ def _default_budget(device) -> int:
 
 
 class HessianOperator:
-    """H v for the answer-token loss of `batches` at the model's current parameters."""
+    """H v for the answer-token loss of `batches` at the model's current parameters (eval mode: no dropout;
+    attention through the eager path or SDPA's math kernel, the only ones with a double backward).
+
+    An HVP is a double backward through first-order graphs built once (create_graph=True) and retained for
+    every iteration. Where the graphs of all micro-batches do not fit in graph_memory_budget bytes (one graph's
+    size is measured with saved-tensor hooks while it is built), as many as fit are retained and the others
+    are rebuilt for every HVP."""
 
     def __init__(self, model, batches, fused_ce=False, graph_memory_budget: int | None = None,
                  answer_logits_only: bool = True, keep_first: int = 0):
@@ -657,13 +570,13 @@ class HessianOperator:
 def ritz_extremes(alphas, betas):
     """Ritz values of T_k; returns (theta_min, theta_max, res_min, res_max) with res = |beta_k s_last|."""
     k = len(alphas)
-    T = np.diag(np.asarray(alphas, dtype=np.float64))
+    tridiag = np.diag(np.asarray(alphas, dtype=np.float64))
     if k > 1:
         off = np.asarray(betas[: k - 1], dtype=np.float64)
-        T += np.diag(off, 1) + np.diag(off, -1)
-    theta, S = np.linalg.eigh(T)
-    bk = float(betas[k - 1])
-    return float(theta[0]), float(theta[-1]), abs(bk * S[-1, 0]), abs(bk * S[-1, -1])
+        tridiag += np.diag(off, 1) + np.diag(off, -1)
+    theta, eigvecs = np.linalg.eigh(tridiag)
+    beta_k = float(betas[k - 1])
+    return float(theta[0]), float(theta[-1]), abs(beta_k * eigvecs[-1, 0]), abs(beta_k * eigvecs[-1, -1])
 
 
 STOP_RULES = {"both": 0, "dominant": 1}
@@ -673,7 +586,13 @@ STOP_REASONS = {0: "max_iter", 1: "residual_both_ends", 2: "invariant_subspace",
 
 
 def _lanczos_stop(alphas, betas, tol, stop="dominant", margin=DOMINANT_MARGIN):
-    """Stop code after step k (same rule as csrc/hessian.cpp's lanczos_stop_code; see the module docstring)."""
+    """Stop code after step k (the rule of csrc/hessian.cpp's lanczos_stop_code). For the extreme Ritz pairs
+    (theta, s) of T_k some eigenvalue lies within r = |beta_k s_k| of theta; rho_k = max |theta|.
+    "both": both ends have r <= tol * rho_k. "dominant": the end giving rho_k has r <= tol * rho_k and the other
+    end is bounded away from it, |theta_o| + r_o <= (1 - margin) * rho_k; the dominant end is then as accurate as
+    under "both". That assumes, as every Krylov stop does for the dominant end too, that the other end's
+    extreme Ritz value tracks its extreme eigenvalue (it is never outside the spectrum); use "both" where a
+    second end beyond rho matters. Either stops when beta_k <= 1e-12 rho_k (an invariant subspace: exact)."""
     lmin, lmax, rmin, rmax = ritz_extremes(alphas, betas)
     scale = max(abs(lmin), abs(lmax))
     if betas[-1] <= 1e-12 * max(scale, 1e-300):
@@ -748,9 +667,9 @@ def _subsample_start_vector(op, seed, steps=WARM_STEPS):
             break
         basis.append([t / b for t in w])
     k = len(alphas)
-    T = np.diag(alphas) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
-    theta, S = np.linalg.eigh(T)
-    col = S[:, -1] if abs(theta[-1]) >= abs(theta[0]) else S[:, 0]
+    tridiag = np.diag(alphas) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
+    theta, eigvecs = np.linalg.eigh(tridiag)
+    col = eigvecs[:, -1] if abs(theta[-1]) >= abs(theta[0]) else eigvecs[:, 0]
     y = [sum(float(col[i]) * basis[i][n] for i in range(k)) for n in range(len(op.params))]
     y = _normalize(y)
     v0 = [a + (WARM_RANDOM / _norm(r)) * b for a, b in zip(y, r)]
@@ -771,6 +690,9 @@ def _normalize(v):
 
 
 def _lanczos_python(op, v0, max_iter, tol, step, stop="dominant", margin=DOMINANT_MARGIN, times=None, progress=None):
+    """The three-term recurrence without a stored basis (three parameter-sized vectors). Without
+    reorthogonalisation converged Ritz values come back as "ghost" copies, which leaves the extreme Ritz
+    values, all this reads, where they are."""
     t0 = time.perf_counter()
     v = _normalize(v0)
     vp = [torch.zeros_like(t) for t in v]
@@ -797,6 +719,7 @@ def _lanczos_python(op, v0, max_iter, tol, step, stop="dominant", margin=DOMINAN
 
 
 def _power_python(op, v0, max_iter, tol, step, times=None, progress=None):
+    """Power iteration with pytorch-hessian-eigenthings' stop rule, |rq_k - rq_{k-1}| / |rq_k| < tol (rq_0 = 0)."""
     t0 = time.perf_counter()
     v = _normalize(v0)
     hist, prev, code = [], 0.0, 0
@@ -828,7 +751,7 @@ def _peak_memory(device):
 def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, seed=0, *, backend="auto",
                      stop="dominant", start=None, cross_entropy="auto", graph_memory_budget=None,
                      v0=None, return_operator=False, progress=None):
-    """Extreme eigenvalues of the Hessian of the answer-token loss over `batches` (see module docstring).
+    """Extreme eigenvalues of the Hessian of the answer-token loss over `batches` (see HessianOperator).
 
     backend: "auto" (extension if it loads, else plain PyTorch), "extension" (required), "torch" (plain).
     stop (lanczos): "dominant" (default: the end giving rho converged to tol and the other end bounded below
@@ -972,19 +895,6 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _write_json_atomic(path, obj):
-    try:
-        from common import write_json_atomic
-
-        return write_json_atomic(path, obj)
-    except ImportError:
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=d)
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-
-
 def _run_id(model_dir):
     try:
         with open(os.path.join(model_dir, "run.json")) as f:
@@ -1012,10 +922,7 @@ def build_batches(tokenizer, examples, micro_batch_size, max_length=None):
 
 
 def build_parser():
-    try:
-        from common import HelpFormatter
-    except ImportError:
-        HelpFormatter = argparse.ArgumentDefaultsHelpFormatter
+    from common import HelpFormatter
     ap = argparse.ArgumentParser(description="Hessian spectral radius of the first-task loss (paper section 4.3)",
                                  formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="theta_A: a checkpoint folder tuned on --task (or 'tiny', a hub "
@@ -1056,22 +963,17 @@ def build_parser():
     return ap
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        result = run_cli(args)
-    except Exception as e:
-        user_types = (CurvatureError,)
-        try:
-            from common import UserError
+CLI_NEEDS = "curvature.py's command line needs common.py, tasks.py and finetune.py beside it"
 
-            user_types = (CurvatureError, UserError)
-        except ImportError:
-            pass
-        if isinstance(e, user_types):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+
+def main(argv=None):
+    try:
+        from common import die_on_user_error
+    except ImportError as e:
+        print(f"error: {e}: {CLI_NEEDS}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(argv)
+    result = die_on_user_error(lambda: run_cli(args))
     print(json.dumps({k: result.get(k) for k in ("rho", "lambda_max", "lambda_min", "iterations", "hvp_count",
                                                   "converged", "wall_time_s")}))
     if not result["converged"]:
@@ -1099,7 +1001,7 @@ def run_cli(args):
         import finetune  # noqa: F401
         import tasks
     except ImportError as e:
-        raise CurvatureError(f"{e}: curvature.py needs common.py, tasks.py and finetune.py beside it")
+        raise CurvatureError(f"{e}: {CLI_NEEDS}") from None
     # every check before anything is loaded: numbers, names, then the outputs
     common.check_args(vars(args), {"samples": common.AT_LEAST_1, "tol": common.POSITIVE, "max_iter": common.AT_LEAST_1,
                                    "seed": common.NON_NEGATIVE, "micro_batch_size": common.AT_LEAST_1,
@@ -1119,7 +1021,7 @@ def run_cli(args):
     common.check_out(args.out, args.overwrite, example="curvature.json")
     for r in refs if args.taylor_out else []:
         common.check_out(os.path.join(r, args.taylor_out), args.overwrite, flag="--taylor_out")
-    meta = common.read_meta(model_path) if os.path.isdir(model_path) else {}
+    meta = common.read_meta(model_path)
     chain = list(meta.get("chain") or [])
     task_in_chain = args.task in chain
     if not task_in_chain:
@@ -1127,14 +1029,13 @@ def run_cli(args):
               f"this is the curvature of a loss the model was never tuned on", file=sys.stderr, flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     data = tasks.load_task(args.task, split="train", data_dir=args.data_dir, seed=args.seed)
-    exs = list(data.examples)
-    if not exs:
+    pool = list(data.examples)
+    if not pool:
         raise CurvatureError(f"task {args.task} has no training examples (data: {data.source})")
-    rng = random.Random(args.seed)
-    chosen = sorted(rng.sample(range(len(exs)), min(args.samples, len(exs))))
+    chosen = common.sample_indices(len(pool), args.samples, args.seed)
     if len(chosen) < args.samples:
-        print(f"note: task {args.task} has only {len(exs)} training examples; using all", file=sys.stderr)
-    examples = [exs[i] for i in chosen]
+        print(f"note: task {args.task} has only {len(pool)} training examples; using all", file=sys.stderr)
+    examples = [pool[i] for i in chosen]
     ext = load_extension("none" if args.backend == "torch" else None)
     print(f"curvature: {args.model} (chain {' -> '.join(chain) or 'none'}), task {args.task} [{data.source}], "
           f"{len(examples)} samples, {args.method}, backend {ext['name'] if ext['ok'] else 'torch'} "
@@ -1161,16 +1062,13 @@ def run_cli(args):
     for r in refs:
         print(f"curvature: Taylor check against {r}", flush=True)
         checks.append(reference_check(op, res["rho"], r, batches, common))
-    try:
-        metadata = common.run_metadata()
-    except Exception:
-        metadata = {"torch": torch.__version__}
+    metadata = common.run_metadata()
 
     def record(ref, config):
         out = dict(res)
         out.update({"model": args.model, "run_id": _run_id(args.model), "task": args.task, "chain": chain,
                     "task_in_chain": task_in_chain, "sample_ids": [str(ex.id) for ex in examples],
-                    "data": {"source": str(data.source), "split": "train", "n_available": len(exs)},
+                    "data": {"source": str(data.source), "split": "train", "n_available": len(pool)},
                     "reference": ref, "config": config, "metadata": metadata})
         return out
 
@@ -1178,15 +1076,15 @@ def run_cli(args):
         files = []
         for r, chk in zip(refs, checks):
             path = os.path.join(r, args.taylor_out)
-            _write_json_atomic(path, record(chk, {**vars(args), "reference": r, "taylor_out": None,
-                                                  "out": path}))
+            common.write_json_atomic(path, record(chk, {**vars(args), "reference": r, "taylor_out": None,
+                                                        "out": path}))
             files.append(path)
             print(f"curvature: Taylor check -> {path}", flush=True)
         result = record(None, vars(args))
         result["taylor_files"] = files
     else:
         result = record(checks[0] if checks else None, {**vars(args), "reference": refs[0] if refs else None})
-    _write_json_atomic(args.out, result)  # last: run_all.sh takes --out as the sign that all is written
+    common.write_json_atomic(args.out, result)  # last: run_all.sh takes --out as the sign that all is written
     print(f"curvature: -> {args.out}", flush=True)
     return result
 
@@ -1228,19 +1126,19 @@ def reference_check(op, rho, ref_dir, batches, common):
     ref_params = dict(ref_model.named_parameters())
     delta = []
     for p in op.params:
-        n = names[id(p)]
-        q = ref_params.get(n)
-        if q is None or q.shape != p.shape:
-            raise CurvatureError(f"--reference {ref_dir}: parameter {n} is missing or has another shape; "
+        name = names[id(p)]
+        ref_p = ref_params.get(name)
+        if ref_p is None or ref_p.shape != p.shape:
+            raise CurvatureError(f"--reference {ref_dir}: parameter {name} is missing or has another shape; "
                                  "pass a checkpoint tuned from --model")
-        delta.append((q.detach().to(p.dtype) - p.detach()).contiguous())
-    dsq = float(sum(d.double().pow(2).sum() for d in delta))
+        delta.append((ref_p.detach().to(p.dtype) - p.detach()).contiguous())
+    delta_sq = float(sum(d.double().pow(2).sum() for d in delta))
     loss_a = _loss_value(model, batches, op.fused)
     loss_ab = _loss_value(ref_model, batches, op.fused)
-    hd = op.hvp(delta)
-    quad = 0.5 * float(sum(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()) for a, b in zip(delta, hd)))
-    bound = 0.5 * rho * dsq
-    return {"model": ref_dir, "run_id": _run_id(ref_dir), "delta_sq_norm": dsq, "loss_A_at_A": loss_a,
+    h_delta = op.hvp(delta)
+    quad = 0.5 * float(sum(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()) for a, b in zip(delta, h_delta)))
+    bound = 0.5 * rho * delta_sq
+    return {"model": ref_dir, "run_id": _run_id(ref_dir), "delta_sq_norm": delta_sq, "loss_A_at_A": loss_a,
             "loss_A_at_AB": loss_ab, "actual_loss_change": loss_ab - loss_a, "quadratic_term": quad,
             "bound": bound, "quadratic_le_bound": bool(quad <= bound * (1 + 1e-6) + 1e-12)}
 

@@ -1,40 +1,31 @@
-"""Evaluate a checkpoint on tasks in the restricted output space: the prediction is the option
-whose answer sentence has the highest log-likelihood given the prompt.
+"""Evaluate a checkpoint on tasks in the restricted output space: the prediction is the option whose answer
+sentence has the highest log-likelihood given the prompt.
 
     python evaluate.py --model runs/demo/toxigen --tasks toxigen,arc --out runs/demo/toxigen/eval.json
     python evaluate.py --model tiny --tasks arc --data_dir ../shared/data --out /tmp/eval.json --limit 500
     python evaluate.py --model runs/demo/toxigen --tasks toxigen --out /tmp/naive.json --scorer naive
 
-The fast scorer (default) runs the prefix the options share (prompt + "The best answer is") once:
-when every option is one token after it, their scores come from that single next-token
-distribution; otherwise each option's tail rides in the same forward behind the prefix, under a
-tree attention mask (a tail sees the prefix and itself only), so a batch costs one forward call.
---scorer kv does the same with the prefix's KV cache copied to each option (two calls a batch; the
-path for attention kernels that take no custom mask). Examples go in length-sorted batches. Both
-give the predictions of the naive scorer (--scorer naive: one full forward per option, as
-lm-evaluation-harness does), which tests/test_evaluate.py checks.
-
-Writes --out (results JSON, lm-evaluation-harness style: overall and per-group accuracy as fractions
-with stderr, BBQ also by ambig/disambig) and, beside it, <out stem>_samples.jsonl: per example the
-exact prompt and option strings scored, each option's log-likelihood and token count, the
-prediction and the label. An existing --out is refused unless --overwrite; the samples file is written
-first and the results JSON last, so an --out that exists is complete. Printed accuracies are in percent.
+Writes --out (accuracies as fractions, overall and per group) and <out stem>_samples.jsonl beside it (every
+prompt and option scored). Needs common.py, tasks.py and synthetic.py beside it (tiny_base.py for --model
+tiny). The formats: README.md.
 """
 import argparse
 import collections
 import contextlib
-import json
 import math
 import os
-import tempfile
 import time
 
 import torch
 
 from common import (AT_LEAST_1, NON_NEGATIVE, HelpFormatter, UserError, check_args, check_device, check_out,
                     die_on_user_error, load_model_and_tokenizer, progress, read_meta, resolve_model_path,
-                    write_json_atomic)
+                    write_json_atomic, write_jsonl_atomic)
 from tasks import GENERATIVE_TASKS, SPLITS, TASKS, encode_pair, load_task, parse_tasks, stratified_sample
+
+# The evaluation's defaults, in one place: evaluate_checkpoint's, this CLI's, and those of the scripts that
+# evaluate through it (replay.py's --eval_* options).
+DEFAULTS = {"split": "test", "limit": None, "batch_size": 16, "scorer": "fast", "seed": 0}
 
 # -----------------------------------------------------------------------------
 # Requests: token ids of every (example, option)
@@ -95,11 +86,11 @@ def score_naive(model, reqs, batch_size, pad_id, device, desc="naive"):
 def split_shared(opts):
     """Length of the longest common token prefix of an example's options (each keeps >= 1 own token)."""
     seqs = [ids for ids, _ in opts]
-    L = min(len(s) for s in seqs) - 1
-    for j in range(L):
+    longest = min(len(s) for s in seqs) - 1
+    for j in range(longest):
         if any(s[j] != seqs[0][j] for s in seqs[1:]):
             return j
-    return L
+    return longest
 
 
 @torch.no_grad()
@@ -109,58 +100,58 @@ def score_kv(model, reqs, batch_size, pad_id, device, desc="kv"):
     scores = [[None] * len(opts) for opts in reqs]
     for b in progress(range(0, len(order), batch_size), desc, leave=False):
         exs = order[b:b + batch_size]
-        Ls = [split_shared(reqs[e]) for e in exs]
-        P = max(Ls)
-        ids = torch.full((len(exs), P), pad_id, dtype=torch.long)
-        pmask = torch.zeros((len(exs), P), dtype=torch.long)
+        prefix_lens = [split_shared(reqs[e]) for e in exs]
+        longest_prefix = max(prefix_lens)
+        ids = torch.full((len(exs), longest_prefix), pad_id, dtype=torch.long)
+        pmask = torch.zeros((len(exs), longest_prefix), dtype=torch.long)
         for k, e in enumerate(exs):
-            ids[k, :Ls[k]] = torch.tensor(reqs[e][0][0][:Ls[k]])
-            pmask[k, :Ls[k]] = 1
-        single = all(len(ids_) - L == 1 for e, L in zip(exs, Ls) for ids_, _ in reqs[e])
+            ids[k, :prefix_lens[k]] = torch.tensor(reqs[e][0][0][:prefix_lens[k]])
+            pmask[k, :prefix_lens[k]] = 1
+        single = all(len(opt_ids) - plen == 1 for e, plen in zip(exs, prefix_lens) for opt_ids, _ in reqs[e])
         out = model(input_ids=ids.to(device), attention_mask=pmask.to(device), use_cache=not single)
         plogits = out.logits
         # Rows of the option tails: (example slot k, option i); the cache is copied to each row.
         rows = [(k, i) for k, e in enumerate(exs) for i in range(len(reqs[e]))]
         tail_logits = None
         if not single:
-            S = max(len(reqs[exs[k]][i][0]) - Ls[k] - 1 for k, i in rows)
-            S = max(S, 1)
-            tids = torch.full((len(rows), S), pad_id, dtype=torch.long)
-            tmask = torch.zeros((len(rows), S), dtype=torch.long)
-            pos = torch.zeros((len(rows), S), dtype=torch.long)
+            longest_tail = max(1, max(len(reqs[exs[k]][i][0]) - prefix_lens[k] - 1 for k, i in rows))
+            tids = torch.full((len(rows), longest_tail), pad_id, dtype=torch.long)
+            tmask = torch.zeros((len(rows), longest_tail), dtype=torch.long)
+            pos = torch.zeros((len(rows), longest_tail), dtype=torch.long)
             for r, (k, i) in enumerate(rows):
-                tail = reqs[exs[k]][i][0][Ls[k]:-1]  # the last token is only predicted, never fed
+                tail = reqs[exs[k]][i][0][prefix_lens[k]:-1]  # the last token is only predicted, never fed
                 tids[r, :len(tail)] = torch.tensor(tail, dtype=torch.long)
                 tmask[r, :len(tail)] = 1
-                pos[r] = Ls[k] + torch.arange(S)  # right after the row's own prefix, not after padding
+                pos[r] = prefix_lens[k] + torch.arange(longest_tail)  # right after the row's own prefix, not padding
             cache = out.past_key_values
             cache.reorder_cache(torch.tensor([k for k, _ in rows], device=device))
             full_mask = torch.cat([pmask[[k for k, _ in rows]], tmask], dim=1)
             tail_logits = model(input_ids=tids.to(device), attention_mask=full_mask.to(device),
                                 position_ids=pos.to(device), past_key_values=cache, use_cache=True).logits
         for r, (k, i) in enumerate(rows):
-            e, L = exs[k], Ls[k]
+            e, plen = exs[k], prefix_lens[k]
             seq, start = reqs[e][i]
             total = 0.0
             # Continuation tokens inside the shared prefix, and the first own token: prefix logits.
-            p_pos = list(range(start - 1, L))
+            p_pos = list(range(start - 1, plen))
             if p_pos:
                 total += float(_log_probs_at(plogits[k], torch.tensor(p_pos, device=device),
-                                             torch.tensor(seq[start:L + 1], device=device)).double().sum())
-            # The rest of the tail: logits of the tail forward (tail position j predicts seq[L + 1 + j]).
-            t_first = max(start, L + 1)
+                                             torch.tensor(seq[start:plen + 1], device=device)).double().sum())
+            # The rest of the tail: logits of the tail forward (tail position j predicts seq[plen + 1 + j]).
+            t_first = max(start, plen + 1)
             if t_first < len(seq):
-                t_pos = torch.arange(t_first - L - 1, len(seq) - L - 1, device=device)
+                t_pos = torch.arange(t_first - plen - 1, len(seq) - plen - 1, device=device)
                 total += float(_log_probs_at(tail_logits[r], t_pos, torch.tensor(seq[t_first:], device=device))
                                .double().sum())
             scores[e][i] = total
     return scores
 
 
-def _tail_targets(seq, start, L):
-    """For one option: (positions in the prefix whose logits score it, their targets) and the
-    tail targets seq[t] for t > L (scored by the logits of the fed tail token seq[t-1])."""
-    return list(range(start - 1, L)), seq[start:L + 1], list(range(max(start, L + 1), len(seq)))
+def _tail_targets(seq, start, plen):
+    """For one option and the length plen of the shared prefix: (positions in the prefix whose logits score
+    it, their targets) and the tail targets seq[t] for t > plen (scored by the logits of the fed tail token
+    seq[t-1])."""
+    return list(range(start - 1, plen)), seq[start:plen + 1], list(range(max(start, plen + 1), len(seq)))
 
 
 @torch.no_grad()
@@ -176,48 +167,53 @@ def score_packed(model, reqs, batch_size, pad_id, device, desc="fast"):
     scores = [[None] * len(opts) for opts in reqs]
     for b in progress(range(0, len(order), batch_size), desc, leave=False):
         exs = order[b:b + batch_size]
-        rows = []  # per example: (tokens, positions, segment of each token: -1 prefix / i tail, L, tail offsets)
+        rows = []  # per example: (tokens, positions, segment of each token: -1 prefix / i tail, prefix length,
+        #             tail offsets)
         for e in exs:
-            L = split_shared(reqs[e])
-            toks, pos, seg, offs = list(reqs[e][0][0][:L]), list(range(L)), [-1] * L, []
+            plen = split_shared(reqs[e])
+            toks, pos, seg, offs = list(reqs[e][0][0][:plen]), list(range(plen)), [-1] * plen, []
             for i, (seq, _) in enumerate(reqs[e]):
-                tail = seq[L:-1]  # the last token is only predicted, never fed
+                tail = seq[plen:-1]  # the last token is only predicted, never fed
                 offs.append(len(toks))
                 toks += tail
-                pos += range(L, L + len(tail))
+                pos += range(plen, plen + len(tail))
                 seg += [i] * len(tail)
-            rows.append((toks, pos, seg, L, offs))
+            rows.append((toks, pos, seg, plen, offs))
         n = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
         pos = torch.zeros((len(rows), n), dtype=torch.long)
         segs = torch.full((len(rows), n), -2, dtype=torch.long)  # -2: padding
         for k, (t, p, sg, _, _) in enumerate(rows):
             ids[k, :len(t)], pos[k, :len(t)], segs[k, :len(t)] = torch.tensor(t), torch.tensor(p), torch.tensor(sg)
-        q, kk = segs.unsqueeze(2), segs.unsqueeze(1)
+        query_seg, key_seg = segs.unsqueeze(2), segs.unsqueeze(1)
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         # key visible to query: causal, key not padding, and key in the prefix or in the query's own tail
-        allow = causal & (kk != -2) & ((kk == -1) | (kk == q))
+        allow = causal & (key_seg != -2) & ((key_seg == -1) | (key_seg == query_seg))
         allow |= torch.eye(n, dtype=torch.bool)  # padding queries see themselves: no NaN rows
         mask = allow.unsqueeze(1)
         if impl == "eager":
             mask = torch.zeros(mask.shape, dtype=model.dtype).masked_fill(~mask, torch.finfo(model.dtype).min)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).logits
         for k, e in enumerate(exs):
-            _, _, _, L, offs = rows[k]
+            _, _, _, plen, offs = rows[k]
             for i, (seq, start) in enumerate(reqs[e]):
-                p_pos, p_tgt, t_idx = _tail_targets(seq, start, L)
+                p_pos, p_tgt, t_idx = _tail_targets(seq, start, plen)
                 total = 0.0
                 if p_pos:
                     total += float(_log_probs_at(logits[k], torch.tensor(p_pos, device=device),
                                                  torch.tensor(p_tgt, device=device)).double().sum())
-                if t_idx:  # seq[t] is predicted by fed tail token seq[t-1], at offs[i] + (t - 1 - L)
-                    at = torch.tensor([offs[i] + t - 1 - L for t in t_idx], device=device)
+                if t_idx:  # seq[t] is predicted by fed tail token seq[t-1], at offs[i] + (t - 1 - plen)
+                    at = torch.tensor([offs[i] + t - 1 - plen for t in t_idx], device=device)
                     total += float(_log_probs_at(logits[k], at, torch.tensor([seq[t] for t in t_idx], device=device))
                                    .double().sum())
                 scores[e][i] = total
     return scores
 
 
+# fast (the default): the prefix the options share (prompt + "The best answer is") once, the option tails in
+# the same forward under a tree mask; kv: the same with the prefix's KV cache copied to each option (two calls a
+# batch: the path for attention kernels that take no custom mask); naive: one full forward per option, as
+# lm-evaluation-harness does. All three give the same predictions (tests/test_evaluate.py).
 SCORERS = {"fast": score_packed, "kv": score_kv, "naive": score_naive}
 
 # -----------------------------------------------------------------------------
@@ -256,8 +252,8 @@ def summarize(task, records, source, split):
 # -----------------------------------------------------------------------------
 
 
-def evaluate(model, tok, task_names, data_dir=None, split="test", limit=None, batch_size=16, scorer="fast",
-             device="cpu", seed=0):
+def evaluate(model, tok, task_names, data_dir=None, split=DEFAULTS["split"], limit=DEFAULTS["limit"],
+             batch_size=DEFAULTS["batch_size"], scorer=DEFAULTS["scorer"], device="cpu", seed=DEFAULTS["seed"]):
     """Score every task; returns ({task: results}, [per-example records])."""
     check_args({"limit": limit, "batch_size": batch_size, "seed": seed}, NUMERIC_RULES)
     max_length = getattr(model.config, "max_position_embeddings", 2048)
@@ -301,13 +297,14 @@ def samples_path(out):
 NUMERIC_RULES = {"limit": AT_LEAST_1, "batch_size": AT_LEAST_1, "seed": NON_NEGATIVE}
 
 
-def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split="test", limit=None, batch_size=16,
-                        scorer="fast", seed=0, bf16=False, device=None, model_name=None, overwrite=False,
-                        out_name=None):
-    """Load a checkpoint, score `tasks` (names, or a comma-separated string) and write `out` (results JSON) with its samples JSONL beside it;
-    returns the report. An existing `out` is refused unless overwrite. model_name / out_name: what the report
-    and the printed lines call the model and `out` (default model_path, out), so a caller that evaluates a
-    folder before moving it into place (finetune.py --eval_tasks) names the final ones."""
+def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split=DEFAULTS["split"], limit=DEFAULTS["limit"],
+                        batch_size=DEFAULTS["batch_size"], scorer=DEFAULTS["scorer"], seed=DEFAULTS["seed"],
+                        bf16=False, device=None, model_name=None, overwrite=False, out_name=None):
+    """Load a checkpoint, score `tasks` (names, or a comma-separated string) and write `out` (results JSON)
+    with its samples JSONL beside it; returns the report. The one entry every caller uses. An existing `out` is
+    refused unless overwrite. model_name / out_name: what the report and the printed lines call the model and
+    `out` (default model_path, out), so a caller that evaluates a folder before moving it into place
+    (finetune.py --eval_tasks) names the final ones."""
     tasks = parse_tasks(tasks)
     check_args({"limit": limit, "batch_size": batch_size, "seed": seed}, NUMERIC_RULES)
     if split not in SPLITS:
@@ -322,7 +319,7 @@ def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split="test", lim
     model_name = model_path if model_name is None else model_name
     out_name = out if out_name is None else out_name
     model_path = resolve_model_path(model_path)
-    meta = read_meta(model_path) if os.path.isdir(model_path) else {}
+    meta = read_meta(model_path)
     dtype = torch.bfloat16 if bf16 else torch.float32
     model, tok = load_model_and_tokenizer(model_path, dtype=dtype)
     model.to(device).eval()
@@ -335,17 +332,13 @@ def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split="test", lim
               "tasks": results, "samples": os.path.basename(spath)}
     # The samples first, the results JSON last (its presence means complete); a failure leaves neither.
     existed = os.path.exists(out)
-    os.makedirs(os.path.dirname(os.path.abspath(spath)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(spath)), prefix=".tmp-", suffix=".jsonl")
+    write_jsonl_atomic(spath, samples)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in samples)
-        os.replace(tmp, spath)
         write_json_atomic(out, report)
     except BaseException:
-        for f in (tmp,) if existed else (tmp, spath):
+        if not existed:
             with contextlib.suppress(FileNotFoundError):
-                os.remove(f)
+                os.remove(spath)
         raise
     for t, r in results.items():
         print(f"  {t:15s} acc {100 * r['acc']:.2f}% +- {100 * r['acc_stderr']:.2f}%  n {r['n']}  "
@@ -354,11 +347,10 @@ def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split="test", lim
 
 
 def run(args):
-    """evaluate.py's work for parsed arguments (replay.py passes a Namespace; its optional model_name / out_name
-    are the names printed and recorded for a temporary folder)."""
-    return evaluate_checkpoint(args.model, args.tasks, args.out, args.data_dir, args.split, args.limit, args.batch_size,
-                               args.scorer, args.seed, args.bf16, args.device, getattr(args, "model_name", None),
-                               getattr(args, "overwrite", False), getattr(args, "out_name", None))
+    """evaluate.py's work for its parsed command line."""
+    return evaluate_checkpoint(args.model, args.tasks, args.out, data_dir=args.data_dir, split=args.split,
+                               limit=args.limit, batch_size=args.batch_size, scorer=args.scorer, seed=args.seed,
+                               bf16=args.bf16, device=args.device, overwrite=args.overwrite)
 
 
 def build_parser():
@@ -369,14 +361,14 @@ def build_parser():
     p.add_argument("--out", required=True, help="results JSON (accuracies as fractions); the samples JSONL goes "
                    "beside it; refused if it exists, unless --overwrite")
     p.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (unset: the synthetic tasks)")
-    p.add_argument("--split", default="test", choices=SPLITS, help="the split scored")
-    p.add_argument("--limit", type=int, default=None, help="score a stratified subset of this many examples a task, "
-                   ">= 1 (unset: the whole split)")
-    p.add_argument("--batch_size", type=int, default=16, help="examples a forward pass (>= 1)")
-    p.add_argument("--scorer", default="fast", choices=list(SCORERS),
+    p.add_argument("--split", default=DEFAULTS["split"], choices=SPLITS, help="the split scored")
+    p.add_argument("--limit", type=int, default=DEFAULTS["limit"],
+                   help="score a stratified subset of this many examples a task, >= 1 (unset: the whole split)")
+    p.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"], help="examples a forward pass (>= 1)")
+    p.add_argument("--scorer", default=DEFAULTS["scorer"], choices=list(SCORERS),
                    help="fast: shared prefix once, option tails under a tree mask; kv: the prefix's KV cache; "
                         "naive: one forward per option (all give the same predictions)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --limit's subset (>= 0)")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of --limit's subset (>= 0)")
     p.add_argument("--bf16", action="store_true", help="load the model in bfloat16 (off: float32)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its samples file")

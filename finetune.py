@@ -1,55 +1,19 @@
-"""One supervised fine-tuning stage: a causal LM tuned on one task's answers. Chaining is just
---model pointing at the previous stage's output.
+"""One supervised fine-tuning stage: a causal LM tuned on one task's answers, the paper's recipe by default.
+A chain is --model pointing at the previous stage's output.
 
-    python finetune.py --model tiny --task toxigen --out runs/demo/toxigen            # theta_A
-    python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/toxigen-arc   # theta_AB
-    python finetune.py --model /models/Llama-2-7b-hf --task arc --out runs/arc --data_dir ../shared/data --bf16
-    torchrun --nproc_per_node=8 finetune.py --model /models/Llama-2-7b-hf --task arc --out runs/arc --bf16
+    python finetune.py --model tiny --task toxigen --out runs/demo/toxigen --eval_tasks toxigen     # theta_A
+    python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/toxigen-arc            # theta_AB
+    python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/mix \\
+        --replay_task toxigen --replay_fraction 0.05
+    python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/ewc --ewc 100 --ewc_task toxigen
+    torchrun --nproc_per_node=8 finetune.py --model /models/Llama-2-7b-hf --task arc --out runs/arc --bf16 \\
+        --data_dir DIR
 
-The paper's recipe is the default: AdamW (0.9, 0.95), weight decay 0.1, linear decay to zero with
-no warmup, 100 steps, global batch 16, max length 2048, lr 1e-5 (the tiny base gets its own lr,
-tiny_base.TINY_LR, unless --lr is given: 1e-5 is for a pretrained 7B model). The loss is the
-token NLL of the answer tokens (the correct option's continuation and EOS), summed over the whole
-global batch and divided by its number of answer tokens, so gradient accumulation and the number of
-processes do not change it. Under torchrun the model is sharded with FSDP2 (gloo on CPU, nccl on
-GPU); every rank takes its slice of the same global batch, giving the one-process result.
-
-Writes --out (atomically: the folder appears only when the stage is complete): the checkpoint
-(safetensors + tokenizer, loadable by from_pretrained), run.json (arguments, seed, versions, git
-commit, data, per-step and final loss), train_log.jsonl, chained_tuning.json (lineage). With
---eval_tasks T1,T2 [--eval_limit N] and/or --eval_val_tasks T [--eval_val_limit N] it also holds
-eval.json / eval_val.json and their samples: evaluate.py's files for the saved checkpoint (process 0
-loads it back from the folder and scores it before the folder is moved into place; under torchrun the
-other processes leave first). They are not part of the run_id.
-
-Options beyond the paper's recipe (all off by default; a run that does not set them has the run_id and
-the result it had before they existed: they enter the run_id only when set):
-  --train_fraction F (0 < F <= 1): train on a seeded random subset of the loaded training set
-      (load_task(task, "train", data_dir, train_size, seed)): round(F * n) examples (at least 1), the first
-      ones of a permutation drawn with numpy default_rng([seed, 5]), kept in their original order. Subsets
-      of one seed are nested (the 1% subset lies inside the 5% one). replay.py's fraction sweep uses it.
-  --replay_task A --replay_fraction F (0 < F <= 1): replay during this stage. A's training set is loaded
-      like the main one (same data_dir, train_size, seed). Global batch s (0-based) holds
-      k_s = floor(F*bs*(s+1) + 1/2) - floor(F*bs*s + 1/2) examples of A (F read as an exact decimal), so
-      every batch has floor(F*bs) or ceil(F*bs) of them and the run as a whole exactly
-      floor(F*bs*steps + 1/2); the other bs - k_s come from the stage's task. Each source is read as seeded
-      epochs of shuffled examples: the stage's task with the stream batch_order uses (default_rng(seed)),
-      A with default_rng([seed, 1]); the batch's positions are then permuted with default_rng([seed, 2]).
-      The loss is unchanged: all answer tokens of the mixed batch, summed, over their number.
-  --l2_to_init LAMBDA: loss + LAMBDA/2 * ||theta - theta_0||^2, theta_0 the weights the stage starts from
-      (theta_A for a second stage), over every trainable parameter (norms and embeddings included).
-  --ewc LAMBDA --ewc_task A [--ewc_samples 200]: loss + LAMBDA/2 * sum_i F_i (theta_i - theta_0,i)^2 with a
-      diagonal empirical Fisher at theta_0: F = mean over N samples of A's training set (the first N of a
-      default_rng([seed, 3]) permutation of the set loaded as above, in eval mode) of g*g, g the gradient of
-      the sample's answer negative log-likelihood (summed over its answer tokens, EOS included: the
-      sequence log-likelihood log p(answer | prompt), one sample per backward).
-  The penalties' gradients are added to the data gradient once per optimisation step, after the
-  backward of every micro-batch and before clipping (so clipping sees the gradient of loss + penalty);
-  AdamW's weight decay is applied as usual. The logged "loss" stays the data loss; train_log.jsonl gets a
-  "penalty" field. Both need one process (under torchrun they are refused: sharded anchors are not
-  implemented); replay and --train_fraction work under FSDP.
+Needs common.py, tasks.py and synthetic.py beside it (tiny_base.py for --model tiny, evaluate.py for
+--eval_tasks). The recipe, the options beyond it and what --out holds: README.md.
 """
 import argparse
+import dataclasses
 import fractions
 import hashlib
 import json
@@ -61,9 +25,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (AT_LEAST_1, META_FILE, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, atomic_dir, check_args,
-                    check_device, check_out, die_on_user_error, in_range, load_model_and_tokenizer, progress,
-                    read_meta, resolve_model_path, run_metadata, seed_everything, write_json_atomic)
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, atomic_dir, check_args, check_device,
+                    check_out, die_on_user_error, ids_sha256, in_range, load_model_and_tokenizer, progress, read_meta,
+                    resolve_model_path, run_metadata, seed_everything, seeded_rng, seeded_samples, setup_process_group,
+                    torchrun_rank_world, under_torchrun, write_json_atomic, write_jsonl_atomic, write_meta)
 from tasks import GENERATIVE_TASKS, PAPER_TRAIN_SIZE, TASKS, TaskData, encode_pair, load_task, parse_tasks
 
 PAPER_LR = 1e-5
@@ -178,7 +143,7 @@ def resolve_lr(cfg, meta):
 
 def batch_order(n_examples, steps, batch_size, seed):
     """Indices of every global batch: seeded epochs of shuffled examples, concatenated."""
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed, "batch_order")
     need = steps * batch_size
     idx = np.concatenate([rng.permutation(n_examples) for _ in range(math.ceil(need / n_examples))])
     return idx[:need].reshape(steps, batch_size).tolist()
@@ -209,34 +174,30 @@ def replay_counts(steps, batch_size, fraction):
 
 def mixed_batch_order(n_main, n_replay, steps, batch_size, fraction, seed):
     """Global batches mixing the stage's examples (indices < n_main) with replayed ones (indices
-    n_main + j, j < n_replay) in the proportions of replay_counts (see the module docstring)."""
+    n_main + j, j < n_replay) in the proportions of replay_counts. Each source is read as seeded epochs of
+    shuffled examples (the stage's own with batch_order's stream), and each batch's positions are shuffled."""
     counts = replay_counts(steps, batch_size, fraction)
-    main = _epoch_stream(n_main, steps * batch_size - sum(counts), np.random.default_rng(seed)).tolist()
-    rep = (_epoch_stream(n_replay, sum(counts), np.random.default_rng([seed, 1])) + n_main).tolist()
-    pos = np.random.default_rng([seed, 2])
-    out, im, ir = [], 0, 0
-    for k in counts:
-        b = main[im:im + batch_size - k] + rep[ir:ir + k]
-        im, ir = im + batch_size - k, ir + k
-        out.append([b[i] for i in pos.permutation(batch_size)])
-    return out
+    main_stream = _epoch_stream(n_main, steps * batch_size - sum(counts), seeded_rng(seed, "batch_order")).tolist()
+    replay_stream = (_epoch_stream(n_replay, sum(counts), seeded_rng(seed, "replay")) + n_main).tolist()
+    positions = seeded_rng(seed, "mix_positions")
+    batches, next_main, next_replay = [], 0, 0
+    for n_replayed in counts:
+        batch = (main_stream[next_main:next_main + batch_size - n_replayed]
+                 + replay_stream[next_replay:next_replay + n_replayed])
+        next_main, next_replay = next_main + batch_size - n_replayed, next_replay + n_replayed
+        batches.append([batch[i] for i in positions.permutation(batch_size)])
+    return batches
 
 
 def fraction_subset(data, fraction, seed):
-    """A seeded random subset of round(fraction * n) examples (at least 1) of a loaded TaskData: the first of
-    a default_rng([seed, 5]) permutation (nested across fractions), in their original order."""
+    """A seeded random subset of round(fraction * n) examples (at least 1) of a loaded TaskData, in their
+    original order; the subsets of one seed are nested (the 1% subset lies inside the 5% one)."""
     n = len(data.examples)
     k = min(n, max(1, _round_half_up(exact(fraction) * n)))
-    examples = seeded_samples(data.examples, k, seed, 5)
+    examples = seeded_samples(data.examples, k, seed, "train_fraction")
     info = {**data.info, "train_fraction": fraction, "fraction_of": n, "n": k,
-            "ids_sha256": hashlib.sha256("\n".join(ex.id for ex in examples).encode()).hexdigest()}
+            "ids_sha256": ids_sha256(ex.id for ex in examples)}
     return TaskData(data.task, data.split, examples, data.source, info)
-
-
-def seeded_samples(examples, n, seed, stream):
-    """The first n examples of a default_rng([seed, stream]) permutation (all of them if fewer), in order."""
-    keep = sorted(np.random.default_rng([seed, stream]).permutation(len(examples))[:n].tolist())
-    return [examples[i] for i in keep]
 
 
 def estimate_fisher(model, tok, examples, max_length, device="cpu", bf16=False):
@@ -316,8 +277,11 @@ def optimisation_step(model, opt, sched, encoded, gbatch, pad_id, cfg, rank=0, w
                       penalty=None):
     """One optimisation step on the global batch `gbatch` (indices into `encoded`); this process
     takes its slice. Returns (global loss, answer tokens in the global batch, gradient norm).
-    `penalty` (optional, e.g. AnchorPenalty): called once after the backward passes, before clipping; it
-    adds its gradient to .grad (its value is not part of the returned data loss)."""
+    The loss is the answer tokens' NLL summed over the whole global batch over their number, so neither
+    gradient accumulation nor the number of processes changes it.
+    `penalty` (optional, e.g. AnchorPenalty): called once after the backward passes, before clipping (so
+    clipping sees the gradient of loss + penalty); it adds its gradient to .grad (its value is not part of
+    the returned data loss)."""
     per_rank = len(gbatch) // world
     micro = micro or per_rank
     n_tok = sum(answer_tokens(encoded[i]) for i in gbatch)  # every rank knows the global count
@@ -383,150 +347,215 @@ def check_options(cfg, world):
         bad = [t for t in evaluated if t in GENERATIVE_TASKS]
         if bad:
             raise UserError(f"--{tasks_key}: {', '.join(bad)} is generative; its evaluation is not implemented yet")
+        if evaluated:
+            evaluator(f"--{tasks_key}")  # a finetune.py copied without evaluate.py learns it before training
 
 
-def train_stage(cfg):
-    """Run one fine-tuning stage described by cfg (see default_config()); returns the run record."""
-    cfg = {**default_config(), **cfg}
+@dataclasses.dataclass
+class StageInputs:
+    """What a stage starts from, besides the model: its tokenizer and lineage, the lr, and the encoded
+    training set (and, with --replay_fraction, the replayed task's)."""
+    tok: object
+    meta: dict
+    lr: float
+    lr_note: str
+    data: TaskData
+    encoded: list
+    replay_data: TaskData | None = None
+    replay_encoded: list | None = None
+
+
+def check_stage(cfg, world):
+    """Every check made before anything is loaded; returns the micro-batch size."""
     if cfg["task"] not in TASKS:
         raise UserError(f"unknown task {cfg['task']!r}; choose from {', '.join(TASKS)}")
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    master = rank == 0
     check_options(cfg, world)
     check_out(cfg["out"], cfg["overwrite"], kind="dir")
-    shown_out = cfg.get("out_name") or cfg["out"]  # a caller that trains into a temporary folder names the final one
     if cfg["batch_size"] % world:
         raise UserError(f"--batch_size {cfg['batch_size']} is not divisible by the {world} processes")
     per_rank = cfg["batch_size"] // world
     micro = cfg["micro_batch_size"] or per_rank
     if per_rank % micro:
         raise UserError(f"--micro_batch_size {micro} does not divide the per-process batch {per_rank}")
-    device = check_device(cfg["device"])
-    if ddp:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        own_group = not dist.is_initialized()  # a caller (replay.py) may hold one across several stages
-        if own_group:
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    seed_everything(cfg["seed"])
-    t0 = time.time()
+    return micro
 
+
+def load_stage_inputs(cfg):
+    """-> (the starting model, StageInputs)."""
     model_path = resolve_model_path(cfg["model"])
-    meta = read_meta(model_path) if os.path.isdir(model_path) else {}
+    meta = read_meta(model_path)
     lr, lr_note = resolve_lr(cfg, meta)
     model, tok = load_model_and_tokenizer(model_path)
     data = load_task(cfg["task"], "train", cfg["data_dir"], cfg["train_size"], cfg["seed"])
     if cfg["train_fraction"] is not None:
         data = fraction_subset(data, cfg["train_fraction"], cfg["seed"])
-    encoded = [encode_example(tok, ex, cfg["max_length"]) for ex in data.examples]
-    replay = None
-    if cfg["replay_fraction"]:
-        rdata = load_task(cfg["replay_task"], "train", cfg["data_dir"], cfg["train_size"], cfg["seed"])
-        replay = (rdata, [encode_example(tok, ex, cfg["max_length"]) for ex in rdata.examples])
-    if master:
-        print(f"finetune: {cfg['task']} [{data.source}] {len(encoded)} examples, model {cfg['model']}, "
-              f"lr {lr:g} ({lr_note}), {cfg['steps']} steps x batch {cfg['batch_size']}, {world} process(es) "
-              f"-> {shown_out}", flush=True)
+    inputs = StageInputs(tok, meta, lr, lr_note, data, [encode_example(tok, ex, cfg["max_length"])
+                                                        for ex in data.examples])
+    if cfg["replay_fraction"]:  # A's training set is loaded like the main one (data_dir, train_size, seed)
+        inputs.replay_data = load_task(cfg["replay_task"], "train", cfg["data_dir"], cfg["train_size"], cfg["seed"])
+        inputs.replay_encoded = [encode_example(tok, ex, cfg["max_length"]) for ex in inputs.replay_data.examples]
+    return model, inputs
+
+
+def prepare_model(model, cfg, device, sharded):
     model.to(device)
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    if ddp:
+    if sharded:
         shard_model(model)
-    opt, sched = make_optimizer(model, lr, cfg)
 
-    penalty, fisher_info = None, None
-    if cfg["l2_to_init"] or cfg["ewc"]:
-        fisher = None
-        if cfg["ewc"]:
-            te = time.time()
-            pool = load_task(cfg["ewc_task"], "train", cfg["data_dir"], cfg["train_size"], cfg["seed"])
-            fex = seeded_samples(pool.examples, cfg["ewc_samples"], cfg["seed"], 3)
-            fisher = estimate_fisher(model, tok, fex, cfg["max_length"], device, cfg["bf16"])
-            fisher_info = {"task": cfg["ewc_task"], "n_samples": len(fex), "source": pool.source,
-                           "sample_ids_sha256": hashlib.sha256("\n".join(e.id for e in fex).encode()).hexdigest(),
-                           "fisher_sum": float(sum(f.double().sum() for f in fisher)),
-                           "fisher_max": float(max(f.max() for f in fisher)), "seconds": round(time.time() - te, 2)}
-        penalty = AnchorPenalty(model, cfg["l2_to_init"], cfg["ewc"], fisher)
 
-    if replay is None:
-        order = batch_order(len(encoded), cfg["steps"], cfg["batch_size"], cfg["seed"])
-        train_items = encoded
-    else:
-        order = mixed_batch_order(len(encoded), len(replay[1]), cfg["steps"], cfg["batch_size"],
-                                  cfg["replay_fraction"], cfg["seed"])
-        train_items = encoded + replay[1]
+def build_penalty(model, tok, cfg, device):
+    """--l2_to_init / --ewc: (the AnchorPenalty at the starting weights, the Fisher's record for run.json);
+    (None, None) when both are off, a None record without --ewc."""
+    if not (cfg["l2_to_init"] or cfg["ewc"]):
+        return None, None
+    fisher, fisher_info = None, None
+    if cfg["ewc"]:
+        started = time.time()
+        pool = load_task(cfg["ewc_task"], "train", cfg["data_dir"], cfg["train_size"], cfg["seed"])
+        samples = seeded_samples(pool.examples, cfg["ewc_samples"], cfg["seed"], "ewc")
+        fisher = estimate_fisher(model, tok, samples, cfg["max_length"], device, cfg["bf16"])
+        fisher_info = {"task": cfg["ewc_task"], "n_samples": len(samples), "source": pool.source,
+                       "sample_ids_sha256": ids_sha256(ex.id for ex in samples),
+                       "fisher_sum": float(sum(f.double().sum() for f in fisher)),
+                       "fisher_max": float(max(f.max() for f in fisher)), "seconds": round(time.time() - started, 2)}
+    return AnchorPenalty(model, cfg["l2_to_init"], cfg["ewc"], fisher), fisher_info
+
+
+def make_batch_order(inputs, cfg):
+    """-> (every global batch as indices into the training items, the items: the stage's examples, then the
+    replayed ones)."""
+    if inputs.replay_data is None:
+        return batch_order(len(inputs.encoded), cfg["steps"], cfg["batch_size"], cfg["seed"]), inputs.encoded
+    order = mixed_batch_order(len(inputs.encoded), len(inputs.replay_encoded), cfg["steps"], cfg["batch_size"],
+                              cfg["replay_fraction"], cfg["seed"])
+    return order, inputs.encoded + inputs.replay_encoded
+
+
+def train_loop(model, opt, sched, items, order, inputs, cfg, rank, world, micro, device, penalty):
+    """Every optimisation step; returns (train_log.jsonl's lines, the losses)."""
     log, losses = [], []
     model.train()
-    bar = progress(range(cfg["steps"]), f"finetune {cfg['task']}", disable=not master, dynamic_ncols=True)
+    bar = progress(range(cfg["steps"]), f"finetune {cfg['task']}", disable=rank != 0, dynamic_ncols=True)
     for step in bar:
-        ts = time.time()
-        cur_lr = sched.get_last_lr()[0]
-        loss, n_tok, gnorm = optimisation_step(model, opt, sched, train_items, order[step], tok.pad_token_id, cfg,
-                                               rank, world, micro, device, penalty)
+        started = time.time()
+        step_lr = sched.get_last_lr()[0]
+        loss, n_tok, grad_norm = optimisation_step(model, opt, sched, items, order[step], inputs.tok.pad_token_id,
+                                                   cfg, rank, world, micro, device, penalty)
         if not math.isfinite(loss):
-            raise UserError(f"the loss became {loss} at step {step + 1} (lr {lr:g}); lower --lr"
+            raise UserError(f"the loss became {loss} at step {step + 1} (lr {inputs.lr:g}); lower --lr"
                             + (" or train without --bf16" if cfg["bf16"] else ""))
         losses.append(loss)
-        log.append({"step": step + 1, "loss": loss, "lr": cur_lr, "answer_tokens": n_tok, "grad_norm": gnorm,
-                    "seconds": round(time.time() - ts, 4)})
+        entry = {"step": step + 1, "loss": loss, "lr": step_lr, "answer_tokens": n_tok, "grad_norm": grad_norm,
+                 "seconds": round(time.time() - started, 4)}
         if penalty is not None:
-            log[-1]["penalty"] = penalty.last
-        if replay is not None:
-            log[-1]["replayed"] = sum(i >= len(encoded) for i in order[step])
+            entry["penalty"] = penalty.last
+        if inputs.replay_data is not None:
+            entry["replayed"] = sum(i >= len(inputs.encoded) for i in order[step])
+        log.append(entry)
         bar.set_postfix(loss=f"{loss:.4f}")
+    return log, losses
 
-    state = full_state_dict(model, ddp)
+
+def run_record(cfg, inputs, log, losses, penalty, fisher_info, world, started):
+    """run.json: the run_id, lineage, settings, data and losses, and the replay and penalty records when on."""
+    meta, data = inputs.meta, inputs.data
     parent_id = meta.get("run_id") if meta.get("chain") else None  # None: tuned from a base model
     # Settings that do not change the result (where and how it is computed) stay out of the id.
-    id_fields = {"config": config_for_id(cfg), "lr": lr, "parent": parent_id, "data": data.info["ids_sha256"]}
-    if replay is not None:
-        id_fields["replay_data"] = replay[0].info["ids_sha256"]
+    id_fields = {"config": config_for_id(cfg), "lr": inputs.lr, "parent": parent_id, "data": data.info["ids_sha256"]}
+    if inputs.replay_data is not None:
+        id_fields["replay_data"] = inputs.replay_data.info["ids_sha256"]
     run_id = hashlib.sha256(json.dumps(id_fields, sort_keys=True).encode()).hexdigest()[:16]
     chain = list(meta.get("chain", [])) + [cfg["task"]]
     record = {"run_id": run_id, "parent_run_id": parent_id, "chain": chain, "stage": len(chain), "task": cfg["task"],
-              "lr": lr, "lr_note": lr_note, "seed": cfg["seed"], "steps": cfg["steps"], "config": cfg,
+              "lr": inputs.lr, "lr_note": inputs.lr_note, "seed": cfg["seed"], "steps": cfg["steps"], "config": cfg,
               "base_model": meta.get("base_model") or ("tiny" if meta.get("tiny") else cfg["model"]),
               "tiny": bool(meta.get("tiny")), "world_size": world,
-              "data": {"source": data.source, "n_train": len(encoded), "train_info": data.info,
-                       "truncated_examples": sum(e["truncated"] for e in encoded),
-                       "answer_tokens": sum(answer_tokens(e) for e in encoded)},
-              "final_loss": losses[-1] if losses else None, "losses": losses,
-              **({"replay": {"task": cfg["replay_task"], "fraction": cfg["replay_fraction"],
-                             "n_pool": len(replay[1]), "train_info": replay[0].info,
-                             "examples_replayed": sum(r["replayed"] for r in log),
-                             "examples_total": cfg["steps"] * cfg["batch_size"]}} if replay is not None else {}),
-              **({"regularisation": {"l2_to_init": cfg["l2_to_init"], "ewc": cfg["ewc"], "fisher": fisher_info,
-                                     "final_penalty": penalty.last}} if penalty is not None else {}),
-              "wall_time_s": round(time.time() - t0, 2), **run_metadata()}
+              "data": {"source": data.source, "n_train": len(inputs.encoded), "train_info": data.info,
+                       "truncated_examples": sum(e["truncated"] for e in inputs.encoded),
+                       "answer_tokens": sum(answer_tokens(e) for e in inputs.encoded)},
+              "final_loss": losses[-1] if losses else None, "losses": losses}
+    if inputs.replay_data is not None:
+        record["replay"] = {"task": cfg["replay_task"], "fraction": cfg["replay_fraction"],
+                            "n_pool": len(inputs.replay_encoded), "train_info": inputs.replay_data.info,
+                            "examples_replayed": sum(entry["replayed"] for entry in log),
+                            "examples_total": cfg["steps"] * cfg["batch_size"]}
+    if penalty is not None:
+        record["regularisation"] = {"l2_to_init": cfg["l2_to_init"], "ewc": cfg["ewc"], "fisher": fisher_info,
+                                    "final_penalty": penalty.last}
+    record["wall_time_s"] = round(time.time() - started, 2)
+    record.update(run_metadata())
+    return record
 
-    def leave_group():  # the other processes wait for the checkpoint only, never for the evaluation
-        if ddp:
-            dist.barrier()
-            if own_group:
-                dist.destroy_process_group()
 
-    if not master:
-        leave_group()
+def save_stage(folder, model, state, tok, record, log):
+    """The checkpoint (safetensors + tokenizer), its lineage file, train_log.jsonl and run.json."""
+    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    tok.save_pretrained(folder)
+    write_meta(folder, {"run_id": record["run_id"], "chain": record["chain"], "base_model": record["base_model"],
+                        "tiny": record["tiny"], "task": record["task"], "data_source": record["data"]["source"]})
+    write_jsonl_atomic(os.path.join(folder, "train_log.jsonl"), log)
+    write_json_atomic(os.path.join(folder, "run.json"), record)
+
+
+def leave_process_group(own_group):
+    """Under torchrun the other processes wait for process 0's checkpoint only, never for its evaluation."""
+    dist.barrier()
+    if own_group:
+        dist.destroy_process_group()
+
+
+def train_stage(cfg):
+    """Run one fine-tuning stage described by cfg (see default_config()); returns the run record."""
+    cfg = {**default_config(), **cfg}
+    rank, world = torchrun_rank_world()
+    sharded = under_torchrun()
+    micro = check_stage(cfg, world)
+    shown_out = cfg.get("out_name") or cfg["out"]  # a caller that trains into a temporary folder names the final one
+    device = check_device(cfg["device"])
+    own_group = False
+    if sharded:
+        device, own_group = setup_process_group(device)
+    seed_everything(cfg["seed"])
+    started = time.time()
+
+    model, inputs = load_stage_inputs(cfg)
+    if rank == 0:
+        print(f"finetune: {cfg['task']} [{inputs.data.source}] {len(inputs.encoded)} examples, model {cfg['model']}, "
+              f"lr {inputs.lr:g} ({inputs.lr_note}), {cfg['steps']} steps x batch {cfg['batch_size']}, {world} "
+              f"process(es) -> {shown_out}", flush=True)
+    prepare_model(model, cfg, device, sharded)
+    opt, sched = make_optimizer(model, inputs.lr, cfg)
+    penalty, fisher_info = build_penalty(model, inputs.tok, cfg, device)
+    order, items = make_batch_order(inputs, cfg)
+    log, losses = train_loop(model, opt, sched, items, order, inputs, cfg, rank, world, micro, device, penalty)
+    state = full_state_dict(model, sharded)
+    record = run_record(cfg, inputs, log, losses, penalty, fisher_info, world, started)
+
+    if rank != 0:
+        leave_process_group(own_group)
         return record
     with atomic_dir(cfg["out"], overwrite=cfg["overwrite"]) as tmp:
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        lineage = {"run_id": run_id, "chain": chain, "base_model": record["base_model"], "tiny": record["tiny"],
-                   "task": cfg["task"], "data_source": data.source}
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(lineage, f, indent=2)
-        with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in log)
-        write_json_atomic(os.path.join(tmp, "run.json"), record)
+        save_stage(tmp, model, state, inputs.tok, record, log)
         print(f"finetune: done in {record['wall_time_s']:.1f}s, final loss {record['final_loss']:.4f} -> {shown_out}",
               flush=True)
-        leave_group()
-        del model, state, opt
+        if sharded:
+            leave_process_group(own_group)
+        del model, state, opt, penalty
         evaluate_saved(tmp, cfg)  # inside the temporary folder: --out appears with its evaluation or not at all
     return record
+
+
+def evaluator(flag):
+    """evaluate.evaluate_checkpoint, or a UserError naming the missing evaluate.py."""
+    try:
+        from evaluate import evaluate_checkpoint
+    except ImportError as e:
+        raise UserError(f"{flag} needs evaluate.py beside finetune.py ({e}); copy it there, or run evaluate.py "
+                        f"separately") from None
+    return evaluate_checkpoint
 
 
 def evaluate_saved(folder, cfg):
@@ -540,13 +569,11 @@ def evaluate_saved(folder, cfg):
     jobs = [j for j in jobs if j[0]]
     if not jobs:
         return
-    try:
-        from evaluate import evaluate_checkpoint
-    except ImportError as e:
-        raise UserError(f"--eval_tasks needs evaluate.py beside finetune.py ({e}); run evaluate.py separately")
+    evaluate_checkpoint = evaluator("--eval_tasks")
     for tasks, split, limit, name in jobs:
-        evaluate_checkpoint(folder, tasks, os.path.join(folder, name), cfg["data_dir"], split, limit,
-                            device=cfg["device"], model_name=cfg["out"], out_name=os.path.join(cfg["out"], name))
+        evaluate_checkpoint(folder, tasks, os.path.join(folder, name), data_dir=cfg["data_dir"], split=split,
+                            limit=limit, device=cfg["device"], model_name=cfg["out"],
+                            out_name=os.path.join(cfg["out"], name))
 
 
 # -----------------------------------------------------------------------------
@@ -587,7 +614,7 @@ def build_parser():
                    help="recompute activations in the backward pass: less memory, slower")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    g = p.add_argument_group("beyond the paper's recipe (off by default; see the module docstring)")
+    g = p.add_argument_group("beyond the paper's recipe (off by default; see README.md)")
     g.add_argument("--train_fraction", type=float, default=None,
                    help="train on a seeded random fraction of the loaded training set, in (0, 1] (unset: all of it)")
     g.add_argument("--replay_task", default=None, choices=TASKS,

@@ -1,53 +1,17 @@
-"""Replay as a third stage (the paper's section 5 and appendix 9.4): from a chained model theta_AB, tune
-again on the first task A with a fraction of its training data, or for a number of steps, and evaluate A
-(does it recover?) and B (what does it lose?) after every point.
+"""Replay as a third stage (the paper's section 5, appendix 9.4): from theta_AB, tune again on the first task A
+with a fraction of its training data (or for a number of steps), and evaluate A (does it recover?) and B (what
+does it lose?) after every point; each point is a finetune.train_stage call and an evaluate.evaluate_checkpoint.
 
-    python replay.py --model runs/tiny/stage2/toxigen-arc/lrA1e-3_lrB1e-3/seed0 --task toxigen \\
-        --out runs/tiny/replay/toxigen-arc/seed0 --fractions 0,0.01,0.05,0.1,0.2,0.4,0.6,0.8,1 --steps 100 \\
-        --first_stage runs/tiny/stage1/toxigen/lr1e-3/seed0 --eval_limit 300
-    python replay.py --model <theta_AB> --task toxigen --out <same dir> --steps_sweep 0,5,10,20,40,60,80,100
+    python replay.py --model runs/demo/toxigen-arc --task toxigen --out runs/demo/replay \\
+        --fractions 0,0.01,0.05,0.1,0.2,0.4,0.6,0.8,1 --steps 100 --first_stage runs/demo/toxigen --eval_limit 300
+    python replay.py --model runs/demo/toxigen-arc --task toxigen --out runs/demo/replay --steps_sweep 0,5,10,20,40
 
-Every point is one finetune.train_stage call (the recipe of finetune.py, its loss, optimiser and
-schedule) from --model on A's training set as finetune.py loads it (load_task(A, "train", data_dir,
-train_size, seed)):
-  fraction sweep (--fractions: fractions F in [0, 1] of that set, as finetune.py's --train_fraction):
-      --steps steps on a seeded random subset of it (finetune --train_fraction F: round(F * n) examples, at
-      least 1, the first of a default_rng([seed, 5]) permutation, so the subsets of one seed are nested);
-      F = 1 is the whole set;
-  steps sweep: S steps on the whole set.
-The learning rate decays linearly to zero over the point's own steps, as in any finetune.py stage.
-A fraction-0 or 0-step point trains nothing: it is the evaluation of --model itself, made by evaluate.run (the
-code of evaluate.py), so it equals `python evaluate.py --model <theta_AB> --tasks A,B --limit N --seed S`.
-Evaluation: A and B (B = the last task of --model's chain, from its chained_tuning.json) on the test split
-(--eval_limit: evaluate.py's --limit, a stratified subset seeded by --eval_seed).
-
-Output (--out):
-  fraction<F>/ (F as %g: fraction0, fraction0.05, fraction1) and steps<S>/, one folder per point, written
-  atomically (the folder appears only when the point is complete). --out is meant to be reused: an existing
-  point made with the same settings is skipped, so a rerun resumes and a second sweep adds its points; one
-  made with other settings is an error, unless --overwrite (which remakes every point asked for). Each holds
-  eval.json + eval_samples.jsonl (evaluate.py's formats; "model" names --model and the point), point.json
-  (the point's record, as in the summary), run.json + train_log.jsonl of the stage (trained points only),
-  and the checkpoint only with --save_checkpoints. The fraction-1 point of the fraction sweep and the
-  --steps point of the steps sweep are the same run: the second one made gets a copy of the first's
-  evaluation and "same_run_as" (no run.json, so no run_id appears twice); the 0 points likewise.
-  replay_summary.json: every point found under --out (all sweeps) with fraction (in [0, 1]), steps,
-  n_examples (size of the stage's training set; 0 when untrained), acc_a, acc_b, forgetting_a =
-  acc_A(theta_A) - acc_A(point) (fractions; null without a first-stage reference), change_b =
-  acc_B(point) - acc_B(theta_AB) (null until a 0 point exists), loss (final training loss), wall_time_s.
-  The lines printed at the end show accuracies and forgetting in percent.
-First-stage reference (for forgetting_a), in this order:
-  --first_stage DIR: theta_A's folder; its run.json/chained_tuning.json must be A's stage of --model's chain
-      (run_id == --model's parent_run_id for a two-task chain). Its eval.json is used when it holds A with the
-      same limit, eval seed, split and data; otherwise theta_A is evaluated here with the replay settings
-      (--out/first_stage_eval.json, reused by a rerun with the same settings);
-  --first_stage_eval FILE: an eval.json of theta_A (taken as is; a differing limit is noted in the summary);
-  neither: forgetting_a is null.
-Under torchrun every process runs this script: the stages are trained with FSDP as in finetune.py, and
-process 0 alone evaluates and writes.
+--fractions are fractions of A's training set in [0, 1] (0: --model itself, untrained); --out is resumed
+(points made with the same settings are kept). Needs finetune.py, evaluate.py, common.py, tasks.py and
+synthetic.py beside it (tiny_base.py for the tiny base). What --out holds: README.md.
 """
 import argparse
-import json
+import datetime
 import os
 import shutil
 import sys
@@ -58,8 +22,11 @@ import torch
 import evaluate as evaluate_mod
 import finetune
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, check_args, check_device,
-                    die_on_user_error, read_meta, resolve_model_path, write_json_atomic)
+                    die_on_user_error, read_json, read_meta, resolve_model_path, setup_process_group,
+                    torchrun_rank_world, write_json_atomic)
 from tasks import GENERATIVE_TASKS, TASKS
+
+EVAL_DEFAULTS = evaluate_mod.DEFAULTS
 
 SUMMARY = "replay_summary.json"
 POINT = "point.json"
@@ -102,12 +69,6 @@ def point_name(sweep, value):
     return f"{sweep}{fmt(value)}"
 
 
-def dist_info():
-    if int(os.environ.get("RANK", -1)) == -1:
-        return 0, 1
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-
-
 # -----------------------------------------------------------------------------
 # Inputs
 
@@ -118,11 +79,8 @@ def read_model(path):
     if not os.path.isdir(resolved):
         raise UserError(f"--model {path} must be a chained checkpoint folder written by finetune.py")
     meta = read_meta(resolved)
-    run = {}
-    rp = os.path.join(resolved, "run.json")
-    if os.path.isfile(rp):
-        with open(rp) as f:
-            run = json.load(f)
+    run_path = os.path.join(resolved, "run.json")
+    run = read_json(run_path) if os.path.isfile(run_path) else {}
     if not meta.get("chain") and run.get("chain"):
         meta = {**meta, "chain": run["chain"], "run_id": run.get("run_id")}
     return resolved, meta, run
@@ -145,90 +103,90 @@ def check_inputs(args, meta):
 
 
 def load_first_stage(args, meta, run, settings, out, master):
-    """-> reference dict {"acc_a", "source", ...} or None."""
-    a = args.task
+    """The reference of forgetting_a: {"acc_a", "source", "run_id", "note"}, or None. From --first_stage_eval
+    (taken as is), or --first_stage: its own eval.json when it scored A as the replay points are, else an
+    evaluation made here with the replay settings (--out/first_stage_eval.json, reused by a rerun)."""
+    task_a = args.task
     chain = meta["chain"]
     if args.first_stage_eval:
         if not os.path.isfile(args.first_stage_eval):
             raise UserError(f"--first_stage_eval {args.first_stage_eval} does not exist; pass theta_A's eval.json")
-        with open(args.first_stage_eval) as f:
-            ev = json.load(f)
-        if a not in ev.get("tasks", {}):
-            raise UserError(f"--first_stage_eval {args.first_stage_eval} has no results for {a}")
-        if len(chain) == 2 and ev.get("run_id") and run.get("parent_run_id") and ev["run_id"] != run["parent_run_id"]:
-            raise UserError(f"--first_stage_eval {args.first_stage_eval} is the evaluation of run {ev['run_id']}, not "
-                            f"of --model's first stage {run['parent_run_id']}")
+        given = read_json(args.first_stage_eval)
+        if task_a not in given.get("tasks", {}):
+            raise UserError(f"--first_stage_eval {args.first_stage_eval} has no results for {task_a}")
+        if (len(chain) == 2 and given.get("run_id") and run.get("parent_run_id")
+                and given["run_id"] != run["parent_run_id"]):
+            raise UserError(f"--first_stage_eval {args.first_stage_eval} is the evaluation of run {given['run_id']}, "
+                            f"not of --model's first stage {run['parent_run_id']}")
         note = None
-        lim = (ev.get("config") or {}).get("limit")
-        if lim != args.eval_limit:
-            note = f"theta_A's evaluation used limit {lim}, the replay points {args.eval_limit}"
-        return {"acc_a": ev["tasks"][a]["acc"], "source": os.path.abspath(args.first_stage_eval),
-                "run_id": ev.get("run_id"), "note": note}
+        given_limit = (given.get("config") or {}).get("limit")
+        if given_limit != args.eval_limit:
+            note = f"theta_A's evaluation used limit {given_limit}, the replay points {args.eval_limit}"
+        return {"acc_a": given["tasks"][task_a]["acc"], "source": os.path.abspath(args.first_stage_eval),
+                "run_id": given.get("run_id"), "note": note}
     if not args.first_stage:
         return None
-    d = resolve_model_path(args.first_stage, "--first_stage")
-    fmeta = read_meta(d)
-    frun = {}
-    if os.path.isfile(os.path.join(d, "run.json")):
-        with open(os.path.join(d, "run.json")) as f:
-            frun = json.load(f)
-    fchain = fmeta.get("chain") or frun.get("chain") or []
-    fid = fmeta.get("run_id") or frun.get("run_id")
-    if not fchain or fchain[-1] != a or chain[:len(fchain)] != fchain:
-        raise UserError(f"--first_stage {args.first_stage} (chain {fchain or 'none'}) is not the {a} stage of "
-                        f"--model's chain {' -> '.join(chain)}")
-    if len(chain) == len(fchain) + 1 and run.get("parent_run_id") and fid != run["parent_run_id"]:
-        raise UserError(f"--first_stage {args.first_stage} is run {fid}, but --model's parent_run_id is "
+    first_dir = resolve_model_path(args.first_stage, "--first_stage")
+    first_meta = read_meta(first_dir)
+    first_run_path = os.path.join(first_dir, "run.json")
+    first_run = read_json(first_run_path) if os.path.isfile(first_run_path) else {}
+    first_chain = first_meta.get("chain") or first_run.get("chain") or []
+    first_id = first_meta.get("run_id") or first_run.get("run_id")
+    if not first_chain or first_chain[-1] != task_a or chain[:len(first_chain)] != first_chain:
+        raise UserError(f"--first_stage {args.first_stage} (chain {first_chain or 'none'}) is not the {task_a} stage "
+                        f"of --model's chain {' -> '.join(chain)}")
+    if len(chain) == len(first_chain) + 1 and run.get("parent_run_id") and first_id != run["parent_run_id"]:
+        raise UserError(f"--first_stage {args.first_stage} is run {first_id}, but --model's parent_run_id is "
                         f"{run['parent_run_id']}; pass the checkpoint --model was tuned from")
-    ep = os.path.join(d, "eval.json")
-    if os.path.isfile(ep):
-        with open(ep) as f:
-            ev = json.load(f)
-        if same_evaluation(ev, a, args, settings):
-            return {"acc_a": ev["tasks"][a]["acc"], "source": os.path.abspath(ep), "run_id": fid, "note": None}
+    own_eval_path = os.path.join(first_dir, "eval.json")
+    if os.path.isfile(own_eval_path):
+        own_eval = read_json(own_eval_path)
+        if same_evaluation(own_eval, task_a, args, settings):
+            return {"acc_a": own_eval["tasks"][task_a]["acc"], "source": os.path.abspath(own_eval_path),
+                    "run_id": first_id, "note": None}
     # evaluate theta_A here with the replay settings (an earlier invocation's evaluation is reused only if it
     # is of this theta_A with these settings)
-    fe = os.path.join(out, FIRST_EVAL)
+    made_path = os.path.join(out, FIRST_EVAL)
     redo = args.overwrite
-    if os.path.isfile(fe) and not redo:
-        with open(fe) as f:
-            ev = json.load(f)
-        if not (same_evaluation(ev, a, args, settings) and ev.get("run_id") == fid):
-            raise UserError(f"{fe} is an evaluation of another first stage or with other settings; pass --overwrite "
-                            f"to remake it (and every point asked for), or choose another --out")
-    if (redo or not os.path.isfile(fe)) and master:
-        print(f"replay: evaluating the first stage {args.first_stage} on {a} (its eval.json does not match the "
+    if os.path.isfile(made_path) and not redo:
+        made = read_json(made_path)
+        if not (same_evaluation(made, task_a, args, settings) and made.get("run_id") == first_id):
+            raise UserError(f"{made_path} is an evaluation of another first stage or with other settings; pass "
+                            f"--overwrite to remake it (and every point asked for), or choose another --out")
+    if (redo or not os.path.isfile(made_path)) and master:
+        print(f"replay: evaluating the first stage {args.first_stage} on {task_a} (its eval.json does not match the "
               f"replay settings)", flush=True)
         tmp = os.path.join(out, ".tmp-first-stage")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        evaluate_mod.run(eval_args(args, d, [a], os.path.join(tmp, "eval.json"), model_name=d, out_name=fe))
-        with open(os.path.join(tmp, "eval.json")) as f:
-            ev = json.load(f)
-        write_json_atomic(fe, ev)
+        evaluate_point(args, first_dir, [task_a], os.path.join(tmp, "eval.json"), model_name=first_dir,
+                       out_name=made_path)
+        write_json_atomic(made_path, read_json(os.path.join(tmp, "eval.json")))
         shutil.rmtree(tmp, ignore_errors=True)
-    if not os.path.isfile(fe):  # another process writes it
-        return {"acc_a": None, "source": fe, "run_id": fid, "note": "evaluated by process 0"}
-    with open(fe) as f:
-        ev = json.load(f)
-    return {"acc_a": ev["tasks"][a]["acc"], "source": os.path.abspath(fe), "run_id": fid,
-            "note": "evaluated by replay.py with the replay settings"}
+    if not os.path.isfile(made_path):  # another process writes it
+        return {"acc_a": None, "source": made_path, "run_id": first_id, "note": "evaluated by process 0"}
+    return {"acc_a": read_json(made_path)["tasks"][task_a]["acc"], "source": os.path.abspath(made_path),
+            "run_id": first_id, "note": "evaluated by replay.py with the replay settings"}
 
 
-def same_evaluation(ev, a, args, settings):
-    """Whether an eval.json holds task a scored as the replay points are (limit, seed, split, data, scorer, dtype)."""
-    cfg = ev.get("config") or {}
-    return (a in ev.get("tasks", {}) and cfg.get("limit") == args.eval_limit and cfg.get("seed", 0) == args.eval_seed
-            and cfg.get("split", "test") == "test" and cfg.get("data_dir") == args.data_dir
-            and cfg.get("scorer", "fast") == args.scorer and cfg.get("dtype", "float32") == settings["dtype"])
+def same_evaluation(evaluation, task, args, settings):
+    """Whether an eval.json holds `task` scored as the replay points are (limit, seed, split, data, scorer, dtype;
+    a setting an older file lacks had evaluate.py's default)."""
+    cfg = evaluation.get("config") or {}
+    return (task in evaluation.get("tasks", {}) and cfg.get("limit") == args.eval_limit
+            and cfg.get("seed", EVAL_DEFAULTS["seed"]) == args.eval_seed
+            and cfg.get("split", EVAL_DEFAULTS["split"]) == settings["split"] and cfg.get("data_dir") == args.data_dir
+            and cfg.get("scorer", EVAL_DEFAULTS["scorer"]) == args.scorer
+            and cfg.get("dtype", "float32") == settings["dtype"])
 
 
-def eval_args(args, model_dir, tasks, out, model_name=None, out_name=None):
-    """evaluate.run's arguments; out is a fresh temporary file, out_name (and model_name) the names printed."""
-    return argparse.Namespace(model=model_dir, tasks=",".join(tasks), out=out, data_dir=args.data_dir, split="test",
-                              limit=args.eval_limit, batch_size=args.eval_batch_size, scorer=args.scorer,
-                              seed=args.eval_seed, bf16=args.bf16, device=args.device, model_name=model_name,
-                              out_name=out_name)
+def evaluate_point(args, model_dir, tasks, out, model_name=None, out_name=None):
+    """evaluate.py's work on model_dir with the replay's --eval_* settings (its split: evaluate.py's default);
+    out is a fresh temporary file, out_name (and model_name) the names printed and recorded."""
+    return evaluate_mod.evaluate_checkpoint(model_dir, tasks, out, data_dir=args.data_dir, limit=args.eval_limit,
+                                            batch_size=args.eval_batch_size, scorer=args.scorer, seed=args.eval_seed,
+                                            bf16=args.bf16, device=args.device, model_name=model_name,
+                                            out_name=out_name)
 
 
 # -----------------------------------------------------------------------------
@@ -248,13 +206,13 @@ def plan_points(args):
 
 
 def check_existing(path, settings):
-    with open(os.path.join(path, POINT)) as f:
-        rec = json.load(f)
+    rec = read_json(os.path.join(path, POINT))
     old = rec.get("settings", {})
     diff = [k for k in SETTING_KEYS if old.get(k) != settings.get(k)]
     if diff:
-        raise UserError(f"{path} exists with other settings ({', '.join(f'{k}: {old.get(k)!r} vs {settings.get(k)!r}' for k in diff)}); "
-                        f"pass --overwrite to remake it, or choose another --out")
+        changed = ", ".join(f"{k}: {old.get(k)!r} vs {settings.get(k)!r}" for k in diff)
+        raise UserError(f"{path} exists with other settings ({changed}); pass --overwrite to remake it, or choose "
+                        f"another --out")
     return rec
 
 
@@ -265,13 +223,14 @@ def finish_point(tmp, final, rec):
     os.replace(tmp, final)
 
 
-def eval_fields(ev, a, b):
-    ta, tb = ev["tasks"][a], ev["tasks"][b]
-    return {"acc_a": ta["acc"], "acc_b": tb["acc"], "acc_a_stderr": ta["acc_stderr"], "acc_b_stderr": tb["acc_stderr"],
-            "n_eval_a": ta["n"], "n_eval_b": tb["n"], "eval_loss_a": ta["loss"], "eval_loss_b": tb["loss"]}
+def eval_fields(evaluation, task_a, task_b):
+    res_a, res_b = evaluation["tasks"][task_a], evaluation["tasks"][task_b]
+    return {"acc_a": res_a["acc"], "acc_b": res_b["acc"], "acc_a_stderr": res_a["acc_stderr"],
+            "acc_b_stderr": res_b["acc_stderr"], "n_eval_a": res_a["n"], "n_eval_b": res_b["n"],
+            "eval_loss_a": res_a["loss"], "eval_loss_b": res_b["loss"]}
 
 
-def run_point(args, model_dir, settings, a, b, name, sweep, frac, steps, key, done_keys, rank, world):
+def run_point(args, model_dir, settings, task_a, task_b, name, sweep, frac, steps, key, done_keys, rank, world):
     """Make one point (process 0 writes; under torchrun every process trains). Returns its record or None."""
     master = rank == 0
     final = os.path.join(args.out, name)
@@ -283,8 +242,7 @@ def run_point(args, model_dir, settings, a, b, name, sweep, frac, steps, key, do
         if not master:
             return None
         src = os.path.join(args.out, done_keys[key])
-        with open(os.path.join(src, POINT)) as f:
-            srec = json.load(f)
+        srec = read_json(os.path.join(src, POINT))
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         for fn in ("eval.json", "eval_samples.jsonl"):
@@ -303,27 +261,27 @@ def run_point(args, model_dir, settings, a, b, name, sweep, frac, steps, key, do
     record, train_time = None, 0.0
     eval_model = model_dir
     if key != 0:
-        cfg = {"model": model_dir, "task": a, "out": os.path.join(tmp, "stage"), "steps": steps,
+        cfg = {"model": model_dir, "task": task_a, "out": os.path.join(tmp, "stage"), "steps": steps,
                "train_fraction": None if frac >= 1 else frac, "lr": args.lr, "seed": args.seed,
                "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size, "data_dir": args.data_dir,
                "train_size": args.train_size, "max_length": args.max_length, "bf16": args.bf16,
                "device": args.device, "overwrite": True, "out_name": final}
-        ts = time.time()
+        train_started = time.time()
         record = finetune.train_stage(cfg)
-        train_time = time.time() - ts
+        train_time = time.time() - train_started
         eval_model = cfg["out"]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if not master:
         return None
-    te = time.time()
-    print(f"replay: {name}: evaluating {a},{b}", flush=True)
+    eval_started = time.time()
+    print(f"replay: {name}: evaluating {task_a},{task_b}", flush=True)
     keep_ckpt = record is not None and args.save_checkpoints
     desc = None if record is None else (os.path.abspath(final) if keep_ckpt else
                                         f"replay stage ({name}, checkpoint not saved) from {os.path.abspath(model_dir)}")
-    evaluate_mod.run(eval_args(args, eval_model, [a] if a == b else [a, b], os.path.join(tmp, "eval.json"),
-                               model_name=desc, out_name=os.path.join(final, "eval.json")))
-    eval_time = time.time() - te
+    evaluate_point(args, eval_model, [task_a] if task_a == task_b else [task_a, task_b],
+                   os.path.join(tmp, "eval.json"), model_name=desc, out_name=os.path.join(final, "eval.json"))
+    eval_time = time.time() - eval_started
     if record is not None:
         stage = os.path.join(tmp, "stage")
         if keep_ckpt:
@@ -333,14 +291,14 @@ def run_point(args, model_dir, settings, a, b, name, sweep, frac, steps, key, do
             for fn in STAGE_FILES:
                 shutil.move(os.path.join(stage, fn), os.path.join(tmp, fn))
         shutil.rmtree(stage)
-    with open(os.path.join(tmp, "eval.json")) as f:
-        ev = json.load(f)
+    evaluation = read_json(os.path.join(tmp, "eval.json"))
     rec = {**base, "n_examples": record["data"]["n_train"] if record else 0, "trained": record is not None,
            "loss": record["final_loss"] if record else None, "run_id": record["run_id"] if record else None,
-           "train_time_s": round(train_time, 2), "eval_time_s": round(eval_time, 2), **eval_fields(ev, a, b),
+           "train_time_s": round(train_time, 2), "eval_time_s": round(eval_time, 2),
+           **eval_fields(evaluation, task_a, task_b),
            "same_run_as": None, "checkpoint": keep_ckpt, "wall_time_s": round(time.time() - t0, 2)}
     finish_point(tmp, final, rec)
-    print(f"replay: {name}: acc {a} {100 * rec['acc_a']:.2f}%, acc {b} {100 * rec['acc_b']:.2f}% "
+    print(f"replay: {name}: acc {task_a} {100 * rec['acc_a']:.2f}%, acc {task_b} {100 * rec['acc_b']:.2f}% "
           f"({rec['wall_time_s']:.1f}s) -> {final}", flush=True)
     return rec
 
@@ -354,14 +312,13 @@ def collect_points(out):
     for name in sorted(os.listdir(out)):
         p = os.path.join(out, name, POINT)
         if not name.startswith(".") and os.path.isfile(p):
-            with open(p) as f:
-                pts.append(json.load(f))
+            pts.append(read_json(p))
     order = {"fraction": 0, "steps": 1}
     pts.sort(key=lambda r: (order.get(r["sweep"], 2), r["fraction"] if r["sweep"] == "fraction" else r["steps"]))
     return pts
 
 
-def write_summary(args, model_dir, meta, run, a, b, settings, ref, wall):
+def write_summary(args, model_dir, meta, task_a, task_b, settings, ref, wall):
     pts = collect_points(args.out)
     zero_b = next((p["acc_b"] for p in pts if not p["trained"] and p["settings"] == settings), None)
     ref_acc = ref["acc_a"] if ref else None
@@ -381,7 +338,7 @@ def write_summary(args, model_dir, meta, run, a, b, settings, ref, wall):
         s["values"].append(r["fraction"] if r["sweep"] == "fraction" else r["steps"])
         s["wall_time_s"] = round(s["wall_time_s"] + (r["wall_time_s"] or 0.0), 2)
     summary = {"model": os.path.abspath(model_dir), "model_run_id": meta.get("run_id"), "chain": meta["chain"],
-               "task_a": a, "task_b": b, "first_stage": ref, "settings": settings,
+               "task_a": task_a, "task_b": task_b, "first_stage": ref, "settings": settings,
                "units": "accuracies, forgetting_a and change_b are fractions; fraction is the fraction of A's "
                         "training set in [0, 1]",
                "definitions": {"forgetting_a": "acc_A(theta_A) - acc_A(point)",
@@ -389,19 +346,6 @@ def write_summary(args, model_dir, meta, run, a, b, settings, ref, wall):
                "points": rows, "sweeps": sweeps, "last_invocation_wall_time_s": round(wall, 2)}
     write_json_atomic(os.path.join(args.out, SUMMARY), summary)
     return summary
-
-
-def init_distributed(args, world):
-    """Under torchrun: one process group for the whole sweep (finetune.train_stage uses it), with a long
-    timeout since the other processes wait while process 0 evaluates."""
-    if world == 1:
-        return
-    import datetime
-    import torch.distributed as dist
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=4))
 
 
 def barrier(world):
@@ -412,7 +356,7 @@ def barrier(world):
 
 def main(args):
     t0 = time.time()
-    rank, world = dist_info()
+    rank, world = torchrun_rank_world()
     master = rank == 0
     try:
         return _main(args, t0, rank, world, master)
@@ -435,20 +379,24 @@ def _main(args, t0, rank, world, master):
         raise UserError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
     if args.scorer not in evaluate_mod.SCORERS:
         raise UserError(f"--scorer {args.scorer!r}: choose from {', '.join(evaluate_mod.SCORERS)}")
-    check_device(args.device)
+    device = check_device(args.device)
     model_dir, meta, run = read_model(args.model)
-    b = check_inputs(args, meta)
-    a = args.task
+    task_b = check_inputs(args, meta)
+    task_a = args.task
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file; pass a folder")
     lr, _ = finetune.resolve_lr({"lr": args.lr}, meta)
-    settings = {"model": os.path.abspath(model_dir), "model_run_id": meta.get("run_id"), "task": a, "task_b": b,
+    settings = {"model": os.path.abspath(model_dir), "model_run_id": meta.get("run_id"), "task": task_a,
+                "task_b": task_b,
                 "lr": lr, "seed": args.seed, "batch_size": args.batch_size, "data_dir": args.data_dir,
                 "train_size": args.train_size, "max_length": args.max_length, "bf16": args.bf16,
                 "dtype": "bfloat16" if args.bf16 else "float32", "eval_limit": args.eval_limit,
                 "eval_seed": args.eval_seed, "eval_batch_size": args.eval_batch_size, "scorer": args.scorer,
-                "split": "test", "fraction_unit": FRACTION_UNIT}
-    init_distributed(args, world)
+                "split": EVAL_DEFAULTS["split"], "fraction_unit": FRACTION_UNIT}
+    if world > 1:
+        # one process group for the whole sweep (finetune.train_stage uses it), with a long timeout since the
+        # other processes wait while process 0 evaluates
+        setup_process_group(device, timeout=datetime.timedelta(hours=4))
     ref = load_first_stage(args, meta, run, settings, args.out, master)
     barrier(world)  # (only process 0 uses ref)
     os.makedirs(args.out, exist_ok=True)
@@ -468,20 +416,20 @@ def _main(args, t0, rank, world, master):
             continue
         todo.append((name, sweep, frac, steps, key))
     if master:
-        print(f"replay: {' -> '.join(meta['chain'])} + {a}: {len(todo)} point(s) to make, "
+        print(f"replay: {' -> '.join(meta['chain'])} + {task_a}: {len(todo)} point(s) to make, "
               f"{len(plan) - len(todo)} done -> {args.out}", flush=True)
     for name, sweep, frac, steps, key in todo:
-        run_point(args, model_dir, settings, a, b, name, sweep, frac, steps, key, done_keys, rank, world)
+        run_point(args, model_dir, settings, task_a, task_b, name, sweep, frac, steps, key, done_keys, rank, world)
         done_keys.setdefault(key, name)
         barrier(world)  # the other processes wait while process 0 evaluates
     if not master:
         return None
-    summary = write_summary(args, model_dir, meta, run, a, b, settings, ref, time.time() - t0)
+    summary = write_summary(args, model_dir, meta, task_a, task_b, settings, ref, time.time() - t0)
     print(f"replay: summary of {len(summary['points'])} point(s) -> {os.path.join(args.out, SUMMARY)}")
     for r in summary["points"]:
-        fa = "" if r["forgetting_a"] is None else f"  forgetting {a} {100 * r['forgetting_a']:+.2f}%"
-        print(f"  {r['name']:14s} n {r['n_examples']:5d}  acc {a} {100 * r['acc_a']:.2f}%  "
-              f"acc {b} {100 * r['acc_b']:.2f}%{fa}")
+        forgot = "" if r["forgetting_a"] is None else f"  forgetting {task_a} {100 * r['forgetting_a']:+.2f}%"
+        print(f"  {r['name']:14s} n {r['n_examples']:5d}  acc {task_a} {100 * r['acc_a']:.2f}%  "
+              f"acc {task_b} {100 * r['acc_b']:.2f}%{forgot}")
     return summary
 
 
@@ -501,8 +449,9 @@ def build_parser():
                    "(>= 1)")
     p.add_argument("--steps_sweep", default="", help="step counts (>= 0) on all of A's training set, comma-separated, "
                    "e.g. 0,5,10,20,40,60,80,100 (unset: no steps sweep)")
-    p.add_argument("--first_stage", default=None, help="theta_A's folder, the reference of forgetting_a (see the "
-                   "docstring; unset: no forgetting)")
+    p.add_argument("--first_stage", default=None, help="theta_A's folder, the reference of forgetting_a (its "
+                   "eval.json when it scored A with these settings, else an evaluation made here; unset: no "
+                   "forgetting)")
     p.add_argument("--first_stage_eval", default=None, help="theta_A's eval.json (instead of --first_stage)")
     p.add_argument("--save_checkpoints", action="store_true", help="keep every point's checkpoint (off: results only)")
     g = p.add_argument_group("passed to finetune.py")
@@ -519,11 +468,14 @@ def build_parser():
     g.add_argument("--bf16", action="store_true", help="bfloat16 (off: float32)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu)")
     g = p.add_argument_group("passed to evaluate.py")
-    g.add_argument("--eval_limit", type=int, default=None, help="evaluate.py --limit: a stratified test subset of "
-                   "this many examples a task, >= 1 (unset: the whole split)")
-    g.add_argument("--eval_seed", type=int, default=0, help="evaluate.py --seed: the --eval_limit subset (>= 0)")
-    g.add_argument("--eval_batch_size", type=int, default=16, help="evaluate.py --batch_size (examples, >= 1)")
-    g.add_argument("--scorer", default="fast", choices=list(evaluate_mod.SCORERS), help="evaluate.py --scorer")
+    g.add_argument("--eval_limit", type=int, default=EVAL_DEFAULTS["limit"], help="evaluate.py --limit: a "
+                   "stratified test subset of this many examples a task, >= 1 (unset: the whole split)")
+    g.add_argument("--eval_seed", type=int, default=EVAL_DEFAULTS["seed"],
+                   help="evaluate.py --seed: the --eval_limit subset (>= 0)")
+    g.add_argument("--eval_batch_size", type=int, default=EVAL_DEFAULTS["batch_size"],
+                   help="evaluate.py --batch_size (examples, >= 1)")
+    g.add_argument("--scorer", default=EVAL_DEFAULTS["scorer"], choices=list(evaluate_mod.SCORERS),
+                   help="evaluate.py --scorer")
     return p
 
 

@@ -57,7 +57,7 @@ case "$PROFILE" in
 esac
 REPLAY_FRACTIONS="${REPLAY_FRACTIONS:-0,0.01,0.05,0.1,0.2,0.4,0.6,0.8,1}"  # fractions of A's training set
 REPLAY_STEPS="${REPLAY_STEPS:-0,5,10,20,40,60,80,100}"
-MITIGATIONS="${MITIGATIONS-mix5 l2_0.01 ewc_100}"   # replay during stage 2 (5%), L2 to theta_A, EWC
+MITIGATIONS="${MITIGATIONS-mix0.05 l2_0.01 ewc_100}"   # replay during stage 2 (a 0.05 share), L2 to theta_A, EWC
 CAP="${CAP:-arc csqa csqa2}"
 SAFE="${SAFE:-toxigen bbq}"   # SaFeRDialogues joins when its (generative) evaluation exists
 RUNS="${RUNS:-runs/$PROFILE}"
@@ -265,10 +265,10 @@ mitigated_chain() {  # mitigated_chain A B METHOD SEED
   local a="$1" b="$2" m="$3" s="$4" parent="${BEST[$1-$4]:-}" args
   [ -n "$parent" ] || { failed "mitigation-$a-$b-$m-seed$s"; return 1; }
   case "$m" in
-    mix*) args=(--replay_task "$a" --replay_fraction "$(awk "BEGIN{print ${m#mix}/100}")");;
+    mix*) args=(--replay_task "$a" --replay_fraction "${m#mix}");;  # a share in (0, 1], as finetune.py takes it
     l2_*) args=(--l2_to_init "${m#l2_}");;
     ewc_*) args=(--ewc "${m#ewc_}" --ewc_task "$a");;
-    *) say "unknown mitigation '$m' (use mix<P>, l2_<LAMBDA>, ewc_<LAMBDA>)"; failed "mitigation-$m"; return 1;;
+    *) say "unknown mitigation '$m' (use mix<F> with F a fraction in (0, 1], l2_<LAMBDA>, ewc_<LAMBDA>)"; failed "mitigation-$m"; return 1;;
   esac
   local d="$RUNS/mitigation/$a-$b/$m/seed$s"
   finetune_eval "mitigation-$a-$b-$m-seed$s" "$parent" "$b" "$MAIN_LR" "$s" "$d" "$a,$b" "${args[@]}"

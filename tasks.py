@@ -20,12 +20,11 @@ import argparse
 import collections
 import glob
 import gzip
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 
-from common import UserError
+from common import UserError, ids_sha256
 # The record and the templates are defined with the synthetic tasks (see synthetic.py's docstring for
 # why); they are re-exported here, where the loaders use them.
 from synthetic import (CSQA2_INSTRUCTION, CSQA2_OPTIONS, LETTERS, NUMBER_WORDS, SD_INSTRUCTION,  # noqa: F401
@@ -370,7 +369,7 @@ def load_task(name, split="train", data_dir=None, train_size=PAPER_TRAIN_SIZE, s
         info.update(train_size=train_size, sample_seed=seed,
                     sample_method="seeded stratified by (group, label), equal per cell where possible")
     info["n"] = len(examples)
-    info["ids_sha256"] = hashlib.sha256("\n".join(ex.id for ex in examples).encode()).hexdigest()
+    info["ids_sha256"] = ids_sha256(ex.id for ex in examples)
     return TaskData(name, split, examples, source, info)
 
 

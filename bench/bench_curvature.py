@@ -49,16 +49,14 @@ REL = 1e-3
 
 
 def load_tiny_batches(task, samples, seed, micro_batch_size, model_path="tiny"):
-    import random
-
+    """The batches curvature.py's command line builds for --task, --samples and --seed."""
     import common
     import tasks
 
     model, tok = common.load_model_and_tokenizer(model_path)
-    data = tasks.load_task(task, split="train", seed=seed)
-    exs = list(data.examples)
-    idx = sorted(random.Random(seed).sample(range(len(exs)), min(samples, len(exs))))
-    batches = C.build_batches(tok, [exs[i] for i in idx], micro_batch_size)
+    pool = list(tasks.load_task(task, split="train", seed=seed).examples)
+    chosen = common.sample_indices(len(pool), samples, seed)
+    batches = C.build_batches(tok, [pool[i] for i in chosen], micro_batch_size)
     return model, batches
 
 

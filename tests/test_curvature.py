@@ -341,6 +341,16 @@ def run_cli(*args, env=None):
                           text=True, cwd=ROOT, env=e, timeout=300)
 
 
+def test_sample_indices_is_the_one_sampler_of_the_cli_and_the_benchmark():
+    import random
+
+    import common
+    assert common.sample_indices(100, 7, 3) == sorted(random.Random(3).sample(range(100), 7))
+    assert common.sample_indices(5, 7, 0) == [0, 1, 2, 3, 4]  # fewer items than asked: all of them
+    src = "".join(open(os.path.join(ROOT, *f)).read() for f in (["curvature.py"], ["bench", "bench_curvature.py"]))
+    assert "random.Random" not in src and src.count("common.sample_indices(") == 2
+
+
 def test_cli_bad_model_dir(tmp_path):
     p = run_cli("--model", str(tmp_path / "nope"), "--task", "arc", "--out", str(tmp_path / "c.json"))
     assert p.returncode == 2
@@ -362,6 +372,11 @@ def test_cli_end_to_end_tiny(tmp_path):
     assert r["task"] == "arc" and r["n_samples"] == 4 and len(r["sample_ids"]) == 4
     assert r["rho"] == max(abs(r["lambda_max"]), abs(r["lambda_min"]))
     assert r["reference"] is None
+    import random
+
+    import tasks
+    pool = tasks.load_task("arc", split="train", seed=0).examples  # the sample: random.Random(--seed), kept
+    assert r["sample_ids"] == [pool[i].id for i in sorted(random.Random(0).sample(range(len(pool)), 4))]
     p2 = run_cli("--model", "tiny", "--task", "nosuchtask", "--out", str(out))
     assert p2.returncode == 2 and "nosuchtask" in p2.stderr
 

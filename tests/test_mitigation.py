@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import common
 import finetune
+import metrics
 import order
 import tasks
 from common import UserError, load_model_and_tokenizer
@@ -68,6 +70,33 @@ def test_fraction_subset_sizes_nesting_and_order():
     assert [pos[e.id] for e in s25.examples] == sorted(pos[e.id] for e in s25.examples)
     assert s25.info["ids_sha256"] != data.info["ids_sha256"] and s25.info["fraction_of"] == 64
     assert {e.id for e in finetune.fraction_subset(data, 0.25, 1).examples} != {e.id for e in s25.examples}
+
+
+def test_named_streams_are_the_draws_runs_were_made_with():
+    """Each seeded draw of a stage has its named stream; the numbers behind the names are part of every run's
+    data (and run_id), so they are pinned here, and each use is checked against default_rng([seed, k])."""
+    assert common.STREAMS == {"batch_order": None, "replay": 1, "mix_positions": 2, "ewc": 3, "train_fraction": 5}
+    for name, k in common.STREAMS.items():
+        want = np.random.default_rng(11 if k is None else [11, k]).permutation(30)
+        assert (common.seeded_rng(11, name).permutation(30) == want).all()
+    with pytest.raises(KeyError):
+        common.seeded_rng(0, "unnamed")
+    data = tasks.load_task("toxigen", "train", train_size=64)
+    sub = finetune.fraction_subset(data, 0.25, 0)
+    keep = sorted(np.random.default_rng([0, 5]).permutation(64)[:16].tolist())
+    assert [e.id for e in sub.examples] == [data.examples[i].id for i in keep]
+    assert sub.info["ids_sha256"] == hashlib.sha256("\n".join(e.id for e in sub.examples).encode()).hexdigest()
+    # mixing: the replayed examples are the epochs of stream 1, each batch's positions a stream-2 permutation
+    counts = finetune.replay_counts(6, 8, 0.3)
+    main_rng, rep_rng = np.random.default_rng(0), np.random.default_rng([0, 1])
+    main = np.concatenate([main_rng.permutation(20) for _ in range(3)]).tolist()
+    rep = np.concatenate([rep_rng.permutation(5) for _ in range(4)]).tolist()
+    positions = np.random.default_rng([0, 2])
+    at_main = at_rep = 0
+    for batch, k in zip(finetune.mixed_batch_order(20, 5, 6, 8, 0.3, 0), counts):
+        unshuffled = main[at_main:at_main + 8 - k] + [20 + j for j in rep[at_rep:at_rep + k]]
+        assert batch == [unshuffled[i] for i in positions.permutation(8)]
+        at_main, at_rep = at_main + 8 - k, at_rep + k
 
 
 def test_replay_run_mixes_exactly_and_is_recorded(tmp_path, tiny_path):
@@ -200,6 +229,9 @@ def test_l2_and_ewc_runs(tmp_path, tiny_path):
     assert l2["config"]["l2_to_init"] == 1e3 and l2["regularisation"]["fisher"] is None
     f = ewc["regularisation"]["fisher"]
     assert f["task"] == "toxigen" and f["n_samples"] == 4 and f["fisher_sum"] > 0
+    pool = tasks.load_task("toxigen", "train", None, 48, 0).examples  # the Fisher's samples: the "ewc" stream (3)
+    drawn = sorted(np.random.default_rng([0, 3]).permutation(len(pool))[:4].tolist())
+    assert f["sample_ids_sha256"] == hashlib.sha256("\n".join(pool[i].id for i in drawn).encode()).hexdigest()
     log = [json.loads(line) for line in open(tmp_path / "l2" / "train_log.jsonl")]
     assert log[0]["penalty"] == 0.0 and log[1]["penalty"] > 0
     assert base["losses"][0] == l2["losses"][0] == ewc["losses"][0]  # the same data loss at the start
@@ -259,7 +291,7 @@ def make_study(root):
     rho = {"toxigen": 40.0, "bbq": 5.0, "arc": 12.0}
     for t in acc1:
         write(f"{root}/s1/{t}/run.json", {"run_id": f"id-{t}", "parent_run_id": None, "chain": [t], "task": t,
-                                          "lr": 1e-3, "stage": 1})
+                                          "lr": 1e-3, "stage": 1, "seed": 0})
         write(f"{root}/s1/{t}/eval.json", {"tasks": {t: {"acc": acc1[t]}}})
         write(f"{root}/curv/{t}/curvature.json", {"task": t, "rho": rho[t], "run_id": f"id-{t}"})
     write(f"{root}/curv/toxigen-b/curvature.json", {"task": "toxigen", "rho": 60.0, "run_id": "id-toxigen"})
@@ -268,7 +300,7 @@ def make_study(root):
                ("bbq", "arc", 0): 0.78, ("arc", "bbq", 0): 0.60, ("toxigen", "bbq", 0): 0.89, ("bbq", "toxigen", 0): 0.70}
     for (x, y, s), acc in chained.items():
         write(f"{root}/s2/{x}-{y}/seed{s}/run.json", {"run_id": f"id-{x}-{y}-{s}", "parent_run_id": f"id-{x}",
-                                                      "chain": [x, y], "task": y, "lr": 1e-3, "stage": 2})
+                                                      "chain": [x, y], "task": y, "lr": 1e-3, "stage": 2, "seed": s})
         write(f"{root}/s2/{x}-{y}/seed{s}/eval.json", {"tasks": {x: {"acc": acc}, y: {"acc": 0.5}}})
     return rho
 
@@ -280,7 +312,7 @@ def test_order_recommendation_and_check(tmp_path):
     assert rho["toxigen"]["rho"] == 50.0 and rho["toxigen"]["n"] == 2 and not problems
     assert order.recommend_order({"toxigen": 50.0, "bbq": 5.0, "arc": 12.0}) == ["bbq", "arc", "toxigen"]
     assert order.recommend_order({"a": 1.0, "b": 1.0}) == ["a", "b"]
-    runs = order.find_runs(root)
+    runs = order.read_runs(root)
     measured, _ = order.measured_forgetting(runs)
     assert sorted(f for f, _ in measured[("toxigen", "arc")]) == pytest.approx([0.2, 0.3])
     pairs = {tuple(p["tasks"]): p for p in order.check_pairs(["toxigen", "bbq", "arc"], rho, measured)}
@@ -308,9 +340,9 @@ def test_order_cli(tmp_path):
     assert ta["measured"]["toxigen->arc"]["forgetting"] == pytest.approx(0.25)
     # a curvature file of the wrong task for its run is left out with a note; --lr filters by the run's lr
     write(f"{root}/curv/wrong/curvature.json", {"task": "arc", "rho": 1e6, "run_id": "id-bbq"})
-    res, problems = order.curvature_by_task(f"{root}/curv", ["arc"], order.find_runs(root))
+    res, problems = order.curvature_by_task(f"{root}/curv", ["arc"], order.read_runs(root))
     assert res["arc"]["rho"] == 12.0 and any("tuned on bbq" in p for p in problems)
-    assert not order.curvature_by_task(f"{root}/curv", ["arc"], order.find_runs(root), lr=1e-4)[0]
+    assert not order.curvature_by_task(f"{root}/curv", ["arc"], order.read_runs(root), lr=1e-4)[0]
     # bad input: a task without curvature, an unknown task
     r = run_script("order.py", "--tasks", "toxigen,csqa", "--curvature", f"{root}/curv")
     assert r.returncode == 2 and r.stderr.startswith("error: no usable curvature.json for csqa")
@@ -322,14 +354,15 @@ def test_order_cli(tmp_path):
 
 
 def test_order_measured_chains_leave_out_mitigated_and_incomparable(tmp_path):
-    """Only plain-recipe two-task chains are measured (order.is_measured_chain, which metrics.py shares), and
-    only when both evaluations of the first task are comparable (order.incomparable)."""
+    """Only plain-recipe two-task chains are measured (metrics.is_measured_chain, order.py's rule too), and
+    only when both evaluations of the first task are comparable (metrics.incomparable)."""
     root = str(tmp_path / "study")
     make_study(root)
     for name, cfg in (("l2", {"l2_to_init": 0.1}), ("mix", {"replay_task": "toxigen", "replay_fraction": 0.05}),
                       ("ewc", {"ewc": 10.0}), ("part", {"train_fraction": 0.5})):
         write(f"{root}/mit/{name}/run.json", {"run_id": f"id-{name}", "parent_run_id": "id-toxigen", "stage": 2,
-                                              "chain": ["toxigen", "arc"], "task": "arc", "lr": 1e-3, "config": cfg})
+                                              "chain": ["toxigen", "arc"], "task": "arc", "lr": 1e-3, "seed": 0,
+                                              "config": cfg})
         write(f"{root}/mit/{name}/eval.json", {"tasks": {"toxigen": {"acc": 0.90}, "arc": {"acc": 0.5}}})
     # a chain whose toxigen evaluation is another data source / fewer examples than its first stage's
     write(f"{root}/s1/toxigen/eval.json", {"tasks": {"toxigen": {"acc": 0.90, "source": "synthetic", "n": 10}}})
@@ -337,12 +370,12 @@ def test_order_measured_chains_leave_out_mitigated_and_incomparable(tmp_path):
                       (2, {"source": "/data/real", "n": 10}), (3, {"source": "synthetic", "n": 4})):
         write(f"{root}/s2/toxigen-arc/seed{s_}/run.json", {"run_id": f"id-ta-{s_}", "parent_run_id": "id-toxigen",
                                                           "chain": ["toxigen", "arc"], "task": "arc", "lr": 1e-3,
-                                                          "stage": 2})
+                                                          "stage": 2, "seed": s_})
         write(f"{root}/s2/toxigen-arc/seed{s_}/eval.json",
               {"tasks": {"toxigen": {"acc": 0.6 + 0.1 * (s_ % 2), **block}, "arc": {"acc": 0.5}}})
-    runs = order.find_runs(root)
-    assert not order.is_measured_chain(runs["id-l2"]["run"]) and order.is_measured_chain(runs["id-ta-0"]["run"])
-    assert order.mitigation_of(runs["id-part"]["run"]) == {"train_fraction": 0.5}
+    runs = order.read_runs(root)
+    assert not metrics.is_measured_chain(runs["id-l2"].meta) and metrics.is_measured_chain(runs["id-ta-0"].meta)
+    assert metrics.mitigation_of(runs["id-part"].meta) == {"train_fraction": 0.5}
     measured, problems = order.measured_forgetting(runs)
     assert sorted(r for _, r in measured[("toxigen", "arc")]) == ["id-ta-0", "id-ta-1"]
     assert sorted(f for f, _ in measured[("toxigen", "arc")]) == pytest.approx([0.2, 0.3])

@@ -13,7 +13,7 @@ from conftest import ROOT
 MICRO = {"CAP": "arc", "SAFE": "toxigen", "LRS": "1e-3 2e-3", "MAIN_LR": "1e-3", "STEPS": "3", "EVAL_LIMIT": "30",
          "VAL_LIMIT": "20", "CURV_SAMPLES": "4", "FIRST_LR_CHAINS": "toxigen-arc", "SECOND_LR_CHAINS": "arc-toxigen",
          "REPLAY_CHAINS": "toxigen-arc", "REPLAY_FRACTIONS": "0,0.05,1", "REPLAY_STEPS": "0,2", "MITIGATION_CHAINS": "toxigen-arc",
-         "MITIGATIONS": "mix25 l2_0.01 ewc_10", "CHAINS": "toxigen-arc-csqa2"}
+         "MITIGATIONS": "mix0.25 l2_0.01 ewc_10", "CHAINS": "toxigen-arc-csqa2"}
 
 
 def run_all(runs, **env):
@@ -49,7 +49,7 @@ def test_micro_study_runs_every_stage(study):
     assert (replay / "replay_summary.json").is_file()
     assert sorted(p.name for p in replay.iterdir() if p.is_dir()) == ["fraction0", "fraction0.05", "fraction1",
                                                                        "steps0", "steps2"]
-    assert sorted(p.name for p in (runs / "mitigation" / "toxigen-arc").iterdir()) == ["ewc_10", "l2_0.01", "mix25"]
+    assert sorted(p.name for p in (runs / "mitigation" / "toxigen-arc").iterdir()) == ["ewc_10", "l2_0.01", "mix0.25"]
     assert (runs / "longchain" / "toxigen-arc-csqa2" / "seed0" / "3-csqa2" / "eval.json").is_file()
     for t in ("arc", "toxigen"):
         assert len(list((runs / "curvature" / t).glob("lr*/seed0/curvature.json"))) == 1
