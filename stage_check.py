@@ -23,7 +23,8 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
+
+from common import write_json_atomic  # no torch: common imports it only inside functions
 
 NOT_SETTINGS = {"out", "overwrite", "device", "micro_batch_size", "gradient_checkpointing", "reference",
                 "taylor_out", "graph_memory_budget_gb", "backend"}
@@ -205,13 +206,7 @@ def check(runs, name, out, argv):
 
 def record(runs, name, out, argv):
     rec = {"stage": name, "output": rel_to_runs(out, runs), **describe(argv, runs, out)}
-    path = record_path(runs, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(rec, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(record_path(runs, name), rec)
 
 
 def main(argv):
