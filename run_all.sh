@@ -58,6 +58,14 @@ esac
 REPLAY_FRACTIONS="${REPLAY_FRACTIONS:-0,0.01,0.05,0.1,0.2,0.4,0.6,0.8,1}"  # fractions of A's training set
 REPLAY_STEPS="${REPLAY_STEPS:-0,5,10,20,40,60,80,100}"
 MITIGATIONS="${MITIGATIONS-mix0.05 l2_0.01 ewc_100}"   # replay during stage 2 (a 0.05 share), L2 to theta_A, EWC
+for m in $MITIGATIONS; do  # checked before any stage: mix<P> in percent was the old spelling
+  case "$m" in
+    mix*) awk -v f="${m#mix}" 'BEGIN{exit !(f ~ /^[0-9.]+$/ && f > 0 && f <= 1)}' || {
+      echo "error: MITIGATIONS: '$m' is not mix<F> with F a fraction in (0, 1] (a 5% share is mix0.05)" >&2; exit 2; };;
+    l2_*|ewc_*) ;;
+    *) echo "error: MITIGATIONS: unknown '$m'; use mix<F> (F in (0, 1]), l2_<LAMBDA> or ewc_<LAMBDA>" >&2; exit 2;;
+  esac
+done
 CAP="${CAP:-arc csqa csqa2}"
 SAFE="${SAFE:-toxigen bbq}"   # SaFeRDialogues joins when its (generative) evaluation exists
 RUNS="${RUNS:-runs/$PROFILE}"

@@ -98,3 +98,9 @@ def test_resume_fills_missing_evaluations_and_taylor_checks(study):
     chain = taylor.parent.parent.parent.name
     assert started == ["evalval-stage1-arc-lr2e-3-seed0", f"taylor-{chain}-seed0"], started
     assert val.is_file() and taylor.is_file()
+
+
+def test_mitigation_in_percent_is_refused_before_any_stage(tmp_path):
+    r = run_all(tmp_path / "runs", MITIGATIONS="mix5 l2_0.01")
+    assert r.returncode == 2 and "'mix5' is not mix<F> with F a fraction in (0, 1]" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "runs" / "stage1").exists()
