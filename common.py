@@ -168,6 +168,15 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def acc_block(correct):
+    """{"acc", "acc_stderr", "n"} of a list of booleans: the share, with sqrt(p(1-p)/(n-1)) (lm-evaluation-harness's
+    sample stderr)."""
+    n = len(correct)
+    acc = sum(correct) / n if n else float("nan")
+    stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
+    return {"acc": acc, "acc_stderr": stderr, "n": n}
+
+
 def ids_sha256(ids):
     """The hash that names an example set in every record: sha256 of its ids, one a line, in order."""
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
@@ -349,27 +358,34 @@ def _hub_model(repo_id, flag):
 def load_model_and_tokenizer(path, dtype=None, attn_implementation=None):
     """Load a causal LM and its tokenizer (safetensors only) and check that they belong together."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per loaded checkpoint drowns the run's own output
     resolved = resolve_model_path(path)
     kw = {"use_safetensors": True, "dtype": dtype or torch.float32}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
-    try:
-        tok = AutoTokenizer.from_pretrained(resolved)
-    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
-        raise UserError(f"could not load a tokenizer from {resolved} ({type(e).__name__}: {e}); the checkpoint "
-                        f"folder must hold the tokenizer files saved with the model") from None
+    tok = load_tokenizer(resolved)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, **kw)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"could not load a causal LM from {resolved} ({type(e).__name__}: {e}); pass a "
                         f"checkpoint saved with safetensors (model.safetensors) and its config.json") from None
     check_tokenizer_matches(model, tok, resolved)
+    return model, tok
+
+
+def load_tokenizer(resolved):
+    """The tokenizer saved with a checkpoint (a resolved folder or hub id), with a pad token."""
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
+        raise UserError(f"could not load a tokenizer from {resolved} ({type(e).__name__}: {e}); the checkpoint "
+                        f"folder must hold the tokenizer files saved with the model") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # Llama-2 ships without a pad token; pads are masked anyway
-    return model, tok
+    return tok
 
 
 def check_tokenizer_matches(model, tok, where):

@@ -4,28 +4,34 @@ sentence has the highest log-likelihood given the prompt.
     python evaluate.py --model runs/demo/toxigen --tasks toxigen,arc --out runs/demo/toxigen/eval.json
     python evaluate.py --model tiny --tasks arc --data_dir ../shared/data --out /tmp/eval.json --limit 500
     python evaluate.py --model runs/demo/toxigen --tasks toxigen --out /tmp/naive.json --scorer naive
+    torchrun --nproc_per_node=8 evaluate.py --model runs/arc --tasks arc,bbq --data_dir DIR --out runs/arc/eval.json
 
 Writes --out (accuracies as fractions, overall and per group) and <out stem>_samples.jsonl beside it (every
-prompt and option scored). Needs common.py, tasks.py and synthetic.py beside it (tiny_base.py for --model
+prompt and option scored). Needs common.py, distributed.py, tasks.py and synthetic.py beside it (tiny_base.py for --model
 tiny). The formats: README.md.
 """
 import argparse
 import collections
 import contextlib
-import math
 import os
 import time
 
 import torch
+import torch.distributed as dist
 
-from common import (AT_LEAST_1, NON_NEGATIVE, HelpFormatter, UserError, check_args, check_device, check_out,
-                    die_on_user_error, load_model_and_tokenizer, progress, read_meta, resolve_model_path,
-                    write_json_atomic, write_jsonl_atomic)
-from tasks import GENERATIVE_TASKS, SPLITS, TASKS, encode_pair, load_task, parse_tasks, stratified_sample
+from common import (AT_LEAST_1, NON_NEGATIVE, HelpFormatter, UserError, acc_block, check_args, check_device, check_out,
+                    check_tokenizer_matches, die_on_user_error, load_model_and_tokenizer, load_tokenizer, progress,
+                    read_meta, resolve_model_path, setup_process_group, under_torchrun, write_json_atomic,
+                    write_jsonl_atomic)
+from distributed import gather_merge, is_sharded, load_replicated, pad_forwards
+from distributed import world as dist_world
+from tasks import (GENERATIVE_TASKS, SPLITS, TASKS, add_data_options, data_options, encode_pair, load_task,
+                   parse_tasks, stratified_sample)
 
 # The evaluation's defaults, in one place: evaluate_checkpoint's, this CLI's, and those of the scripts that
 # evaluate through it (replay.py's --eval_* options).
-DEFAULTS = {"split": "test", "limit": None, "batch_size": 16, "scorer": "fast", "seed": 0}
+DEFAULTS = {"split": "test", "limit": None, "batch_size": 16, "scorer": "fast", "seed": 0, "classifier": None,
+            "max_new_tokens": 64}
 
 # -----------------------------------------------------------------------------
 # Requests: token ids of every (example, option)
@@ -48,6 +54,12 @@ def build_requests(tok, examples, max_length):
     return out
 
 
+def my_batches(n_items, batch_size, rank, world):
+    """Start indices of this process's batches of the length-sorted items: every world-th batch, so each
+    process gets long and short ones alike, and every batch is the one a single process would score."""
+    return range(rank * batch_size, n_items, world * batch_size)
+
+
 def _log_probs_at(logits_row, positions, targets):
     """log p(target | prefix) for each (position of the predicting logits, target id)."""
     lp = torch.log_softmax(logits_row[positions].float(), dim=-1)
@@ -59,11 +71,11 @@ def _log_probs_at(logits_row, positions, targets):
 
 
 @torch.no_grad()
-def score_naive(model, reqs, batch_size, pad_id, device, desc="naive"):
+def score_naive(model, reqs, batch_size, pad_id, device, desc="naive", rank=0, world=1):
     flat = [(e, i, ids, start) for e, opts in enumerate(reqs) for i, (ids, start) in enumerate(opts)]
     flat.sort(key=lambda r: -len(r[2]))
     scores = [[None] * len(opts) for opts in reqs]
-    for b in progress(range(0, len(flat), batch_size), desc, leave=False):
+    for b in progress(my_batches(len(flat), batch_size, rank, world), desc, leave=False, disable=rank != 0):
         chunk = flat[b:b + batch_size]
         n = max(len(r[2]) for r in chunk)
         ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
@@ -94,11 +106,15 @@ def split_shared(opts):
 
 
 @torch.no_grad()
-def score_kv(model, reqs, batch_size, pad_id, device, desc="kv"):
+def score_kv(model, reqs, batch_size, pad_id, device, desc="kv", rank=0, world=1):
     """The shared prefix once with use_cache, its KV cache copied to every option's tail."""
+    if world > 1 and is_sharded(model):  # one or two forwards a batch: the processes' counts are not known ahead
+        raise UserError("the kv scorer cannot score an FSDP-sharded model (its processes would run different "
+                        "numbers of forwards); use the fast or naive scorer, or an attention kernel that takes a "
+                        "custom mask (sdpa, eager)")
     order = sorted(range(len(reqs)), key=lambda e: -len(reqs[e][0][0]))
     scores = [[None] * len(opts) for opts in reqs]
-    for b in progress(range(0, len(order), batch_size), desc, leave=False):
+    for b in progress(my_batches(len(order), batch_size, rank, world), desc, leave=False, disable=rank != 0):
         exs = order[b:b + batch_size]
         prefix_lens = [split_shared(reqs[e]) for e in exs]
         longest_prefix = max(prefix_lens)
@@ -155,17 +171,17 @@ def _tail_targets(seq, start, plen):
 
 
 @torch.no_grad()
-def score_packed(model, reqs, batch_size, pad_id, device, desc="fast"):
+def score_packed(model, reqs, batch_size, pad_id, device, desc="fast", rank=0, world=1):
     """One forward per batch: each row holds an example's shared prefix followed by every option's
     tail, with a tree attention mask (a tail sees the prefix and itself, never another tail) and
     position ids that restart each tail right after the prefix. The prefix is computed once, and
     unlike a KV cache there is no second forward call, whose fixed cost is what a small model pays."""
     impl = getattr(model.config, "_attn_implementation", "eager")
     if impl not in ("sdpa", "eager"):  # flash kernels take no custom 4D mask
-        return score_kv(model, reqs, batch_size, pad_id, device, desc)
+        return score_kv(model, reqs, batch_size, pad_id, device, desc, rank, world)
     order = sorted(range(len(reqs)), key=lambda e: -len(reqs[e][0][0]))
     scores = [[None] * len(opts) for opts in reqs]
-    for b in progress(range(0, len(order), batch_size), desc, leave=False):
+    for b in progress(my_batches(len(order), batch_size, rank, world), desc, leave=False, disable=rank != 0):
         exs = order[b:b + batch_size]
         rows = []  # per example: (tokens, positions, segment of each token: -1 prefix / i tail, prefix length,
         #             tail offsets)
@@ -220,13 +236,6 @@ SCORERS = {"fast": score_packed, "kv": score_kv, "naive": score_naive}
 # Metrics
 
 
-def acc_block(correct):
-    n = len(correct)
-    acc = sum(correct) / n if n else float("nan")
-    stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
-    return {"acc": acc, "acc_stderr": stderr, "n": n}
-
-
 def summarize(task, records, source, split):
     correct = [r["correct"] for r in records]
     tokens = sum(r["n_tokens"][r["label"]] for r in records)
@@ -253,24 +262,44 @@ def summarize(task, records, source, split):
 
 
 def evaluate(model, tok, task_names, data_dir=None, split=DEFAULTS["split"], limit=DEFAULTS["limit"],
-             batch_size=DEFAULTS["batch_size"], scorer=DEFAULTS["scorer"], device="cpu", seed=DEFAULTS["seed"]):
-    """Score every task; returns ({task: results}, [per-example records])."""
+             batch_size=DEFAULTS["batch_size"], scorer=DEFAULTS["scorer"], device="cpu", seed=DEFAULTS["seed"],
+             data_opts=None, classifier=None, max_new_tokens=DEFAULTS["max_new_tokens"]):
+    """Score every task (data_opts: load_task's options, tasks.DATA_DEFAULTS where unset); returns ({task:
+    results}, [per-example records]). Under a process group every process scores its share of the batches and
+    every process returns the whole result. A generative task (SaFeRDialogues) is generated and judged by
+    `classifier` (a classifier.py name or folder, loaded once here) instead of scored."""
     check_args({"limit": limit, "batch_size": batch_size, "seed": seed}, NUMERIC_RULES)
+    rank, world = dist_world()
     max_length = getattr(model.config, "max_position_embeddings", 2048)
-    results, samples = {}, []
+    results, samples, judge = {}, [], None
     for task in task_names:
-        if task in GENERATIVE_TASKS:
-            raise UserError(f"{task} is generative (scored by a toxicity classifier on generated replies); its "
-                            f"evaluation is not implemented yet, evaluate the other tasks")
-        data = load_task(task, split, data_dir, seed=seed)
+        data = load_task(task, split, data_dir, seed=seed, **data_options(data_opts or {}))
         examples = data.examples
         if limit is not None and limit < len(examples):  # a stratified subset keeps every group
             examples = sorted(stratified_sample(examples, limit, seed, f"{task}-eval-limit"), key=lambda x: x.id)
+        if task in GENERATIVE_TASKS:
+            if judge is None:
+                judge = load_judge(classifier, device)
+            results[task], records = evaluate_generative(
+                model, tok, task, examples, data.source, split, classifier=judge, max_new_tokens=max_new_tokens,
+                batch_size=batch_size, device=device, rank=rank, world=world)
+            results[task]["data_info"] = {k: v for k, v in data.info.items() if k != "files"}
+            samples.extend(records)
+            continue
         reqs = build_requests(tok, examples, max_length)
         t0 = time.time()
-        scores = SCORERS[scorer](model, reqs, batch_size, tok.pad_token_id, device, desc=f"{task} [{scorer}]")
-        print(f"evaluate: {task} [{data.source}] {split}: {len(examples)} examples scored in {time.time() - t0:.1f}s",
-              flush=True)
+        scores = SCORERS[scorer](model, reqs, batch_size, tok.pad_token_id, device, desc=f"{task} [{scorer}]",
+                                 rank=rank, world=world)
+        if world > 1 and is_sharded(model):
+            n = sum(map(len, reqs)) if scorer == "naive" else len(reqs)  # the naive scorer batches the options
+            missing = len(my_batches(n, batch_size, 0, world)) - len(my_batches(n, batch_size, rank, world))
+            pad_forwards(model, missing, tok.pad_token_id, device)
+        if world > 1:
+            mine = gather_merge({e: sc for e, sc in enumerate(scores) if sc[0] is not None})
+            scores = [mine[e] for e in range(len(reqs))]
+        if rank == 0:
+            print(f"evaluate: {task} [{data.source}] {split}: {len(examples)} examples scored in "
+                  f"{time.time() - t0:.1f}s ({world} process(es))", flush=True)
         records = []
         for ex, opts, sc in zip(examples, reqs, scores):
             pred = max(range(len(sc)), key=lambda i: sc[i])
@@ -282,8 +311,45 @@ def evaluate(model, tok, task_names, data_dir=None, split=DEFAULTS["split"], lim
                 rec["context_condition"] = ex.extra["context_condition"]
             records.append(rec)
         results[task] = summarize(task, records, data.source, split)
+        results[task]["data_info"] = {k: v for k, v in data.info.items() if k != "files"}
         samples.extend(records)
     return results, samples
+
+
+def load_judge(name, device):
+    """The toxicity classifier of a generative task (classifier.py: needed beside this file for SaFeRDialogues)."""
+    try:
+        from classifier import load_classifier
+    except ImportError as e:
+        raise UserError(f"SaFeRDialogues needs classifier.py and generation.py beside evaluate.py ({e}); copy them "
+                        f"there") from None
+    return load_classifier(name, device)
+
+
+def evaluate_generative(*args, **kwargs):
+    if kwargs.get("world", 1) > 1 and is_sharded(args[0]):  # each row stops when it stops: no known forward count
+        raise UserError("a generative task cannot be evaluated on an FSDP-sharded model; evaluate the saved "
+                        "checkpoint (evaluate.py under torchrun holds a whole copy per process)")
+    try:
+        from generation import evaluate_generative as generate_and_judge
+    except ImportError as e:
+        raise UserError(f"SaFeRDialogues needs generation.py and classifier.py beside evaluate.py ({e}); copy them "
+                        f"there") from None
+    return generate_and_judge(*args, **kwargs)
+
+
+def judge_for(tasks, classifier, tiny, data_dir):
+    """The classifier a run's generative tasks are judged by (None without one): --classifier, else the tiny
+    judge for the embedded synthetic profile, else the paper's ToxiGen RoBERTa."""
+    if not any(t in GENERATIVE_TASKS for t in tasks):
+        return None
+    if classifier:
+        return classifier
+    try:
+        from classifier import default_classifier
+    except ImportError as e:
+        raise UserError(f"SaFeRDialogues needs classifier.py beside evaluate.py ({e}); copy it there") from None
+    return default_classifier(tiny and data_dir is None)
 
 
 def samples_path(out):
@@ -294,19 +360,24 @@ def samples_path(out):
 # Every numeric option and what it allows (checked before anything is loaded; None: unset, allowed). A
 # --limit below 1 must never reach tasks.stratified_sample: its per-cell quota goes negative, and a
 # negative slice keeps all but the last examples of some cells and none of others.
-NUMERIC_RULES = {"limit": AT_LEAST_1, "batch_size": AT_LEAST_1, "seed": NON_NEGATIVE}
+NUMERIC_RULES = {"limit": AT_LEAST_1, "batch_size": AT_LEAST_1, "seed": NON_NEGATIVE, "max_new_tokens": AT_LEAST_1}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split=DEFAULTS["split"], limit=DEFAULTS["limit"],
-                        batch_size=DEFAULTS["batch_size"], scorer=DEFAULTS["scorer"], seed=DEFAULTS["seed"],
-                        bf16=False, device=None, model_name=None, overwrite=False, out_name=None):
-    """Load a checkpoint, score `tasks` (names, or a comma-separated string) and write `out` (results JSON)
-    with its samples JSONL beside it; returns the report. The one entry every caller uses. An existing `out` is
-    refused unless overwrite. model_name / out_name: what the report and the printed lines call the model and
-    `out` (default model_path, out), so a caller that evaluates a folder before moving it into place
-    (finetune.py --eval_tasks) names the final ones."""
+def resolve_dtype(name, device):
+    """--dtype: auto is bfloat16 on CUDA (half the memory and traffic of float32), float32 elsewhere."""
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name!r}: choose from auto, {', '.join(DTYPES)}")
+    return name
+
+
+def check_request(tasks, out, split, limit, batch_size, scorer, seed, overwrite, max_new_tokens):
+    """Every check evaluate_checkpoint makes before loading anything; returns the task list."""
     tasks = parse_tasks(tasks)
-    check_args({"limit": limit, "batch_size": batch_size, "seed": seed}, NUMERIC_RULES)
+    check_args({"limit": limit, "batch_size": batch_size, "seed": seed, "max_new_tokens": max_new_tokens},
+               NUMERIC_RULES)
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: choose from {', '.join(SPLITS)}")
     if scorer not in SCORERS:
@@ -315,21 +386,66 @@ def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split=DEFAULTS["s
     spath = samples_path(out)
     if os.path.isdir(spath):
         raise UserError(f"--out {out}: its samples file {spath} is a folder; choose another --out")
+    return tasks
+
+
+def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split=DEFAULTS["split"], limit=DEFAULTS["limit"],
+                        batch_size=DEFAULTS["batch_size"], scorer=DEFAULTS["scorer"], seed=DEFAULTS["seed"],
+                        dtype="auto", device=None, model_name=None, overwrite=False, out_name=None, data_opts=None,
+                        classifier=DEFAULTS["classifier"], max_new_tokens=DEFAULTS["max_new_tokens"]):
+    """Load a checkpoint, score `tasks` (names, or a comma-separated string) and write `out` (results JSON)
+    with its samples JSONL beside it; returns the report. The one entry every caller uses. An existing `out` is
+    refused unless overwrite. model_name / out_name: what the report and the printed lines call the model and
+    `out` (default model_path, out), so a caller that evaluates a folder before moving it into place names the
+    final ones. Under a process group (torchrun): process 0 reads the weights, every process holds the model and
+    scores its share of the batches, process 0 writes exactly the files one process writes."""
+    tasks = check_request(tasks, out, split, limit, batch_size, scorer, seed, overwrite, max_new_tokens)
     device = check_device(device)
+    if under_torchrun() and dist_world()[1] == 1:
+        device, _ = setup_process_group(device)
+    dtype = resolve_dtype(dtype, device)
     model_name = model_path if model_name is None else model_name
-    out_name = out if out_name is None else out_name
     model_path = resolve_model_path(model_path)
     meta = read_meta(model_path)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    model, tok = load_model_and_tokenizer(model_path, dtype=dtype)
-    model.to(device).eval()
-    print(f"evaluate: {model_name} on {','.join(tasks)} ({split}, {scorer} scorer) -> {out_name}", flush=True)
-    results, samples = evaluate(model, tok, tasks, data_dir, split, limit, batch_size, scorer, device, seed)
+    if dist_world()[1] > 1:
+        tok = load_tokenizer(model_path)
+        model = load_replicated(model_path, device, DTYPES[dtype])
+        check_tokenizer_matches(model, tok, model_path)
+    else:
+        model, tok = load_model_and_tokenizer(model_path, dtype=DTYPES[dtype])
+        model.to(device)
+    model.eval()
+    return evaluate_model(model, tok, meta, tasks, out, data_dir=data_dir, split=split, limit=limit,
+                          batch_size=batch_size, scorer=scorer, seed=seed, dtype=dtype, device=device,
+                          model_name=model_name, out_name=out_name, data_opts=data_opts, classifier=classifier,
+                          max_new_tokens=max_new_tokens)
+
+
+def evaluate_model(model, tok, meta, tasks, out, data_dir=None, split=DEFAULTS["split"], limit=DEFAULTS["limit"],
+                   batch_size=DEFAULTS["batch_size"], scorer=DEFAULTS["scorer"], seed=DEFAULTS["seed"],
+                   dtype="float32", device="cpu", model_name=None, out_name=None, data_opts=None,
+                   classifier=DEFAULTS["classifier"], max_new_tokens=DEFAULTS["max_new_tokens"]):
+    """evaluate_checkpoint's work on a model already in memory (finetune.py under torchrun evaluates the sharded
+    model it trained); `meta` is its lineage, `dtype` the name of the dtype its forward runs in."""
+    rank, _ = dist_world()
+    out_name = out if out_name is None else out_name
+    if rank == 0:
+        print(f"evaluate: {model_name} on {','.join(tasks)} ({split}, {scorer} scorer, {dtype}) -> {out_name}",
+              flush=True)
+    data_opts = data_options(data_opts or {})
+    judge = judge_for(tasks, classifier, bool(meta.get("tiny")), data_dir)
+    results, samples = evaluate(model, tok, tasks, data_dir, split, limit, batch_size, scorer, device, seed, data_opts,
+                                judge, max_new_tokens)
+    spath = samples_path(out)
     report = {"model": model_name, "run_id": meta.get("run_id"), "chain": meta.get("chain"),
               "config": {"tasks": list(tasks), "split": split, "data_dir": data_dir, "limit": limit,
-                         "scorer": scorer, "batch_size": batch_size, "dtype": str(dtype).replace("torch.", ""),
-                         "seed": seed, "tiny": bool(meta.get("tiny"))},
+                         "scorer": scorer, "batch_size": batch_size, "dtype": dtype, "seed": seed,
+                         "tiny": bool(meta.get("tiny")), **data_opts},
               "tasks": results, "samples": os.path.basename(spath)}
+    if judge is not None:  # which classifier judged the generative tasks, and how long a reply could be
+        report["config"].update(classifier=judge, max_new_tokens=max_new_tokens)
+    if rank != 0:
+        return report
     # The samples first, the results JSON last (its presence means complete); a failure leaves neither.
     existed = os.path.exists(out)
     write_jsonl_atomic(spath, samples)
@@ -348,9 +464,15 @@ def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split=DEFAULTS["s
 
 def run(args):
     """evaluate.py's work for its parsed command line."""
-    return evaluate_checkpoint(args.model, args.tasks, args.out, data_dir=args.data_dir, split=args.split,
-                               limit=args.limit, batch_size=args.batch_size, scorer=args.scorer, seed=args.seed,
-                               bf16=args.bf16, device=args.device, overwrite=args.overwrite)
+    try:
+        return evaluate_checkpoint(args.model, args.tasks, args.out, data_dir=args.data_dir, split=args.split,
+                                   limit=args.limit, batch_size=args.batch_size, scorer=args.scorer, seed=args.seed,
+                                   dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+                                   data_opts=data_options(args), classifier=args.classifier,
+                                   max_new_tokens=args.max_new_tokens)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def build_parser():
@@ -362,6 +484,7 @@ def build_parser():
                    "beside it; refused if it exists, unless --overwrite")
     p.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (unset: the synthetic tasks)")
     p.add_argument("--split", default=DEFAULTS["split"], choices=SPLITS, help="the split scored")
+    add_data_options(p)
     p.add_argument("--limit", type=int, default=DEFAULTS["limit"],
                    help="score a stratified subset of this many examples a task, >= 1 (unset: the whole split)")
     p.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"], help="examples a forward pass (>= 1)")
@@ -369,8 +492,16 @@ def build_parser():
                    help="fast: shared prefix once, option tails under a tree mask; kv: the prefix's KV cache; "
                         "naive: one forward per option (all give the same predictions)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of --limit's subset (>= 0)")
-    p.add_argument("--bf16", action="store_true", help="load the model in bfloat16 (off: float32)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu)")
+    g = p.add_argument_group("generative tasks (SaFeRDialogues): a reply generated, then judged")
+    g.add_argument("--classifier", default=DEFAULTS["classifier"],
+                   help="the toxicity classifier that judges the replies: a folder (classifier.py's) or a hub id "
+                        "(unset: the cached tiny judge for the synthetic tasks, else tomh/toxigen_roberta, the paper's)")
+    g.add_argument("--max_new_tokens", type=int, default=DEFAULTS["max_new_tokens"],
+                   help="longest reply in tokens (>= 1); greedy, stops at EOS or the end of the turn")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights and forward: auto is bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu; "
+                   "under torchrun each process takes cuda:LOCAL_RANK)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its samples file")
     return p
 

@@ -9,10 +9,12 @@
     metrics.biased_forgetting({"a": 0.5, "b": 0.1}, 0.2)                # max_g F_A,g - F_A = 0.3
     metrics.paired_bootstrap_ci([1, 1, 0, 1], [0, 1, 0, 1], ["a", "a", "b", "b"], n_resamples=200)
 
-Needs numpy, scipy, pandas and matplotlib. Alone it writes Table 1, the group tables, Kendall's tau and
-Figures 2, 3, 5, 6, 8; beside it, metrics_curvature.py adds Figure 4, the Taylor check and the task order,
-metrics_mitigation.py replay (Figures 7, 11-14), mitigations and long chains, common.py the toolkit's
-error handling. The definitions and every output's columns: README.md.
+Needs numpy, scipy, pandas and matplotlib. Alone it writes report.md (opening with the Findings, the paper's
+claims checked against the runs, and the generated "Where this run differs from the paper"), Tables 1 and 2,
+the group tables, Kendall's tau, Figures 2, 3, 5, 6, 8, 9, 10 and the heatmaps, accuracy paths and loss
+curves; `metrics.choose_first_stage` is the one first-stage choice rule of the study. Beside it,
+metrics_curvature.py adds Figure 4, the Taylor check and the task order, metrics_mitigation.py replay
+(Figures 7, 11-14), mitigations and long chains, common.py the toolkit's error handling. The definitions and every output's columns: README.md.
 """
 import argparse
 import collections
@@ -72,7 +74,12 @@ except ModuleNotFoundError as e:  # metrics.py copied alone: the few lines of co
 
 CAPABILITY_TASKS = ("arc", "csqa", "csqa2")
 SAFETY_TASKS = ("toxigen", "bbq", "saferdialogues")
-SHORT = {"arc": "ARC", "csqa": "CQA", "csqa2": "CQA2", "toxigen": "TQA", "bbq": "BBQ", "saferdialogues": "SD"}
+# Names in tables and figures: spelled out (an abbreviation such as "TQA" reads as TruthfulQA to most readers).
+SHORT = {"arc": "ARC-Easy", "csqa": "CSQA", "csqa2": "CSQA2", "toxigen": "ToxiGen", "bbq": "BBQ",
+         "saferdialogues": "SaFeRDialogues"}
+TASK_NAMES = {"arc": "ARC-Easy (AI2 Reasoning Challenge, easy set)", "csqa": "CommonsenseQA", "csqa2": "CommonsenseQA 2.0",
+              "toxigen": "ToxiGen v2 posed as a question (the paper's ToxiGenQA, TQA)",
+              "bbq": "BBQ (Bias Benchmark for QA)", "saferdialogues": "SaFeRDialogues (generative, scored for safety)"}
 TABLE1_COLUMNS = ["capability", "safety",
                   "cs_acc_cap", "cs_acc_cap_std", "cs_acc_safety", "cs_acc_safety_std",
                   "cs_forgetting_cap", "cs_forgetting_cap_std",
@@ -822,6 +829,27 @@ def lr_distance(lr, main):
     return abs(math.log(lr / main)) if lr > 0 and main and main > 0 else float("inf")
 
 
+def choose_first_stage(val_accs, main_lr):
+    """The first-stage learning rate a chain starts from (section 3.1: "the best model for the first task").
+
+    val_accs: {lr: validation accuracy, or None when missing}. The highest accuracy wins; accuracies within
+    TIE_TOL of it are tied, and a tie goes to the lr nearest main_lr on a log scale, |log(lr / main_lr)| (5e-6 and
+    2e-5 are equally far from 1e-5), then to the smaller lr (main_lr None: straight to the smaller lr). An lr
+    without an accuracy never wins; None when no lr has one. Pure and torch-free: the study driver and metrics.py's
+    Table 1 both use it, so a chain starts from the model its table row says."""
+    measured = {}
+    for lr, acc in val_accs.items():
+        if acc is not None and math.isfinite(float(acc)):
+            measured[float(lr)] = float(acc)
+    if not measured:
+        return None
+    best = max(measured.values())
+    tied = [lr for lr, acc in measured.items() if acc >= best - TIE_TOL]
+    dist = {lr: lr_distance(lr, main_lr) for lr in tied}
+    nearest = min(dist.values())
+    return min(lr for lr in tied if dist[lr] <= nearest + TIE_TOL)
+
+
 @dataclass(frozen=True)
 class Study:
     """A runs folder as read once by build_study; the sections only read it."""
@@ -846,6 +874,7 @@ class Study:
     taylor_files: list = field(default_factory=list)     # [(path relative to --runs, taylor.json)]
     refused_pairs: list = field(default_factory=list)  # Pairs whose evaluations cannot be compared
     refused: list = field(default_factory=list)        # their refusal lines (each section adds its own)
+    cache: dict = field(default_factory=dict)          # results shared by sections (bootstrap CIs), keyed by inputs
 
 
 def build_study(runs_dir, main_lr=None, exclude=None):
@@ -892,8 +921,12 @@ def build_study(runs_dir, main_lr=None, exclude=None):
         main_lr = min(counts, key=lambda lr: (-counts[lr], lr))
         lr_from = "most common second-stage lr"
     tasks = {t for r in runs for t in (r.chain or [r.task]) if isinstance(t, str)}
-    capability = [t for t in CAPABILITY_TASKS if t in tasks]
-    safety = [t for t in SAFETY_TASKS if t in tasks]
+    asked = set()  # the tasks study.json says the study has: their rows appear even without a run (missing)
+    for key in ("capability_tasks", "safety_tasks"):
+        if isinstance(study_json.get(key), list):
+            asked |= {t for t in study_json[key] if isinstance(t, str)}
+    capability = [t for t in CAPABILITY_TASKS if t in tasks | asked]
+    safety = [t for t in SAFETY_TASKS if t in tasks | asked]
     other = sorted(tasks - set(capability) - set(safety))
     if other:
         problems.append(f"tasks {', '.join(other)} are neither capability nor safety tasks: left out of Table 1")
@@ -907,13 +940,22 @@ def build_study(runs_dir, main_lr=None, exclude=None):
             candidates[(p.A, p.B, p.seed)].append(p)
     chains = [(a, b) for c in capability for s in safety for a, b in ((c, s), (s, c))]
     chains += sorted({(p.A, p.B) for p in all_pairs} - set(chains))
+    caption = study_json.get("first_stage") == "caption"
     for A, B in chains:
         chosen, refused = [], 0
         for seed in seeds:
             c = candidates.get((A, B, seed), [])
             if c:
-                c.sort(key=lambda p: (-np.nan_to_num(p.first.acc(A, "val"), nan=-1.0),
-                                      lr_distance(p.lr_a, main_lr), p.chained.name))
+                vals = {}
+                for p in c:
+                    v = p.first.acc(A, "val")
+                    vals.setdefault(p.lr_a, None if math.isnan(v) else v)
+                lr_a = choose_first_stage(vals, main_lr)
+                if lr_a is None or (caption and main_lr in vals):
+                    # no validation result at all, or FIRST_STAGE=caption (Table 1's caption: both stages at the
+                    # main lr): the first-stage lr nearest the main one
+                    lr_a = choose_first_stage(dict.fromkeys(vals, 0.0), main_lr)
+                c = sorted((p for p in c if p.lr_a == lr_a), key=lambda p: p.chained.name)
                 if c[0].refused:
                     refused += 1
                 else:
@@ -1087,7 +1129,7 @@ def group_rows(study, opts):
         f_mean, f_std = cells([p.stats["forgetting"] for p in ps])
         ci = None
         if opts.n_boot > 0:
-            ci, problem = bootstrap_chain(A, ps, opts)
+            ci, problem = chain_bootstrap(study, A, ps, opts)
             problems += [problem] if problem else []
         groups = sorted(set().union(*(p.stats["group_forgetting"] for p in ps)))
         for g in groups:
@@ -1157,6 +1199,14 @@ def bootstrap_chain(A, ps, opts):
         return res, (f"{A}->{ps[0].B}: the samples files give forgetting {100 * res['forgetting']['estimate']:.2f} "
                      f"but eval.json {100 * want:.2f}; re-run evaluate.py")
     return res, None
+
+
+def chain_bootstrap(study, A, ps, opts):
+    """bootstrap_chain, computed once per chain and options for every section that shows its CIs."""
+    key = ("bootstrap", A, ps[0].B, tuple(p.chained.run_id for p in ps), opts.n_boot, opts.boot_seed, opts.ci, opts.k)
+    if key not in study.cache:
+        study.cache[key] = bootstrap_chain(A, ps, opts)
+    return study.cache[key]
 
 
 def section_groups(study, opts):
@@ -1235,7 +1285,9 @@ def section_figure2(study, opts):
     ax.set_xticks(x, [f"{short(c)}-{short(s)}" for c, s in zip(df.get("capability", []), df.get("safety", []))])
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_ylabel("relative forgetting (%)")
-    ax.set_title("Relative forgetting of the first task (mean over seeds, error bar = std)")
+    n_seeds = max([len(ps) for ps in study.table1.values()] or [0])
+    ax.set_title("Relative forgetting of the first task, mean over seeds"
+                 + (" (error bar = std over seeds)" if n_seeds > 1 else " (one seed: no error bar)"))
     ax.legend()
     return Section("## Figure 2: relative forgetting\n\n![figure 2](figure2.png)\n\n"
                    "Relative forgetting (%) = forgetting / first-task accuracy of theta_A: the capability task in "
@@ -1243,52 +1295,121 @@ def section_figure2(study, opts):
                    figure_files(fig, df, "figure2"))
 
 
-def section_figure3(study, opts):
-    """Figure 3: per-group forgetting bars for each safety -> capability chain, dotted line at the task's
-    average forgetting."""
-    chains = [(s, c) for s in study.safety for c in study.capability
-              if any(p.stats["group_forgetting"] for p in study.table1.get((s, c), []))]
+GROUP_BAR_COLUMNS = ["first_task", "second_task", "group", "forgetting", "forgetting_std", "task_forgetting",
+                     "n_seeds", "biased_forgetting", "biased_forgetting_ci_low", "biased_forgetting_ci_high"]
+
+
+def group_bar_rows(study, opts, chains):
+    """Per chain and group: forgetting (percent, mean over seeds), the task's average, and the group's biased
+    forgetting with its bootstrap CI (the CI of the group's gap from the average)."""
     rows = []
     for A, B in chains:
         ps = study.table1[(A, B)]
+        ci = chain_bootstrap(study, A, ps, opts)[0] if opts.n_boot > 0 else None
         task_f = cells([p.stats["forgetting"] for p in ps])[0]
         for g in sorted(set().union(*(p.stats["group_forgetting"] for p in ps))):
-            m, s = cells([p.stats["group_forgetting"].get(g, float("nan")) for p in ps])
-            rows.append({"first_task": A, "second_task": B, "group": g, "forgetting": m, "forgetting_std": s,
-                         "task_forgetting": task_f, "n_seeds": len(ps)})
-    df = pd.DataFrame(rows, columns=["first_task", "second_task", "group", "forgetting", "forgetting_std",
-                                     "task_forgetting", "n_seeds"])
-    firsts = [s for s in study.safety if any(a == s for a, _ in chains)]
-    seconds = [c for c in study.capability if any(b == c for _, b in chains)]
+            m, sd = cells([p.stats["group_forgetting"].get(g, float("nan")) for p in ps])
+            gci = ((ci or {}).get("groups") or {}).get(g, {})
+            rows.append({"first_task": A, "second_task": B, "group": g, "forgetting": m, "forgetting_std": sd,
+                         "task_forgetting": task_f, "n_seeds": len(ps),
+                         "biased_forgetting": cells([p.stats["biased"].get(g, float("nan")) for p in ps])[0],
+                         "biased_forgetting_ci_low": rounded(100 * gci.get("low", float("nan"))),
+                         "biased_forgetting_ci_high": rounded(100 * gci.get("high", float("nan")))})
+    return pd.DataFrame(rows, columns=GROUP_BAR_COLUMNS)
+
+
+def _num(values):
+    return pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(dtype=float)
+
+
+def _group_bars(ax, d, title):
+    """One chain's per-group forgetting as horizontal bars, the task's average as a dotted line, and each group's
+    CI of its gap from that average as an error bar around the bar's end (red: CI above the average, blue: below,
+    grey: it includes the average)."""
+    ax.set_title(title, fontsize=9)
+    f, tf = _num(d.forgetting), _num(d.task_forgetting)[0]
+    if np.all(np.nan_to_num(f) == 0) and tf == 0:
+        ax.text(0.5, 0.5, "no forgetting (every group 0)", ha="center", va="center", transform=ax.transAxes)
+        ax.set_yticks(range(len(d)), list(d.group), fontsize=7)
+        return
+    order = np.argsort(np.nan_to_num(f, nan=-np.inf))
+    d, f = d.iloc[order], f[order]
+    lo, hi = tf + _num(d.biased_forgetting_ci_low), tf + _num(d.biased_forgetting_ci_high)
+    colour = ["tab:red" if l > tf else "tab:blue" if h < tf else "tab:gray" for l, h in zip(lo, hi)]
+    y = np.arange(len(d))
+    ax.barh(y, np.nan_to_num(f), color=colour, alpha=0.8)
+    have = ~np.isnan(lo) & ~np.isnan(hi)
+    if have.any():
+        ax.errorbar(f[have], y[have], xerr=[np.maximum(f[have] - lo[have], 0), np.maximum(hi[have] - f[have], 0)],
+                    fmt="none", ecolor="black", capsize=2, linewidth=0.8)
+    ax.axvline(tf, linestyle=":", color="tab:blue", label=f"task average {tf:.2f}%")
+    ax.axvline(0, color="black", linewidth=0.5)
+    ax.set_yticks(y, list(d.group), fontsize=7)
+    ax.set_xlabel("forgetting (%)")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _group_figure(study, opts, firsts, seconds, empty_note):
+    """A grid of _group_bars panels (rows: first tasks, columns: second tasks) -> (figure, its rows)."""
+    chains = [(a, b) for a in firsts for b in seconds
+              if any(p.stats["group_forgetting"] for p in study.table1.get((a, b), []))]
+    df = group_bar_rows(study, opts, chains)
+    rows_used = [a for a in firsts if any(c[0] == a for c in chains)]
+    cols_used = [b for b in seconds if any(c[1] == b for c in chains)]
     if not chains:
         fig, ax = plt.subplots(figsize=(5, 2))
-        ax.text(0.5, 0.5, "no safety -> capability chain with groups", ha="center", va="center")
+        ax.text(0.5, 0.5, empty_note, ha="center", va="center")
         ax.axis("off")
-    else:
-        n_groups = df.groupby(["first_task", "second_task"]).size().max()
-        fig, axes = plt.subplots(len(firsts), len(seconds), squeeze=False,
-                                 figsize=(4.2 * len(seconds), 0.35 * n_groups * len(firsts) + 1.5))
-        for i, A in enumerate(firsts):
-            for j, B in enumerate(seconds):
-                ax = axes[i][j]
-                d = df[(df.first_task == A) & (df.second_task == B)]
-                if d.empty:
-                    ax.text(0.5, 0.5, study.marker.get((A, B), MISSING), ha="center", va="center")
-                    ax.set_title(f"{short(A)} -> {short(B)}")
-                    ax.axis("off")
-                    continue
-                d = d.assign(f=pd.to_numeric(d.forgetting, errors="coerce"),
-                             e=pd.to_numeric(d.forgetting_std, errors="coerce").fillna(0)).sort_values("f")
-                ax.barh(d.group, d.f, xerr=d.e, color="tab:orange")
-                tf = pd.to_numeric(d.task_forgetting, errors="coerce").iloc[0]
-                ax.axvline(tf, linestyle=":", color="tab:blue", label=f"task average {tf:.2f}%")
-                ax.set_title(f"{short(A)} -> {short(B)}")
-                ax.set_xlabel("forgetting (%)")
-                ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
+        return fig, df
+    n_groups = df.groupby(["first_task", "second_task"]).size().max()
+    fig, axes = plt.subplots(len(rows_used), len(cols_used), squeeze=False,
+                             figsize=(4.4 * len(cols_used), 0.32 * n_groups * len(rows_used) + 1.8))
+    for i, A in enumerate(rows_used):
+        for j, B in enumerate(cols_used):
+            ax, d = axes[i][j], df[(df.first_task == A) & (df.second_task == B)]
+            if d.empty:
+                ax.text(0.5, 0.5, f"{study.marker.get((A, B), MISSING)}: no runs", ha="center", va="center")
+                ax.set_title(f"{short(A)} -> {short(B)}", fontsize=9)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
+            _group_bars(ax, d, f"{short(A)} -> {short(B)}")
+    fig.tight_layout()
+    return fig, df
+
+
+GROUP_FIGURE_NOTE = ("Bars: per-group forgetting (%), mean over seeds; dotted line: the first task's average "
+                     "forgetting. Error bar: the {ci} bootstrap CI of the group's gap from that average (its biased "
+                     "forgetting) drawn around the bar's end; red: the CI lies above the average, blue: below, grey: "
+                     "it includes the average (that group's gap may be noise).")
+
+
+def _group_note(opts):
+    if opts.n_boot <= 0:
+        return ("Bars: per-group forgetting (%), mean over seeds; dotted line: the first task's average forgetting "
+                "(no CIs: --n_boot 0).")
+    return GROUP_FIGURE_NOTE.format(ci=f"{100 * opts.ci:g}%")
+
+
+def section_figure3(study, opts):
+    """Figure 3: per-group forgetting bars for each safety -> capability chain with the groups' CIs, dotted line at
+    the task's average forgetting."""
+    fig, df = _group_figure(study, opts, study.safety, study.capability,
+                            "no safety -> capability chain with groups")
     return Section("## Figure 3: forgetting by group (safety -> capability)\n\n![figure 3](figure3.png)\n\n"
-                   "Bars: per-group forgetting (%); dotted line: the safety task's average forgetting "
-                   "([figure3.csv](figure3.csv)).\n", figure_files(fig, df, "figure3"))
+                   + _group_note(opts) + " ([figure3.csv](figure3.csv))\n", figure_files(fig, df, "figure3"))
+
+
+def section_figures_9_10(study, opts):
+    """Figures 9 and 10 (the appendix): biased forgetting by group for ToxiGen -> capability and BBQ -> capability,
+    one panel per capability task, the task's average as a dotted line."""
+    files, text = {}, "## Figures 9 and 10: biased forgetting by group, per capability task\n\n"
+    for stem, A in (("figure9", "toxigen"), ("figure10", "bbq")):
+        fig, df = _group_figure(study, opts, [A], study.capability, f"no {short(A)} -> capability chain in these runs")
+        files.update(figure_files(fig, df, stem))
+        text += f"### {stem.replace('figure', 'Figure ')}: {short(A)} -> capability\n\n![{stem}]({stem}.png) " \
+                f"([{stem}.csv]({stem}.csv))\n\n"
+    return Section(text + _group_note(opts) + "\n", files)
 
 
 def lr_series(study, which):
@@ -1316,14 +1437,30 @@ def lr_series(study, which):
                                        "forgetting_std", "n_seeds"])
 
 
-def _lr_plot(ax, df, which):
-    for (A, B), d in df.groupby(["first_task", "second_task"], sort=True):
+MARKERS = "osD^vPX<>"
+
+
+def chain_colours(chains):
+    """A fixed colour per chain (the same in every figure), from a 20-colour map."""
+    cmap = plt.get_cmap("tab20" if len(chains) > 10 else "tab10")
+    return {c: cmap(i % cmap.N) for i, c in enumerate(sorted(chains))}
+
+
+def _lr_plot(ax, df, which, colours=None):
+    """Forgetting against lr, one line per chain: its own colour and marker, and the chains' points shifted a
+    little apart on the log axis so that equal values do not hide each other."""
+    groups = list(df.groupby(["first_task", "second_task"], sort=True)) if len(df) else []
+    colours = colours or chain_colours([k for k, _ in groups])
+    for i, ((A, B), d) in enumerate(groups):
         y = pd.to_numeric(d.forgetting, errors="coerce")
         e = pd.to_numeric(d.forgetting_std, errors="coerce").fillna(0)
-        ax.errorbar(d[which], y, yerr=e, marker="o", capsize=3, label=f"{short(A)} -> {short(B)}")
+        shift = 10 ** (0.02 * (i - (len(groups) - 1) / 2))
+        ax.errorbar(d[which].astype(float) * shift, y, yerr=e, marker=MARKERS[i % len(MARKERS)], capsize=3,
+                    color=colours.get((A, B)), alpha=0.9, label=f"{short(A)} -> {short(B)}")
     ax.set_xscale("log")
-    ax.set_xlabel("first-task lr" if which == "lr_a" else "second-task lr")
+    ax.set_xlabel(("first-task lr" if which == "lr_a" else "second-task lr") + " (points shifted slightly apart)")
     ax.set_ylabel("forgetting of the first task (%)")
+    ax.axhline(0, color="black", linewidth=0.5)
     if len(df):
         ax.legend(fontsize=7)
     else:
@@ -1334,6 +1471,7 @@ def section_lr_figures(study, opts):
     """Figures 5 and 6 (safety -> capability: forgetting vs first- / second-task lr) and Figure 8 (every
     chain, both orders, both lrs)."""
     sa, sb = lr_series(study, "lr_a"), lr_series(study, "lr_b")
+    colours = chain_colours({(p.A, p.B) for p in study.pairs})
     files = {}
     text = "## Forgetting against learning rate (Figures 5, 6, 8)\n\n"
     for stem, df, which, title in (("figure5", sa[sa.order == "safety->capability"], "lr_a",
@@ -1341,7 +1479,7 @@ def section_lr_figures(study, opts):
                                    ("figure6", sb[sb.order == "safety->capability"], "lr_b",
                                     "Figure 6: safety -> capability, second-task lr varies")):
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        _lr_plot(ax, df, which)
+        _lr_plot(ax, df, which, colours)
         ax.set_title(title)
         files.update(figure_files(fig, df, stem))
         n_lr = df.groupby(["first_task", "second_task"])[which].nunique().max() if len(df) else 0
@@ -1352,7 +1490,7 @@ def section_lr_figures(study, opts):
     both = both[["varied", "first_task", "second_task", "order", "lr", "forgetting", "forgetting_std", "n_seeds"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, which, d in ((axes[0], "lr_a", sa), (axes[1], "lr_b", sb)):
-        _lr_plot(ax, d, which)
+        _lr_plot(ax, d, which, colours)
     axes[0].set_title("(a) by first-task lr")
     axes[1].set_title("(b) by second-task lr")
     files.update(figure_files(fig, both, "figure8"))
@@ -1426,13 +1564,584 @@ def section_chance(study, opts):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Table 2 and the pictures beside the tables
+
+# The paper's Table 2: train size, test size, groups, labels (None: none given).
+PAPER_TABLE2 = {"arc": (2241, 2365, None, 4), "csqa": (2242, 1221, None, 5), "csqa2": (2242, 2541, None, 2),
+                "toxigen": (2236, 4455, 13, 2), "bbq": (2241, 31107, 9, 3), "saferdialogues": (6306, 788, None, None)}
+TABLE2_COLUMNS = ["task", "name", "train_size", "paper_train_size", "test_size", "test_pool", "paper_test_size",
+                  "groups", "paper_groups", "labels", "paper_labels", "data_source", "data_options"]
+
+
+def _joined(values):
+    vals = sorted({str(v) for v in values if v is not None})
+    return ";".join(vals) if vals else MISSING
+
+
+def train_info(run):
+    data = run.meta.get("data") if isinstance(run.meta.get("data"), dict) else {}
+    return data.get("train_info") if isinstance(data.get("train_info"), dict) else {}
+
+
+def section_table2(study, opts):
+    """Table 2: per task, the training and test sets the runs used (run.json's data info, eval.json's task blocks)
+    beside the paper's numbers."""
+    rows = []
+    for task in [t for t in CAPABILITY_TASKS + SAFETY_TASKS if t in study.capability + study.safety]:
+        firsts = [r for r in study.runs if r.stage == 1 and r.task == task]
+        infos = [train_info(r) for r in firsts]
+        trains = [(r.meta.get("data") or {}).get("n_train") for r in firsts]
+        blocks = [r.eval["tasks"][task] for r in study.runs if r.eval and task in r.eval.get("tasks", {})]
+        pools = [((b.get("data_info") or {}).get("pool_size")) for b in blocks]
+        groups = [len(b.get("groups") or {}) for b in blocks] + [i.get("n_groups") for i in infos if i.get("n_groups")]
+        labels = [i.get("n_labels") for i in infos]
+        if not any(labels):  # an older run.json: the options scored in the first stages' samples files
+            labels = [max((x.get("n_options") or 0 for x in load_samples(r) or [] if x.get("task") == task),
+                          default=None) for r in firsts if not r.problem]
+        options = sorted({f"{k}={i[k]}" for i in infos for k in ("arc_choices", "test_set", "cells") if k in i}
+                         | {f"human_validation={'used' if i['human_validation'].get('used') else 'absent'}"
+                            for i in infos if isinstance(i.get("human_validation"), dict)})
+        paper = PAPER_TABLE2.get(task, (None,) * 4)
+        rows.append({"task": task, "name": TASK_NAMES.get(task, task), "train_size": _joined(trains),
+                     "paper_train_size": paper[0] or NA, "test_size": _joined(b.get("n") for b in blocks),
+                     "test_pool": _joined(pools) if any(p is not None for p in pools) else NA,
+                     "paper_test_size": paper[1] or NA,
+                     "groups": _joined(g for g in groups if g) if any(groups) else (0 if blocks else MISSING),
+                     "paper_groups": paper[2] or NA, "labels": _joined(labels) if any(labels) else MISSING,
+                     "paper_labels": paper[3] or NA, "data_source": _joined(b.get("source") for b in blocks),
+                     "data_options": ";".join(options) or NA})
+    df = pd.DataFrame(rows, columns=TABLE2_COLUMNS)
+    table = markdown_table(df.drop(columns=["name"]))
+    text = ("## Table 2: the data sets, this run beside the paper\n\n"
+            "Training examples (run.json data.n_train of the first-stage runs), test examples evaluated (eval.json n; "
+            "test_pool: the whole test split where eval.json records it, else n/a), groups and labels, against the "
+            "paper's Table 2 ([table2.csv](table2.csv), [table2.md](table2.md)). Several values (seeds, learning "
+            "rates) are joined with \";\".\n\n" + table)
+    return Section(text, {"table2.csv": csv_text(df), "table2.md": table})
+
+
+def section_forgetting_heatmap(study, opts):
+    """figure_forgetting_heatmap: Table 1's forgetting of the first task, first task x second task."""
+    tasks = study.capability + study.safety
+    studied = set(study.table1) | set(study.marker)  # the chains the study has or asks for (cs and sc orders)
+    rows = []
+    for A in tasks:
+        for B in tasks:
+            if A == B or (A, B) not in studied:
+                continue
+            ps = study.table1.get((A, B), [])
+            m, sd = cells([p.stats["forgetting"] for p in ps], marker=study.marker.get((A, B), MISSING))
+            rows.append({"first_task": A, "second_task": B, "forgetting": m, "forgetting_std": sd,
+                         "n_seeds": len(ps)})
+    df = pd.DataFrame(rows, columns=["first_task", "second_task", "forgetting", "forgetting_std", "n_seeds"])
+    grid = np.full((len(tasks), len(tasks)), np.nan)
+    for r in rows:
+        if not isinstance(r["forgetting"], str):
+            grid[tasks.index(r["first_task"]), tasks.index(r["second_task"])] = r["forgetting"]
+    fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2.5, 1.0 * len(tasks) + 1.5))
+    lim = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
+    im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim or -1, vmax=lim or 1)
+    for r in rows:
+        i, j = tasks.index(r["first_task"]), tasks.index(r["second_task"])
+        v = r["forgetting"]
+        ax.text(j, i, v if isinstance(v, str) else f"{v:.1f}", ha="center", va="center", fontsize=8,
+                color="gray" if isinstance(v, str) else "white" if abs(v) > 0.6 * (lim or 1) else "black")
+    for i, A in enumerate(tasks):
+        for j, B in enumerate(tasks):
+            if A == B or (A, B) not in studied:
+                ax.text(j, i, "-", ha="center", va="center", color="lightgray")
+    ax.set_xticks(range(len(tasks)), [short(t) for t in tasks], rotation=30, ha="right")
+    ax.set_yticks(range(len(tasks)), [short(t) for t in tasks])
+    ax.set_xlabel("second task (B)")
+    ax.set_ylabel("first task (A), the one forgotten")
+    ax.set_title("Forgetting of A after A -> B (%), Table 1")
+    fig.colorbar(im, ax=ax, label="forgetting (%)")
+    return Section("## Forgetting at a glance\n\n![forgetting heatmap](figure_forgetting_heatmap.png)\n\nTable 1's "
+                   "forgetting of the first task (row) after tuning on the second (column), percent, mean over seeds; "
+                   "red: forgotten, blue: improved; \"-\": a chain the study does not run "
+                   "([figure_forgetting_heatmap.csv](figure_forgetting_heatmap.csv)).\n",
+                   figure_files(fig, df, "figure_forgetting_heatmap"))
+
+
+def section_group_heatmap(study, opts):
+    """figure_group_heatmap: biased forgetting per group (rows) and chain (columns), one panel per first task with
+    groups, each cell with its bootstrap CI."""
+    chains = sorted((a, b) for (a, b), ps in study.table1.items() if any(p.stats["group_forgetting"] for p in ps))
+    df = group_bar_rows(study, opts, chains)
+    firsts = sorted({a for a, _ in chains}, key=lambda t: (CAPABILITY_TASKS + SAFETY_TASKS).index(t)
+                    if t in CAPABILITY_TASKS + SAFETY_TASKS else 99)
+    if not chains:
+        fig, ax = plt.subplots(figsize=(5, 2))
+        ax.text(0.5, 0.5, "no chain with a grouped first task", ha="center", va="center")
+        ax.axis("off")
+    else:
+        fig, axes = plt.subplots(1, len(firsts), squeeze=False, figsize=(3.2 * len(firsts) + 3,
+                                                                         0.4 * df.group.nunique() + 2))
+        for ax, A in zip(axes[0], firsts):
+            d = df[df.first_task == A]
+            groups, seconds = sorted(d.group.unique()), [b for a, b in chains if a == A]
+            grid = np.full((len(groups), len(seconds)), np.nan)
+            labels = {}
+            for r in d.itertuples(index=False):
+                v = _num([r.biased_forgetting])[0]
+                grid[groups.index(r.group), seconds.index(r.second_task)] = v
+                lo, hi = r.biased_forgetting_ci_low, r.biased_forgetting_ci_high
+                label = "n/a" if math.isnan(v) else f"{v:.1f}"
+                if not isinstance(lo, str) and not isinstance(hi, str):
+                    label += f"\n[{lo:.1f}, {hi:.1f}]" + ("*" if lo > 0 or hi < 0 else "")
+                labels[(groups.index(r.group), seconds.index(r.second_task))] = (label, v)
+            lim = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
+            for (i, j), (label, v) in labels.items():  # white text on the dark end of the colour map
+                ax.text(j, i, label, ha="center", va="center", fontsize=6,
+                        color="white" if abs(np.nan_to_num(v)) > 0.6 * (lim or 1) else "black")
+            ax.imshow(grid, cmap="RdBu_r", vmin=-(lim or 1), vmax=lim or 1, aspect="auto")
+            ax.set_xticks(range(len(seconds)), [short(b) for b in seconds], rotation=30, ha="right")
+            ax.set_yticks(range(len(groups)), groups, fontsize=7)
+            ax.set_title(f"{short(A)} -> B: biased forgetting (%)", fontsize=9)
+        fig.tight_layout()
+    ci = (f"{100 * opts.ci:g}% bootstrap CI in brackets; * marks a CI that excludes 0" if opts.n_boot > 0
+          else "no CIs (--n_boot 0)")
+    return Section("## Biased forgetting per group and chain\n\n![group heatmap](figure_group_heatmap.png)\n\n"
+                   "Each cell: a group's forgetting minus its task's average (percent, mean over seeds; red: forgot "
+                   f"more than average), {ci} ([figure_group_heatmap.csv](figure_group_heatmap.csv)).\n",
+                   figure_files(fig, df, "figure_group_heatmap"))
+
+
+def base_evaluations(study):
+    """{task: accuracy} of the base model theta_0: an eval.json in a folder without run.json whose "model" is the
+    runs' base model (or whose folder is named "base"); {} when the study did not evaluate it."""
+    bases = {str(r.meta.get("base_model")) for r in study.runs if r.meta.get("base_model")}
+    out = {}
+    for rel, ev in find_json_files(study.runs_dir, "eval.json", EVAL_FIX):
+        folder = os.path.join(study.runs_dir, os.path.dirname(rel))
+        if os.path.isfile(os.path.join(folder, "run.json")) or not isinstance(ev.get("tasks"), dict):
+            continue
+        if str(ev.get("model")) in bases or os.path.basename(folder) == "base":
+            for t, block in ev["tasks"].items():
+                if isinstance(block, dict) and isinstance(block.get("acc"), (int, float)):
+                    out.setdefault(t, float(block["acc"]))
+    return out
+
+
+def section_accuracy_path(study, opts):
+    """figure_accuracy_path: per Table-1 chain, the accuracy on A and B of theta_0 (when evaluated), theta_A and
+    theta_AB."""
+    base = base_evaluations(study)
+    rows = []
+    for (A, B), ps in sorted(study.table1.items()):
+        for task in (A, B):
+            first = [p.first.acc(task) for p in ps]
+            chained = [p.chained.acc(task) for p in ps]
+            rows.append({"first_task": A, "second_task": B, "task": task,
+                         "acc_theta0": rounded(100 * base[task]) if task in base else MISSING,
+                         "acc_theta_a": cells([v for v in first if not math.isnan(v)], marker=NA)[0],
+                         "acc_theta_ab": cells(chained)[0], "n_seeds": len(ps)})
+    df = pd.DataFrame(rows, columns=["first_task", "second_task", "task", "acc_theta0", "acc_theta_a", "acc_theta_ab",
+                                     "n_seeds"])
+    chains = sorted(study.table1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colours = chain_colours(chains)
+    for ax, which in zip(axes, ("first", "second")):
+        for i, (A, B) in enumerate(chains):
+            d = df[(df.first_task == A) & (df.second_task == B) & (df.task == (A if which == "first" else B))]
+            if d.empty:
+                continue
+            y = _num([d.acc_theta0.iloc[0], d.acc_theta_a.iloc[0], d.acc_theta_ab.iloc[0]])
+            ax.plot([0, 1, 2], y, marker=MARKERS[i % len(MARKERS)], color=colours[(A, B)],
+                    label=f"{short(A)} -> {short(B)}")
+        ax.set_xticks([0, 1, 2], ["theta_0 (base)", "theta_A", "theta_AB"])
+        ax.set_title("accuracy on the first task A" if which == "first" else "accuracy on the second task B")
+        ax.set_ylabel("accuracy (%)")
+    if chains:
+        axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    note = ("" if base else " theta_0 was not evaluated in these runs (no eval.json of the base model), so the lines "
+            "start at theta_A.")
+    return Section("## Accuracy along each chain\n\n![accuracy path](figure_accuracy_path.png)\n\nTest accuracy "
+                   "(percent, mean over seeds) of the base model, the first-stage model and the chained model, on the "
+                   "first task (left; its drop from theta_A to theta_AB is the forgetting) and on the second task "
+                   f"(right; theta_A is evaluated on it only when its eval.json holds it).{note} "
+                   "([figure_accuracy_path.csv](figure_accuracy_path.csv))\n",
+                   figure_files(fig, df, "figure_accuracy_path"))
+
+
+def read_train_log(run):
+    """[(step, loss)] from a run's train_log.jsonl, [] without one."""
+    path = os.path.join(run.path, "train_log.jsonl")
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError, ValueError):
+                row = json.loads(line)
+                out.append((int(row["step"]), float(row["loss"])))
+    return out
+
+
+def section_loss_curves(study, opts):
+    """figure_loss_curves: training loss per step (train_log.jsonl) of the Table-1 models: first stages (left) and
+    chained second stages (right)."""
+    used = {}
+    for ps in study.table1.values():
+        for p in ps:
+            used[p.first.run_id] = p.first
+            used[p.chained.run_id] = p.chained
+    rows = []
+    for r in sorted(used.values(), key=lambda r: r.name):
+        for step, loss in read_train_log(r):
+            rows.append({"run": r.name, "chain": "->".join(r.chain), "stage": r.stage, "lr": r.lr, "seed": r.seed,
+                         "step": step, "loss": exact(loss)})
+    df = pd.DataFrame(rows, columns=["run", "chain", "stage", "lr", "seed", "step", "loss"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, stage in zip(axes, (1, 2)):
+        d = df[df.stage == stage]
+        chains = sorted(d.chain.unique())
+        colours = chain_colours(chains)
+        for c in chains:
+            for k, (run, g) in enumerate(d[d.chain == c].groupby("run", sort=True)):
+                ax.plot(g.step, g.loss, color=colours[c], linewidth=1, label=c.replace("->", " -> ") if k == 0 else None)
+        ax.set_title("first stage (theta_A)" if stage == 1 else "second stage (theta_AB)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (answer-token NLL)")
+        if chains:
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, "no train_log.jsonl", ha="center", va="center", transform=ax.transAxes)
+    missing = sorted(r.name for r in used.values() if not read_train_log(r))
+    text = ("## Training loss\n\n![loss curves](figure_loss_curves.png)\n\nThe loss finetune.py minimised at every "
+            "step (train_log.jsonl) for the models of Table 1, one colour per chain, one line per seed "
+            "([figure_loss_curves.csv](figure_loss_curves.csv)).\n")
+    if missing:
+        text += f"\nNo train_log.jsonl: {', '.join(missing)}.\n"
+    return Section(text, figure_files(fig, df, "figure_loss_curves"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Findings: the paper's claims checked against this run (report.md's first section)
+
+REPRODUCED, NOT_REPRODUCED, NOT_TESTABLE = "reproduced", "not reproduced", "not testable here"
+
+
+def _csv_of(files, name):
+    """A table another section wrote (its CSV text), headers without their unit; None when it did not."""
+    if name not in files:
+        return None
+    df = pd.read_csv(io.StringIO(files[name]), keep_default_na=False)
+    return df.rename(columns=lambda c: re.sub(r" \(%\)$", "", c))
+
+
+def _f(v):
+    """A cell as a float (nan for missing, n/a, ...)."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _ci_text(lo, hi):
+    return f" (CI {lo:.2f} to {hi:.2f})" if not (math.isnan(lo) or math.isnan(hi)) else ""
+
+
+def finding_order(study, files):
+    """Safety tasks are forgotten more than capability tasks when tuned first (Table 1 / Figure 2)."""
+    bf = _csv_of(files, "biased_forgetting.csv")
+    ci = {} if bf is None else {(r.first_task, r.second_task): (_f(r.forgetting_ci_low), _f(r.forgetting_ci_high))
+                                for r in bf.itertuples(index=False)}
+    pairs, lines = 0, []
+    more = forgot = 0  # pairs where the safety task forgot more; where its forgetting CI lies above zero
+    for c in study.capability:
+        for s in study.safety:
+            sc, cs = study.table1.get((s, c)), study.table1.get((c, s))
+            if not sc or not cs:
+                continue
+            f_sc = float(np.mean([p.stats["forgetting"] for p in sc])) * 100
+            f_cs = float(np.mean([p.stats["forgetting"] for p in cs])) * 100
+            pairs += 1
+            more += f_sc > f_cs
+            forgot += _f(ci.get((s, c), (math.nan,) * 2)[0]) > 0
+            lines.append(f"{short(s)} -> {short(c)} forgets {f_sc:.2f}{_ci_text(*ci.get((s, c), (math.nan,) * 2))} "
+                         f"vs {short(c)} -> {short(s)} {f_cs:.2f}{_ci_text(*ci.get((c, s), (math.nan,) * 2))}")
+    if not pairs:
+        return ("Safety tasks are forgotten more than capability tasks when tuned first (Table 1, Figure 2)",
+                NOT_TESTABLE, "no capability/safety pair has both orders in these runs.")
+    p = stats.binomtest(more, pairs, 0.5, alternative="greater").pvalue
+    have_ci = any(not math.isnan(_f(lo)) for lo, _ in ci.values())
+    # more forgetting than the other order is not enough: the safety task has to forget at all
+    verdict = REPRODUCED if more * 2 > pairs and (forgot or not have_ci) else NOT_REPRODUCED
+    return ("Safety tasks are forgotten more than capability tasks when tuned first (Table 1, Figure 2)", verdict,
+            f"the safety task forgot more in {more} of {pairs} pairs (one-sided sign test p = {p:.3g})"
+            + (f", and its forgetting CI lies above zero in {forgot}" if have_ci else "") + "; "
+            + "; ".join(lines) + " (forgetting in points, 95% bootstrap CIs where computed).")
+
+
+def finding_groups(study, files, opts):
+    """Forgetting is uneven across groups: groups whose biased-forgetting CI lies above zero."""
+    claim = "Forgetting is uneven across demographic groups (Figures 3, 9, 10)"
+    fg = _csv_of(files, "forgetting_by_group.csv")
+    if fg is None or fg.empty:
+        return claim, NOT_TESTABLE, "no chain with a grouped first task (ToxiGen or BBQ first) in these runs."
+    if opts.n_boot <= 0:
+        return claim, NOT_TESTABLE, "no bootstrap CIs (--n_boot 0): whether a group's gap is noise is not known."
+    lines, any_above = [], False
+    for (A, B), d in fg.groupby(["first_task", "second_task"], sort=True):
+        above = [r.group for r in d.itertuples(index=False) if _f(r.biased_forgetting_ci_low) > 0]
+        below = [r.group for r in d.itertuples(index=False) if _f(r.biased_forgetting_ci_high) < 0]
+        worst = d.iloc[int(np.nanargmax(_num(d.biased_forgetting)))] if np.isfinite(_num(d.biased_forgetting)).any() \
+            else None
+        any_above |= bool(above)
+        lines.append(f"{short(A)} -> {short(B)}: {len(above)} of {len(d)} groups forgot significantly more than "
+                     f"average ({', '.join(above) or 'none'}), {len(below)} less"
+                     + (f"; largest gap {worst.group} {_f(worst.biased_forgetting):+.2f} points"
+                        f"{_ci_text(_f(worst.biased_forgetting_ci_low), _f(worst.biased_forgetting_ci_high))}"
+                        if worst is not None else ""))
+    verdict = REPRODUCED if any_above else NOT_REPRODUCED
+    return claim, verdict, ("; ".join(lines) + f" ({100 * opts.ci:g}% paired bootstrap CIs of each group's gap "
+                            "from its task's average; a group counts when its CI excludes zero).")
+
+
+def finding_kendall(files):
+    claim = "Groups are ranked consistently across second tasks (Kendall's tau-b)"
+    kt = _csv_of(files, "kendall_tau.csv")
+    if kt is None or kt.empty:
+        return claim, NOT_TESTABLE, "no first task with groups followed by two second tasks in these runs."
+    rows = [(r.first_task, r.second_task_1, r.second_task_2, _f(r.tau_b), _f(r.p_value), int(_f(r.n_groups)))
+            for r in kt.itertuples(index=False)]
+    ok = [t > 0 and p < 0.05 for _, _, _, t, p, _ in rows if not math.isnan(t)]
+    verdict = NOT_TESTABLE if not ok else REPRODUCED if all(ok) else NOT_REPRODUCED
+    return claim, verdict, ("; ".join(f"{short(a)}: {short(b1)} vs {short(b2)} tau = {t:.2f} (n = {n} groups, "
+                                      f"p = {p:.3g})" for a, b1, b2, t, p, n in rows)
+                            + ". Paper: ToxiGen ARC vs CSQA 0.69, ARC vs CSQA2 0.46; BBQ ARC vs CSQA2 0.72. Counted "
+                            "as consistent when tau > 0 with p < 0.05.")
+
+
+def finding_curvature(files):
+    claim = "Sharper first-task minima forget more downstream (Figure 4b, OLS of forgetting on rho)"
+    fit = _csv_of(files, "curvature_fit.csv")
+    if fit is None or fit.empty or math.isnan(_f(fit.slope.iloc[0])):
+        why = "" if fit is None or fit.empty else f" ({fit.note.iloc[0]})"
+        return claim, NOT_TESTABLE, f"no fit: it needs curvature and forgetting for at least 3 first tasks{why}."
+    r = fit.iloc[0]
+    verdict = REPRODUCED if _f(r.slope) > 0 and _f(r.p_value) <= 0.05 else NOT_REPRODUCED
+    return claim, verdict, (f"slope {_f(r.slope):.4g}, R^2 = {_f(r.r_squared):.3f}, p = {_f(r.p_value):.3g} over "
+                            f"{int(_f(r.n_tasks))} first tasks; paper: R^2 = 0.85, p <= 0.01 over 6 tasks. Counted as "
+                            "reproduced when the slope is positive with p <= 0.05.")
+
+
+def _lr_trend(df, which):
+    out = []
+    for (A, B), d in df.groupby(["first_task", "second_task"], sort=True):
+        x, y = d[which].astype(float).to_numpy(), _num(d.forgetting)
+        keep = ~np.isnan(y)
+        if keep.sum() < 2:
+            continue
+        rho = stats.spearmanr(x[keep], y[keep]).statistic if keep.sum() > 2 else np.sign(
+            (y[keep][np.argmax(x[keep])] - y[keep][np.argmin(x[keep])]))
+        out.append((A, B, float(rho), int(keep.sum())))
+    return out
+
+
+def finding_lr(files):
+    claims = []
+    for stem, which, claim, want in (
+            ("figure6.csv", "lr_b", "A larger second-task lr forgets more (Figure 6)", 1),
+            ("figure5.csv", "lr_a", "A larger first-task lr forgets less on BBQ and SaFeRDialogues, more on ToxiGen "
+                                    "(Figure 5)", None)):
+        df = _csv_of(files, stem)
+        trend = _lr_trend(df, which) if df is not None and len(df) else []
+        if not trend:
+            claims.append((claim, NOT_TESTABLE, "no chain with forgetting at two or more learning rates."))
+            continue
+        detail = "; ".join(f"{short(a)} -> {short(b)}: {'more' if r > 0 else 'less' if r < 0 else 'no change in'} "
+                           f"forgetting with a larger lr (Spearman {r:+.2f} over {n} lrs)" for a, b, r, n in trend)
+        if want == 1:
+            verdict = REPRODUCED if sum(r > 0 for *_, r, _ in trend) * 2 > len(trend) else NOT_REPRODUCED
+        else:  # the paper's own pattern: less forgetting with a larger lr for BBQ and SD, more for ToxiGen
+            expect = {"bbq": -1, "saferdialogues": -1, "toxigen": 1}
+            judged = [np.sign(r) == expect[a] for a, _, r, _ in trend if a in expect]
+            verdict = NOT_TESTABLE if not judged else REPRODUCED if all(judged) else NOT_REPRODUCED
+        claims.append((claim, verdict, detail + "."))
+    return claims
+
+
+def finding_replay(files):
+    claim = "Replaying 5% of the safety data as a third stage recovers most of it (Figure 7)"
+    rec = _csv_of(files, "replay_recovery.csv")
+    if rec is None or rec.empty:
+        return claim, NOT_TESTABLE, "no replay sweep in these runs."
+    lines, ok = [], []
+    for r in rec.itertuples(index=False):  # replay_recovery.csv holds the fractions in percent
+        f = _f(r.recovery_fraction)
+        if _f(r.forgetting_at_0) <= 1:  # within a point already: nothing to recover
+            lines.append(f"{short(r.first_task)} -> {short(r.second_task)}: forgetting {_f(r.forgetting_at_0):.2f} "
+                         "points before replay, nothing to recover")
+            continue
+        ok.append(not math.isnan(f) and f <= 5)
+        at = (f"back within 1 point at {f:g}% of its training data" if not math.isnan(f)
+              else "not back within 1 point at any fraction tried")
+        lines.append(f"{short(r.first_task)} -> {short(r.second_task)}: forgetting {_f(r.forgetting_at_0):.2f} points "
+                     f"before replay, {at} (tried: {str(r.fractions).replace(';', ', ')}%)")
+    verdict = NOT_TESTABLE if not ok else REPRODUCED if all(ok) else NOT_REPRODUCED
+    return claim, verdict, ("; ".join(lines) + ". Counted as reproduced when every chain that forgot more than 1 "
+                            "point recovers at 5% or less.")
+
+
+def is_smoke_test(study):
+    profile = str(study.study_json.get("profile", ""))
+    sources = {str((r.meta.get("data") or {}).get("source")) for r in study.runs}
+    return profile == "tiny" or sources == {"synthetic"}
+
+
+def findings_section(study, opts, files):
+    """report.md's first section: each claim of the paper, this run's numbers and a verdict."""
+    claims = [finding_order(study, files), finding_groups(study, files, opts), finding_kendall(files),
+              finding_curvature(files), *finding_lr(files), finding_replay(files)]
+    text = "## Findings: the paper's claims checked against this run\n\n"
+    if is_smoke_test(study):
+        models = sorted({str(r.meta.get("base_model")) for r in study.runs if r.meta.get("base_model")})
+        text += ("**This is a smoke test of the pipeline on synthetic tasks** (profile "
+                 f"{study.study_json.get('profile', 'unknown')}, model {', '.join(models) or 'unknown'}, tuned on "
+                 "generated stand-in tasks). The verdicts say whether the code produces each of the paper's "
+                 "measurements end to end; they are not evidence about language models.\n\n")
+    counts = Counter(v for _, v, _ in claims)
+    text += (f"{counts[REPRODUCED]} reproduced, {counts[NOT_REPRODUCED]} not reproduced, {counts[NOT_TESTABLE]} not "
+             "testable here. Numbers in percentage points.\n\n")
+    text += "\n".join(f"- **{claim}: {verdict}.** {detail[:1].upper() + detail[1:]}"
+                      for claim, verdict, detail in claims) + "\n"
+    rows = pd.DataFrame([{"claim": c, "verdict": v, "evidence": d} for c, v, d in claims])
+    return text, {"findings.csv": rows.to_csv(index=False)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where this run differs from the paper: generated from study.json and the runs' run.json
+
+def _configs(study):
+    return [r.meta.get("config") for r in study.runs if isinstance(r.meta.get("config"), dict)]
+
+
+def _values(configs, key):
+    return sorted({json.dumps(c.get(key), sort_keys=True) for c in configs if key in c})
+
+
+def deviations(study):
+    """[(item, the option that changes it)] for this run; items it does not have are left out."""
+    cfgs, out = _configs(study), []
+    tasks = set(study.capability + study.safety)
+    clip = [float(c["max_grad_norm"]) for c in cfgs if isinstance(c.get("max_grad_norm"), (int, float))]
+    if any(v > 0 for v in clip):
+        out.append((f"Gradient clipping at a global norm of {', '.join(f'{v:g}' for v in sorted(set(clip)) if v > 0)} "
+                    "(the paper does not clip, or does not say)", "finetune.py --max_grad_norm 0 turns it off"))
+    nwd = [r.meta.get("optimizer", {}).get("no_weight_decay") for r in study.runs if isinstance(r.meta.get("optimizer"),
+                                                                                                 dict)]
+    if any(nwd):
+        names = sorted({str(n) for v in nwd if v for n in (v if isinstance(v, list) else [v])})
+        out.append((f"No weight decay on {', '.join(names)} (the paper: weight decay 0.1, on every weight as far as "
+                    "it says)", "no option: finetune.py's make_optimizer"))
+    elif study.runs:
+        out.append(("Weight decay exemptions not recorded in run.json (finetune.py exempts norm weights and biases "
+                    "from weight decay; the paper applies 0.1 without saying which weights)",
+                    "no option: finetune.py's make_optimizer"))
+    if tasks - {"saferdialogues"}:
+        out.append(("Each option is scored by the summed log-likelihood of its whole answer sentence (\"The best "
+                    "answer is A.\"); ToxiGen's two answers differ in length, so a sum favours the shorter one where "
+                    "a per-token mean would not. The paper does not say how it scores", "no option: evaluate.py "
+                    "scores by the sum (its --scorer fast|naive only change how it is computed)"))
+    if "toxigen" in tasks and any(train_info(r).get("group_rule") for r in study.runs):
+        out.append(("A ToxiGen sentence that targets several groups is counted for the least frequent of them "
+                    "(one group per example); the paper does not say", "no option: tasks.load_toxigen"))
+    if study.table1:
+        out.append(("Relative forgetting (Figure 2) is divided by the first task's overall accuracy "
+                    "Acc_A(theta_A); the paper prints a per-group Acc_A(theta_A, g), probably a typo",
+                    "no option: metrics.relative_forgetting"))
+    if tasks & {"arc", "csqa", "bbq"}:
+        out.append(("The answers read \"The best answer is X.\" (the paper's appendix templates); section 3.2 says "
+                    "\"The correct answer is\"", "no option: synthetic.py's templates"))
+    infos = [train_info(r) for r in study.runs if r.stage == 1]
+    arc = {i.get("arc_choices") for i in infos if "arc_choices" in i}
+    if "all" in arc:
+        out.append(("ARC-Easy keeps its 3- and 5-choice questions (2251 train / 2376 test; Table 2: 2241 / 2365, "
+                    "the 4-choice ones)", "tasks.py --arc_choices 4 (load_task arc_choices=\"4\", the default)"))
+    tsets = {i.get("test_set") for i in infos if "test_set" in i}
+    if "fraction" in tsets:
+        out.append(("ToxiGen's and BBQ's test sets are a seeded 30% of the data (Table 2: 4455 and 31107 examples, "
+                    "nearly everything not used for training)", "load_task test_set=\"rest\" (tasks.py --test_set "
+                    "rest): every example not used for training or validation"))
+    fill = {i.get("cells") for i in infos if i.get("n_groups")}
+    if "fill" in fill:
+        out.append(("Training sets of the tasks with groups are topped up to --train_size (2261) instead of the same "
+                    "count per (group, label) cell (Table 2: 2236 = 26 x 86, 2241 = 27 x 83)",
+                    "load_task cells=\"equal\" (tasks.py --cells equal; the default on real data)"))
+    hv = [i["human_validation"] for i in infos if isinstance(i.get("human_validation"), dict)]
+    if hv and not any(h.get("used") for h in hv):
+        out.append(("BBQ's training set holds no human-validated items (the paper takes them first): BBQ's "
+                    "supplemental/MTurk_validation files are not in the data folder",
+                    "copy the official repository's supplemental/ folder into DATA_DIR/bbq/"))
+    bbq_groups = [len(r.eval["tasks"]["bbq"].get("groups") or {}) for r in study.runs
+                  if r.eval and "bbq" in r.eval.get("tasks", {})]
+    if bbq_groups and max(bbq_groups) < 9 and not is_smoke_test(study):
+        out.append((f"BBQ has {max(bbq_groups)} of its 9 categories here (the data folder lacks the others)",
+                    "add the missing DATA_DIR/bbq/data/<Category>.jsonl files"))
+    for key, paper, what, flag in (("steps", 100, "optimisation steps", "--steps (STEPS)"),
+                                   ("batch_size", 16, "batch size", "--batch_size"),
+                                   ("max_length", 2048, "sequence length", "--max_length"),
+                                   ("weight_decay", 0.1, "weight decay", "--weight_decay")):
+        vals = [c.get(key) for c in cfgs if isinstance(c.get(key), (int, float))]
+        if vals and any(v != paper for v in vals):
+            out.append((f"{what.capitalize()} {', '.join(f'{v:g}' for v in sorted(set(vals)))} (paper: {paper:g})",
+                        f"finetune.py {flag}"))
+    limits = {str(c.get("eval_limit")) for c in cfgs if c.get("eval_limit")} | (
+        {str(study.study_json["eval_limit"])} if study.study_json.get("eval_limit") else set())
+    if limits:
+        out.append((f"Models are evaluated on stratified subsets of {', '.join(sorted(limits))} "
+                    "test examples per task, not whole test sets", "EVAL_LIMIT= (empty) / evaluate.py without --limit"))
+    if len(study.seeds) < 3:
+        out.append((f"{len(study.seeds)} seed{'s' if len(study.seeds) > 1 else ''} (paper: 3)"
+                    + (": no std over seeds, no error bars" if len(study.seeds) == 1 else ""), "SEEDS=\"0 1 2\""))
+    lrs = sorted({float(r.lr) for r in study.runs})
+    if lrs and (min(lrs) > 2e-5 or max(lrs) < 1e-6):
+        note = next((r.meta.get("lr_note") for r in study.runs if r.meta.get("lr_note")), "")
+        out.append((f"Learning rates {', '.join(f'{v:g}' for v in lrs)} (paper: 1e-6 to 2e-5 around 1e-5)"
+                    + (f": {note}" if note else ""), "LRS, MAIN_LR / finetune.py --lr"))
+    first = study.study_json.get("first_stage")
+    if first == "caption":
+        out.append(("Every chain starts from the first-stage model at the main lr (Table 1's caption); section 3.1 "
+                    "picks the best first-stage model on validation", "FIRST_STAGE=best"))
+    replay_settings = [s.get("settings") for _, s in study.replay if isinstance(s.get("settings"), dict)]
+    replay_bs = sorted({st.get("global_batch_size", st.get("batch_size")) for st in replay_settings} - {None}, key=str)
+    if replay_bs and any(b != 128 for b in replay_bs):
+        out.append((f"Replay stages use a global batch of {', '.join(map(str, replay_bs))} (appendix 9.4: batch 16, "
+                    "global batch 128)", "the replay batch-size variable of run_all.sh / replay.py --batch_size"))
+    models = sorted({str(r.meta.get("base_model")) for r in study.runs if r.meta.get("base_model")})
+    if models and not any("llama-2-7b" in m.lower() for m in models):
+        out.append((f"Model: {', '.join(models)}, not Llama-2-7B", "MODEL=/path/to/Llama-2-7b-hf (PROFILE=paper)"))
+    sources = sorted({str((r.meta.get("data") or {}).get("source")) for r in study.runs} - {"None"})
+    if "synthetic" in sources:
+        out.append(("Data: the embedded synthetic stand-in tasks, not the released data sets",
+                    "DATA_DIR=../shared/data (PROFILE=real-tiny or paper)"))
+    if "saferdialogues" not in tasks:
+        out.append(("SaFeRDialogues is not in this run (the paper's third safety task)",
+                    "SAFE=\"toxigen bbq saferdialogues\" with its data in DATA_DIR/saferdialogues"))
+    return out
+
+
+def deviations_section(study):
+    items = deviations(study)
+    text = ("## Where this run differs from the paper\n\nGenerated from this run's study.json and run.json settings; "
+            "each item names what changes it.\n\n")
+    text += "\n".join(f"- {what}. Changed by: {how}." for what, how in items) if items else "Nothing recorded differs."
+    return text + "\n", {"deviations.csv": pd.DataFrame(items, columns=["difference", "changed_by"]).to_csv(index=False)}
+
+
+# ----------------------------------------------------------------------------------------------------
 # report.md and the CLI
 
 # report.md's sections in order: (module, function, heading). A section in another file is loaded when that
 # file lies beside metrics.py (or on the import path); without it the report names the file that adds it.
-SECTIONS = [(None, "section_table1", None), (None, "section_groups", None), (None, "section_chance", None),
-            (None, "section_figure2", None), (None, "section_figure3", None), (None, "section_lr_figures", None),
-            (None, "section_first_task_acc", None),
+SECTIONS = [(None, "section_table1", None), (None, "section_forgetting_heatmap", None), (None, "section_table2", None),
+            (None, "section_groups", None), (None, "section_group_heatmap", None), (None, "section_chance", None),
+            (None, "section_figure2", None), (None, "section_figure3", None), (None, "section_figures_9_10", None),
+            (None, "section_accuracy_path", None), (None, "section_loss_curves", None),
+            (None, "section_lr_figures", None), (None, "section_first_task_acc", None),
             ("metrics_curvature", "section_curvature", "Curvature (Figure 4) and the Taylor check"),
             ("metrics_mitigation", "section_replay", "Replay as a third stage (Figure 7; appendix Figures 11-14)"),
             ("metrics_mitigation", "section_mitigation",
@@ -1482,9 +2191,12 @@ def write_report(study, out, opts):
     sections = run_sections(study, opts)
     probs = study.problems + [p for s in sections for p in s.problems]
     refused = study.refused + [p for s in sections for p in s.refused]
-    for s in sections:
-        for fname, content in s.files.items():
-            write_file(os.path.join(out, fname), content)
+    every_file = {name: content for s in sections for name, content in s.files.items()}
+    findings_text, more = findings_section(study, opts, every_file)
+    deviations_text, dev_files = deviations_section(study)
+    every_file.update(more, **dev_files)
+    for fname, content in every_file.items():
+        write_file(os.path.join(out, fname), content)
     base = sorted({str(r.meta.get("base_model")) for r in study.runs if r.meta.get("base_model")})
     sources = sorted({str(r.meta.get("data", {}).get("source")) for r in study.runs
                       if isinstance(r.meta.get("data"), dict) and r.meta["data"].get("source")}
@@ -1505,6 +2217,9 @@ def write_report(study, out, opts):
             if study.main_lr else "- main learning rate: none (no chained run)",
             "- values in percent; mean and std (ddof=1) over seeds; n/a = a std over one seed, or not "
             "applicable (no groups, no bootstrap)\n"]
+    head.append("Task names: " + "; ".join(f"{short(t)} = {TASK_NAMES[t]} (`{t}`)" for t in CAPABILITY_TASKS +
+                                           SAFETY_TASKS if t in study.capability + study.safety) + ".\n")
+    head += [findings_text, deviations_text]
     if study.study_json:
         head.append("study.json:\n\n```json\n" + json.dumps(study.study_json, indent=2) + "\n```\n")
     head.append(f"## Refused: evaluations that cannot be compared ({len(refused)})\n\n"
@@ -1517,7 +2232,9 @@ def write_report(study, out, opts):
     write_file(os.path.join(out, "report.md"), "\n".join(head) + "\n" + "\n".join(s.text for s in sections))
     summary = {"runs": os.path.abspath(study.runs_dir), "profile": opts.profile, "base_model": base,
                "data_source": sources, "main_lr": study.main_lr, "seeds": study.seeds,
-               "n_pairs": len(study.pairs), "refused": refused, "problems": probs}
+               "n_pairs": len(study.pairs), "refused": refused, "problems": probs,
+               "findings": pd.read_csv(io.StringIO(every_file["findings.csv"]))[["claim", "verdict"]].to_dict("records"),
+               "differences_from_paper": [d for d, _ in deviations(study)]}
     write_file(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return probs, refused
 

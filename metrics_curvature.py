@@ -406,6 +406,38 @@ TAYLOR_COLUMNS = ["first_task", "second_task", "seed", "lr_a", "lr_b", "delta_sq
                   "bound_source", "first_run_id", "chained_run_id", "file"]
 
 
+def taylor_figure(df):
+    """figure_taylor: actual loss change and quadratic term against the bound 0.5 rho ||delta||^2, log-log where
+    every value is positive (symlog otherwise), with the diagonal y = x."""
+    d = df[["first_task", "second_task", "seed", "actual_loss_change", "quadratic_term", "bound"]].copy()
+    num = {c: pd.to_numeric(d[c], errors="coerce") for c in ("actual_loss_change", "quadratic_term", "bound")}
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    chains = sorted({(a, b) for a, b in zip(d.first_task, d.second_task)})
+    cmap = plt.get_cmap("tab10")
+    for i, (a, b) in enumerate(chains):
+        k = ((d.first_task == a) & (d.second_task == b)).to_numpy()
+        x = num["bound"][k] * 10 ** (0.01 * (i - (len(chains) - 1) / 2))  # equal values stay visible side by side
+        no_bound = bool(num["bound"][k].isna().all())
+        ax.scatter(x, num["actual_loss_change"][k], marker="o", color=cmap(i % 10),
+                   label=f"{short(a)} -> {short(b)}" + (" (no bound: not drawn)" if no_bound else ""))
+        ax.scatter(x, num["quadratic_term"][k], marker="x", color=cmap(i % 10))
+    vals = pd.concat(num.values()).dropna()
+    if len(vals):
+        lo, hi = float(vals[vals > 0].min()) if (vals > 0).any() else 1e-6, float(vals.abs().max())
+        positive = bool((vals > 0).all())
+        ax.set_xscale("log" if positive else "symlog", **({} if positive else {"linthresh": lo}))
+        ax.set_yscale("log" if positive else "symlog", **({} if positive else {"linthresh": lo}))
+        grid = np.geomspace(lo, hi, 50)
+        ax.plot(grid, grid, "k--", linewidth=1, label="y = bound")
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("bound 0.5 rho ||delta||^2")
+    ax.set_ylabel("loss change of A (o actual, x quadratic)")
+    ax.set_title("Taylor check (equations 3 and 4)")
+    return figure_files(fig, d, "figure_taylor")
+
+
 def taylor_section(rows, any_files):
     """taylor_check.csv and its part of the report -> (text, files)."""
     text = "### Taylor check (equations 3 and 4)\n\n"
@@ -422,6 +454,10 @@ def taylor_section(rows, any_files):
     show = df[["first_task", "second_task", "seed", "lr_b", "delta_sq_norm", "actual_loss_change", "quadratic_term",
                "bound", "quadratic_le_bound", "actual_le_bound"]]
     text += markdown_table(significant(show))
+    files.update(taylor_figure(df))
+    text += ("\n![Taylor check](figure_taylor.png)\n\nEach point one chain and seed: the actual change of A's loss "
+             "(circles) and the quadratic term (crosses) against the bound; below the diagonal, the bound holds "
+             "([figure_taylor.csv](figure_taylor.csv)).\n\n")
     q = [r["quadratic_le_bound"] for r in rows if isinstance(r["quadratic_le_bound"], bool)]
     a = [r["actual_le_bound"] for r in rows if isinstance(r["actual_le_bound"], bool)]
     text += (f"\nquadratic <= bound in {sum(q)} of {len(q)}; actual loss change <= bound in {sum(a)} of {len(a)} "

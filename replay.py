@@ -5,9 +5,11 @@ does it lose?) after every point; each point is a finetune.train_stage call and 
     python replay.py --model runs/demo/toxigen-arc --task toxigen --out runs/demo/replay \\
         --fractions 0,0.01,0.05,0.1,0.2,0.4,0.6,0.8,1 --steps 100 --first_stage runs/demo/toxigen --eval_limit 300
     python replay.py --model runs/demo/toxigen-arc --task toxigen --out runs/demo/replay --steps_sweep 0,5,10,20,40
+    torchrun --nproc_per_node=8 replay.py --model runs/arc-toxigen --task arc --out runs/replay --fractions 0,0.05 \\
+        --bf16 --batch_size 128 --micro_batch_size 16 --data_dir DIR     # FSDP2 training, evaluation on all GPUs
 
 --fractions are fractions of A's training set in [0, 1] (0: --model itself, untrained); --out is resumed
-(points made with the same settings are kept). Needs finetune.py, evaluate.py, common.py, tasks.py and
+(points made with the same settings are kept). Needs finetune.py, evaluate.py, common.py, distributed.py, tasks.py and
 synthetic.py beside it (tiny_base.py for the tiny base). What --out holds: README.md.
 """
 import argparse
@@ -24,7 +26,7 @@ import finetune
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, check_args, check_device,
                     die_on_user_error, read_json, read_meta, resolve_model_path, setup_process_group,
                     torchrun_rank_world, write_json_atomic)
-from tasks import GENERATIVE_TASKS, TASKS
+from tasks import DATA_DEFAULTS, GENERATIVE_TASKS, TASKS, add_data_options, data_options
 
 EVAL_DEFAULTS = evaluate_mod.DEFAULTS
 
@@ -40,7 +42,7 @@ FRACTION_UNIT = "fraction of A's training set, in [0, 1]"
 NUMERIC_RULES = {"steps": (AT_LEAST_1[0], "at least 1 (a fraction 0 point trains nothing)"), "lr": POSITIVE,
                  "seed": NON_NEGATIVE, "batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1,
                  "train_size": AT_LEAST_1, "max_length": AT_LEAST_1, "eval_limit": AT_LEAST_1,
-                 "eval_seed": NON_NEGATIVE, "eval_batch_size": AT_LEAST_1}
+                 "eval_seed": NON_NEGATIVE, "eval_batch_size": AT_LEAST_1, "max_new_tokens": AT_LEAST_1}
 STAGE_FILES = ("run.json", "train_log.jsonl")
 
 
@@ -96,9 +98,6 @@ def check_inputs(args, meta):
         raise UserError(f"--task {args.task} is not an earlier task of --model's chain {' -> '.join(chain)}; "
                         f"replay one of {', '.join(dict.fromkeys(chain[:-1]))}")
     task_b = chain[-1]
-    for t in (args.task, task_b):
-        if t in GENERATIVE_TASKS:
-            raise UserError(f"{t} is generative; its evaluation is not implemented yet, so replay cannot score it")
     return task_b
 
 
@@ -153,18 +152,19 @@ def load_first_stage(args, meta, run, settings, out, master):
         if not (same_evaluation(made, task_a, args, settings) and made.get("run_id") == first_id):
             raise UserError(f"{made_path} is an evaluation of another first stage or with other settings; pass "
                             f"--overwrite to remake it (and every point asked for), or choose another --out")
-    if (redo or not os.path.isfile(made_path)) and master:
-        print(f"replay: evaluating the first stage {args.first_stage} on {task_a} (its eval.json does not match the "
-              f"replay settings)", flush=True)
+    if redo or not os.path.isfile(made_path):  # decided on every process before any of them writes
         tmp = os.path.join(out, ".tmp-first-stage")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        if master:
+            print(f"replay: evaluating the first stage {args.first_stage} on {task_a} (its eval.json does not match "
+                  f"the replay settings)", flush=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
         evaluate_point(args, first_dir, [task_a], os.path.join(tmp, "eval.json"), model_name=first_dir,
                        out_name=made_path)
-        write_json_atomic(made_path, read_json(os.path.join(tmp, "eval.json")))
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not os.path.isfile(made_path):  # another process writes it
-        return {"acc_a": None, "source": made_path, "run_id": first_id, "note": "evaluated by process 0"}
+        if master:
+            write_json_atomic(made_path, read_json(os.path.join(tmp, "eval.json")))
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
     return {"acc_a": read_json(made_path)["tasks"][task_a]["acc"], "source": os.path.abspath(made_path),
             "run_id": first_id, "note": "evaluated by replay.py with the replay settings"}
 
@@ -177,15 +177,22 @@ def same_evaluation(evaluation, task, args, settings):
             and cfg.get("seed", EVAL_DEFAULTS["seed"]) == args.eval_seed
             and cfg.get("split", EVAL_DEFAULTS["split"]) == settings["split"] and cfg.get("data_dir") == args.data_dir
             and cfg.get("scorer", EVAL_DEFAULTS["scorer"]) == args.scorer
-            and cfg.get("dtype", "float32") == settings["dtype"])
+            and cfg.get("dtype", "float32") == settings["dtype"]
+            and all(cfg.get(k, v) == data_options(args)[k] for k, v in DATA_DEFAULTS.items())
+            and (task not in GENERATIVE_TASKS or (cfg.get("max_new_tokens") == args.max_new_tokens
+                                                  and args.classifier in (None, cfg.get("classifier")))))
 
 
 def evaluate_point(args, model_dir, tasks, out, model_name=None, out_name=None):
     """evaluate.py's work on model_dir with the replay's --eval_* settings (its split: evaluate.py's default);
-    out is a fresh temporary file, out_name (and model_name) the names printed and recorded."""
-    return evaluate_mod.evaluate_checkpoint(model_dir, tasks, out, data_dir=args.data_dir, limit=args.eval_limit,
+    out is a fresh temporary file, out_name (and model_name) the names printed and recorded. Under torchrun
+    every process takes part (process 0 reads the weights and writes the files)."""
+    return evaluate_mod.evaluate_checkpoint(model_dir, tasks, out, data_dir=args.data_dir, data_opts=data_options(args),
+                                            limit=args.eval_limit, classifier=args.classifier,
+                                            max_new_tokens=args.max_new_tokens,
                                             batch_size=args.eval_batch_size, scorer=args.scorer, seed=args.eval_seed,
-                                            bf16=args.bf16, device=args.device, model_name=model_name,
+                                            dtype="bfloat16" if args.bf16 else "float32", device=args.device,
+                                            model_name=model_name,
                                             out_name=out_name)
 
 
@@ -265,23 +272,24 @@ def run_point(args, model_dir, settings, task_a, task_b, name, sweep, frac, step
                "train_fraction": None if frac >= 1 else frac, "lr": args.lr, "seed": args.seed,
                "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size, "data_dir": args.data_dir,
                "train_size": args.train_size, "max_length": args.max_length, "bf16": args.bf16,
-               "device": args.device, "overwrite": True, "out_name": final}
+               "device": args.device, "overwrite": True, "out_name": final, **data_options(args)}
         train_started = time.time()
         record = finetune.train_stage(cfg)
         train_time = time.time() - train_started
         eval_model = cfg["out"]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if not master:
-        return None
     eval_started = time.time()
-    print(f"replay: {name}: evaluating {task_a},{task_b}", flush=True)
+    if master:
+        print(f"replay: {name}: evaluating {task_a},{task_b}", flush=True)
     keep_ckpt = record is not None and args.save_checkpoints
     desc = None if record is None else (os.path.abspath(final) if keep_ckpt else
                                         f"replay stage ({name}, checkpoint not saved) from {os.path.abspath(model_dir)}")
     evaluate_point(args, eval_model, [task_a] if task_a == task_b else [task_a, task_b],
                    os.path.join(tmp, "eval.json"), model_name=desc, out_name=os.path.join(final, "eval.json"))
     eval_time = time.time() - eval_started
+    if not master:
+        return None
     if record is not None:
         stage = os.path.join(tmp, "stage")
         if keep_ckpt:
@@ -348,9 +356,10 @@ def write_summary(args, model_dir, meta, task_a, task_b, settings, ref, wall):
     return summary
 
 
-def barrier(world):
-    if world > 1:
-        import torch.distributed as dist
+def barrier():
+    """Under torchrun: wait for the other processes (a no-op in one process)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
         dist.barrier()
 
 
@@ -392,13 +401,15 @@ def _main(args, t0, rank, world, master):
                 "train_size": args.train_size, "max_length": args.max_length, "bf16": args.bf16,
                 "dtype": "bfloat16" if args.bf16 else "float32", "eval_limit": args.eval_limit,
                 "eval_seed": args.eval_seed, "eval_batch_size": args.eval_batch_size, "scorer": args.scorer,
-                "split": EVAL_DEFAULTS["split"], "fraction_unit": FRACTION_UNIT}
+                "split": EVAL_DEFAULTS["split"], "fraction_unit": FRACTION_UNIT,
+                **{k: v for k, v in data_options(args).items() if v != DATA_DEFAULTS[k]}}
+    if task_a in GENERATIVE_TASKS or task_b in GENERATIVE_TASKS:  # the judge and the reply length make the score
+        settings.update(classifier=args.classifier, max_new_tokens=args.max_new_tokens)
     if world > 1:
-        # one process group for the whole sweep (finetune.train_stage uses it), with a long timeout since the
-        # other processes wait while process 0 evaluates
+        # one process group for the whole sweep (finetune.train_stage and evaluate use it), with a long timeout
+        # since the other processes wait while process 0 writes a checkpoint
         setup_process_group(device, timeout=datetime.timedelta(hours=4))
     ref = load_first_stage(args, meta, run, settings, args.out, master)
-    barrier(world)  # (only process 0 uses ref)
     os.makedirs(args.out, exist_ok=True)
     plan = plan_points(args)
     # decide every point up front (the same on every process): skip, copy, or make
@@ -421,7 +432,7 @@ def _main(args, t0, rank, world, master):
     for name, sweep, frac, steps, key in todo:
         run_point(args, model_dir, settings, task_a, task_b, name, sweep, frac, steps, key, done_keys, rank, world)
         done_keys.setdefault(key, name)
-        barrier(world)  # the other processes wait while process 0 evaluates
+        barrier()  # the other processes wait while process 0 writes the point
     if not master:
         return None
     summary = write_summary(args, model_dir, meta, task_a, task_b, settings, ref, time.time() - t0)
@@ -462,6 +473,7 @@ def build_parser():
     g.add_argument("--micro_batch_size", type=int, default=None,
                    help="examples per forward/backward on each process (unset: the whole per-process batch)")
     g.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (unset: the synthetic tasks)")
+    add_data_options(g)
     g.add_argument("--train_size", type=int, default=d["train_size"],
                    help="A's training set: a seeded stratified subsample of its training split (examples, >= 1)")
     g.add_argument("--max_length", type=int, default=d["max_length"], help="tokens per example (>= 1)")
@@ -476,6 +488,10 @@ def build_parser():
                    help="evaluate.py --batch_size (examples, >= 1)")
     g.add_argument("--scorer", default=EVAL_DEFAULTS["scorer"], choices=list(evaluate_mod.SCORERS),
                    help="evaluate.py --scorer")
+    g.add_argument("--classifier", default=EVAL_DEFAULTS["classifier"], help="evaluate.py --classifier (the judge "
+                   "of SaFeRDialogues replies)")
+    g.add_argument("--max_new_tokens", type=int, default=EVAL_DEFAULTS["max_new_tokens"],
+                   help="evaluate.py --max_new_tokens (>= 1)")
     return p
 
 

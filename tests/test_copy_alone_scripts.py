@@ -1,5 +1,5 @@
 """Copy-alone use: evaluate.py and finetune.py copied into an empty folder with only the files their docstrings
-name (common.py, tasks.py, synthetic.py; tiny_base.py for --model tiny) run there as a user runs them."""
+name (common.py, distributed.py, tasks.py, synthetic.py; tiny_base.py for --model tiny) run there as a user runs them."""
 import json
 import os
 import shutil
@@ -8,7 +8,7 @@ import sys
 
 from conftest import ROOT
 
-NEEDS = ("common.py", "tasks.py", "synthetic.py", "tiny_base.py")
+NEEDS = ("common.py", "distributed.py", "tasks.py", "synthetic.py", "tiny_base.py")
 SMALL = ["--steps", "2", "--train_size", "16", "--batch_size", "4"]
 
 

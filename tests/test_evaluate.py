@@ -119,8 +119,12 @@ def test_bad_input(tuned_toxigen, tmp_path):
     r = run_script("evaluate.py", "--model", tuned_toxigen, "--tasks", "arc,foo", "--out", out)
     assert r.returncode == 2 and r.stderr.strip() == ("error: unknown task 'foo' in --tasks; choose from arc, csqa, "
                                                       "csqa2, toxigen, bbq, saferdialogues")
-    r = run_script("evaluate.py", "--model", tuned_toxigen, "--tasks", "saferdialogues", "--out", out)
-    assert r.returncode == 2 and "generative" in r.stderr and "Traceback" not in r.stderr
+    r = run_script("evaluate.py", "--model", tuned_toxigen, "--tasks", "saferdialogues", "--out", out,
+                   "--max_new_tokens", "0")
+    assert r.returncode == 2 and "--max_new_tokens" in r.stderr and "Traceback" not in r.stderr
+    r = run_script("evaluate.py", "--model", tuned_toxigen, "--tasks", "saferdialogues", "--out", out,
+                   "--classifier", tuned_toxigen)  # a causal LM is not a sequence classifier
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = run_script("evaluate.py", "--model", tmp_path / "nothing", "--tasks", "arc", "--out", out)
     assert r.returncode == 2 and "not found" in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".tmp*"))

@@ -247,11 +247,14 @@ def test_option_checks():
                      ({"steps": 0}, "at least 1"), ({"l2_to_init": -1.0}, ">= 0")]:
         with pytest.raises(UserError, match=msg.replace("[", r"\[").replace("(", r"\(")):
             finetune.check_options({**ok, **bad}, 1)
-    with pytest.raises(UserError, match="one process only"):
-        finetune.check_options({**ok, "l2_to_init": 1.0}, 2)
-    with pytest.raises(UserError, match="one process only"):
-        finetune.check_options({**ok, "ewc": 1.0, "ewc_task": "arc"}, 2)
-    finetune.check_options({**ok, "replay_task": "arc", "replay_fraction": 0.5}, 2)  # replay works under FSDP
+    for bad, msg in [({"save_dtype": "fp8"}, "--save_dtype"), ({"gradient_checkpointing": "maybe"}, "choose from"),
+                     ({"dist_timeout_min": 0}, "> 0")]:
+        with pytest.raises(UserError, match=msg):
+            finetune.check_options({**ok, **bad}, 1)
+    # every option runs under FSDP (tests/test_distributed.py compares them with one process)
+    finetune.check_options({**ok, "l2_to_init": 1.0}, 2)
+    finetune.check_options({**ok, "ewc": 1.0, "ewc_task": "arc"}, 2)
+    finetune.check_options({**ok, "replay_task": "arc", "replay_fraction": 0.5}, 2)
 
 
 def test_cli_bad_option(tmp_path, tiny_path):

@@ -83,7 +83,10 @@ def make_arc(d, extra_test=()):
 
 def test_arc_three_five_choices_and_numeric_labels(tmp_path):
     make_arc(tmp_path, [arc_row(90, 3, "C"), arc_row(91, 5, "E"), arc_row(92, 4, "3", "1234")])
-    ex = {e.id: e for e in tasks.load_task("arc", "test", str(tmp_path)).examples}
+    four = tasks.load_task("arc", "test", str(tmp_path))  # default: the paper's 4-choice questions only
+    assert {e.id for e in four.examples} == {"q0", "q1", "q2", "q3", "q4", "q92"}
+    assert four.info["arc_choices"] == "4" and four.info["dropped_not_4_choices"]["test"] == 2
+    ex = {e.id: e for e in tasks.load_task("arc", "test", str(tmp_path), arc_choices="all").examples}
     assert len(ex["q90"].options) == 3 and ex["q90"].label == 2
     assert "three candidate answers (A, B and C)" in ex["q90"].prompt and "one of A, B or C." in ex["q90"].prompt
     assert len(ex["q91"].options) == 5 and ex["q91"].label == 4 and "E. opt4." in ex["q91"].prompt
@@ -138,6 +141,7 @@ def write_toxigen(d, rows):
 def test_toxigen_groups_and_seeded_stratified_split(tmp_path):
     write_toxigen(tmp_path, toxigen_rows())
     parts = {s: tasks.load_task("toxigen", s, str(tmp_path), train_size=None).examples for s in tasks.SPLITS}
+    assert len(parts["train"]) == 73  # train_size None: the whole pool, whatever the cell rule
     ids = [{e.id for e in parts[s]} for s in tasks.SPLITS]
     assert sum(map(len, ids)) == 121 and not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     test_cells = collections.Counter((e.group, e.label) for e in parts["test"])
@@ -150,12 +154,14 @@ def test_toxigen_groups_and_seeded_stratified_split(tmp_path):
 
 def test_stratified_subsample_equal_cells_and_seeds(tmp_path):
     write_toxigen(tmp_path, toxigen_rows())
-    a = tasks.load_task("toxigen", "train", str(tmp_path), train_size=42, seed=0)
+    equal = tasks.load_task("toxigen", "train", str(tmp_path), train_size=42, seed=0)  # real data: "equal"
+    assert equal.info["cells"] == "equal" and len(equal.examples) == 7  # the one-example cell sets the count
+    a = tasks.load_task("toxigen", "train", str(tmp_path), train_size=42, seed=0, cells="fill")
     cells = collections.Counter((e.group, e.label) for e in a.examples)
     assert len(a.examples) == 42 and cells[("chinese", 1)] == 1  # a cell of one gives all it has
     assert sorted(v for k, v in cells.items() if k[0] != "chinese") == [6] + [7] * 5  # the rest: 41 over 6 cells
-    b = tasks.load_task("toxigen", "train", str(tmp_path), train_size=42, seed=0)
-    c = tasks.load_task("toxigen", "train", str(tmp_path), train_size=42, seed=1)
+    b = tasks.load_task("toxigen", "train", str(tmp_path), train_size=42, seed=0, cells="fill")
+    c = tasks.load_task("toxigen", "train", str(tmp_path), train_size=42, seed=1, cells="fill")
     assert [e.id for e in a.examples] == [e.id for e in b.examples] != [e.id for e in c.examples]
     assert a.info["sample_seed"] == 0 and a.info["ids_sha256"] == b.info["ids_sha256"]
     with pytest.raises(UserError, match="group\\(s\\) .* are empty; raise --train_size"):
@@ -283,13 +289,14 @@ def test_encode_pair_moves_the_space_onto_the_continuation(tiny_path):
 def test_real_datasets_load_with_official_sizes():
     sizes = {("arc", "test"): 2376, ("arc", "validation"): 570, ("csqa", "test"): 1221, ("csqa2", "test"): 2541}
     for (t, s), n in sizes.items():
-        assert len(tasks.load_task(t, s, DATA).examples) == n
-    arc = tasks.load_task("arc", "train", DATA)
+        assert len(tasks.load_task(t, s, DATA, arc_choices="all").examples) == n
+    arc = tasks.load_task("arc", "train", DATA, arc_choices="all")
     assert len(arc.examples) == 2251 and arc.info["pool_size"] == 2251  # fewer than 2261: all of them
-    tox = tasks.load_task("toxigen", "train", DATA)
+    tox = tasks.load_task("toxigen", "train", DATA, cells="fill")
     assert len(tox.examples) == 2261 and len({e.group for e in tox.examples}) == 13
     cells = collections.Counter((e.group, e.label) for e in tox.examples)
-    pool = collections.Counter((e.group, e.label) for e in tasks.load_task("toxigen", "train", DATA, None).examples)
+    pool = collections.Counter((e.group, e.label) for e in tasks.load_task("toxigen", "train", DATA, None,
+                                                                           cells="fill").examples)
     small = min(cells, key=cells.get)
     assert cells[small] == pool[small] < 86  # a short cell gives all it has ...
     assert max(cells.values()) - min(v for k, v in cells.items() if k != small) <= 1  # ... the rest stay level

@@ -1,0 +1,179 @@
+"""One model over several processes (torchrun), the way large-model trainers do it: process 0 reads the
+checkpoint, the others build the model on the meta device and receive it; FSDP2 sharding per decoder block with
+a mixed-precision policy; full tensors gathered one at a time for saving; an evaluation's batches shared out.
+
+    torchrun --nproc_per_node=8 finetune.py --model /models/Llama-2-7b-hf --task arc --out runs/arc --bf16
+
+Used by finetune.py, evaluate.py and replay.py (needs common.py beside it).
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from common import UserError
+
+# A 13 GB checkpoint written by process 0 while the others wait: NCCL's 10-minute default is too short.
+DEFAULT_TIMEOUT_MIN = 60.0
+
+
+def world():
+    """(rank, number of processes) of the initialised process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def timeout(minutes):
+    return datetime.timedelta(minutes=minutes)
+
+
+def _auto_model_class():
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM
+
+
+def _read_on_rank0(path, dtype):
+    """Process 0's copy of the checkpoint on the host (the only process that opens its weight files)."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    try:
+        return _auto_model_class().from_pretrained(path, use_safetensors=True, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
+        raise UserError(f"could not load a causal LM from {path} ({type(e).__name__}: {e}); pass a checkpoint "
+                        f"saved with safetensors and its config.json") from None
+
+
+def build_on_meta(path, dtype):
+    """The model's modules with no storage (shapes, dtypes and parameter names only)."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return _auto_model_class().from_config(config, dtype=dtype)
+
+
+def _copy_buffers(model, source):
+    """Buffers (rotary frequencies: not in any state dict) from process 0's loaded model, then to everyone."""
+    own = dict(model.named_buffers())
+    src = dict(source.named_buffers()) if source is not None else {}
+    for name, buf in own.items():
+        if source is not None:
+            buf.copy_(src[name].to(buf.device, buf.dtype))
+        dist.broadcast(buf, src=0)
+
+
+def load_replicated(path, device, dtype):
+    """Every process gets the whole model on `device` (evaluation): process 0 reads it, the others receive each
+    tensor by broadcast. Host memory: one copy, on process 0."""
+    rank, _ = world()
+    if rank == 0:
+        model = _read_on_rank0(path, dtype).to(device)
+    else:
+        model = build_on_meta(path, dtype).to_empty(device=device)
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, src=0)
+    return model
+
+
+def mixed_precision(bf16):
+    """FSDP2's policy under --bf16: bf16 compute copies of fp32 sharded master weights, fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if not bf16:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard(model, bf16):
+    """fully_shard each decoder block, then the root (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+    policy = mixed_precision(bf16)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def load_sharded(path, device, bf16, prepare=None):
+    """The FSDP2 training model: built on the meta device on every process, sharded, given storage on `device`,
+    then filled from process 0's host copy (each process receives its own shards only). Master weights fp32.
+    prepare(model): called before sharding (gradient checkpointing, use_cache)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    rank, _ = world()
+    model = build_on_meta(path, torch.float32)
+    if prepare is not None:
+        prepare(model)
+    shard(model, bf16)
+    model.to_empty(device=device)
+    source = _read_on_rank0(path, torch.float32) if rank == 0 else None
+    full = source.state_dict() if source is not None else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        _copy_buffers(model, source)
+    del full, source
+    return model
+
+
+def local(t):
+    """A parameter's (or its gradient's) own shard under FSDP2; the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_state_dict(model, dtype):
+    """The model's full state dict in `dtype` on process 0's host, gathered one tensor at a time (no GPU holds a
+    second full copy); None on the other processes. Without a process group: the model's own tensors, cast."""
+    rank, n = world()
+    state = {}
+    for name, t in model.state_dict().items():
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if rank == 0:
+            state[name] = full.detach().to("cpu", dtype)
+        del full
+    return state if rank == 0 else None
+
+
+def _all_reduce(x, op):
+    _, n = world()
+    if n == 1:
+        return float(x)
+    t = torch.tensor(float(x), dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=op)
+    return float(t)
+
+
+def all_reduce_sum(x):
+    """float64 sum over processes of a Python number (or itself without a process group)."""
+    return _all_reduce(x, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(x):
+    return _all_reduce(x, dist.ReduceOp.MAX)
+
+
+def gather_merge(items):
+    """Every process's dict merged (keys do not overlap), on every process."""
+    _, n = world()
+    if n == 1:
+        return dict(items)
+    parts = [None] * n
+    dist.all_gather_object(parts, dict(items))
+    merged = {}
+    for p in parts:
+        merged.update(p)
+    return merged
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def pad_forwards(model, missing, pad_id, device):
+    """Under FSDP2 every forward is a collective: a process that had fewer batches than process 0 runs the
+    forwards it lacks on a one-token input, in step with the others (their count is known in advance: each
+    process scores every world-th batch)."""
+    with torch.no_grad():
+        for _ in range(missing):
+            model(input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=device))

@@ -1,0 +1,115 @@
+"""cost_model.py's formulas against numbers worked out by hand from Llama-2-7B's shape and the stated GPU.
+
+    python -m pytest -q tests/test_cost_model.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import cost_model as cm  # noqa: E402
+
+N7B = 6_738_415_616  # Llama-2-7b-hf's parameter count, as its model card and safetensors index give it
+
+
+def test_parameter_count_of_llama2_7b_by_hand():
+    # per layer: q, k, v, o 4 * 4096^2 = 67,108,864; MLP 3 * 4096 * 11008 = 135,266,304; norms 2 * 4096
+    assert cm.params_per_layer() == 67_108_864 + 135_266_304 + 8_192 == 202_383_360
+    # embedding and head 2 * 32000 * 4096, final norm 4096
+    assert cm.root_params() == 262_144_000 + 4_096
+    assert cm.n_params() == 32 * 202_383_360 + 262_148_096 == N7B
+
+
+def test_parameter_count_matches_the_meta_device_model():
+    pytest.importorskip("transformers")
+    assert cm.n_params_meta() == N7B
+
+
+def test_shape_from_a_config_json(tmp_path):
+    cfg = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "vocab_size": 32000, "torch_dtype": "float16", "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shape = cm.shape_from_config(str(tmp_path))
+    assert cm.n_params(shape) == N7B
+    # grouped-query attention (8 kv heads): k and v are a quarter as wide
+    gqa = dict(shape, kv_heads=8)
+    assert cm.params_per_layer(gqa) == 2 * 4096 ** 2 + 2 * 4096 * 1024 + 3 * 4096 * 11008 + 2 * 4096
+
+
+def test_checkpoint_bytes():
+    assert cm.checkpoint_bytes(N7B, "bf16") == 2 * N7B == 13_476_831_232
+    assert cm.checkpoint_bytes(N7B, "float32") == 26_953_662_464
+    with pytest.raises(ValueError, match="int8"):
+        cm.checkpoint_bytes(N7B, "int8")
+
+
+def test_fsdp_adamw_memory_on_8_gpus_by_hand():
+    tokens, bpt = 1000, 100_000
+    b = cm.train_memory_breakdown(N7B, 8, tokens, 32, 4096, bpt, checkpointing=False)
+    # fp32 master + fp32 grad + AdamW m and v: 16 bytes a parameter, over 8 GPUs
+    assert b["sharded_states"] == 16 * N7B / 8 == 13_476_831_232
+    # two layers gathered: bf16 params (2) + bf16 grads (2) + fp32 grads (4); embedding/head/norm in bf16
+    assert b["gathered_params_grads"] == pytest.approx(2 * 202_383_360 * 8 + 262_148_096 * 2, abs=1)
+    assert b["activations"] == 1000 * 32 * 100_000
+    assert b["logits"] == 1000 * 32000 * 10
+    tensors = 13_476_831_232 + 3_762_429_952 + 3_200_000_000 + 320_000_000
+    assert b["total"] == pytest.approx(tensors * 1.1 + 2.5e9, rel=1e-12)
+    assert cm.train_memory_per_gpu(N7B, 8, tokens, 32, 4096, bpt, False) == b["total"]
+    # checkpointing keeps one bf16 hidden vector a layer plus one layer's activations (its recompute)
+    c = cm.train_memory_breakdown(N7B, 8, tokens, 32, 4096, bpt, checkpointing=True)
+    assert c["activations"] == 1000 * (32 * 2 * 4096 + 100_000)
+    # one GPU: the 16 bytes a parameter alone are 108 GB, the issue's out-of-memory figure
+    one = cm.train_memory_breakdown(N7B, 1, tokens, 32, 4096, bpt, False)
+    assert one["sharded_states"] / 1e9 == pytest.approx(107.8, abs=0.1)
+    assert not cm.fits(one["total"], "A100-80GB") and cm.fits(b["total"], "A100-80GB")
+
+
+def test_eval_memory_by_hand():
+    got = cm.eval_memory_per_gpu(N7B, 2048, 32, 4096, kv_cache=True)
+    weights = 2 * N7B
+    kv = 2048 * 32 * 2 * 4096 * 2
+    transient = 2048 * (2 * 4096 + 2 * 11008) * 2
+    logits = 2048 * 32000 * 4
+    assert got == pytest.approx((weights + kv + transient + logits) * 1.1 + 2.5e9, rel=1e-12)
+
+
+def test_stage_seconds_by_hand_on_a100():
+    peak = 312e12 * 0.40 * 8                       # 8 GPUs at 40% of the bf16 peak, FLOP/s
+    attn = 2 * 32 * 4096 * 512                     # attention FLOPs a token, forward, at 512 tokens
+    train = 1e6 * (6 * N7B + 3 * attn) / peak      # wall seconds of 1M training tokens
+    # FSDP traffic: 122 steps of 16 x 512 tokens, 7/8 of 8 bytes a parameter each, at 200 GB/s: less than compute
+    comm = 1e6 / (16 * 512) * 7 / 8 * 8 * N7B / 200e9
+    assert comm < train
+    assert cm.stage_gpu_seconds("train", 1e6, N7B, 8) == pytest.approx(8 * train, rel=1e-12)
+    assert cm.stage_gpu_seconds("eval_forward", 1e6, N7B, 8) == pytest.approx(8 * 1e6 * (2 * N7B + attn) / peak,
+                                                                              rel=1e-12)
+    assert cm.stage_gpu_seconds("hvp", 1e6, N7B, 8) == pytest.approx(4 * 8 * train, rel=1e-12)
+    # decode: 100 steps of 16 sequences, each reading 13.48 GB of bf16 weights at 70% of 2.039 TB/s
+    per_step = 2 * N7B / (2.039e12 * 0.70)
+    assert cm.stage_gpu_seconds("generate", 1600, N7B, 8, batch=16) == pytest.approx(100 * per_step, rel=1e-12)
+    with pytest.raises(ValueError, match="train"):
+        cm.stage_gpu_seconds("sample", 1, N7B, 8)
+
+
+def test_small_steps_are_bound_by_fsdp_traffic():
+    # 16 x 100 tokens a step: the per-step collectives (47 GB a GPU at 200 GB/s) outlast the compute
+    tokens = 100 * 16 * 100
+    comm = 100 * 7 / 8 * 8 * N7B / 200e9
+    assert cm.stage_gpu_seconds("train", tokens, N7B, 8, seq_len=100, batch=16) == pytest.approx(8 * comm, rel=1e-12)
+
+
+def test_assumptions_name_the_gpu_and_the_measured_constants():
+    text = "\n".join(cm.ASSUMPTIONS)
+    assert "A100-80GB" in text and "312" in text and "MFU 40%" in text
+    assert str(cm.ACT_BYTES_PER_TOKEN_LAYER) in text and "bench_scale.py" in text
+    assert cm.estimate_tokens("abcdefghi") == 3 and cm.estimate_tokens("") == 1
+
+
+def test_import_does_not_import_torch():
+    code = "import sys, cost_model; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
