@@ -658,23 +658,26 @@ def evaluate_saved(folder, cfg):
 def evaluate_held(model, tok, record, cfg, device):
     """--eval_tasks / --eval_val_tasks under torchrun: the sharded model this process trained scores its share
     of the batches (no process reads the checkpoint again); process 0 writes what evaluate.py would. Its forward
-    runs in the training's compute dtype: bfloat16 under --bf16 (the saved bf16 weights' values)."""
+    runs in the training's compute dtype: bfloat16 under --bf16 (the saved bf16 weights' values). A job with a
+    generative task is evaluated from the saved checkpoint instead (a whole copy per process): generation stops
+    row by row, so the forwards of an FSDP model cannot be kept in step."""
     jobs = eval_jobs(cfg)
     if not jobs:
         return
-    if any(t in GENERATIVE_TASKS for tasks, *_ in jobs):
-        # generation stops row by row, so an FSDP forward count cannot be kept in step: the saved checkpoint is
-        # evaluated instead, a whole copy per process (process 0 reads it)
-        del model
-        return evaluate_saved(cfg["out"], cfg)
     evaluator("--eval_tasks")
     from evaluate import evaluate_model
     meta = {"run_id": record["run_id"], "chain": record["chain"], "tiny": record["tiny"]}
     model.eval()
     shown = cfg.get("out_name") or cfg["out"]
     for tasks, split, limit, name in jobs:
+        if any(t in GENERATIVE_TASKS for t in tasks):
+            evaluate_saved(cfg["out"], {**cfg, **{k: None for k in EVAL_DEFAULTS if k.startswith("eval")},
+                                        "eval_tasks" if split == "test" else "eval_val_tasks": ",".join(tasks),
+                                        "eval_limit" if split == "test" else "eval_val_limit": limit})
+            continue
         evaluate_model(model, tok, meta, tasks, os.path.join(cfg["out"], name), data_dir=cfg["data_dir"],
-                       split=split, limit=limit, data_opts=data_options(cfg), dtype="bfloat16" if cfg["bf16"] else "float32", device=device,
+                       split=split, limit=limit, data_opts=data_options(cfg),
+                       dtype="bfloat16" if cfg["bf16"] else "float32", device=device,
                        model_name=shown, out_name=os.path.join(shown, name))
 
 

@@ -17,7 +17,9 @@ from conftest import ROOT, run_script
 
 BASE = {"model": "tiny", "task": "toxigen", "steps": 3, "batch_size": 8, "train_size": 64, "seed": 0}
 STAGES = {
-    "eval": {"eval_tasks": "toxigen,arc", "eval_limit": 40, "eval_val_tasks": "toxigen", "eval_val_limit": 24},
+    # the test split in place on the sharded model; SaFeRDialogues (generated) from the saved checkpoint
+    "eval": {"eval_tasks": "toxigen,arc", "eval_limit": 40, "eval_val_tasks": "toxigen,saferdialogues",
+             "eval_val_limit": 24},
     "anchored": {"l2_to_init": 5.0, "ewc": 50.0, "ewc_task": "arc", "ewc_samples": 8},
     "mixed": {"replay_task": "arc", "replay_fraction": 0.25},
 }
@@ -61,9 +63,13 @@ def assert_same_eval(a, b):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
     sa = [json.loads(x) for x in open(a.replace(".json", "_samples.jsonl"))]
     sb = [json.loads(x) for x in open(b.replace(".json", "_samples.jsonl"))]
-    assert [(s["id"], s["pred"]) for s in sa] == [(s["id"], s["pred"]) for s in sb]  # same order, same predictions
+    # same order, same predictions (scored tasks) and replies (generated ones)
+    assert [(s["id"], s.get("pred"), s.get("generation")) for s in sa] == [(s["id"], s.get("pred"), s.get("generation"))
+                                                                          for s in sb]
     for x, y in zip(sa, sb):
-        assert x["logliks"] == pytest.approx(y["logliks"], rel=1e-5, abs=1e-5)
+        for k in ("logliks", "toxicity", "reference_loglik"):
+            if k in x:
+                assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +130,10 @@ def test_replay_two_processes_equal_one(runs):
 
 def test_only_process_zero_reads_weights(runs):
     tmp, _, _ = runs
-    read = {r: open(tmp / f"opens.rank{r}").read().split() if (tmp / f"opens.rank{r}").exists() else [] for r in (0, 1)}
+    from classifier import default_classifier
+    judge = os.path.realpath(default_classifier(True))  # the replies' judge (small) is loaded by every process
+    read = {r: [p for p in open(tmp / f"opens.rank{r}").read().split() if not os.path.realpath(p).startswith(judge)]
+            if (tmp / f"opens.rank{r}").exists() else [] for r in (0, 1)}
     assert any(p.endswith("model.safetensors") for p in read[0])  # the hook sees process 0's reads
     assert read[1] == [], read[1]
 
