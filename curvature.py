@@ -6,16 +6,21 @@ the Taylor check of the paper's eqs. 3-4 against the chains tuned from that mini
     python curvature.py --model runs/demo/toxigen --task toxigen --reference runs/demo/toxigen-arc --out c.json
     python curvature.py --model runs/demo/toxigen --task toxigen --reference runs/demo/toxigen-arc runs/demo/mix \\
         --taylor_out taylor.json --out runs/demo/curv/toxigen.json      # one solve, <reference>/taylor.json each
+    torchrun --nproc_per_node=8 curvature.py --model llama-7b-toxigen --task toxigen --dtype bfloat16 \\
+        --data_dir ../shared/data --out curv.json   # samples split across GPUs, solver vectors sharded
     python setup.py build_ext --inplace        # the C++/CUDA extension ahead of time (else built on first use)
 
-The command line needs common.py, tasks.py, finetune.py and synthetic.py beside it (tiny_base.py for --model
-tiny); hessian_spectrum() alone needs torch and numpy (the extension in csrc/ is optional). Solvers, stop
-rules, backends and what curvature.json holds: README.md.
+The file reads as: the operator (HessianOperator; ShardedOperator under a process group), the solvers
+(Lanczos with a certified stop on --rtol, power iteration), the command line. The command line needs
+common.py, tasks.py, finetune.py and synthetic.py beside it (tiny_base.py for --model tiny);
+hessian_spectrum() alone needs torch, numpy and ops.py (which loads the optional extension in csrc/).
+Solvers, stop rules, backends and what curvature.json holds: README.md.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -27,9 +32,10 @@ import warnings
 import numpy as np
 import torch
 
+from ops import ExtensionError, load_extension  # noqa: F401  (the extension: loading and registration)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 IGNORE_INDEX = -100
-CSRC = os.path.join(HERE, "csrc")
 
 
 try:  # the project's UserError, so that callers catch one type and the CLI's handler prints it
@@ -40,190 +46,6 @@ except ImportError:  # curvature.py copied alone: the solver needs no other file
 
 class CurvatureError(_UserErrorBase):
     """Bad input to curvature.py (the command line prints it as one `error: ...` line and exits 2)."""
-
-
-# --------------------------------------------------------------------------------------------- extension
-_EXT_STATE: dict | None = None
-
-
-def _cuda_sources_usable() -> bool:
-    return torch.cuda.is_available() and torch.version.cuda is not None
-
-
-def load_extension(mode: str | None = None, verbose: bool = False) -> dict:
-    """Load the `hessian` operator library (csrc/) once per process; return {"name", "detail", "ok"}.
-
-    mode: "auto" (installed, else JIT, else none), "installed", "jit", "none". Default: $CURVATURE_EXT or auto.
-    installed: the module curvature_ext built by `python setup.py build_ext --inplace` (or pip install); jit: a
-    torch.utils.cpp_extension.load build into build/jit (about 20 s once on 2 cores); none: plain PyTorch.
-    The state is cached: whichever library loaded first stays loaded (registering twice is an error).
-    """
-    global _EXT_STATE
-    mode = (mode or os.environ.get("CURVATURE_EXT") or "auto").lower()
-    if mode not in ("auto", "installed", "jit", "none"):
-        raise CurvatureError(f"CURVATURE_EXT={mode!r} is not one of auto, installed, jit, none")
-    if _EXT_STATE is not None and (_EXT_STATE["ok"] or mode == "none"):
-        return _EXT_STATE
-    if mode == "none":
-        return {"name": "none", "detail": "disabled (CURVATURE_EXT=none)", "ok": False}
-    errors = []
-    if hasattr(torch.ops, "hessian") and hasattr(torch.ops.hessian, "lanczos_step"):
-        _EXT_STATE = {"name": "preloaded", "detail": "hessian ops already registered in this process", "ok": True}
-    if _EXT_STATE is None and mode in ("auto", "installed"):
-        try:
-            import curvature_ext  # noqa: F401  (built by setup.py; importing runs TORCH_LIBRARY initialisers)
-
-            _EXT_STATE = {"name": "installed", "detail": getattr(curvature_ext, "__file__", "?"), "ok": True}
-        except ImportError as e:
-            errors.append(f"installed: {e}")
-    if _EXT_STATE is None and mode in ("auto", "jit"):
-        try:
-            from torch.utils.cpp_extension import load
-
-            build_dir = os.path.join(HERE, "build", "jit")
-            os.makedirs(build_dir, exist_ok=True)
-            sources = [os.path.join(CSRC, "hessian.cpp"), os.path.join(CSRC, "cpu", "hessian_cpu.cpp")]
-            kwargs = {}
-            if _cuda_sources_usable():
-                sources += [os.path.join(CSRC, "cuda", "hessian_cuda.cpp"),
-                            os.path.join(CSRC, "cuda", "hessian_kernels.cu")]
-                kwargs["extra_cuda_cflags"] = ["-O3"]
-            t0 = time.time()
-            load(name="curvature_ext_jit" + ("_cuda" if "extra_cuda_cflags" in kwargs else ""), sources=sources,
-                 extra_cflags=["-O3"], build_directory=build_dir, is_python_module=False, verbose=verbose,
-                 **kwargs)
-            _EXT_STATE = {"name": "jit", "ok": True,
-                          "detail": f"torch.utils.cpp_extension.load into {build_dir} ({time.time() - t0:.1f} s)"}
-        except Exception as e:  # compiler missing, build error, ...
-            msg = str(e).strip().splitlines()
-            errors.append(f"jit: {msg[-1] if msg else type(e).__name__}")
-    if _EXT_STATE is None:
-        return {"name": "none", "detail": "plain PyTorch fallback; " + "; ".join(errors), "ok": False}
-    _register_python_side()
-    return _EXT_STATE
-
-
-_PY_REGISTERED = False
-
-
-def _register_python_side():
-    """Autograd formulas and fake (meta) kernels of the C++ ops."""
-    global _PY_REGISTERED
-    if _PY_REGISTERED:
-        return
-    ops = torch.ops.hessian
-    lib = torch.library
-
-    # forward: loss rows and softmax probabilities (the one logits-sized buffer kept for backward)
-    def xent_setup(ctx, inputs, output):
-        _, labels, ignore_index = inputs
-        ctx.set_materialize_grads(False)  # an unused probs output must not cost a softmax VJP
-        ctx.save_for_backward(output[1], labels)
-        ctx.ignore_index = ignore_index
-
-    def xent_backward(ctx, grad_loss, grad_probs):
-        probs, labels = ctx.saved_tensors
-        g = None
-        if grad_loss is not None:
-            g = ops.softmax_xent_backward(grad_loss, probs, labels, ctx.ignore_index)
-        if grad_probs is not None:
-            gp = ops.softmax_backward(grad_probs, probs)
-            g = gp if g is None else g + gp
-        return g, None, None
-
-    lib.register_autograd("hessian::softmax_xent", xent_backward, setup_context=xent_setup)
-
-    # the backward is itself differentiable (double backward for HVPs)
-    def xb_setup(ctx, inputs, output):
-        grad_loss, probs, labels, ignore_index = inputs
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad_loss, probs, labels)
-        ctx.ignore_index = ignore_index
-
-    def xb_backward(ctx, ggrad):
-        if ggrad is None:
-            return None, None, None, None
-        grad_loss, probs, labels = ctx.saved_tensors
-        gg, gp = ops.softmax_xent_backward_backward(ggrad, grad_loss, probs, labels, ctx.ignore_index)
-        return gg, gp, None, None
-
-    lib.register_autograd("hessian::softmax_xent_backward", xb_backward, setup_context=xb_setup)
-
-    # fused linear + cross-entropy: probs (the one [N, V] buffer kept) is a non-differentiable output; the
-    # backward op takes its derivative analytically through hidden and weight (see csrc/hessian.cpp)
-    def lx_setup(ctx, inputs, output):
-        hidden, weight, labels, ignore_index, chunk_rows = inputs
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(hidden, weight, output[1], labels)
-        ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
-
-    def lx_backward(ctx, grad_loss, grad_probs):
-        if grad_loss is None:
-            return None, None, None, None, None
-        hidden, weight, probs, labels = ctx.saved_tensors
-        gh, gw = ops.linear_xent_backward(grad_loss, hidden, weight, probs, labels, ctx.ignore_index, ctx.chunk_rows)
-        return gh, gw, None, None, None
-
-    lib.register_autograd("hessian::linear_xent", lx_backward, setup_context=lx_setup)
-
-    def lxb_setup(ctx, inputs, output):
-        grad_loss, hidden, weight, probs, labels, ignore_index, chunk_rows = inputs
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad_loss, hidden, weight, probs, labels)
-        ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
-
-    def lxb_backward(ctx, u, U):
-        grad_loss, hidden, weight, probs, labels = ctx.saved_tensors
-        if u is None and U is None:
-            return (None,) * 7
-        gg, dh, dw = ops.linear_xent_hvp(u, U, grad_loss, hidden, weight, probs.detach(), labels, ctx.ignore_index,
-                                         ctx.chunk_rows)
-        return gg if ctx.needs_input_grad[0] else None, dh, dw, None, None, None, None
-
-    lib.register_autograd("hessian::linear_xent_backward", lxb_backward, setup_context=lxb_setup)
-
-    fake_dtype = lambda t: torch.float64 if t.dtype == torch.float64 else torch.float32  # noqa: E731
-
-    @lib.register_fake("hessian::linear_xent")
-    def _(hidden, weight, labels, ignore_index, chunk_rows=0):
-        dt = fake_dtype(hidden)
-        return hidden.new_empty(hidden.shape[:1], dtype=dt), hidden.new_empty((hidden.shape[0], weight.shape[0]),
-                                                                               dtype=dt)
-
-    @lib.register_fake("hessian::linear_xent_backward")
-    def _(grad_loss, hidden, weight, probs, labels, ignore_index, chunk_rows=0):
-        return torch.empty_like(hidden), torch.empty_like(weight)
-
-    @lib.register_fake("hessian::linear_xent_hvp")
-    def _(u, U, grad_loss, hidden, weight, probs, labels, ignore_index, chunk_rows=0):
-        return torch.empty_like(grad_loss), torch.empty_like(hidden), torch.empty_like(weight)
-
-    @lib.register_fake("hessian::softmax_xent")
-    def _(logits, labels, ignore_index):
-        return logits.new_empty(logits.shape[:1], dtype=fake_dtype(logits)), torch.empty_like(logits)
-
-    @lib.register_fake("hessian::softmax_xent_backward")
-    def _(grad_loss, probs, labels, ignore_index):
-        return torch.empty_like(probs)
-
-    @lib.register_fake("hessian::softmax_xent_backward_backward")
-    def _(ggrad, grad_loss, probs, labels, ignore_index):
-        return torch.empty_like(grad_loss), torch.empty_like(probs)
-
-    @lib.register_fake("hessian::softmax_backward")
-    def _(grad_probs, probs):
-        return torch.empty_like(probs)
-
-    @lib.register_fake("hessian::lanczos_step")
-    def _(w, v, v_prev, beta):
-        return w[0].new_empty((2,), dtype=torch.float64)
-
-    @lib.register_fake("hessian::power_step")
-    def _(w, v):
-        return w[0].new_empty((2,), dtype=torch.float64)
-
-    _PY_REGISTERED = True
 
 
 # ------------------------------------------------------------------------------- plain-PyTorch reference ops
@@ -252,6 +74,24 @@ def power_step_torch(w, v):
     return torch.stack([rq.cpu(), nrm.cpu()])
 
 
+def shard_dot_torch(w, v):
+    """Reference of hessian::shard_dot: [<w,v>, <w,w>] in float64 (one shard; the caller all-reduces)."""
+    d = sum(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()) for a, b in zip(w, v))
+    q = sum(a.double().pow(2).sum() for a in w)
+    return torch.stack([d.cpu(), q.cpu()]).to(torch.float64)
+
+
+def lanczos_update_torch(w, v, v_prev, alpha, beta):
+    """Reference of hessian::lanczos_update: v_prev <- w - alpha v - beta v_prev (float64 per element, rounded
+    to the storage dtype); returns [||v_prev||^2] of this shard."""
+    alpha, beta = float(alpha), float(beta)
+    sq = torch.zeros((), dtype=torch.float64)
+    for a, b, p in zip(w, v, v_prev):
+        p.copy_(a.double() - alpha * b.double() - beta * p.double())
+        sq = sq + p.double().pow(2).sum().cpu()
+    return sq.reshape(1)
+
+
 def answer_loss_sum_ref(logits, labels):
     """Same semantics as finetune.answer_loss_sum: (sum of answer-token NLL, number of answer tokens)."""
     lg = logits[:, :-1].reshape(-1, logits.shape[-1])
@@ -274,10 +114,7 @@ def _prepare_model(model):
             model.set_attn_implementation("eager")
         else:
             cfg._attn_implementation = "eager"
-    ckpt = getattr(model, "is_activation_checkpointing", None)
-    if ckpt is None:
-        ckpt = getattr(model, "is_gradient_checkpointing", False)
-    if ckpt:
+    if _checkpointing(model):  # non-reentrant: the only kind with a double backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
@@ -427,38 +264,53 @@ class HessianOperator:
     attention through the eager path or SDPA's math kernel, the only ones with a double backward).
 
     An HVP is a double backward through first-order graphs built once (create_graph=True) and retained for
-    every iteration. Where the graphs of all micro-batches do not fit in graph_memory_budget bytes (one graph's
-    size is measured with saved-tensor hooks while it is built), as many as fit are retained and the others
-    are rebuilt for every HVP."""
+    every iteration. The largest micro-batch is built first and its graph measured with saved-tensor hooks;
+    the others are retained while their graphs (estimated from it by their token counts) fit in
+    graph_memory_budget bytes, and rebuilt for every HVP beyond that. Vectors in and out are in vec_dtype
+    (float64 for a float64 model, else float32: a bfloat16 model's HVP is computed in bfloat16, the solver's
+    vectors stay float32)."""
 
     def __init__(self, model, batches, fused_ce=False, graph_memory_budget: int | None = None,
-                 answer_logits_only: bool = True, keep_first: int = 0):
+                 answer_logits_only: bool = True, keep_first: int = 0, first_batch=None, subsample=False,
+                 total_tokens: int | None = None):
         """fused_ce: False/"torch" (autograd cross-entropy), "softmax_xent" (fused op on the logits),
         "linear_xent" (fused LM head + cross-entropy, required), True/"auto" (linear_xent where
-        verify_linear_head() holds on the first batch, else softmax_xent). Needs the extension unless "torch"."""
+        verify_linear_head() holds on the first batch, else softmax_xent). Needs the extension unless "torch".
+        keep_first=k: the first k samples of batches[0] become a micro-batch of their own, whose Hessian
+        hvp_first() applies (the subsample warm start); first_batch: that micro-batch given directly, ahead of
+        batches; subsample=True with first_batch None: this process holds none of the subsample's rows
+        (hvp_first gives zeros). total_tokens: the loss's denominator where batches are one process's share."""
         self.answer_logits_only = answer_logits_only
-        if not batches:
-            raise CurvatureError("no batches given: the Hessian needs at least one sample")
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise CurvatureError("the model has no trainable parameters")
-        self.batches = list(batches)
+        self.vec_dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
+        self.batches = [b for b in batches if b is not None]
         k = int(keep_first or 0)
-        n0 = int(self.batches[0]["input_ids"].shape[0])
-        if 0 < k < n0:
+        if k and self.batches and first_batch is None and 0 < k < int(self.batches[0]["input_ids"].shape[0]):
             b0 = self.batches[0]
-            self.batches[:1] = [{key: (v[:k] if torch.is_tensor(v) else v) for key, v in b0.items()},
-                                {key: (v[k:] if torch.is_tensor(v) else v) for key, v in b0.items()}]
-        self.total_tokens = sum(_count_answer_tokens(b) for b in self.batches)
+            first_batch = {key: (v[:k] if torch.is_tensor(v) else v) for key, v in b0.items()}
+            self.batches[0] = {key: (v[k:] if torch.is_tensor(v) else v) for key, v in b0.items()}
+        self.subsample = first_batch is not None or bool(subsample)
+        if first_batch is not None:
+            self.batches.insert(0, first_batch)
+        if not self.batches and total_tokens is None:
+            raise CurvatureError("no batches given: the Hessian needs at least one sample")
+        own_tokens = sum(_count_answer_tokens(b) for b in self.batches)
+        self.total_tokens = own_tokens if total_tokens is None else int(total_tokens)
         if self.total_tokens == 0:
             raise CurvatureError("the batches contain no answer tokens (every label is -100)")
-        probe = next(b for b in self.batches if _count_answer_tokens(b) > 0)
+        probe = next((b for b in self.batches if _count_answer_tokens(b) > 0), None)
+        if fused_ce not in (False, None, "torch") and not load_extension()["ok"]:
+            if fused_ce not in (True, "auto"):
+                raise CurvatureError(f"cross-entropy {fused_ce!r} needs the C++ extension: {load_extension()['detail']}")
+            fused_ce = "torch"  # auto without the extension: autograd's cross-entropy
         if fused_ce is True or fused_ce == "auto":
-            self.ce = "linear_xent" if verify_linear_head(model, probe) else "softmax_xent"
+            self.ce = "linear_xent" if probe is not None and verify_linear_head(model, probe) else "softmax_xent"
         else:
             self.ce = _ce_mode(fused_ce)
-            if self.ce == "linear_xent" and not verify_linear_head(model, probe):
+            if self.ce == "linear_xent" and probe is not None and not verify_linear_head(model, probe):
                 raise CurvatureError("cross-entropy linear_xent: the model's logits are not "
                                      "lm_head(decoder hidden states) (or it has no plain linear LM head)")
         self.fused = self.ce != "torch"
@@ -470,10 +322,14 @@ class HessianOperator:
         self._g_sum = None
         self.recompute = []
         self.graph_bytes = 0
-        self._keep_first = keep_first
         self.first_out, self.first_index, self.first_tokens = None, None, 0
+        if first_batch is not None:
+            self.first_tokens = _count_answer_tokens(first_batch)
         self.sub_hvp_count = 0
-        self._build()
+        self.retained = 0
+        self.g_index, self.g_out = [], []
+        if self.batches:
+            self._build(has_first=first_batch is not None)
 
     def _first_order(self, batch, create_graph=True):
         loss = batch_answer_loss_sum(self.model, batch, self.ce, self.answer_logits_only) / self.total_tokens
@@ -482,7 +338,8 @@ class HessianOperator:
         self.grads_count += 1
         return grads
 
-    def _build(self):
+    def _measured_first_order(self, batch):
+        """The first-order graph of `batch` and the bytes of the tensors it saved (parameters excluded)."""
         param_ptrs = {p.untyped_storage().data_ptr() for p in self.params}
         seen = {}
 
@@ -496,64 +353,80 @@ class HessianOperator:
                 pass
             return t
 
-        kept = 0
-        for i, b in enumerate(self.batches):
-            if i == 0:
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    grads = self._first_order(b)
-                self.graph_bytes = int(sum(seen.values()))
-                n_fit = self.budget // max(self.graph_bytes, 1)
-                if n_fit < 1:
-                    del grads
-                    self.recompute = list(self.batches)
-                    for rest in self.batches[1:]:
-                        self.loss_value += float(self._loss_only(rest))
-                    self.retained = 0
-                    return
-            elif kept >= n_fit:
-                self.recompute.append(b)
-                self.loss_value += float(self._loss_only(b))
-                continue
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            grads = self._first_order(batch)
+        return grads, int(sum(seen.values()))
+
+    def _build(self, has_first=False):
+        sizes = [int(b["input_ids"].numel()) for b in self.batches]
+        largest = max(range(len(sizes)), key=lambda i: (sizes[i], -i))
+        # the largest first (its graph is the measurement), then the subsample's (the warm start needs it)
+        order = [largest] + ([0] if has_first and largest != 0 else [])
+        order += [i for i in range(len(sizes)) if i not in order]
+        used = 0
+        for i in order:
+            b = self.batches[i]
+            if i == largest:
+                grads, self.graph_bytes = self._measured_first_order(b)
+                need = self.graph_bytes
             else:
+                need = self.graph_bytes * sizes[i] // max(sizes[largest], 1)
+            if used + need > self.budget:
+                if i == largest:
+                    del grads
+                self.recompute.append(b)
+                if i != largest:
+                    self.loss_value += float(self._loss_only(b))
+                continue
+            if i != largest:
                 grads = self._first_order(b)
-            kept += 1
-            if kept == 1 and self._keep_first and len(self.batches) > 1 and _count_answer_tokens(b) > 0:
+            used += need
+            self.retained += 1
+            if i == 0 and has_first:
                 fi = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
                 self.first_index, self.first_out = fi, [grads[j] for j in fi]
-                self.first_tokens = _count_answer_tokens(b)
             if self._g_sum is None:
                 self._g_sum = list(grads)
             else:
                 self._g_sum = [a if g is None else (g if a is None else a + g) for a, g in zip(self._g_sum, grads)]
             del grads
-        self.retained = kept
-        idx = [i for i, g in enumerate(self._g_sum) if g is not None and g.requires_grad]
-        self.g_index = idx
-        self.g_out = [self._g_sum[i] for i in idx]
+        if self._g_sum is not None:
+            self.g_index = [i for i, g in enumerate(self._g_sum) if g is not None and g.requires_grad]
+            self.g_out = [self._g_sum[i] for i in self.g_index]
 
     @property
     def retained_count(self):
-        return getattr(self, "retained", 0)
+        return self.retained
 
     def _loss_only(self, b):
         with torch.no_grad():
             return batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only) / self.total_tokens
 
+    def _as_params(self, v):
+        return [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(v, self.params)]
+
+    def _out(self, out):
+        return [torch.zeros_like(p, dtype=self.vec_dtype) if o is None else o.to(self.vec_dtype).contiguous()
+                for o, p in zip(out, self.params)]
+
     def hvp_first(self, v):
         """H_1 v, H_1 the Hessian of the split-off samples' share of the loss (their graph is part of the full one)."""
         self.sub_hvp_count += 1
+        if not self.first_out:
+            return self._out([None] * len(self.params))
+        v = self._as_params(v)
         res = torch.autograd.grad(self.first_out, self.params, grad_outputs=[v[i] for i in self.first_index],
                                   retain_graph=True, allow_unused=True)
-        return [torch.zeros_like(p) if o is None else o.contiguous() for o, p in zip(res, self.params)]
+        return self._out(res)
 
     def hvp(self, v):
         """H v as a list of tensors shaped like the parameters (v: list of the same)."""
         self.hvp_count += 1
+        v = self._as_params(v)
         out = [None] * len(self.params)
-        if self._g_sum is not None and self.g_out:
-            res = torch.autograd.grad(self.g_out, self.params, grad_outputs=[v[i] for i in self.g_index],
-                                      retain_graph=True, allow_unused=True)
-            out = list(res)
+        if self.g_out:
+            out = list(torch.autograd.grad(self.g_out, self.params, grad_outputs=[v[i] for i in self.g_index],
+                                           retain_graph=True, allow_unused=True))
         for b in self.recompute:
             loss = batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only) / self.total_tokens
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
@@ -563,70 +436,315 @@ class HessianOperator:
             res = torch.autograd.grad([grads[i] for i in idx], self.params, grad_outputs=[v[i] for i in idx],
                                       allow_unused=True)
             out = [r if o is None else (o if r is None else o + r) for o, r in zip(out, res)]
-        return [torch.zeros_like(p) if o is None else o.contiguous() for o, p in zip(out, self.params)]
+        return self._out(out)
+
+    # the vector space the solvers work in (ShardedOperator has the same four)
+    def dot(self, a, b):
+        return _dot(a, b)
+
+    def random(self, seed):
+        return _start_vector(self.params, seed, self.vec_dtype)
+
+    def gradient(self):
+        """The loss gradient (a by-product of the graph build), or None where no graph is retained."""
+        if self._g_sum is None:
+            return None
+        return [torch.zeros_like(p, dtype=self.vec_dtype) if t is None else t.detach().to(self.vec_dtype)
+                for t, p in zip(self._g_sum, self.params)]
+
+    def reduce_sum(self, x: float) -> float:
+        return float(x)
+
+
+# --------------------------------------------------------------------------------- several processes
+BUCKET_ELEMS = 1 << 26  # elements per collective call: bounds the temporaries of the gather / reduce
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def shard_bounds(n, rank, world):
+    """(lo, hi, S): rank's flat slice [lo, hi) of an n-element vector; every shard is stored with S = ceil(n /
+    world) elements (the last one zero-padded), so that the collectives see equal sizes."""
+    S = -(-n // world)
+    lo = min(n, rank * S)
+    return lo, min(n, lo + S), S
+
+
+def split_rows(batches, rank, world, first_rows=0):
+    """This rank's samples: ([its rows of the first `first_rows` samples of batches[0]] collated or None,
+    [its other rows in micro-batches]). Each group is balanced across ranks by answer tokens (longest
+    first to the least loaded rank; ties: the lower rank), rows keep their order, and micro-batches hold at
+    most as many rows as the largest given batch; trailing padding is trimmed and re-added."""
+    rows = []
+    for b in batches:
+        am = b.get("attention_mask")
+        for r in range(int(b["input_ids"].shape[0])):
+            length = int(b["input_ids"].shape[1])
+            if am is not None:
+                nz = torch.nonzero(am[r]).flatten()
+                length = int(nz[-1]) + 1 if nz.numel() else 1
+            row = {"input_ids": b["input_ids"][r, :length], "labels": b["labels"][r, :length],
+                   "attention_mask": (am[r, :length] if am is not None else torch.ones(length, dtype=torch.long))}
+            rows.append((int((row["labels"][1:] != IGNORE_INDEX).sum()), len(rows), row))
+    per = max(int(b["input_ids"].shape[0]) for b in batches)
+    groups = [rows[:first_rows], rows[first_rows:]]
+    mine = []
+    for g in groups:
+        load = [(0, 0)] * world
+        owner = {}
+        for tok, idx, _ in sorted(g, key=lambda x: (-x[0], x[1])):
+            k = min(range(world), key=lambda j: (load[j], j))
+            owner[idx] = k
+            load[k] = (load[k][0] + tok, load[k][1] + 1)
+        mine.append([row for _, idx, row in g if owner[idx] == rank])
+    first = _collate_rows(mine[0]) if mine[0] else None
+    rest = sorted(mine[1], key=lambda r: len(r["input_ids"]))
+    return first, [_collate_rows(rest[i:i + per]) for i in range(0, len(rest), per)]
+
+
+def _collate_rows(rows):
+    T = max(len(r["input_ids"]) for r in rows)
+    out = {}
+    for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+        t = torch.full((len(rows), T), fill, dtype=rows[0][key].dtype)
+        for i, r in enumerate(rows):
+            t[i, :len(r[key])] = r[key]
+        out[key] = t
+    return out
+
+
+class ShardedOperator:
+    """H v with every vector sharded across the ranks of the process group: rank r holds the flat slice
+    shard_bounds(n, r, world) of the parameter vector in vec_dtype (float32; float64 for a float64 model),
+    as [one 1-D tensor]. The model is replicated; `op` is this rank's HessianOperator over its own samples
+    (its loss divided by the global answer-token count), so H = sum_r H_r. An HVP all-gathers v into the
+    parameters' shapes (in the parameters' dtype; one flat buffer, reused), applies H_r, and reduce-scatters
+    the sum into shards (summed in vec_dtype, in buckets of BUCKET_ELEMS; all-reduce + slice where the backend
+    has no reduce-scatter, e.g. gloo: twice the traffic). Dot products are local float64 sums all-reduced."""
+
+    def __init__(self, op):
+        self.dist = _dist()
+        self.op = op
+        self.rank, self.world = self.dist.get_rank(), self.dist.get_world_size()
+        self.params = op.params
+        self.sizes = [p.numel() for p in op.params]
+        self.n = sum(self.sizes)
+        self.lo, self.hi, self.S = shard_bounds(self.n, self.rank, self.world)
+        self.vec_dtype = op.vec_dtype
+        self.device = op.params[0].device
+        pdt = {p.dtype for p in op.params}
+        self.buf_dtype = pdt.pop() if len(pdt) == 1 else self.vec_dtype
+        self._buf = torch.zeros(self.world * self.S, dtype=self.buf_dtype, device=self.device)
+        self.reduce_scatter = self.dist.get_backend() == "nccl"
+        # the *_single names of torch >= 2.13, the *_tensor ones before
+        self._all_gather = getattr(self.dist, "all_gather_single", None) or self.dist.all_gather_into_tensor
+        self._reduce_scatter = getattr(self.dist, "reduce_scatter_single", None) or self.dist.reduce_scatter_tensor
+
+    @property
+    def hvp_count(self):
+        return self.op.hvp_count
+
+    @property
+    def sub_hvp_count(self):
+        return self.op.sub_hvp_count
+
+    def _views(self):
+        flat = self._buf[:self.n]
+        return [t.view(p.shape) for t, p in zip(flat.split(self.sizes), self.params)]
+
+    def gather(self, v):
+        """[shard] -> tensors shaped like the parameters (views of the reused buffer: valid until the next call)."""
+        shard = v[0]
+        grid = self._buf.view(self.world, self.S)
+        for o in range(0, self.S, BUCKET_ELEMS):
+            b = min(BUCKET_ELEMS, self.S - o)
+            parts = torch.empty(self.world * b, dtype=self.vec_dtype, device=self.device)
+            self._all_gather(parts, shard[o:o + b].contiguous())
+            grid[:, o:o + b].copy_(parts.view(self.world, b))
+        return self._views()
+
+    def scatter_sum(self, tensors):
+        """Tensors shaped like the parameters, summed over ranks -> [this rank's shard] (clears `tensors`)."""
+        flat = self._buf
+        off = 0
+        for i, t in enumerate(tensors):
+            flat[off:off + t.numel()].copy_(t.reshape(-1))
+            off += t.numel()
+            tensors[i] = None
+        flat[off:].zero_()
+        grid = flat.view(self.world, self.S)
+        out = torch.empty(self.S, dtype=self.vec_dtype, device=self.device)
+        for o in range(0, self.S, BUCKET_ELEMS):
+            b = min(BUCKET_ELEMS, self.S - o)
+            chunk = grid[:, o:o + b].to(self.vec_dtype).contiguous().view(-1)
+            if self.reduce_scatter:
+                self._reduce_scatter(out[o:o + b], chunk)
+            else:
+                self.dist.all_reduce(chunk)
+                out[o:o + b].copy_(chunk.view(self.world, b)[self.rank])
+        return [out]
+
+    def hvp(self, v):
+        return self.scatter_sum(self.op.hvp(self.gather(v)))
+
+    def hvp_first(self, v):
+        return self.scatter_sum(self.op.hvp_first(self.gather(v)))
+
+    def allreduce(self, t):
+        t = t.to(device=self.device if self.dist.get_backend() == "nccl" else "cpu", dtype=torch.float64)
+        self.dist.all_reduce(t)
+        return t.cpu()
+
+    def reduce_sum(self, x: float) -> float:
+        return float(self.allreduce(torch.tensor([float(x)]))[0])
+
+    def dot(self, a, b):
+        return self.reduce_sum(_dot(a, b))
+
+    def random(self, seed):
+        return [_random_flat(self.n, self.lo, self.hi, seed, self.S).to(self.device, self.vec_dtype)]
+
+    def gradient(self):
+        g = self.op.gradient()
+        if g is None:  # no graph retained on this rank: zeros, so that the collective still runs
+            g = [torch.zeros_like(p, dtype=self.vec_dtype) for p in self.params]
+        return self.scatter_sum(g)
+
+    def local(self, tensors):
+        """The shard of a vector every rank holds whole (tensors shaped like the parameters)."""
+        out = torch.zeros(self.S, dtype=self.vec_dtype, device=self.device)
+        off = 0
+        for t in tensors:
+            a, b = max(off, self.lo), min(off + t.numel(), self.hi)
+            if a < b:
+                out[a - self.lo:b - self.lo].copy_(t.reshape(-1)[a - off:b - off])
+            off += t.numel()
+        return [out]
+
+    def lanczos_step(self, use_ext):
+        return functools.partial(sharded_lanczos_step, allreduce=self.allreduce, use_ext=use_ext)
+
+    def power_step(self, use_ext):
+        return functools.partial(sharded_power_step, allreduce=self.allreduce, use_ext=use_ext)
+
+
+def sharded_lanczos_step(w, v, vp, beta, allreduce, use_ext=True):
+    """hessian::lanczos_step on one shard of vectors split across processes: the local halves
+    (shard_dot, lanczos_update) with their float64 scalars summed by allreduce(tensor) -> tensor."""
+    dot2 = torch.ops.hessian.shard_dot if use_ext else shard_dot_torch
+    update = torch.ops.hessian.lanczos_update if use_ext else lanczos_update_torch
+    alpha = allreduce(dot2(w, v))[0]
+    sq = float(allreduce(update(w, v, vp, alpha.to(v[0].device), beta.to(v[0].device)))[0])
+    beta_next = math.sqrt(max(sq, 0.0))
+    for t in vp:
+        t.mul_(1.0 / beta_next if beta_next > 0 else 0.0)
+    return torch.tensor([float(alpha), beta_next], dtype=torch.float64)
+
+
+def sharded_power_step(w, v, allreduce, use_ext=True):
+    """hessian::power_step on one shard (see sharded_lanczos_step)."""
+    dot2 = torch.ops.hessian.shard_dot if use_ext else shard_dot_torch
+    rq, sq = allreduce(dot2(w, v)).tolist()
+    nrm = math.sqrt(max(sq, 0.0))
+    for a, b in zip(w, v):
+        b.copy_(a * (1.0 / nrm if nrm > 0 else 0.0))
+    return torch.tensor([rq, nrm], dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------------------------- solvers
-def ritz_extremes(alphas, betas):
-    """Ritz values of T_k; returns (theta_min, theta_max, res_min, res_max) with res = |beta_k s_last|."""
+def ritz_bounds(alphas, betas):
+    """Extreme Ritz values of T_k and their certified error bounds (the rule of csrc/hessian.cpp's
+    ritz_bounds): (theta_min, theta_max, r_min, r_max, bound_min, bound_max). r = |beta_k s_k| puts an
+    eigenvalue within r of theta; where every other Ritz value theta_j is farther than its own r_j from it,
+    gap = min_j |theta - theta_j| - r_j > r, that eigenvalue is within r^2 / gap (Parlett 11.7); bound is the
+    smaller of the two."""
     k = len(alphas)
     tridiag = np.diag(np.asarray(alphas, dtype=np.float64))
     if k > 1:
         off = np.asarray(betas[: k - 1], dtype=np.float64)
         tridiag += np.diag(off, 1) + np.diag(off, -1)
     theta, eigvecs = np.linalg.eigh(tridiag)
-    beta_k = float(betas[k - 1])
-    return float(theta[0]), float(theta[-1]), abs(beta_k * eigvecs[-1, 0]), abs(beta_k * eigvecs[-1, -1])
+    r = np.abs(float(betas[k - 1]) * eigvecs[-1, :])
+
+    def bound(i):
+        others = [abs(theta[i] - theta[j]) - r[j] for j in range(k) if j != i]
+        gap = min(others) if others else math.inf
+        return float(min(r[i], r[i] ** 2 / gap)) if math.isfinite(gap) and gap > r[i] else float(r[i])
+    return float(theta[0]), float(theta[-1]), float(r[0]), float(r[-1]), bound(0), bound(k - 1)
+
+
+def ritz_extremes(alphas, betas):
+    """Ritz values of T_k; returns (theta_min, theta_max, res_min, res_max) with res = |beta_k s_last|."""
+    return ritz_bounds(alphas, betas)[:4]
 
 
 STOP_RULES = {"both": 0, "dominant": 1}
 START_VECTORS = ("subsample", "gradient+random", "random")
 DOMINANT_MARGIN = 0.05
-STOP_REASONS = {0: "max_iter", 1: "residual_both_ends", 2: "invariant_subspace", 3: "residual_dominant_end"}
+STOP_REASONS = {0: "max_iter", 1: "bound_both_ends", 2: "invariant_subspace", 3: "bound_dominant_end"}
+DEFAULT_RTOL = 1e-3
 
 
-def _lanczos_stop(alphas, betas, tol, stop="dominant", margin=DOMINANT_MARGIN):
-    """Stop code after step k (the rule of csrc/hessian.cpp's lanczos_stop_code). For the extreme Ritz pairs
-    (theta, s) of T_k some eigenvalue lies within r = |beta_k s_k| of theta; rho_k = max |theta|.
-    "both": both ends have r <= tol * rho_k. "dominant": the end giving rho_k has r <= tol * rho_k and the other
-    end is bounded away from it, |theta_o| + r_o <= (1 - margin) * rho_k; the dominant end is then as accurate as
-    under "both". That assumes, as every Krylov stop does for the dominant end too, that the other end's
-    extreme Ritz value tracks its extreme eigenvalue (it is never outside the spectrum); use "both" where a
-    second end beyond rho matters. Either stops when beta_k <= 1e-12 rho_k (an invariant subspace: exact)."""
-    lmin, lmax, rmin, rmax = ritz_extremes(alphas, betas)
+def _lanczos_stop(alphas, betas, rtol, stop="dominant", margin=DOMINANT_MARGIN):
+    """Stop code after step k (the rule of csrc/hessian.cpp's lanczos_stop_code), rtol a tolerance on the
+    eigenvalue itself. "both": both extreme Ritz values have bound <= rtol * rho_k (ritz_bounds). "dominant":
+    the end giving rho_k has bound <= rtol * rho_k and the other end is bounded away from it, |theta_o| + r_o <=
+    (1 - margin) * rho_k. That assumes, as every Krylov stop does for the dominant end too, that an extreme
+    Ritz value tracks the extreme eigenvalue of its end (it is never outside the spectrum); use "both" where a
+    second end near rho matters. Either stops when beta_k <= 1e-12 rho_k (an invariant subspace: exact)."""
+    lmin, lmax, rmin, rmax, bmin, bmax = ritz_bounds(alphas, betas)
     scale = max(abs(lmin), abs(lmax))
     if betas[-1] <= 1e-12 * max(scale, 1e-300):
         return 2
-    if max(rmin, rmax) <= tol * scale:
+    if max(bmin, bmax) <= rtol * scale:
         return 1
     if stop == "dominant":
-        rd, other = (rmax, abs(lmin) + rmin) if abs(lmax) >= abs(lmin) else (rmin, abs(lmax) + rmax)
-        if rd <= tol * scale and other <= (1.0 - margin) * scale:
+        bd, other = (bmax, abs(lmin) + rmin) if abs(lmax) >= abs(lmin) else (bmin, abs(lmax) + rmax)
+        if bd <= rtol * scale and other <= (1.0 - margin) * scale:
             return 3
     return 0
 
 
-def _start_vector(params, seed):
-    gen = torch.Generator().manual_seed(int(seed))
-    return [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device=p.device, dtype=p.dtype)
-            for p in params]
+RANDOM_BLOCK = 1 << 20  # elements per seeded block of the random vector
+
+
+def _random_flat(n, lo, hi, seed, length=None):
+    """Elements [lo, hi) of the seeded Gaussian vector of length n (float64, zero-padded to `length`): block b
+    of RANDOM_BLOCK elements comes from its own generator (seed, b), so that a shard draws its slice alone
+    and one process and several draw the same vector."""
+    out = torch.zeros(hi - lo if length is None else length, dtype=torch.float64)
+    for b in range(lo // RANDOM_BLOCK, -(-hi // RANDOM_BLOCK)):
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + b)
+        blk = torch.randn(min(RANDOM_BLOCK, n - b * RANDOM_BLOCK), generator=gen, dtype=torch.float64)
+        s, e = max(lo, b * RANDOM_BLOCK), min(hi, (b + 1) * RANDOM_BLOCK)
+        out[s - lo:e - lo] = blk[s - b * RANDOM_BLOCK:e - b * RANDOM_BLOCK]
+    return out
+
+
+def _start_vector(params, seed, dtype=None):
+    """The seeded Gaussian vector (_random_flat) in the parameters' shapes (dtype: theirs unless given)."""
+    n = sum(p.numel() for p in params)
+    flat = _random_flat(n, 0, n, seed)
+    return [t.view(p.shape).to(device=p.device, dtype=dtype or p.dtype)
+            for t, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
 def _mixed_start_vector(op, seed, r=None):
     """g/||g|| + r/||r||: the loss gradient (a by-product of the graph build; it leans towards the top of the
     spectrum) plus a seeded Gaussian r of the same weight, which keeps every eigenvector in the Krylov space
     almost surely. Falls back to r alone where no gradient is available or it is zero / not finite.
-    r: that random vector when the caller already drew it (_start_vector(op.params, seed))."""
-    r = _start_vector(op.params, seed) if r is None else r
-    g = getattr(op, "_g_sum", None)
+    op: a HessianOperator or ShardedOperator; r: the random vector when the caller already drew it."""
+    r = op.random(seed) if r is None else r
+    g = op.gradient() if hasattr(op, "gradient") else None
     if g is None:
         return r, "random"
-    g = [torch.zeros_like(p) if t is None else t.detach() for t, p in zip(g, op.params)]
-    gn, rn = _norm(g), _norm(r)
+    gn, rn = _norm(g, op.dot), _norm(r, op.dot)
     if not (gn > 0 and math.isfinite(gn)):
         return r, "random"
-    return [(a.double() / gn + b.double() / rn).to(p.dtype).contiguous() for a, b, p in zip(g, r, op.params)], \
-        "gradient+random"
+    return [(a.double() / gn + b.double() / rn).to(b.dtype).contiguous() for a, b in zip(g, r)], "gradient+random"
 
 
 WARM_STEPS = 3        # Lanczos steps on the subsample (its Ritz vector stops improving after ~3 on tiny checkpoints)
@@ -639,8 +757,8 @@ def _dot(a, b):
     return float(sum(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in zip(a, b)))
 
 
-def _norm(v):
-    return math.sqrt(max(_dot(v, v), 0.0))
+def _norm(v, dot=_dot):
+    return math.sqrt(max(dot(v, v), 0.0))
 
 
 def _subsample_start_vector(op, seed, steps=WARM_STEPS):
@@ -650,18 +768,19 @@ def _subsample_start_vector(op, seed, steps=WARM_STEPS):
     WARM_RANDOM * r/||r|| (r the seeded Gaussian, so every eigenvector stays in the Krylov space). y is
     close to H's dominant eigenvector as far as k samples represent all N (squared overlap 0.91-0.96 with 5
     of 50 samples on the tiny ARC checkpoint), which saves the full solve about two HVPs to rho within 1e-3.
-    The full solve is unchanged: same operator, same stop rule."""
-    r = _start_vector(op.params, seed)
+    The full solve is unchanged: same operator, same stop rule. op: HessianOperator or ShardedOperator."""
+    dot = op.dot
+    r = op.random(seed)
     q0, _ = _mixed_start_vector(op, seed, r)  # the subsample's graph sits inside g: the same lean
-    basis, alphas, betas = [_normalize(q0)], [], []
+    basis, alphas, betas = [_normalize(q0, dot)], [], []
     for j in range(steps):
         w = op.hvp_first(basis[-1])
-        alphas.append(_dot(w, basis[-1]))
+        alphas.append(dot(w, basis[-1]))
         for _ in range(2):  # twice is enough (Kahan)
             for q in basis:
-                c = _dot(w, q)
+                c = dot(w, q)
                 w = [a - c * b for a, b in zip(w, q)]
-        b = _norm(w)
+        b = _norm(w, dot)
         betas.append(b)
         if j == steps - 1 or not b > 1e-12 * max(abs(a) for a in alphas):
             break
@@ -670,31 +789,35 @@ def _subsample_start_vector(op, seed, steps=WARM_STEPS):
     tridiag = np.diag(alphas) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
     theta, eigvecs = np.linalg.eigh(tridiag)
     col = eigvecs[:, -1] if abs(theta[-1]) >= abs(theta[0]) else eigvecs[:, 0]
-    y = [sum(float(col[i]) * basis[i][n] for i in range(k)) for n in range(len(op.params))]
-    y = _normalize(y)
-    v0 = [a + (WARM_RANDOM / _norm(r)) * b for a, b in zip(y, r)]
-    return v0, {"steps": k, "samples": int(op.batches[0]["input_ids"].shape[0]), "answer_tokens": op.first_tokens,
+    y = [sum(float(col[i]) * basis[i][n] for i in range(k)) for n in range(len(basis[0]))]
+    y = _normalize(y, dot)
+    v0 = [a + (WARM_RANDOM / _norm(r, dot)) * b for a, b in zip(y, r)]
+    return v0, {"steps": k, "samples": None, "answer_tokens": None,
                 "subsample_ritz": [float(theta[0]), float(theta[-1])]}
 
 
-def _warm_start_fits(params, budget):
-    nbytes = sum(p.numel() * p.element_size() for p in params)
+def _warm_start_fits(params, budget, world=1):
+    size = 8 if params[0].dtype == torch.float64 else 4  # the solver's vectors: float32 unless the model is float64
+    nbytes = sum(p.numel() * size for p in params) / world
     return WARM_VECTORS * nbytes <= 0.25 * budget
 
 
-def _normalize(v):
-    nrm = _norm(v)
+def _normalize(v, dot=_dot):
+    nrm = _norm(v, dot)
     if nrm == 0:
         raise CurvatureError("start vector is zero")
     return [(t.double() / nrm).to(t.dtype).contiguous() for t in v]
 
 
-def _lanczos_python(op, v0, max_iter, tol, step, stop="dominant", margin=DOMINANT_MARGIN, times=None, progress=None):
+def _lanczos_python(op, v0, max_iter, rtol, step, stop="dominant", margin=DOMINANT_MARGIN, times=None,
+                    progress=None):
     """The three-term recurrence without a stored basis (three parameter-sized vectors). Without
     reorthogonalisation converged Ritz values come back as "ghost" copies, which leaves the extreme Ritz
-    values, all this reads, where they are."""
+    values, all this reads, where they are. step: hessian::lanczos_step or a function like it
+    (lanczos_step_torch; ShardedOperator.lanczos_step for sharded vectors)."""
     t0 = time.perf_counter()
-    v = _normalize(v0)
+    dot = getattr(op, "dot", _dot)
+    v = _normalize(v0, dot)
     vp = [torch.zeros_like(t) for t in v]
     beta = torch.zeros((), dtype=torch.float64, device=v[0].device)
     alphas, betas, code = [], [], 0
@@ -707,7 +830,7 @@ def _lanczos_python(op, v0, max_iter, tol, step, stop="dominant", margin=DOMINAN
         a, b = ab.tolist()
         alphas.append(a)
         betas.append(b)
-        code = _lanczos_stop(alphas, betas, tol, stop, margin)
+        code = _lanczos_stop(alphas, betas, rtol, stop, margin)
         if times is not None:
             times.append(time.perf_counter() - t0)
         if progress is not None:
@@ -721,7 +844,7 @@ def _lanczos_python(op, v0, max_iter, tol, step, stop="dominant", margin=DOMINAN
 def _power_python(op, v0, max_iter, tol, step, times=None, progress=None):
     """Power iteration with pytorch-hessian-eigenthings' stop rule, |rq_k - rq_{k-1}| / |rq_k| < tol (rq_0 = 0)."""
     t0 = time.perf_counter()
-    v = _normalize(v0)
+    v = _normalize(v0, getattr(op, "dot", _dot))
     hist, prev, code = [], 0.0, 0
     for _ in range(max_iter):
         w = op.hvp(v)
@@ -748,29 +871,38 @@ def _peak_memory(device):
     return {"device": str(device), "peak_rss_bytes": int(rss), "cuda_peak_allocated_bytes": cuda}
 
 
-def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, seed=0, *, backend="auto",
+def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_iter=100, seed=0, *, backend="auto",
                      stop="dominant", start=None, cross_entropy="auto", graph_memory_budget=None,
-                     v0=None, return_operator=False, progress=None):
+                     v0=None, return_operator=False, progress=None, tol=None):
     """Extreme eigenvalues of the Hessian of the answer-token loss over `batches` (see HessianOperator).
 
+    rtol: the tolerance on the eigenvalue itself (lanczos): stop once the certified bound (ritz_bounds: the
+        residual bound, or residual^2/gap where the gap is known) on the end giving rho is <= rtol * rho; the
+        result reports the bound (`error_bound`). power: eigenthings' relative-change rule with tol = rtol.
+        tol: the same, the earlier name.
     backend: "auto" (extension if it loads, else plain PyTorch), "extension" (required), "torch" (plain).
-    stop (lanczos): "dominant" (default: the end giving rho converged to tol and the other end bounded below
-        rho) or "both" (both ends converged to tol * rho).
+    stop (lanczos): "dominant" (default: the end giving rho certified and the other end bounded below rho) or
+        "both" (both ends certified).
     start: the start vector: "subsample" (lanczos default where its vectors fit: a few Lanczos steps on the
         Hessian of the first ceil(N/10) samples give a Ritz vector near the dominant eigenvector, see
         _subsample_start_vector), "gradient+random" (g/||g|| + r/||r||, see _mixed_start_vector; the lanczos
-        default otherwise: fewer than 8 samples, or WARM_VECTORS parameter-sized vectors over a quarter of the
+        default otherwise: fewer than 8 samples, or WARM_VECTORS float32 vectors over a quarter of the
         memory budget) or "random" (seeded Gaussian r; the default for power, like eigenthings); v0 overrides it.
     cross_entropy (extension backend): "auto" (linear_xent where the LM head is verified to be a plain linear
         layer, else softmax_xent), "linear_xent", "softmax_xent", or "torch" (autograd's).
+    Under an initialised torch.distributed process group every rank passes the same `batches` (all N
+        samples) and the model; each rank takes its share of the samples (split_rows) and the vectors are
+        sharded (ShardedOperator); every rank returns the same result.
     progress: called as progress(iteration, running rho) after every iteration of the Python solver loops
         (the C++ loop runs the whole solve in one call and reports nothing until it returns).
-    Returns the result dict; with return_operator=True, (dict, HessianOperator).
+    Returns the result dict; with return_operator=True, (dict, operator).
     """
+    if tol is not None:
+        rtol = tol
     if method not in ("lanczos", "power"):
         raise CurvatureError(f"method must be 'lanczos' or 'power', got {method!r}")
-    if not (tol > 0):
-        raise CurvatureError(f"tol must be > 0, got {tol}")
+    if not (rtol > 0):
+        raise CurvatureError(f"rtol must be > 0, got {rtol}")
     if int(max_iter) < 1:
         raise CurvatureError(f"max_iter must be >= 1, got {max_iter}")
     if backend not in ("auto", "extension", "torch"):
@@ -779,6 +911,8 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
         raise CurvatureError(f"stop must be one of {', '.join(STOP_RULES)}, got {stop!r}")
     if cross_entropy != "auto":
         _ce_mode(cross_entropy)
+    if not batches:
+        raise CurvatureError("no batches given: the Hessian needs at least one sample")
     auto_start = start is None
     if start is None:
         start = "subsample" if method == "lanczos" else "random"
@@ -792,6 +926,8 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
     if cross_entropy != "auto" and cross_entropy != "torch" and not use_ext:
         raise CurvatureError(f"cross_entropy={cross_entropy!r} needs the C++ extension (backend='torch' or "
                              f"extension unavailable: {ext['detail']})")
+    dist = _dist()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -801,97 +937,148 @@ def hessian_spectrum(model, batches, method="lanczos", tol=1e-4, max_iter=100, s
     params = [p for p in model.parameters() if p.requires_grad]
     budget = graph_memory_budget if graph_memory_budget is not None else _default_budget(device)
     n_samples = sum(int(b["input_ids"].shape[0]) for b in batches)
-    warm_rows = min(int(batches[0]["input_ids"].shape[0]), max(2, math.ceil(n_samples / 10))) if batches else 0
+    if n_samples < world:
+        raise CurvatureError(f"{n_samples} samples for {world} processes: every process needs one; use fewer "
+                             "processes or more --samples")
+    total_tokens = sum(_count_answer_tokens(b) for b in batches)
+    if total_tokens == 0:
+        raise CurvatureError("the batches contain no answer tokens (every label is -100)")
+    warm_rows = min(int(batches[0]["input_ids"].shape[0]), max(2, math.ceil(n_samples / 10)))
     want_warm = v0 is None and start == "subsample" and 0 < warm_rows < n_samples
-    if want_warm and auto_start and not (warm_rows <= n_samples / 4 and _warm_start_fits(params, budget)):
+    if want_warm and auto_start and not (warm_rows <= n_samples / 4 and _warm_start_fits(params, budget, world)):
         want_warm = False  # too few samples for a cheap subsample, or (7B) the basis does not fit: three vectors
-    op = HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=graph_memory_budget,
-                         keep_first=warm_rows if want_warm else 0)
+    if dist:
+        first, mine = split_rows(batches, rank, world, warm_rows if want_warm else 0)
+        local = HessianOperator(model, mine, fused_ce=ce, graph_memory_budget=graph_memory_budget,
+                                first_batch=first, subsample=want_warm, total_tokens=total_tokens)
+        op = ShardedOperator(local)
+        # the subsample's graph must be retained on every rank that holds some of it, else no rank uses it
+        warm_ok = op.reduce_sum(0.0 if (first is not None and local.first_out is None) else 1.0) == world
+    else:
+        local = op = HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=graph_memory_budget,
+                                     keep_first=warm_rows if want_warm else 0)
+        warm_ok = op.first_out is not None
     t_setup = time.perf_counter() - t0
     warm = None
     if v0 is not None:
         start_used = "given"
+        if dist:
+            v0 = op.local(v0)
+        else:
+            v0 = [t.to(op.vec_dtype) for t in v0]
     elif start == "random":
-        v0, start_used = _start_vector(op.params, seed), "random"
-    elif want_warm and op.first_out is not None:
+        v0, start_used = op.random(seed), "random"
+    elif want_warm and warm_ok:
         tw = time.perf_counter()
         v0, warm = _subsample_start_vector(op, seed)
-        warm["seconds"] = time.perf_counter() - tw
+        warm.update({"seconds": time.perf_counter() - tw, "samples": warm_rows,
+                     "answer_tokens": int(op.reduce_sum(local.first_tokens))})
         start_used = "subsample"
-        op.first_out = None  # the full solve needs the summed graph only
+        local.first_out = None  # the full solve needs the summed graph only
     else:
         v0, start_used = _mixed_start_vector(op, seed)
-    cpp_loop = use_ext and not op.recompute
+    cpp_loop = (use_ext and not dist and not local.recompute and bool(local.g_out)
+                and all(p.dtype == local.vec_dtype for p in local.params))
     times = []
     t_solve = time.perf_counter()
     if method == "lanczos":
         if cpp_loop:
-            a, b, code, tt = torch.ops.hessian.lanczos_solve(op.g_out, op.g_index, op.params, list(v0), int(max_iter),
-                                                             float(tol), STOP_RULES[stop], DOMINANT_MARGIN)
+            a, b, code, tt = torch.ops.hessian.lanczos_solve(local.g_out, local.g_index, local.params, list(v0),
+                                                             int(max_iter), float(rtol), STOP_RULES[stop],
+                                                             DOMINANT_MARGIN)
             alphas, betas, times = a.tolist(), b.tolist(), tt.tolist()
-            op.hvp_count += len(alphas)
+            local.hvp_count += len(alphas)
         else:
-            step = torch.ops.hessian.lanczos_step if use_ext else lanczos_step_torch
-            alphas, betas, code = _lanczos_python(op, v0, int(max_iter), float(tol), step, stop, DOMINANT_MARGIN,
+            step = (op.lanczos_step(use_ext) if dist else
+                    torch.ops.hessian.lanczos_step if use_ext else lanczos_step_torch)
+            alphas, betas, code = _lanczos_python(op, v0, int(max_iter), float(rtol), step, stop, DOMINANT_MARGIN,
                                                   times, progress)
     else:
         if cpp_loop:
-            h, code, tt = torch.ops.hessian.power_solve(op.g_out, op.g_index, op.params, list(v0), int(max_iter),
-                                                        float(tol))
+            h, code, tt = torch.ops.hessian.power_solve(local.g_out, local.g_index, local.params, list(v0),
+                                                        int(max_iter), float(rtol))
             hist, times = [tuple(r) for r in h.tolist()], tt.tolist()
-            op.hvp_count += len(hist)
+            local.hvp_count += len(hist)
         else:
-            step = torch.ops.hessian.power_step if use_ext else power_step_torch
-            hist, code = _power_python(op, v0, int(max_iter), float(tol), step, times, progress)
+            step = (op.power_step(use_ext) if dist else
+                    torch.ops.hessian.power_step if use_ext else power_step_torch)
+            hist, code = _power_python(op, v0, int(max_iter), float(rtol), step, times, progress)
     wall = time.perf_counter() - t0
     offset = t_solve - t0  # iteration times counted from the start of this call (graph build included)
     times = [offset + t for t in times]
     if method == "lanczos":
-        lmin, lmax, rmin, rmax = ritz_extremes(alphas, betas)
+        lmin, lmax, rmin, rmax, bmin, bmax = ritz_bounds(alphas, betas)
         max_dom = abs(lmax) >= abs(lmin)
         rho = abs(lmax) if max_dom else abs(lmin)
+        bound, r_dom = (bmax, rmax) if max_dom else (bmin, rmin)
+        if code == 2:
+            bound = bmin = bmax = 0.0
         hist = [list(ritz_extremes(alphas[:k], betas[:k])[:2]) for k in range(1, len(alphas) + 1)]
         res = {"method": "lanczos", "lambda_max": lmax, "lambda_min": lmin, "rho": rho,
-               "iterations": len(alphas), "residual": rmax if max_dom else rmin, "residual_max": rmax,
+               "iterations": len(alphas), "residual": r_dom, "residual_max": rmax,
                "residual_min": rmin, "converged": code in (1, 2, 3), "stop_reason": STOP_REASONS[int(code)],
-               "converged_ends": {"max": bool(code == 2 or rmax <= tol * rho),
-                                  "min": bool(code == 2 or rmin <= tol * rho)},
+               "error_bound": bound, "rel_error_bound": bound / rho if rho > 0 else None,
+               "error_bound_kind": ("exact" if code == 2 else "residual^2/gap" if bound < r_dom else "residual"),
+               "error_bound_max": bmax, "error_bound_min": bmin,
+               "converged_ends": {"max": bool(bmax <= rtol * rho), "min": bool(bmin <= rtol * rho)},
                "ritz_history": hist, "rho_history": [max(abs(x), abs(y)) for x, y in hist]}
     else:
         rq, nrm = hist[-1]
+        resid = math.sqrt(max(nrm * nrm - rq * rq, 0.0))
         res = {"method": "power", "lambda_max": rq if rq >= 0 else None, "lambda_min": rq if rq < 0 else None,
-               "rho": abs(rq), "iterations": len(hist), "residual": math.sqrt(max(nrm * nrm - rq * rq, 0.0)),
+               "rho": abs(rq), "iterations": len(hist), "residual": resid,
                "residual_max": None, "residual_min": None, "converged": code == 1,
-               "stop_reason": "relative_change" if code == 1 else "max_iter", "ritz_history": [h[0] for h in hist],
+               "stop_reason": "relative_change" if code == 1 else "max_iter",
+               "error_bound": resid, "rel_error_bound": resid / abs(rq) if rq else None,
+               "error_bound_kind": "residual", "ritz_history": [h[0] for h in hist],
                "rho_history": [abs(h[0]) for h in hist]}
     if not res["converged"]:
-        res["warning"] = (f"{method} did not converge in {res['iterations']} iterations (tol={tol}); "
+        res["warning"] = (f"{method} did not converge in {res['iterations']} iterations (rtol={rtol}); "
                           f"rho={res['rho']:.6g} is an estimate with residual {res['residual']:.3g}")
         warnings.warn(res["warning"], RuntimeWarning, stacklevel=2)
+    graphs = {"micro_batches": len(local.batches), "retained": local.retained_count,
+              "recomputed": len(local.recompute), "saved_bytes_per_graph": local.graph_bytes}
     res.update({
         "hvp_count": op.hvp_count, "sub_hvp_count": op.sub_hvp_count, "warm_start": warm, "wall_time_s": wall,
         "setup_time_s": t_setup, "iteration_times_s": times,
         "peak_memory": _peak_memory(device),
-        "settings": {"method": method, "tol": tol, "max_iter": int(max_iter), "seed": seed,
+        "settings": {"method": method, "rtol": rtol, "tol": rtol, "max_iter": int(max_iter), "seed": seed,
                      "stop_rule": stop if method == "lanczos" else "relative_change", "start_vector": start_used,
                      "dominant_margin": DOMINANT_MARGIN if method == "lanczos" and stop == "dominant" else None,
-                     "graph_memory_budget": op.budget, "dtype": str(op.params[0].dtype).replace("torch.", ""),
+                     "graph_memory_budget": local.budget, "dtype": str(local.params[0].dtype).replace("torch.", ""),
+                     "vector_dtype": str(local.vec_dtype).replace("torch.", ""),
                      "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
-                     "sdpa_backend": "math"},
+                     "sdpa_backend": "math",
+                     "gradient_checkpointing": _checkpointing(model)},
         "backend": {"extension": ext["name"] if use_ext else "none",
                     "extension_detail": ext["detail"] if use_ext or backend != "torch" else "not requested",
                     "solver_loop": "cpp" if cpp_loop else "python", "step": "fused_op" if use_ext else "torch",
                     "cross_entropy": {"torch": "torch_log_softmax_nll", "softmax_xent": "fused_softmax_xent",
-                                      "linear_xent": "fused_linear_xent"}[op.ce]},
-        "graphs": {"micro_batches": len(op.batches), "retained": op.retained_count, "recomputed": len(op.recompute),
-                   "saved_bytes_per_graph": op.graph_bytes},
-        "n_params": int(sum(p.numel() for p in op.params)), "n_samples": int(sum(b["input_ids"].shape[0]
-                                                                                 for b in op.batches)),
-        "n_answer_tokens": op.total_tokens, "loss": op.loss_value,
+                                      "linear_xent": "fused_linear_xent"}[local.ce]},
+        "graphs": graphs,
+        "distributed": ({"world_size": world, "backend": dist.get_backend(), "shard_elements": op.S,
+                         "samples_per_rank": [int(x) for x in _gather_ints(op, sum(int(b["input_ids"].shape[0])
+                                                                                  for b in local.batches))],
+                         "answer_tokens_per_rank": [int(x) for x in _gather_ints(op, sum(
+                             _count_answer_tokens(b) for b in local.batches))]} if dist else None),
+        "n_params": int(sum(p.numel() for p in local.params)), "n_samples": n_samples,
+        "n_answer_tokens": total_tokens, "loss": op.reduce_sum(local.loss_value),
     })
     order = ["method", "lambda_max", "lambda_min", "rho", "iterations", "hvp_count", "residual", "converged"]
     res = {**{k: res[k] for k in order}, **{k: v for k, v in res.items() if k not in order}}
     return (res, op) if return_operator else res
+
+
+def _checkpointing(model) -> bool:
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
+def _gather_ints(op, x):
+    """x from every rank, in rank order (float64 all-reduce of a one-hot row)."""
+    t = torch.zeros(op.world, dtype=torch.float64)
+    t[op.rank] = float(x)
+    return op.allreduce(t).tolist()
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -903,14 +1090,13 @@ def _run_id(model_dir):
         return None
 
 
-def _loss_value(model, batches, fused):
-    total = sum(_count_answer_tokens(b) for b in batches)
-    with torch.no_grad():
-        return float(sum(float(batch_answer_loss_sum(model, b, fused)) for b in batches) / total)
+MAX_PADDING = 0.2  # a micro-batch is closed before padding would exceed this share of its tokens
 
 
 def build_batches(tokenizer, examples, micro_batch_size, max_length=None):
-    """Encode with finetune.encode_example and collate with finetune.collate (length-sorted micro-batches)."""
+    """Encode with finetune.encode_example and collate with finetune.collate: length-sorted micro-batches of
+    at most micro_batch_size samples, closed early where the next (longer) sample would make padding more
+    than MAX_PADDING of the micro-batch's tokens (every padded token costs an HVP as much as a real one)."""
     import finetune
 
     if max_length is None:  # finetune.py's own default, so the loss is the one it minimised
@@ -918,7 +1104,16 @@ def build_batches(tokenizer, examples, micro_batch_size, max_length=None):
     enc = [finetune.encode_example(tokenizer, ex, max_length) for ex in examples]
     enc.sort(key=lambda e: len(e["input_ids"]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return [finetune.collate(enc[i:i + micro_batch_size], pad) for i in range(0, len(enc), micro_batch_size)]
+    groups, cur, real = [], [], 0
+    for e in enc:
+        n = len(e["input_ids"])
+        if cur and (len(cur) == micro_batch_size or (len(cur) + 1) * n > (1 + MAX_PADDING) * (real + n)):
+            groups.append(cur)
+            cur, real = [], 0
+        cur.append(e)
+        real += n
+    groups.append(cur)
+    return [finetune.collate(g, pad) for g in groups]
 
 
 def build_parser():
@@ -932,7 +1127,10 @@ def build_parser():
     ap.add_argument("--out", required=True, help="curvature.json path; refused if it exists, unless --overwrite")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --taylor_out files)")
     ap.add_argument("--method", choices=["lanczos", "power"], default="lanczos", help="eigen-solver")
-    ap.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of the stop rule (> 0)")
+    ap.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                    help="tolerance on the eigenvalue itself (> 0): lanczos stops once the certified bound on rho "
+                         "(residual, or residual^2/gap) is <= rtol * rho; power: eigenthings' relative change")
+    ap.add_argument("--tol", type=float, default=None, help="the earlier name of --rtol (> 0; unset: --rtol)")
     ap.add_argument("--stop", choices=["dominant", "both"], default="dominant",
                     help="lanczos stop rule: the end giving rho converged (and the other end bounded below rho), "
                          "or both ends converged")
@@ -953,11 +1151,20 @@ def build_parser():
                          "samples instead of solving again (the Taylor check then costs one HVP)")
     ap.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (unset: the synthetic "
                     "tasks)")
+    # tasks.add_data_options's flags (the sample must come from the training set finetune.py drew); plain strings
+    # here, checked by tasks.load_task, so the parser builds without tasks.py beside this file
+    ap.add_argument("--arc_choices", default="4", help="as finetune.py --arc_choices: 4 or all")
+    ap.add_argument("--test_set", default="fraction", help="as finetune.py --test_set: fraction or rest")
+    ap.add_argument("--cells", default=None, help="as finetune.py --cells: equal or fill (unset: its default)")
     ap.add_argument("--micro_batch_size", type=int, default=10, help="samples per retained graph (>= 1)")
     ap.add_argument("--max_length", type=int, default=None, help="tokens per example (unset: finetune.py's "
                     "default, so the loss is the one it minimised)")
     ap.add_argument("--graph_memory_budget_gb", type=float, default=None,
                     help="memory for retained graphs, GiB (> 0; unset: a share of the device's memory)")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu; "
+                    "under torchrun: cuda:LOCAL_RANK)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="dtype the model and its HVPs are computed in (the solver's vectors stay float32)")
     ap.add_argument("--backend", choices=["auto", "extension", "torch"], default="auto",
                     help="auto: the C++ extension if it loads, else plain PyTorch")
     return ap
@@ -974,6 +1181,8 @@ def main(argv=None):
         return 2
     args = build_parser().parse_args(argv)
     result = die_on_user_error(lambda: run_cli(args))
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
     print(json.dumps({k: result.get(k) for k in ("rho", "lambda_max", "lambda_min", "iterations", "hvp_count",
                                                   "converged", "wall_time_s")}))
     if not result["converged"]:
@@ -1003,7 +1212,8 @@ def run_cli(args):
     except ImportError as e:
         raise CurvatureError(f"{e}: {CLI_NEEDS}") from None
     # every check before anything is loaded: numbers, names, then the outputs
-    common.check_args(vars(args), {"samples": common.AT_LEAST_1, "tol": common.POSITIVE, "max_iter": common.AT_LEAST_1,
+    common.check_args(vars(args), {"samples": common.AT_LEAST_1, "rtol": common.POSITIVE, "tol": common.POSITIVE,
+                                   "max_iter": common.AT_LEAST_1,
                                    "seed": common.NON_NEGATIVE, "micro_batch_size": common.AT_LEAST_1,
                                    "max_length": common.AT_LEAST_1, "graph_memory_budget_gb": common.POSITIVE})
     if args.task not in tasks.TASKS:
@@ -1017,10 +1227,34 @@ def run_cli(args):
     if args.taylor_out and (not refs or os.sep in args.taylor_out or not args.taylor_out.endswith(".json")):
         raise CurvatureError(f"--taylor_out {args.taylor_out!r}: give a file name such as taylor.json (written "
                              "into each --reference dir), together with --reference")
+    if args.tol is not None:
+        args.rtol = args.tol
+    device = common.check_device(args.device)
     model_path = common.resolve_model_path(args.model)
     common.check_out(args.out, args.overwrite, example="curvature.json")
     for r in refs if args.taylor_out else []:
         common.check_out(os.path.join(r, args.taylor_out), args.overwrite, flag="--taylor_out")
+    owned_group = False
+    if common.under_torchrun():
+        device, owned_group = common.setup_process_group(device)
+    try:
+        return _run_cli_checked(args, common, tasks, model_path, refs, device)
+    finally:
+        if owned_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _say(*a, **k):
+    """print on rank 0 only (every rank computes the same)."""
+    d = _dist()
+    if d is None or d.get_rank() == 0:
+        print(*a, **k)
+
+
+def _run_cli_checked(args, common, tasks, model_path, refs, device):
+    rank = _dist().get_rank() if _dist() else 0
+    print = _say  # noqa: A001  (one line per run, not one per rank)
     meta = common.read_meta(model_path)
     chain = list(meta.get("chain") or [])
     task_in_chain = args.task in chain
@@ -1028,7 +1262,8 @@ def run_cli(args):
         print(f"warning: --task {args.task} is not in --model's chain ({' -> '.join(chain) or 'none: a base model'}); "
               f"this is the curvature of a loss the model was never tuned on", file=sys.stderr, flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    data = tasks.load_task(args.task, split="train", data_dir=args.data_dir, seed=args.seed)
+    data = tasks.load_task(args.task, split="train", data_dir=args.data_dir, seed=args.seed,
+                           **tasks.data_options(args))
     pool = list(data.examples)
     if not pool:
         raise CurvatureError(f"task {args.task} has no training examples (data: {data.source})")
@@ -1040,18 +1275,19 @@ def run_cli(args):
     print(f"curvature: {args.model} (chain {' -> '.join(chain) or 'none'}), task {args.task} [{data.source}], "
           f"{len(examples)} samples, {args.method}, backend {ext['name'] if ext['ok'] else 'torch'} "
           f"-> {args.out}", flush=True)
-    model, tok = common.load_model_and_tokenizer(model_path)
+    model, tok = common.load_model_and_tokenizer(model_path, dtype=getattr(torch, args.dtype))
+    model.to(device)
     batches = build_batches(tok, examples, args.micro_batch_size, args.max_length)
     budget = None if args.graph_memory_budget_gb is None else int(args.graph_memory_budget_gb * (1 << 30))
     if args.spectrum_from is not None:
         print(f"curvature: the spectrum from {args.spectrum_from}", flush=True)
         res, op = spectrum_from_file(args, model, batches, examples, budget)
     else:
-        print(f"curvature: building the graphs and solving (tol {args.tol:g}, at most {args.max_iter} iterations)",
-              flush=True)
+        print(f"curvature: building the graphs and solving (rtol {args.rtol:g}, at most {args.max_iter} iterations, "
+              f"{device}, {args.dtype})", flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            res, op = hessian_spectrum(model, batches, method=args.method, tol=args.tol, max_iter=args.max_iter,
+            res, op = hessian_spectrum(model, batches, method=args.method, rtol=args.rtol, max_iter=args.max_iter,
                                        seed=args.seed, backend=args.backend, stop=args.stop, start=args.start,
                                        graph_memory_budget=budget,
                                        return_operator=True, progress=_progress_printer())
@@ -1076,15 +1312,17 @@ def run_cli(args):
         files = []
         for r, chk in zip(refs, checks):
             path = os.path.join(r, args.taylor_out)
-            common.write_json_atomic(path, record(chk, {**vars(args), "reference": r, "taylor_out": None,
-                                                        "out": path}))
+            if rank == 0:
+                common.write_json_atomic(path, record(chk, {**vars(args), "reference": r, "taylor_out": None,
+                                                            "out": path}))
             files.append(path)
             print(f"curvature: Taylor check -> {path}", flush=True)
         result = record(None, vars(args))
         result["taylor_files"] = files
     else:
         result = record(checks[0] if checks else None, {**vars(args), "reference": refs[0] if refs else None})
-    common.write_json_atomic(args.out, result)  # last: run_all.sh takes --out as the sign that all is written
+    if rank == 0:  # last: run_all.sh takes --out as the sign that all is written
+        common.write_json_atomic(args.out, result)
     print(f"curvature: -> {args.out}", flush=True)
     return result
 
@@ -1107,36 +1345,70 @@ def spectrum_from_file(args, model, batches, examples, budget):
     _prepare_model(model)
     ext = load_extension("none" if args.backend == "torch" else None)
     ce = "auto" if (ext["ok"] and args.backend != "torch") else "torch"
-    op = HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=budget)
+    op = _operator(model, batches, ce, budget)
     keep = ("method", "lambda_max", "lambda_min", "rho", "iterations", "hvp_count", "residual", "converged",
             "stop_reason", "warning", "settings", "backend", "n_params", "n_samples", "n_answer_tokens", "loss",
-            "wall_time_s")
+            "wall_time_s", "error_bound", "rel_error_bound", "error_bound_kind", "distributed")
     res = {k: prev[k] for k in keep if k in prev}
     res["spectrum_from"] = os.path.abspath(args.spectrum_from)
     return res, op
 
 
-def reference_check(op, rho, ref_dir, batches, common):
-    """Paper eqs. 3-4 at theta_A: ||delta||^2, L_A(theta_AB) - L_A(theta_A), 0.5 d^T H d, 0.5 rho ||d||^2."""
-    model = op.model
-    ref_model, _ = common.load_model_and_tokenizer(ref_dir)
-    ref_model.to(op.params[0].device)
-    _prepare_model(ref_model)
+def _operator(model, batches, ce, budget):
+    """The HVP operator of `batches` (all N samples): this rank's share, sharded, under a process group."""
+    d = _dist()
+    if d is None:
+        return HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=budget)
+    _, mine = split_rows(batches, d.get_rank(), d.get_world_size())
+    total = sum(_count_answer_tokens(b) for b in batches)
+    return ShardedOperator(HessianOperator(model, mine, fused_ce=ce, graph_memory_budget=budget,
+                                           total_tokens=total))
+
+
+def _loss_sum(model, batches, fused):
+    with torch.no_grad():
+        return float(sum(float(batch_answer_loss_sum(model, b, fused)) for b in batches))
+
+
+def _delta(op, model, ref_model, ref_dir):
+    """theta_AB - theta_A in the solver's vector layout (a sharded operator: this rank's slice only)."""
+    local = getattr(op, "op", op)
     names = {id(p): n for n, p in model.named_parameters()}
     ref_params = dict(ref_model.named_parameters())
-    delta = []
-    for p in op.params:
+    sharded = local is not op
+    out = torch.zeros(op.S, dtype=local.vec_dtype, device=local.params[0].device) if sharded else None
+    delta, off = [], 0
+    for p in local.params:
         name = names[id(p)]
         ref_p = ref_params.get(name)
         if ref_p is None or ref_p.shape != p.shape:
             raise CurvatureError(f"--reference {ref_dir}: parameter {name} is missing or has another shape; "
                                  "pass a checkpoint tuned from --model")
-        delta.append((ref_p.detach().to(p.dtype) - p.detach()).contiguous())
-    delta_sq = float(sum(d.double().pow(2).sum() for d in delta))
-    loss_a = _loss_value(model, batches, op.fused)
-    loss_ab = _loss_value(ref_model, batches, op.fused)
-    h_delta = op.hvp(delta)
-    quad = 0.5 * float(sum(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()) for a, b in zip(delta, h_delta)))
+        if not sharded:
+            delta.append((ref_p.detach().to(local.vec_dtype) - p.detach().to(local.vec_dtype)).contiguous())
+            continue
+        a, b = max(off, op.lo), min(off + p.numel(), op.hi)
+        if a < b:
+            rp, mp = ref_p.detach().reshape(-1)[a - off:b - off], p.detach().reshape(-1)[a - off:b - off]
+            out[a - op.lo:b - op.lo] = rp.to(out) - mp.to(out)
+        off += p.numel()
+    return [out] if sharded else delta
+
+
+def reference_check(op, rho, ref_dir, batches, common):
+    """Paper eqs. 3-4 at theta_A: ||delta||^2, L_A(theta_AB) - L_A(theta_A), 0.5 d^T H d, 0.5 rho ||d||^2.
+    op: the HessianOperator (or ShardedOperator) of the spectrum; delta lives in its vector layout."""
+    local = getattr(op, "op", op)
+    model = local.model
+    ref_model, _ = common.load_model_and_tokenizer(ref_dir, dtype=local.params[0].dtype)
+    ref_model.to(local.params[0].device)
+    _prepare_model(ref_model)
+    delta = _delta(op, model, ref_model, ref_dir)
+    delta_sq = op.dot(delta, delta)
+    loss_a = op.reduce_sum(_loss_sum(model, local.batches, local.ce)) / local.total_tokens
+    loss_ab = op.reduce_sum(_loss_sum(ref_model, local.batches, local.ce)) / local.total_tokens
+    del ref_model
+    quad = 0.5 * op.dot(delta, op.hvp(delta))
     bound = 0.5 * rho * delta_sq
     return {"model": ref_dir, "run_id": _run_id(ref_dir), "delta_sq_norm": delta_sq, "loss_A_at_A": loss_a,
             "loss_A_at_AB": loss_ab, "actual_loss_change": loss_ab - loss_a, "quadratic_term": quad,

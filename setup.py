@@ -4,7 +4,7 @@
     pip install -e . --no-build-isolation        # same, as an editable install
 
 A CppExtension (CPU kernels) is built, or a CUDAExtension (CPU + CUDA kernels) when torch was built with CUDA
-and nvcc is found (CUDA_HOME); HESSIAN_FORCE_CPU=1 forces the CPU-only build. Without this build
+and nvcc is found in CUDA_HOME/bin; HESSIAN_FORCE_CPU=1 forces the CPU-only build. ops.py loads the result. Without this build
 curvature.py JIT-compiles the same sources (torch.utils.cpp_extension.load) or falls back to plain PyTorch.
 """
 import os
@@ -15,8 +15,14 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sources = [os.path.join("csrc", "hessian.cpp"), os.path.join("csrc", "cpu", "hessian_cpu.cpp")]
-use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
-            and os.environ.get("HESSIAN_FORCE_CPU", "0") != "1")
+def cuda_toolchain() -> bool:
+    """A CUDA build of torch and an nvcc in CUDA_HOME: only then the CUDA kernels are compiled."""
+    if torch.version.cuda is None or CUDA_HOME is None or os.environ.get("HESSIAN_FORCE_CPU", "0") == "1":
+        return False
+    return os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+
+
+use_cuda = cuda_toolchain()
 if use_cuda:
     ext = CUDAExtension(
         "curvature_ext",

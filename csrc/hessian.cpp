@@ -2,6 +2,10 @@
 //
 //   hessian::lanczos_step(w[], v[], v_prev[]!, beta) -> [alpha, beta_next]     (float64, fused multi-tensor)
 //   hessian::power_step(w[], v[]!) -> [rayleigh, ||w||]                         (float64, fused multi-tensor)
+//   hessian::shard_dot(w[], v[]) -> [<w,v>, <w,w>]                              (float64, one local shard)
+//   hessian::lanczos_update(w[], v[], v_prev[]!, alpha, beta) -> [||r||^2]       (r into v_prev, not scaled)
+//        the two halves of lanczos_step for a vector sharded across processes: the caller all-reduces
+//        the float64 scalars between them (curvature.py, ShardedSpace)
 //   hessian::softmax_xent(logits, labels, ignore_index) -> (loss_rows, probs)
 //   hessian::softmax_xent_backward(grad_loss, probs, labels, ignore_index) -> grad_logits
 //   hessian::softmax_xent_backward_backward(ggrad, grad_loss, probs, labels, ignore_index)
@@ -67,10 +71,16 @@ std::vector<at::Tensor> normalized_copy(at::TensorList v0) {
   return v;
 }
 
-// Ritz values of the k x k tridiagonal (alphas, off-diagonal betas[0..k-2]) and residual bounds
-// |beta_k * s_last| of the two extreme Ritz pairs.
-void ritz_extremes(const std::vector<double>& a, const std::vector<double>& b, double& lmin, double& lmax,
-                   double& rmin, double& rmax) {
+// Certified error bounds of the two extreme Ritz values of the k x k tridiagonal T_k (alphas, off-diagonal
+// betas[0..k-2], beta_k = betas[k-1]); the rule of curvature.py's ritz_bounds(), kept in step with it.
+// For a Ritz pair (theta_i, s_i) the residual r_i = |beta_k s_i[k-1]| puts an eigenvalue within r_i of
+// theta_i; where the rest of the spectrum is known to stay gap_i = min_{j != i} |theta_i - theta_j| - r_j > r_i
+// away, that eigenvalue is within r_i^2 / gap_i (Parlett, The Symmetric Eigenvalue Problem, 11.7).
+struct Extremes {
+  double lmin, lmax, rmin, rmax, bmin, bmax;
+};
+
+Extremes ritz_bounds(const std::vector<double>& a, const std::vector<double>& b) {
   const int64_t k = static_cast<int64_t>(a.size());
   at::Tensor T = at::zeros({k, k}, at::TensorOptions().dtype(at::kDouble));
   double* pt = T.data_ptr<double>();
@@ -82,34 +92,38 @@ void ritz_extremes(const std::vector<double>& a, const std::vector<double>& b, d
   const double* pe = evals.data_ptr<double>();
   at::Tensor S = evecs.contiguous();
   const double* ps = S.data_ptr<double>();
-  lmin = pe[0];
-  lmax = pe[k - 1];
-  rmin = std::abs(b[k - 1] * ps[(k - 1) * k + 0]);
-  rmax = std::abs(b[k - 1] * ps[(k - 1) * k + (k - 1)]);
+  std::vector<double> r(k);
+  for (int64_t i = 0; i < k; ++i) r[i] = std::abs(b[k - 1] * ps[(k - 1) * k + i]);
+  auto bound = [&](int64_t i) {
+    double gap = INFINITY;
+    for (int64_t j = 0; j < k; ++j)
+      if (j != i) gap = std::min(gap, std::abs(pe[i] - pe[j]) - r[j]);
+    return (gap > r[i] && std::isfinite(gap)) ? std::min(r[i], r[i] * r[i] / gap) : r[i];
+  };
+  return {pe[0], pe[k - 1], r[0], r[k - 1], bound(0), bound(k - 1)};
 }
 
 }  // namespace
 
-// Stop rules (stop_rule argument):
-//   0 "both":     both extreme Ritz pairs have |beta_k s_k| <= tol * rho_k.
-//   1 "dominant": the pair giving rho_k (the end of larger |theta|) has |beta_k s_k| <= tol * rho_k, and the
-//                 other end is bounded away from it: |theta_o| + r_o <= (1 - margin) * rho_k (heuristic: the
-//                 residual bound puts an eigenvalue within r_o of theta_o, not necessarily the extreme one).
-// Stop codes: 0 = max_iter reached, 1 = residual bound met at both ends, 2 = invariant subspace (beta ~ 0),
-//             3 = dominant end converged and the other end bounded (stop_rule 1).
+// Stop rules (stop_rule argument), with tol the relative tolerance on the eigenvalue (curvature.py's rtol):
+//   0 "both":     both extreme Ritz values have a certified bound (see ritz_bounds) <= tol * rho_k.
+//   1 "dominant": the end giving rho_k has bound <= tol * rho_k, and the other end is bounded away from it:
+//                 |theta_o| + r_o <= (1 - margin) * rho_k (heuristic: the residual bound puts an eigenvalue
+//                 within r_o of theta_o, not necessarily the extreme one).
+// Stop codes: 0 = max_iter reached, 1 = both ends certified, 2 = invariant subspace (beta ~ 0),
+//             3 = dominant end certified and the other end bounded (stop_rule 1).
 // times[k] = seconds from the start of the call to the end of iteration k (HVP, step and stop test).
 static int64_t lanczos_stop_code(const std::vector<double>& alphas, const std::vector<double>& betas, double tol,
                           int64_t stop_rule, double margin) {
-  double lmin, lmax, rmin, rmax;
-  ritz_extremes(alphas, betas, lmin, lmax, rmin, rmax);
-  const double scale = std::max(std::abs(lmin), std::abs(lmax));
+  const Extremes e = ritz_bounds(alphas, betas);
+  const double scale = std::max(std::abs(e.lmin), std::abs(e.lmax));
   if (betas.back() <= 1e-12 * std::max(scale, 1e-300)) return 2;
-  if (std::max(rmin, rmax) <= tol * scale) return 1;
+  if (std::max(e.bmin, e.bmax) <= tol * scale) return 1;
   if (stop_rule == 1) {
-    const bool max_dominant = std::abs(lmax) >= std::abs(lmin);
-    const double rd = max_dominant ? rmax : rmin;
-    const double other = max_dominant ? std::abs(lmin) + rmin : std::abs(lmax) + rmax;
-    if (rd <= tol * scale && other <= (1.0 - margin) * scale) return 3;
+    const bool max_dominant = std::abs(e.lmax) >= std::abs(e.lmin);
+    const double bd = max_dominant ? e.bmax : e.bmin;
+    const double other = max_dominant ? std::abs(e.lmin) + e.rmin : std::abs(e.lmax) + e.rmax;
+    if (bd <= tol * scale && other <= (1.0 - margin) * scale) return 3;
   }
   return 0;
 }
@@ -349,6 +363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_xent_hvp(const c10::option
 TORCH_LIBRARY(hessian, m) {
   m.def("lanczos_step(Tensor[] w, Tensor[] v, Tensor(a!)[] v_prev, Tensor beta) -> Tensor");
   m.def("power_step(Tensor[] w, Tensor(a!)[] v) -> Tensor");
+  m.def("shard_dot(Tensor[] w, Tensor[] v) -> Tensor");
+  m.def("lanczos_update(Tensor[] w, Tensor[] v, Tensor(a!)[] v_prev, Tensor alpha, Tensor beta) -> Tensor");
   m.def("softmax_xent(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
   m.def("softmax_xent_backward(Tensor grad_loss, Tensor probs, Tensor labels, int ignore_index) -> Tensor");
   m.def(

@@ -94,6 +94,72 @@ def test_step_opcheck():
     torch.library.opcheck(ops.power_step, (w, v))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_shard_ops_match_reference(dtype, device):
+    w, v, vp = tensors(dtype, 0, device), tensors(dtype, 1, device), tensors(dtype, 2, device)
+    vp_ref = [t.clone() for t in vp]
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert torch.allclose(ops.shard_dot(w, v).cpu(), C.shard_dot_torch(w, v), rtol=tol)
+    a, b = torch.tensor(0.3, dtype=torch.float64), torch.tensor(-0.7, dtype=torch.float64)
+    sq = ops.lanczos_update(w, v, vp, a.to(device), b.to(device))
+    ref = C.lanczos_update_torch(w, v, vp_ref, a, b)
+    assert torch.allclose(sq.cpu(), ref, rtol=tol)
+    assert all(torch.allclose(x.double(), y.double(), rtol=tol, atol=tol) for x, y in zip(vp, vp_ref))
+
+
+def _two_shards(step, full_args, split):
+    """Run `step` on two shards of flat vectors in two threads, allreduce = the sum over the threads."""
+    import threading
+    barrier, parts, out = threading.Barrier(2), {}, [None, None]
+
+    def allreduce(t):
+        parts[threading.get_ident()] = t.clone()
+        barrier.wait()  # both parts in
+        total = sum(parts.values())
+        barrier.wait()  # both summed before either writes its next part
+        return total
+
+    def run(r):
+        out[r] = step(*[[a[0][split[r]:split[r + 1]]] for a in full_args[:3]], *full_args[3:], allreduce=allreduce)
+    ths = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    [t.start() for t in ths]
+    [t.join() for t in ths]
+    return out
+
+
+@pytest.mark.parametrize("use_ext", [True, False])
+def test_sharded_lanczos_step_equals_unsharded(use_ext):
+    """Two shards, each stepped with its local halves and the float64 scalars summed, give the step on the
+    whole vector: the same [alpha, beta_next] and the same next Lanczos vector."""
+    n = 1001
+    w, v, vp = (torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in (0, 1, 2))
+    beta = torch.tensor(0.4, dtype=torch.float64)
+    whole_vp = [vp.clone()]
+    ref = ops.lanczos_step([w], [v], whole_vp, beta)
+    shard_vp = vp.clone()
+    split = [0, 400, n]
+    outs = _two_shards(lambda a, b, c, bt, allreduce: C.sharded_lanczos_step(a, b, c, bt, allreduce, use_ext),
+                       ([w], [v], [shard_vp], beta), split)
+    for o in outs:
+        assert torch.allclose(o, ref, rtol=1e-12)
+    assert torch.allclose(shard_vp, whole_vp[0], rtol=1e-12, atol=1e-14)  # the shards wrote their slices
+    pv = v.clone()
+    pouts = _two_shards(lambda a, b, c, allreduce: C.sharded_power_step(a, b, allreduce, use_ext),
+                        ([w], [pv], [pv]), split)
+    pref_v = [v.clone()]
+    pref = ops.power_step([w], pref_v)
+    assert all(torch.allclose(o, pref, rtol=1e-12) for o in pouts)
+    assert torch.allclose(pv, pref_v[0], rtol=1e-12)
+
+
+def test_shard_ops_opcheck():
+    w, v, vp = tensors(torch.float32, 0), tensors(torch.float32, 1), tensors(torch.float32, 2)
+    torch.library.opcheck(ops.shard_dot, (w, v))
+    a, b = torch.tensor(0.2, dtype=torch.float64), torch.tensor(0.1, dtype=torch.float64)
+    torch.library.opcheck(ops.lanczos_update, (w, v, vp, a, b))
+
+
 # ---------------------------------------------------------------------------------------- cross-entropy
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])

@@ -101,6 +101,51 @@ at::Tensor lanczos_step_cpu(at::TensorList w_, at::TensorList v_, at::TensorList
   return out;
 }
 
+// The halves of lanczos_step for one shard of a vector split across processes (the caller all-reduces
+// the float64 scalars in between): shard_dot -> [<w,v>, <w,w>]; lanczos_update: r = w - alpha v - beta v_prev
+// into v_prev, returns [||r||^2] of this shard (the caller scales v_prev by 1/sqrt of the global sum).
+at::Tensor shard_dot_cpu(at::TensorList w_, at::TensorList v_) {
+  std::vector<at::Tensor> w(w_.begin(), w_.end()), v(v_.begin(), v_.end());
+  check_lists(w, v, "shard_dot");
+  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
+  out.data_ptr<double>()[0] = multi_dot(w, v);
+  out.data_ptr<double>()[1] = multi_dot(w, w);
+  return out;
+}
+
+at::Tensor lanczos_update_cpu(at::TensorList w_, at::TensorList v_, at::TensorList vp_, const at::Tensor& alpha_t,
+                              const at::Tensor& beta_t) {
+  std::vector<at::Tensor> w(w_.begin(), w_.end()), v(v_.begin(), v_.end()), vp(vp_.begin(), vp_.end());
+  check_lists(w, v, "lanczos_update");
+  check_lists(w, vp, "lanczos_update");
+  for (auto& t : vp) TORCH_CHECK(t.is_contiguous(), "lanczos_update: v_prev tensors must be contiguous");
+  const double alpha = alpha_t.item<double>(), beta = beta_t.item<double>();
+  double sq = 0.0;
+  for (size_t t = 0; t < w.size(); ++t) {
+    at::Tensor wc = w[t].contiguous(), vc = v[t].contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wc.scalar_type(), "lanczos_update", [&] {
+      const scalar_t* pw = wc.data_ptr<scalar_t>();
+      const scalar_t* pv = vc.data_ptr<scalar_t>();
+      scalar_t* pp = vp[t].data_ptr<scalar_t>();
+      sq += at::parallel_reduce(
+          0, wc.numel(), kGrain, 0.0,
+          [&](int64_t lo, int64_t hi, double acc) {
+            for (int64_t i = lo; i < hi; ++i) {
+              const scalar_t r = static_cast<scalar_t>(to_d(pw[i]) - alpha * to_d(pv[i]) - beta * to_d(pp[i]));
+              pp[i] = r;
+              const double rd = to_d(r);
+              acc += rd * rd;
+            }
+            return acc;
+          },
+          std::plus<double>());
+    });
+  }
+  at::Tensor out = at::empty({1}, at::TensorOptions().dtype(at::kDouble));
+  out.data_ptr<double>()[0] = sq;
+  return out;
+}
+
 // Power iteration step: rq = <w, v>, nrm = ||w||, v <- w / nrm. Returns [rq, nrm] in float64.
 at::Tensor power_step_cpu(at::TensorList w_, at::TensorList v_) {
   std::vector<at::Tensor> w(w_.begin(), w_.end()), v(v_.begin(), v_.end());
@@ -307,6 +352,8 @@ at::Tensor softmax_backward_cpu(const at::Tensor& grad_probs, const at::Tensor& 
 TORCH_LIBRARY_IMPL(hessian, CPU, m) {
   m.impl("lanczos_step", &lanczos_step_cpu);
   m.impl("power_step", &power_step_cpu);
+  m.impl("shard_dot", &shard_dot_cpu);
+  m.impl("lanczos_update", &lanczos_update_cpu);
   m.impl("softmax_xent", &softmax_xent_cpu);
   m.impl("softmax_xent_backward", &softmax_xent_backward_cpu);
   m.impl("softmax_xent_backward_backward", &softmax_xent_backward_backward_cpu);

@@ -85,6 +85,37 @@ at::Tensor power_step_cuda(at::TensorList w, at::TensorList v) {
   return out;
 }
 
+at::Tensor shard_dot_cuda(at::TensorList w, at::TensorList v) {
+  const c10::cuda::CUDAGuard guard(w[0].device());
+  std::vector<at::Tensor> keep;
+  Lists L = gather(w, v, nullptr, keep);
+  const int n = static_cast<int>(L.numel.size());
+  at::Tensor ws = at::empty({static_cast<int64_t>(hessian_cuda::multi_tensor_workspace_bytes(n, L.numel.data()))},
+                            w[0].options().dtype(at::kByte));
+  at::Tensor out = at::empty({2}, w[0].options().dtype(at::kDouble));
+  check_cuda(hessian_cuda::shard_dot(L.dtype, n, L.w.data(), L.v.data(), L.numel.data(), out.data_ptr<double>(),
+                                     ws.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+             "shard_dot");
+  return out;
+}
+
+at::Tensor lanczos_update_cuda(at::TensorList w, at::TensorList v, at::TensorList vp, const at::Tensor& alpha,
+                               const at::Tensor& beta) {
+  const c10::cuda::CUDAGuard guard(w[0].device());
+  std::vector<at::Tensor> keep;
+  Lists L = gather(w, v, &vp, keep);
+  const int n = static_cast<int>(L.numel.size());
+  at::Tensor ws = at::empty({static_cast<int64_t>(hessian_cuda::multi_tensor_workspace_bytes(n, L.numel.data()))},
+                            w[0].options().dtype(at::kByte));
+  at::Tensor a = alpha.to(w[0].device(), at::kDouble).contiguous(), b = beta.to(w[0].device(), at::kDouble).contiguous();
+  at::Tensor out = at::empty({1}, w[0].options().dtype(at::kDouble));
+  check_cuda(hessian_cuda::lanczos_update(L.dtype, n, L.w.data(), L.v.data(), L.vp.data(), L.numel.data(),
+                                          a.data_ptr<double>(), b.data_ptr<double>(), out.data_ptr<double>(),
+                                          ws.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+             "lanczos_update");
+  return out;
+}
+
 void check_rows(const at::Tensor& x, const at::Tensor& labels) {
   TORCH_CHECK(x.dim() == 2 && x.is_cuda(), "softmax_xent: expected a 2-D CUDA tensor");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0) && labels.scalar_type() == at::kLong &&
@@ -155,6 +186,8 @@ at::Tensor softmax_backward_cuda(const at::Tensor& grad_probs, const at::Tensor&
 TORCH_LIBRARY_IMPL(hessian, CUDA, m) {
   m.impl("lanczos_step", &lanczos_step_cuda);
   m.impl("power_step", &power_step_cuda);
+  m.impl("shard_dot", &shard_dot_cuda);
+  m.impl("lanczos_update", &lanczos_update_cuda);
   m.impl("softmax_xent", &softmax_xent_cuda);
   m.impl("softmax_xent_backward", &softmax_xent_backward_cuda);
   m.impl("softmax_xent_backward_backward", &softmax_xent_backward_backward_cuda);

@@ -328,6 +328,32 @@ cudaError_t power_step(int dtype, int n, void* const* w, void* const* v, const i
   return cudaGetLastError();
 }
 
+cudaError_t shard_dot(int dtype, int n, void* const* w, void* const* v, const int64_t* numel, double* out, void* ws,
+                      cudaStream_t stream) {
+  const Layout L = layout(n, numel);
+  Table t;
+  cudaError_t e = upload(n, w, v, nullptr, numel, ws, L, t, stream);
+  if (e != cudaSuccess) return e;
+  double* acc = reinterpret_cast<double*>(static_cast<char*>(ws) + L.acc);
+  const int g = grid_for(t.n_chunks);
+  HESSIAN_DISPATCH(dtype, (dot_kernel<T><<<g, kThreads, 0, stream>>>(t, acc, 1)));
+  finalize_kernel<<<1, 1, 0, stream>>>(acc, out, 0);
+  return cudaGetLastError();
+}
+
+cudaError_t lanczos_update(int dtype, int n, void* const* w, void* const* v, void* const* vp, const int64_t* numel,
+                           const double* alpha, const double* beta, double* out, void* ws, cudaStream_t stream) {
+  const Layout L = layout(n, numel);
+  Table t;
+  cudaError_t e = upload(n, w, v, vp, numel, ws, L, t, stream);
+  if (e != cudaSuccess) return e;
+  e = cudaMemsetAsync(out, 0, sizeof(double), stream);
+  if (e != cudaSuccess) return e;
+  const int g = grid_for(t.n_chunks);
+  HESSIAN_DISPATCH(dtype, (lanczos_update_kernel<T><<<g, kThreads, 0, stream>>>(t, alpha, beta, out)));
+  return cudaGetLastError();
+}
+
 cudaError_t softmax_xent_forward(int dtype, const void* logits, const int64_t* labels, int64_t rows, int64_t V,
                                  int64_t ignore_index, void* loss, void* probs, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;

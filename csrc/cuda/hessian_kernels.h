@@ -22,6 +22,15 @@ cudaError_t lanczos_step(int dtype, int n_tensors, void* const* w, void* const* 
 cudaError_t power_step(int dtype, int n_tensors, void* const* w, void* const* v, const int64_t* numel, double* out,
                        void* workspace, cudaStream_t stream);
 
+// The halves of lanczos_step for one shard (the caller all-reduces in between): out[0] = <w,v>,
+// out[1] = <w,w>; lanczos_update: v_prev <- w - alpha v - beta v_prev, out[0] = ||v_prev||^2 (alpha, beta:
+// device float64 scalars). workspace: multi_tensor_workspace_bytes().
+cudaError_t shard_dot(int dtype, int n_tensors, void* const* w, void* const* v, const int64_t* numel, double* out,
+                      void* workspace, cudaStream_t stream);
+cudaError_t lanczos_update(int dtype, int n_tensors, void* const* w, void* const* v, void* const* v_prev,
+                           const int64_t* numel, const double* alpha, const double* beta, double* out,
+                           void* workspace, cudaStream_t stream);
+
 // Softmax cross-entropy over rows of length V. loss: float (float64 when dtype is float64); probs: dtype.
 cudaError_t softmax_xent_forward(int dtype, const void* logits, const int64_t* labels, int64_t rows, int64_t V,
                                  int64_t ignore_index, void* loss, void* probs, cudaStream_t stream);

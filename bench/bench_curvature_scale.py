@@ -1,0 +1,302 @@
+"""curvature.py at Llama-2-7B scale: the HVP graph per token per layer and the fused cross-entropy's workspace,
+measured on 1-2 randomly initialised layers of 7B width, extrapolated to 32 layers as a per-GPU memory plan
+(8 x 80 GB, 50 samples of the real tasks' lengths) and minutes per solve at a stated GPU throughput.
+
+    OMP_NUM_THREADS=1 python bench/bench_curvature_scale.py --data_dir ../shared/data     # CPU, < 5 GiB
+    python bench/bench_curvature_scale.py --device cuda --quick --data_dir ../shared/data  # one GPU: one HVP
+        # and one solve on a random 7B-shaped model with as many layers as fit (bench/gpu_check.sh runs this)
+
+Measured (CPU: bfloat16 layers, embeddings and LM head frozen so that it fits; sequences of 2 x 32 and
+2 x 64 tokens with 8 answer tokens each): the saved-tensor bytes of the first-order graph
+(HessianOperator.graph_bytes) with 1 and 2 layers, so per layer per token = the difference over the tokens;
+the linear_xent HVP's workspace from its row chunk (csrc/hessian.cpp chunk_size) on the GPU, where the
+allocator's peak is read (torch.cuda.max_memory_allocated). The sample lengths come from the tiny tokenizer on
+--data_dir's tasks (Llama-2's tokenizer is not available offline; a stand-in, printed as such). Writes
+bench/results/bench_curvature_scale.json.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import curvature as C  # noqa: E402
+
+LLAMA7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+               num_key_value_heads=32, max_position_embeddings=4096)
+N_LAYERS_7B = 32
+PARAMS_PER_LAYER = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # attention, MLP, two RMSNorms
+PARAMS_7B = N_LAYERS_7B * PARAMS_PER_LAYER + 2 * 32000 * 4096 + 4096
+GiB = 1 << 30
+
+
+def seven_b_shaped(layers, dtype, device, freeze_ends, width=1):
+    """Llama-2-7B's shapes (width < 1: hidden, intermediate and heads scaled down, vocabulary kept)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(LLAMA7B)
+    if width != 1:
+        shape.update(hidden_size=int(4096 * width), intermediate_size=int(11008 * width),
+                     num_attention_heads=int(32 * width), num_key_value_heads=int(32 * width))
+    cfg = LlamaConfig(**shape, num_hidden_layers=layers, attn_implementation="eager", tie_word_embeddings=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: no float32 copy first (the 5 GiB limit)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    if freeze_ends:
+        model.model.embed_tokens.weight.requires_grad_(False)
+        model.lm_head.weight.requires_grad_(False)
+    return model.eval()
+
+
+def random_batch(n, T, n_answer, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, LLAMA7B["vocab_size"], (n, T), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, T - n_answer:] = ids[:, T - n_answer:]
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+
+
+def graph_bytes(model, batch, ce):
+    op = C.HessianOperator(model, [batch], fused_ce=ce, graph_memory_budget=1 << 50)
+    out = op.graph_bytes
+    del op
+    return out
+
+
+def measure_graph(dtype, device, ce, lengths=(32, 64), n=2, n_answer=8):
+    """Saved-tensor bytes of the first-order graph: {layers: {T: bytes}} for 1 and 2 layers."""
+    got = {}
+    for layers in (1, 2):
+        model = seven_b_shaped(layers, dtype, device, freeze_ends=True)
+        got[layers] = {T: graph_bytes(model, random_batch(n, T, n_answer, device), ce) for T in lengths}
+        del model
+    t1, t2 = lengths
+    per_layer_token = {T: (got[2][T] - got[1][T]) / (n * T) for T in lengths}
+    return {"bytes": got, "per_layer_per_token": max(per_layer_token.values()),
+            "per_layer_per_token_by_T": per_layer_token,
+            "rest_per_token": (got[1][t2] - got[1][t1]) / (n * (t2 - t1)) - per_layer_token[t2],
+            "samples": n, "answer_tokens_per_sample": n_answer}
+
+
+def xent_workspace_bytes(n_answer_rows, hidden=4096, vocab=32000, elem=4):
+    """Bytes of the [chunk, V] temporaries linear_xent_hvp holds at once (about four of them; chunk_size()'s
+    rule: all rows up to 2^22 elements, else at most 2^22 elements and 1/8 of the rows) plus the kept probs."""
+    chunk = n_answer_rows if n_answer_rows * vocab <= (1 << 22) else max(1, min((1 << 22) // vocab,
+                                                                            (n_answer_rows + 7) // 8))
+    return {"chunk_rows": chunk, "workspace": 4 * chunk * vocab * elem, "probs_kept": n_answer_rows * vocab * elem}
+
+
+def task_lengths(data_dir, samples, seed):
+    """Tokens and answer tokens of `samples` training samples per task (tiny tokenizer: a stand-in)."""
+    import common
+    import tasks
+
+    tok = common.load_model_and_tokenizer("tiny")[1]
+    out = {}
+    for t in ("toxigen", "arc"):
+        try:
+            pool = tasks.load_task(t, split="train", seed=seed, data_dir=data_dir).examples
+        except Exception as e:  # noqa: BLE001
+            print(f"task {t}: no data ({e}); skipped")
+            continue
+        bs = C.build_batches(tok, [pool[i] for i in common.sample_indices(len(pool), samples, seed)], 10)
+        out[t] = {"tokens": int(sum(int(b["attention_mask"].sum()) for b in bs)),
+                  "answer_tokens": int(sum(C._count_answer_tokens(b) for b in bs)),
+                  "max_len": int(max(b["input_ids"].shape[1] for b in bs))}
+    return out
+
+
+def plan(g, lengths, args):
+    """Per-GPU bytes for `gpus` GPUs: bf16 model and HVP, float32 solver vectors sharded, the graphs retained
+    up to what is left of the GPU (95%), the rest recomputed every HVP in micro-batches of 2 samples."""
+    world, p = args.gpus, PARAMS_7B
+    per_tok = g["per_layer_per_token"] * N_LAYERS_7B + max(g["rest_per_token"], 0)
+    rows = {}
+    for task, L in lengths.items():
+        tok = math.ceil(L["tokens"] / world * 1.15)  # 15%: balance by answer tokens + padding (MAX_PADDING)
+        ans = math.ceil(L["answer_tokens"] / world)
+        xw = xent_workspace_bytes(ans)
+        # at 7B the warm start's 6 vectors exceed a quarter of the budget: curvature.py's default is then the
+        # gradient+random start and Lanczos holds 3 shards (v, v_prev, H v)
+        fixed = {
+            "parameters (bf16, replicated)": 2 * p,
+            "first-order gradient kept in the graph (bf16)": 2 * p,
+            "gather/reduce buffer (bf16, ShardedOperator)": 2 * p,
+            "H v of this rank's samples (bf16, transient)": 2 * p,
+            f"solver vectors: 3 fp32 shards of 1/{world}": 3 * 4 * math.ceil(p / world),
+            "fused cross-entropy: probs kept + HVP workspace": xw["probs_kept"] + xw["workspace"],
+        }
+        left = 0.95 * args.gpu_gb * 1e9 - sum(fixed.values())
+        micro = 2 * math.ceil(L["max_len"] * 0.7) * per_tok  # one recomputed micro-batch of 2 samples
+        need = tok * per_tok
+        retained = need if need <= left else max(left - micro, 0)
+        parts = dict(fixed)
+        parts[f"graphs retained: {int(retained / per_tok)} of {tok} tokens x {per_tok / 2**20:.2f} MiB"] = retained
+        if retained < need:
+            parts["one recomputed micro-batch (2 samples), transient"] = micro
+        rows[task] = {"tokens_per_gpu": tok, "answer_tokens_per_gpu": ans, "parts": parts,
+                      "retained_share": retained / need, "total": sum(parts.values())}
+    return rows
+
+
+def minutes_per_solve(lengths, hvp_over_fwd, plans, args):
+    """Solve = graph build (forward + backward with graph, ~3 forwards) + args.hvps full HVPs (each also rebuilds
+    the recomputed share of the graphs, ~3 forwards of it), a forward = 2 * params * tokens FLOPs per GPU at
+    args.tflops; the collectives (an all-gather and a reduce-scatter of 2 bytes/parameter per HVP) at 100 GB/s."""
+    out = {}
+    for task, L in lengths.items():
+        tok = L["tokens"] / args.gpus * 1.15
+        fwd = 2 * PARAMS_7B * tok / (args.tflops * 1e12)
+        recompute = 3 * fwd * (1 - plans[task]["retained_share"])
+        comm = 2 * 2 * PARAMS_7B / 100e9
+        hvp = hvp_over_fwd * fwd + recompute + comm
+        out[task] = {"forward_s": fwd, "hvp_s": hvp, "collectives_s": comm, "solve_min": (3 * fwd + args.hvps * hvp) / 60}
+    return out
+
+
+def hvp_over_forward(dtype, device, width=1):
+    """Measured: one HVP on the retained graph over one forward (no grad), 1 layer, 2 x 64 tokens (a FLOP ratio:
+    on the CPU in float32 at a quarter of the width, bf16 matmuls on a CPU say nothing about a GPU's)."""
+    model = seven_b_shaped(1, dtype, device, freeze_ends=True, width=width)
+    b = random_batch(2, 64, 8, device)
+    ce = "auto" if C.load_extension()["ok"] else "torch"
+    op = C.HessianOperator(model, [b], fused_ce=ce, graph_memory_budget=1 << 50)
+    v = op.random(0)
+    op.hvp(v)
+    sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)  # noqa: E731
+    tf, th = [], []
+    for _ in range(2):
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            C.batch_answer_loss_sum(model, b, op.ce)
+        sync()
+        tf.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        op.hvp(v)
+        sync()
+        th.append(time.perf_counter() - t)
+    return min(th) / min(tf), min(tf), min(th)
+
+
+def quick(args):
+    """One HVP and one solve on a 7B-shaped model with as many layers as fit on this GPU (bf16); on a CPU (a
+    dry run of bench/gpu_check.sh) one float32 layer at 1/8 of the width."""
+    if args.device == "cpu":
+        return quick_run(1, torch.float32, "cpu", width=0.125)
+    dev = torch.device("cuda")
+    free, total = torch.cuda.mem_get_info(dev)
+    # bytes per parameter in one process: bf16 param, gradient in the graph, v cast to bf16, bf16 H v and its
+    # fp32 copy, three fp32 Lanczos vectors (24); plus the graph of 640 tokens at ~0.55 MiB per token per layer
+    per_layer = PARAMS_PER_LAYER * 24 + 640 * 580_000
+    ends = 2 * 32000 * 4096 * 24
+    layers = max(1, min(N_LAYERS_7B, int((0.6 * free - ends) // per_layer)))
+    print(f"GPU {torch.cuda.get_device_name(dev)}: {free / GiB:.0f} of {total / GiB:.0f} GiB free -> {layers} "
+          f"layers of 7B width", flush=True)
+    return quick_run(layers, torch.bfloat16, "cuda")
+
+
+def quick_run(layers, dtype, device, width=1):
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model = seven_b_shaped(layers, dtype, device, freeze_ends=False, width=width)
+    batches = [random_batch(5, 128, 16, device, seed=s) for s in range(2)]  # 10 samples of 128 tokens
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r, op = C.hessian_spectrum(model, batches, return_operator=True, max_iter=20)
+    sync()
+    solve = time.perf_counter() - t
+    v = op.random(1)
+    sync()
+    t = time.perf_counter()
+    op.hvp(v)
+    sync()
+    hvp = time.perf_counter() - t
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    out = {"layers": layers, "n_params": n_params, "tokens": tokens, "hvp_s": hvp, "solve_s": solve,
+           "solve_hvps": r["hvp_count"], "rho": r["rho"], "rel_error_bound": r["rel_error_bound"],
+           "device": device, "dtype": str(dtype), "width": width,
+           "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB if cuda else None,
+           "hvp_tflops": 6 * 2 * n_params * tokens / hvp / 1e12,
+           "graph_bytes_per_token_per_layer": op.graph_bytes / (tokens / len(batches)) / layers}
+    print(f"one HVP: {hvp:.2f} s ({out['hvp_tflops']:.0f} TFLOP/s at 6 forwards per HVP); one solve: {solve:.1f} s, "
+          f"{r['hvp_count']} HVPs, rho {r['rho']:.6g} (rel. bound {r['rel_error_bound']:.1e}); peak "
+          f"{out['peak_allocated_gib'] or 0:.1f} GiB; graph {out['graph_bytes_per_token_per_layer'] / 2**20:.2f} MiB per "
+          f"token per layer", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu", help="cpu (the memory measurement) or cuda (also the --quick run)")
+    ap.add_argument("--quick", action="store_true", help="one HVP and one solve on a 7B-shaped model with as many "
+                    "layers as fit on the GPU (cpu: one layer at 1/8 width, a dry run); skips the measurement")
+    ap.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (task lengths)")
+    ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--gpus", type=int, default=8)
+    ap.add_argument("--gpu_gb", type=float, default=80.0)
+    ap.add_argument("--tflops", type=float, default=200.0, help="assumed effective bf16 TFLOP/s per GPU")
+    ap.add_argument("--hvps", type=int, default=3, help="assumed full HVPs per solve (2-4 on the tiny checkpoints)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    res = {"assumptions": {"gpus": args.gpus, "gpu_gb": args.gpu_gb, "tflops_per_gpu": args.tflops,
+                           "full_hvps_per_solve": args.hvps, "params_7b": PARAMS_7B, "dtype": "bfloat16 HVP, "
+                           "float32 sharded solver vectors", "lengths": "tiny tokenizer (stand-in for Llama-2's)"}}
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        sys.exit(f"error: --device {args.device}: use cpu, or cuda with a visible GPU")
+    if args.quick:
+        res["quick"] = quick(args)
+    else:
+        ce = "auto" if C.load_extension()["ok"] else "torch"
+        g = measure_graph(torch.bfloat16, args.device, ce)
+        res["graph"] = g
+        print(f"graph (bf16, {ce}): {g['per_layer_per_token'] / 2**20:.3f} MiB per token per layer "
+              f"({g['per_layer_per_token'] / 4096:.0f} bytes per hidden unit); rest {g['rest_per_token'] / 2**20:.3f}"
+              f" MiB per token", flush=True)
+        ratio, tf, th = hvp_over_forward(torch.float32, args.device, width=0.25)
+        res["hvp_over_forward"] = {"ratio": ratio, "forward_s": tf, "hvp_s": th}
+        print(f"one HVP / one forward (1 layer at 1/4 width, float32, 128 tokens, {args.device}): {ratio:.1f}",
+              flush=True)
+        lengths = task_lengths(args.data_dir, args.samples, 0) if args.data_dir else {}
+        if not lengths:
+            lengths = {"assumed (no --data_dir)": {"tokens": 50 * 200, "answer_tokens": 50 * 6, "max_len": 300}}
+        res["lengths"] = lengths
+        res["plan"] = plan(g, lengths, args)
+        res["minutes"] = minutes_per_solve(lengths, ratio, res["plan"], args)
+        print(f"\nper-GPU plan, Llama-2-7B ({PARAMS_7B / 1e9:.2f}B parameters), {args.samples} samples on {args.gpus}"
+              f" x {args.gpu_gb:.0f} GB (assumptions: {json.dumps(res['assumptions'])})")
+        for task, row in res["plan"].items():
+            L = lengths[task]
+            print(f"  {task}: {L['tokens']} tokens ({L['answer_tokens']} answer tokens) in all, "
+                  f"{row['tokens_per_gpu']} per GPU")
+            for k, b in row["parts"].items():
+                print(f"    {k:62s} {b / 1e9:7.1f} GB")
+            fits = row["total"] <= args.gpu_gb * 1e9
+            m = res["minutes"][task]
+            print(f"    {'total':62s} {row['total'] / 1e9:7.1f} GB -> {'fits' if fits else 'does NOT fit'}; "
+                  f"{row['retained_share']:.0%} of the graphs retained; {m['solve_min']:.2f} min per solve (forward "
+                  f"{m['forward_s']:.2f} s, HVP {m['hvp_s']:.2f} s at {args.tflops:.0f} TFLOP/s)")
+    with open(os.path.join(args.out, "bench_curvature_scale.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"wrote {args.out}/bench_curvature_scale.json")
+
+
+if __name__ == "__main__":
+    main()
