@@ -940,7 +940,7 @@ def build_study(runs_dir, main_lr=None, exclude=None):
             candidates[(p.A, p.B, p.seed)].append(p)
     chains = [(a, b) for c in capability for s in safety for a, b in ((c, s), (s, c))]
     chains += sorted({(p.A, p.B) for p in all_pairs} - set(chains))
-    caption = study_json.get("first_stage") == "caption"
+    caption = study_json.get("first_stage") in ("main", "caption")  # FIRST_STAGE=main: the caption
     for A, B in chains:
         chosen, refused = [], 0
         for seed in seeds:
@@ -2103,7 +2103,7 @@ def deviations(study):
         out.append((f"Learning rates {', '.join(f'{v:g}' for v in lrs)} (paper: 1e-6 to 2e-5 around 1e-5)"
                     + (f": {note}" if note else ""), "LRS, MAIN_LR / finetune.py --lr"))
     first = study.study_json.get("first_stage")
-    if first == "caption":
+    if first in ("main", "caption"):
         out.append(("Every chain starts from the first-stage model at the main lr (Table 1's caption); section 3.1 "
                     "picks the best first-stage model on validation", "FIRST_STAGE=best"))
     replay_settings = [s.get("settings") for _, s in study.replay if isinstance(s.get("settings"), dict)]

@@ -1,7 +1,9 @@
-"""run_all.sh end to end on a micro setting of the tiny profile (1 capability x 1 safety task, 2
+"""run_all.sh (study.py) end to end on a micro setting of the tiny profile (1 capability x 1 safety task, 2
 learning rates, 3 steps a stage): every stage runs, the tables come out, a second run skips every
-stage, and failed stages are named with a non-zero exit."""
+stage, --status shows them done, a stage killed midway is redone alone, and failed stages are named with a
+non-zero exit."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -82,22 +84,40 @@ def test_failed_stages_are_named_and_exit_nonzero(tmp_path):
     assert "stage(s) failed or were skipped" in r.stdout and not (tmp_path / "runs" / "stage1" / "arc").exists()
 
 
-def test_resume_fills_missing_evaluations_and_taylor_checks(study):
-    """A runs folder with a model but not its evaluation, or a curvature.json without a chain's taylor.json
-    (an older or interrupted study), gets exactly the missing files on the next run."""
+def test_status_shows_every_stage_done(study):
+    runs, _ = study
+    e = {**os.environ, **MICRO, "PY": sys.executable, "RUNS": str(runs)}
+    r = subprocess.run([sys.executable, "study.py", "--status"], cwd=ROOT, env=e, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    states = r.stdout.splitlines()[-1]
+    assert states.startswith("states: done ") and "ready" not in states and "waiting" not in states, states
+    assert "done        stage2-toxigen-arc-lrA1e-3-lrB1e-3-seed0 [chain, 0 GPUs; after choose-toxigen-seed0]" in r.stdout
+
+
+def test_resume_fills_missing_evaluations_and_taylor_checks_and_redoes_a_killed_stage(study):
+    """A runs folder with a model but not its evaluation, a curvature.json without a chain's taylor.json
+    (an older or interrupted study), or a stage killed midway (no output, its temporary folder left) gets
+    exactly the missing files on the next run: the rest is not made again."""
     runs, _ = study
     val = runs / "stage1" / "arc" / "lr2e-3" / "seed0" / "eval_val.json"
     taylor = sorted((runs / "stage2").glob("*/*/seed0/taylor.json"))[0]
+    killed = runs / "mitigation" / "toxigen-arc" / "l2_0.01" / "seed0"
     val.unlink()
     taylor.unlink()
+    shutil.rmtree(killed)
+    stale = killed.parent / ".tmp-seed0-k1ll3d"  # what common.atomic_dir leaves when its process is killed
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a checkpoint")
     r = run_all(runs)
     assert r.returncode == 0, r.stdout[-2000:]
     started = [line.split("] ", 1)[1].split(" -> ")[0] for line in r.stdout.splitlines()
                if " -> " in line and "done already" not in line and "study:" not in line and "base:" not in line
                and "metrics" not in line and "order ->" not in line]
     chain = taylor.parent.parent.parent.name
-    assert started == ["evalval-stage1-arc-lr2e-3-seed0", f"taylor-{chain}-seed0"], started
-    assert val.is_file() and taylor.is_file()
+    assert sorted(started) == sorted(["evalval-stage1-arc-lr2e-3-seed0", f"taylor-{chain}-seed0",
+                                      "mitigation-toxigen-arc-l2_0.01-seed0"]), started
+    assert val.is_file() and taylor.is_file() and (killed / "eval.json").is_file() and not stale.exists()
 
 
 def test_mitigation_in_percent_is_refused_before_any_stage(tmp_path):
