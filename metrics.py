@@ -2110,7 +2110,8 @@ def deviations(study):
     replay_bs = sorted({st.get("global_batch_size", st.get("batch_size")) for st in replay_settings} - {None}, key=str)
     if replay_bs and any(b != 128 for b in replay_bs):
         out.append((f"Replay stages use a global batch of {', '.join(map(str, replay_bs))} (appendix 9.4: batch 16, "
-                    "global batch 128)", "the replay batch-size variable of run_all.sh / replay.py --batch_size"))
+                    "global batch 128)", "REPLAY_BATCH (the paper profile's default 128, in micro-batches of 16) / "
+                    "replay.py --batch_size 128 --micro_batch_size 16"))
     models = sorted({str(r.meta.get("base_model")) for r in study.runs if r.meta.get("base_model")})
     if models and not any("llama-2-7b" in m.lower() for m in models):
         out.append((f"Model: {', '.join(models)}, not Llama-2-7B", "MODEL=/path/to/Llama-2-7b-hf (PROFILE=paper)"))

@@ -124,3 +124,22 @@ def test_mitigation_in_percent_is_refused_before_any_stage(tmp_path):
     r = run_all(tmp_path / "runs", MITIGATIONS="mix5 l2_0.01")
     assert r.returncode == 2 and "'mix5' is not mix<F> with F a fraction in (0, 1]" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "runs" / "stage1").exists()
+
+
+def test_saferdialogues_rows_and_curvature_point(tmp_path):
+    """SaFeRDialogues as the safety task of a micro-study: generated and judged in both chain orders, its Table 1
+    row filled and its first-stage minimum a point of Figure 4b."""
+    runs = tmp_path / "runs"
+    r = run_all(runs, SAFE="saferdialogues", LRS="1e-3", FIRST_LR_CHAINS="", SECOND_LR_CHAINS="", REPLAY_CHAINS="",
+                MITIGATION_CHAINS="", CHAINS="")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    t1 = pd.read_csv(runs / "results" / "table1.csv")
+    row = t1[(t1["capability"] == "arc") & (t1["safety"] == "saferdialogues")]
+    assert len(row) == 1
+    for col in ("cs_forgetting_cap (%)", "sc_forgetting_safety (%)"):
+        assert pd.notna(pd.to_numeric(row[col], errors="coerce")).all(), col
+    ev = pd.read_json(runs / "stage1" / "saferdialogues" / "lr1e-3" / "seed0" / "eval_samples.jsonl", lines=True)
+    assert {"generation", "toxicity", "safe"} <= set(ev.columns) and len(ev) == 30
+    f4b = pd.read_csv(runs / "results" / "figure4b.csv")
+    sd = f4b[f4b["first_task"] == "saferdialogues"]
+    assert len(sd) == 1 and pd.notna(pd.to_numeric(sd["rho"], errors="coerce")).all()
