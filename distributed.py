@@ -7,7 +7,6 @@ a mixed-precision policy; full tensors gathered one at a time for saving; an eva
 Used by finetune.py, evaluate.py and replay.py (needs common.py beside it).
 """
 import datetime
-import os
 
 import torch
 import torch.distributed as dist
@@ -122,7 +121,7 @@ def local(t):
 def full_state_dict(model, dtype):
     """The model's full state dict in `dtype` on process 0's host, gathered one tensor at a time (no GPU holds a
     second full copy); None on the other processes. Without a process group: the model's own tensors, cast."""
-    rank, n = world()
+    rank, _ = world()
     state = {}
     for name, t in model.state_dict().items():
         full = t.full_tensor() if hasattr(t, "full_tensor") else t
