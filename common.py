@@ -357,22 +357,27 @@ def _hub_model(repo_id, flag):
 
 def load_model_and_tokenizer(path, dtype=None, attn_implementation=None):
     """Load a causal LM and its tokenizer (safetensors only) and check that they belong together."""
+    resolved = resolve_model_path(path)
+    tok = load_tokenizer(resolved)
+    model = load_model(resolved, dtype, attn_implementation)
+    check_tokenizer_matches(model, tok, resolved)
+    return model, tok
+
+
+def load_model(resolved, dtype=None, attn_implementation=None):
+    """The causal LM of a resolved checkpoint folder or hub id (safetensors only), float32 unless dtype."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per loaded checkpoint drowns the run's own output
-    resolved = resolve_model_path(path)
     kw = {"use_safetensors": True, "dtype": dtype or torch.float32}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
-    tok = load_tokenizer(resolved)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, **kw)
-    except Exception as e:  # noqa: BLE001
+        return AutoModelForCausalLM.from_pretrained(resolved, **kw)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
         raise UserError(f"could not load a causal LM from {resolved} ({type(e).__name__}: {e}); pass a "
                         f"checkpoint saved with safetensors (model.safetensors) and its config.json") from None
-    check_tokenizer_matches(model, tok, resolved)
-    return model, tok
 
 
 def load_tokenizer(resolved):

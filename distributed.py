@@ -11,7 +11,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from common import UserError
+from common import load_model  # process 0's host copy: the only process that opens the weight files
 
 # A 13 GB checkpoint written by process 0 while the others wait: NCCL's 10-minute default is too short.
 DEFAULT_TIMEOUT_MIN = 60.0
@@ -28,28 +28,12 @@ def timeout(minutes):
     return datetime.timedelta(minutes=minutes)
 
 
-def _auto_model_class():
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM
-
-
-def _read_on_rank0(path, dtype):
-    """Process 0's copy of the checkpoint on the host (the only process that opens its weight files)."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    try:
-        return _auto_model_class().from_pretrained(path, use_safetensors=True, dtype=dtype)
-    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
-        raise UserError(f"could not load a causal LM from {path} ({type(e).__name__}: {e}); pass a checkpoint "
-                        f"saved with safetensors and its config.json") from None
-
-
 def build_on_meta(path, dtype):
     """The model's modules with no storage (shapes, dtypes and parameter names only)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
-        return _auto_model_class().from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _copy_buffers(model, source):
@@ -67,7 +51,7 @@ def load_replicated(path, device, dtype):
     tensor by broadcast. Host memory: one copy, on process 0."""
     rank, _ = world()
     if rank == 0:
-        model = _read_on_rank0(path, dtype).to(device)
+        model = load_model(path, dtype).to(device)
     else:
         model = build_on_meta(path, dtype).to_empty(device=device)
     for t in list(model.parameters()) + list(model.buffers()):
@@ -104,7 +88,7 @@ def load_sharded(path, device, bf16, prepare=None):
         prepare(model)
     shard(model, bf16)
     model.to_empty(device=device)
-    source = _read_on_rank0(path, torch.float32) if rank == 0 else None
+    source = load_model(path, torch.float32) if rank == 0 else None
     full = source.state_dict() if source is not None else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     with torch.no_grad():

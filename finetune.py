@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 import distributed
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, atomic_dir, check_args, check_device,
-                    check_out, check_tokenizer_matches, die_on_user_error, ids_sha256, in_range, load_model_and_tokenizer,
+                    check_out, check_tokenizer_matches, die_on_user_error, ids_sha256, in_range, load_model,
                     load_tokenizer, progress, read_json, read_meta, resolve_model_path, run_metadata, seed_everything,
                     seeded_rng, seeded_samples, setup_process_group, torchrun_rank_world, under_torchrun,
                     write_json_atomic, write_jsonl_atomic, write_meta)
@@ -417,8 +417,8 @@ def load_stage_inputs(cfg, device, micro, world):
         model = distributed.load_sharded(model_path, device, cfg["bf16"], prepare)
         check_tokenizer_matches(model, tok, model_path)
     else:
-        model, tok = load_model_and_tokenizer(model_path)
-        inputs.tok = tok
+        model = load_model(model_path)
+        check_tokenizer_matches(model, tok, model_path)
         prepare(model)
         model.to(device)
     return model, inputs
