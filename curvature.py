@@ -13,7 +13,8 @@ the Taylor check of the paper's eqs. 3-4 against the chains tuned from that mini
 The file reads as: the operator (HessianOperator; ShardedOperator under a process group), the solvers
 (Lanczos with a certified stop on --rtol, power iteration), the command line. The command line needs
 common.py, tasks.py, finetune.py and synthetic.py beside it (tiny_base.py for --model tiny);
-hessian_spectrum() alone needs torch, numpy and ops.py (which loads the optional extension in csrc/).
+hessian_spectrum() alone needs torch, numpy and ops.py (which loads the optional extension in csrc/);
+layerwise_hvp.py beside it adds the HVP one decoder layer at a time (--gradient_checkpointing).
 Solvers, stop rules, backends and what curvature.json holds: README.md.
 """
 from __future__ import annotations
@@ -128,6 +129,7 @@ def _math_sdpa():
 
 
 CE_MODES = ("torch", "softmax_xent", "linear_xent")
+CHECKPOINTING = ("auto", "on", "off")  # HessianOperator's gradient_checkpointing
 
 
 def _ce_mode(ce) -> str:
@@ -266,20 +268,25 @@ class HessianOperator:
     An HVP is a double backward through first-order graphs built once (create_graph=True) and retained for
     every iteration. The largest micro-batch is built first and its graph measured with saved-tensor hooks;
     the others are retained while their graphs (estimated from it by their token counts) fit in
-    graph_memory_budget bytes, and rebuilt for every HVP beyond that. Vectors in and out are in vec_dtype
+    graph_memory_budget bytes. Those beyond it are recomputed for every HVP: their graph rebuilt where the
+    largest of them fits beside the retained ones, else (gradient_checkpointing "auto") one decoder layer at a
+    time (layerwise_hvp.py: each layer's input kept, the layer rebuilt, ~2x a rebuilt graph's time);
+    "on" takes every micro-batch layer-wise (no graph retained: the least memory), "off" never does (the
+    rebuilt graph may then exceed the budget). Vectors in and out are in vec_dtype
     (float64 for a float64 model, else float32: a bfloat16 model's HVP is computed in bfloat16, the solver's
     vectors stay float32)."""
 
     def __init__(self, model, batches, fused_ce=False, graph_memory_budget: int | None = None,
                  answer_logits_only: bool = True, keep_first: int = 0, first_batch=None, subsample=False,
-                 total_tokens: int | None = None):
+                 total_tokens: int | None = None, gradient_checkpointing: str = "auto"):
         """fused_ce: False/"torch" (autograd cross-entropy), "softmax_xent" (fused op on the logits),
         "linear_xent" (fused LM head + cross-entropy, required), True/"auto" (linear_xent where
         verify_linear_head() holds on the first batch, else softmax_xent). Needs the extension unless "torch".
         keep_first=k: the first k samples of batches[0] become a micro-batch of their own, whose Hessian
         hvp_first() applies (the subsample warm start); first_batch: that micro-batch given directly, ahead of
         batches; subsample=True with first_batch None: this process holds none of the subsample's rows
-        (hvp_first gives zeros). total_tokens: the loss's denominator where batches are one process's share."""
+        (hvp_first gives zeros). total_tokens: the loss's denominator where batches are one process's share.
+        gradient_checkpointing: "auto", "on" or "off" (above); "on" needs a model layerwise_hvp supports."""
         self.answer_logits_only = answer_logits_only
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -316,6 +323,21 @@ class HessianOperator:
         self.fused = self.ce != "torch"
         dev = self.params[0].device
         self.budget = int(graph_memory_budget) if graph_memory_budget is not None else _default_budget(dev)
+        if gradient_checkpointing not in CHECKPOINTING:
+            raise CurvatureError(f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
+                                 f"got {gradient_checkpointing!r}")
+        self.checkpointing = gradient_checkpointing
+        self.layerwise, self._lw = [], None
+        if gradient_checkpointing == "on":
+            try:
+                from layerwise_hvp import unsupported
+            except ImportError as e:
+                raise CurvatureError(f"gradient checkpointing of the HVP needs layerwise_hvp.py beside curvature.py "
+                                     f"({e})") from None
+            why = unsupported(model)
+            if why:
+                raise CurvatureError(f"gradient checkpointing of the HVP: {why}; use gradient_checkpointing "
+                                     "'auto' or 'off' (the graphs are then retained or rebuilt whole)")
         self.hvp_count = 0
         self.grads_count = 0
         self.loss_value = 0.0
@@ -328,8 +350,17 @@ class HessianOperator:
         self.sub_hvp_count = 0
         self.retained = 0
         self.g_index, self.g_out = [], []
-        if self.batches:
+        if self.batches and gradient_checkpointing == "on":
+            if first_batch is not None:
+                raise CurvatureError("the subsample warm start needs a retained graph: with gradient_checkpointing "
+                                     "'on' use start 'gradient+random' or 'random'")
+            self.layerwise = list(self.batches)
+            self.loss_value = float(sum(float(self._loss_only(b)) for b in self.batches))
+        elif self.batches:
             self._build(has_first=first_batch is not None)
+        if self.layerwise:
+            from layerwise_hvp import LayerwiseHVP
+            self._lw = LayerwiseHVP(model, self.params, self.total_tokens)
 
     def _first_order(self, batch, create_graph=True):
         loss = batch_answer_loss_sum(self.model, batch, self.ce, self.answer_logits_only) / self.total_tokens
@@ -393,6 +424,24 @@ class HessianOperator:
         if self._g_sum is not None:
             self.g_index = [i for i, g in enumerate(self._g_sum) if g is not None and g.requires_grad]
             self.g_out = [self._g_sum[i] for i in self.g_index]
+        self._split_recompute(used, sizes[largest])
+
+    def _split_recompute(self, used, largest_size):
+        """Rebuild the recomputed graphs where the largest fits beside the retained ones, else go layer-wise."""
+        if not self.recompute or self.checkpointing == "off":
+            return
+        try:
+            from layerwise_hvp import unsupported
+        except ImportError:  # curvature.py copied without it: rebuilt whole
+            return
+        if unsupported(self.model):
+            return
+        need = [self.graph_bytes * int(b["input_ids"].numel()) // max(largest_size, 1) for b in self.recompute]
+        if used + max(need) <= self.budget:
+            return
+        room = self.budget - used
+        self.layerwise = [b for b, n in zip(self.recompute, need) if n > room]
+        self.recompute = [b for b, n in zip(self.recompute, need) if n <= room]
 
     @property
     def retained_count(self):
@@ -435,6 +484,9 @@ class HessianOperator:
                 continue
             res = torch.autograd.grad([grads[i] for i in idx], self.params, grad_outputs=[v[i] for i in idx],
                                       allow_unused=True)
+            out = [r if o is None else (o if r is None else o + r) for o, r in zip(out, res)]
+        for b in self.layerwise:
+            res = self._lw.hvp(b, v)
             out = [r if o is None else (o if r is None else o + r) for o, r in zip(out, res)]
         return self._out(out)
 
@@ -747,7 +799,8 @@ def _mixed_start_vector(op, seed, r=None):
     return [(a.double() / gn + b.double() / rn).to(b.dtype).contiguous() for a, b in zip(g, r)], "gradient+random"
 
 
-WARM_STEPS = 3        # Lanczos steps on the subsample (its Ritz vector stops improving after ~3 on tiny checkpoints)
+WARM_STEPS = 4        # Lanczos steps on the subsample (4: the tiny ARC checkpoint needs 2 full HVPs, 4 with 3)
+WARM_SHARE = 0.1     # of the samples in the warm-start subsample (at least 2)
 WARM_RANDOM = 0.05    # weight of the seeded random part added to the warm-start vector
 WARM_VECTORS = 6      # parameter-sized vectors the warm start holds at once (basis + work + first gradient)
 
@@ -873,7 +926,7 @@ def _peak_memory(device):
 
 def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_iter=100, seed=0, *, backend="auto",
                      stop="dominant", start=None, cross_entropy="auto", graph_memory_budget=None,
-                     v0=None, return_operator=False, progress=None, tol=None):
+                     v0=None, return_operator=False, progress=None, tol=None, gradient_checkpointing="auto"):
     """Extreme eigenvalues of the Hessian of the answer-token loss over `batches` (see HessianOperator).
 
     rtol: the tolerance on the eigenvalue itself (lanczos): stop once the certified bound (ritz_bounds: the
@@ -893,6 +946,8 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
     Under an initialised torch.distributed process group every rank passes the same `batches` (all N
         samples) and the model; each rank takes its share of the samples (split_rows) and the vectors are
         sharded (ShardedOperator); every rank returns the same result.
+    gradient_checkpointing: "auto" (the micro-batches whose graphs fit nowhere in the budget go layer-wise),
+        "on" (all do: no graph retained, no subsample warm start) or "off"; see HessianOperator.
     progress: called as progress(iteration, running rho) after every iteration of the Python solver loops
         (the C++ loop runs the whole solve in one call and reports nothing until it returns).
     Returns the result dict; with return_operator=True, (dict, operator).
@@ -911,6 +966,9 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
         raise CurvatureError(f"stop must be one of {', '.join(STOP_RULES)}, got {stop!r}")
     if cross_entropy != "auto":
         _ce_mode(cross_entropy)
+    if gradient_checkpointing not in CHECKPOINTING:
+        raise CurvatureError(f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
+                             f"got {gradient_checkpointing!r}")
     if not batches:
         raise CurvatureError("no batches given: the Hessian needs at least one sample")
     auto_start = start is None
@@ -943,20 +1001,23 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
     total_tokens = sum(_count_answer_tokens(b) for b in batches)
     if total_tokens == 0:
         raise CurvatureError("the batches contain no answer tokens (every label is -100)")
-    warm_rows = min(int(batches[0]["input_ids"].shape[0]), max(2, math.ceil(n_samples / 10)))
+    warm_rows = min(int(batches[0]["input_ids"].shape[0]), max(2, math.ceil(n_samples * WARM_SHARE)))
     want_warm = v0 is None and start == "subsample" and 0 < warm_rows < n_samples
-    if want_warm and auto_start and not (warm_rows <= n_samples / 4 and _warm_start_fits(params, budget, world)):
-        want_warm = False  # too few samples for a cheap subsample, or (7B) the basis does not fit: three vectors
+    if want_warm and auto_start and not (warm_rows <= n_samples / 4 and _warm_start_fits(params, budget, world)
+                                         and gradient_checkpointing != "on"):
+        want_warm = False  # too few samples for a cheap subsample, (7B) the basis does not fit, or no graph kept
     if dist:
         first, mine = split_rows(batches, rank, world, warm_rows if want_warm else 0)
         local = HessianOperator(model, mine, fused_ce=ce, graph_memory_budget=graph_memory_budget,
-                                first_batch=first, subsample=want_warm, total_tokens=total_tokens)
+                                first_batch=first, subsample=want_warm, total_tokens=total_tokens,
+                                gradient_checkpointing=gradient_checkpointing)
         op = ShardedOperator(local)
         # the subsample's graph must be retained on every rank that holds some of it, else no rank uses it
         warm_ok = op.reduce_sum(0.0 if (first is not None and local.first_out is None) else 1.0) == world
     else:
         local = op = HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=graph_memory_budget,
-                                     keep_first=warm_rows if want_warm else 0)
+                                     keep_first=warm_rows if want_warm else 0,
+                                     gradient_checkpointing=gradient_checkpointing)
         warm_ok = op.first_out is not None
     t_setup = time.perf_counter() - t0
     warm = None
@@ -977,7 +1038,7 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
         local.first_out = None  # the full solve needs the summed graph only
     else:
         v0, start_used = _mixed_start_vector(op, seed)
-    cpp_loop = (use_ext and not dist and not local.recompute and bool(local.g_out)
+    cpp_loop = (use_ext and not dist and not local.recompute and not local.layerwise and bool(local.g_out)
                 and all(p.dtype == local.vec_dtype for p in local.params))
     times = []
     t_solve = time.perf_counter()
@@ -1037,7 +1098,8 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
                           f"rho={res['rho']:.6g} is an estimate with residual {res['residual']:.3g}")
         warnings.warn(res["warning"], RuntimeWarning, stacklevel=2)
     graphs = {"micro_batches": len(local.batches), "retained": local.retained_count,
-              "recomputed": len(local.recompute), "saved_bytes_per_graph": local.graph_bytes}
+              "recomputed": len(local.recompute), "layerwise": len(local.layerwise),
+              "saved_bytes_per_graph": local.graph_bytes}
     res.update({
         "hvp_count": op.hvp_count, "sub_hvp_count": op.sub_hvp_count, "warm_start": warm, "wall_time_s": wall,
         "setup_time_s": t_setup, "iteration_times_s": times,
@@ -1049,7 +1111,7 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
                      "vector_dtype": str(local.vec_dtype).replace("torch.", ""),
                      "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
                      "sdpa_backend": "math",
-                     "gradient_checkpointing": _checkpointing(model)},
+                     "gradient_checkpointing": gradient_checkpointing},
         "backend": {"extension": ext["name"] if use_ext else "none",
                     "extension_detail": ext["detail"] if use_ext or backend != "torch" else "not requested",
                     "solver_loop": "cpp" if cpp_loop else "python", "step": "fused_op" if use_ext else "torch",
@@ -1161,6 +1223,10 @@ def build_parser():
                     "default, so the loss is the one it minimised)")
     ap.add_argument("--graph_memory_budget_gb", type=float, default=None,
                     help="memory for retained graphs, GiB (> 0; unset: a share of the device's memory)")
+    ap.add_argument("--gradient_checkpointing", choices=list(CHECKPOINTING), default="auto",
+                    help="HVPs one decoder layer at a time (layerwise_hvp.py; Llama-like models): auto for the "
+                         "micro-batches whose graphs do not fit the budget, on for all (least memory, no graph "
+                         "retained), off never")
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu; "
                     "under torchrun: cuda:LOCAL_RANK)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -1290,6 +1356,7 @@ def _run_cli_checked(args, common, tasks, model_path, refs, device):
             res, op = hessian_spectrum(model, batches, method=args.method, rtol=args.rtol, max_iter=args.max_iter,
                                        seed=args.seed, backend=args.backend, stop=args.stop, start=args.start,
                                        graph_memory_budget=budget,
+                                       gradient_checkpointing=args.gradient_checkpointing,
                                        return_operator=True, progress=_progress_printer())
         print(f"curvature: rho {res['rho']:.6g} after {res['iterations']} iterations ({res['hvp_count']} HVPs, "
               f"{res['backend']['solver_loop']} loop, {'converged' if res['converged'] else 'NOT converged'}) in "
@@ -1345,7 +1412,7 @@ def spectrum_from_file(args, model, batches, examples, budget):
     _prepare_model(model)
     ext = load_extension("none" if args.backend == "torch" else None)
     ce = "auto" if (ext["ok"] and args.backend != "torch") else "torch"
-    op = _operator(model, batches, ce, budget)
+    op = _operator(model, batches, ce, budget, args.gradient_checkpointing)
     keep = ("method", "lambda_max", "lambda_min", "rho", "iterations", "hvp_count", "residual", "converged",
             "stop_reason", "warning", "settings", "backend", "n_params", "n_samples", "n_answer_tokens", "loss",
             "wall_time_s", "error_bound", "rel_error_bound", "error_bound_kind", "distributed")
@@ -1354,15 +1421,16 @@ def spectrum_from_file(args, model, batches, examples, budget):
     return res, op
 
 
-def _operator(model, batches, ce, budget):
+def _operator(model, batches, ce, budget, checkpointing="auto"):
     """The HVP operator of `batches` (all N samples): this rank's share, sharded, under a process group."""
     d = _dist()
     if d is None:
-        return HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=budget)
+        return HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=budget,
+                               gradient_checkpointing=checkpointing)
     _, mine = split_rows(batches, d.get_rank(), d.get_world_size())
     total = sum(_count_answer_tokens(b) for b in batches)
     return ShardedOperator(HessianOperator(model, mine, fused_ce=ce, graph_memory_budget=budget,
-                                           total_tokens=total))
+                                           total_tokens=total, gradient_checkpointing=checkpointing))
 
 
 def _loss_sum(model, batches, fused):

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -90,6 +91,60 @@ def measure_graph(dtype, device, ce, lengths=(32, 64), n=2, n_answer=8):
             "samples": n, "answer_tokens_per_sample": n_answer}
 
 
+CKPT_CHILD = r"""
+import json, re, sys, warnings
+sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
+warnings.simplefilter("ignore")
+import torch
+import curvature as C
+from bench_curvature_scale import random_batch, seven_b_shaped
+def status(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(key + r":\s+(\d+)", f.read()).group(1)) * 1024
+model = seven_b_shaped({layers}, torch.float32, "cpu", freeze_ends=True, width={width})
+batch = random_batch(2, {T}, 8, "cpu")
+params = [p for p in model.parameters() if p.requires_grad]
+v = C._normalize(C._start_vector(params, 0))
+hv = [torch.empty_like(p) for p in params]  # the output's storage, allocated before the baseline
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
+op = C.HessianOperator(model, [batch], fused_ce="torch", graph_memory_budget=0, gradient_checkpointing={mode!r})
+for a, b in zip(hv, op.hvp(v)):
+    a.copy_(b)
+print(json.dumps({{"peak_delta": status("VmHWM") - base}}))
+"""
+
+
+def checkpointing_peak(mode, layers, T, width):
+    """Peak RSS over the loaded model of one recomputed HVP (2 x T tokens, float32 layers of `width` x 7B's),
+    gradient_checkpointing `mode` ("off": the graph rebuilt; "on": layer-wise), in a fresh subprocess."""
+    code = CKPT_CHILD.format(root=ROOT, bench=os.path.dirname(os.path.abspath(__file__)), layers=layers, T=T,
+                             width=width, mode=mode)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-2000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])["peak_delta"]
+
+
+def measure_checkpointing(width=0.25, lengths=(64, 192)):
+    """Peak bytes per token of one recomputed HVP, rebuilt vs layer-wise: the slope of the peak over the tokens
+    (2 sequences of each of `lengths`; parameter-sized buffers cancel), with 1 and 2 layers; the difference of
+    the two slopes is a layer's share (layer-wise: its stored input and tangent), the rest is paid once (one
+    layer's working set, the head). Float32 at a quarter of 7B's width (hidden 1024, 8 heads of 128), scaled to
+    7B's bf16 by the width (activations and heads grow with it, the head size is fixed) and by 2/4 bytes."""
+    t1, t2 = lengths
+    out = {"width": width, "lengths": list(lengths), "sequences": 2, "dtype_measured": "float32"}
+    scale = (1 / width) * 0.5 / (2 * (t2 - t1))  # per token, at 7B width, in bf16
+    for mode in ("off", "on"):
+        peaks = {n: {T: checkpointing_peak(mode, n, T, width) for T in lengths} for n in (1, 2)}
+        slope = {n: (peaks[n][t2] - peaks[n][t1]) * scale for n in (1, 2)}
+        out[mode] = {"peaks": peaks, "per_layer_per_token_7b_bf16": slope[2] - slope[1],
+                     "once_per_token_7b_bf16": max(2 * slope[1] - slope[2], 0.0)}
+    return out
+
+
 def xent_workspace_bytes(n_answer_rows, hidden=4096, vocab=32000, elem=4):
     """Bytes of the [chunk, V] temporaries linear_xent_hvp holds at once (about four of them; chunk_size()'s
     rule: all rows up to 2^22 elements, else at most 2^22 elements and 1/8 of the rows) plus the kept probs."""
@@ -149,6 +204,22 @@ def plan(g, lengths, args):
         rows[task] = {"tokens_per_gpu": tok, "answer_tokens_per_gpu": ans, "parts": parts,
                       "retained_share": retained / need, "total": sum(parts.values())}
     return rows
+
+
+def longest_micro_batch(g, ck, plans, args):
+    """Tokens of the longest micro-batch one recomputed HVP can take on a GPU beside the fixed parts of the plan:
+    its graph rebuilt (gradient_checkpointing off) or layer by layer (on: no graph and no first-order gradient kept)."""
+    out = {}
+    rebuilt = g["per_layer_per_token"] * N_LAYERS_7B + max(g["rest_per_token"], 0)
+    stored = max(ck["on"]["per_layer_per_token_7b_bf16"], 2 * 4096 * 2)  # at least x_l and dx_l in bf16
+    layerwise = stored * N_LAYERS_7B + ck["on"]["once_per_token_7b_bf16"]
+    for task, row in plans.items():
+        fixed = sum(b for k, b in row["parts"].items() if not k.startswith(("graphs retained", "one recomputed")))
+        left = 0.95 * args.gpu_gb * 1e9 - fixed
+        out[task] = {"rebuilt_tokens": int(left / rebuilt),
+                     "layerwise_tokens": int((left + 2 * PARAMS_7B) / layerwise),  # no gradient kept in a graph
+                     "rebuilt_bytes_per_token": rebuilt, "layerwise_bytes_per_token": layerwise}
+    return out
 
 
 def minutes_per_solve(lengths, hvp_over_fwd, plans, args):
@@ -278,7 +349,14 @@ def main():
         if not lengths:
             lengths = {"assumed (no --data_dir)": {"tokens": 50 * 200, "answer_tokens": 50 * 6, "max_len": 300}}
         res["lengths"] = lengths
+        ck = measure_checkpointing()
+        res["checkpointing"] = ck
+        print(f"one recomputed HVP, peak per token at 7B width (bf16, from 1-2 float32 layers at 1/4 width, "
+              f"2 x {ck['lengths']} tokens): rebuilt graph {ck['off']['per_layer_per_token_7b_bf16'] / 2**20:.3f} MiB per "
+              f"layer; layer-wise {ck['on']['per_layer_per_token_7b_bf16'] / 2**20:.3f} MiB per layer + "
+              f"{ck['on']['once_per_token_7b_bf16'] / 2**20:.2f} MiB once (one layer's working set, the head)", flush=True)
         res["plan"] = plan(g, lengths, args)
+        res["longest_micro_batch"] = longest_micro_batch(g, ck, res["plan"], args)
         res["minutes"] = minutes_per_solve(lengths, ratio, res["plan"], args)
         print(f"\nper-GPU plan, Llama-2-7B ({PARAMS_7B / 1e9:.2f}B parameters), {args.samples} samples on {args.gpus}"
               f" x {args.gpu_gb:.0f} GB (assumptions: {json.dumps(res['assumptions'])})")
@@ -293,6 +371,10 @@ def main():
             print(f"    {'total':62s} {row['total'] / 1e9:7.1f} GB -> {'fits' if fits else 'does NOT fit'}; "
                   f"{row['retained_share']:.0%} of the graphs retained; {m['solve_min']:.2f} min per solve (forward "
                   f"{m['forward_s']:.2f} s, HVP {m['hvp_s']:.2f} s at {args.tflops:.0f} TFLOP/s)")
+            lm = res["longest_micro_batch"][task]
+            print(f"    longest micro-batch one HVP can recompute beside the rest: {lm['rebuilt_tokens']} tokens with the "
+                  f"graph rebuilt ({lm['rebuilt_bytes_per_token'] / 2**20:.1f} MiB/token), {lm['layerwise_tokens']} "
+                  f"layer-wise (--gradient_checkpointing on, {lm['layerwise_bytes_per_token'] / 2**20:.2f} MiB/token)")
     with open(os.path.join(args.out, "bench_curvature_scale.json"), "w") as f:
         json.dump(res, f, indent=2)
     print(f"wrote {args.out}/bench_curvature_scale.json")
