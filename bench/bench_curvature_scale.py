@@ -298,18 +298,32 @@ def quick_run(layers, dtype, device, width=1):
     op.hvp(v)
     sync()
     hvp = time.perf_counter() - t
+    graph_bytes = op.graph_bytes
+    del op
+    lw = C.HessianOperator(model, batches, gradient_checkpointing="on")  # one decoder layer at a time
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t = time.perf_counter()
+    lw.hvp(v)
+    sync()
+    lw_hvp = time.perf_counter() - t
+    lw_peak = torch.cuda.max_memory_allocated() / GiB if cuda else None
+    del lw
     n_params = sum(p.numel() for p in model.parameters())
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     out = {"layers": layers, "n_params": n_params, "tokens": tokens, "hvp_s": hvp, "solve_s": solve,
+           "layerwise_hvp_s": lw_hvp, "layerwise_peak_allocated_gib": lw_peak,
            "solve_hvps": r["hvp_count"], "rho": r["rho"], "rel_error_bound": r["rel_error_bound"],
            "device": device, "dtype": str(dtype), "width": width,
            "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB if cuda else None,
            "hvp_tflops": 6 * 2 * n_params * tokens / hvp / 1e12,
-           "graph_bytes_per_token_per_layer": op.graph_bytes / (tokens / len(batches)) / layers}
+           "graph_bytes_per_token_per_layer": graph_bytes / (tokens / len(batches)) / layers}
     print(f"one HVP: {hvp:.2f} s ({out['hvp_tflops']:.0f} TFLOP/s at 6 forwards per HVP); one solve: {solve:.1f} s, "
           f"{r['hvp_count']} HVPs, rho {r['rho']:.6g} (rel. bound {r['rel_error_bound']:.1e}); peak "
           f"{out['peak_allocated_gib'] or 0:.1f} GiB; graph {out['graph_bytes_per_token_per_layer'] / 2**20:.2f} MiB per "
           f"token per layer", flush=True)
+    print(f"one layer-wise HVP (--gradient_checkpointing on): {lw_hvp:.2f} s, peak {lw_peak or 0:.1f} GiB", flush=True)
     return out
 
 

@@ -75,7 +75,11 @@ std::vector<at::Tensor> normalized_copy(at::TensorList v0) {
 // betas[0..k-2], beta_k = betas[k-1]); the rule of curvature.py's ritz_bounds(), kept in step with it.
 // For a Ritz pair (theta_i, s_i) the residual r_i = |beta_k s_i[k-1]| puts an eigenvalue within r_i of
 // theta_i; where the rest of the spectrum is known to stay gap_i = min_{j != i} |theta_i - theta_j| - r_j > r_i
-// away, that eigenvalue is within r_i^2 / gap_i (Parlett, The Symmetric Eigenvalue Problem, 11.7).
+// away, that eigenvalue is within r_i^2 / gap_i (Parlett, The Symmetric Eigenvalue Problem, 11.7). The gap is
+// known only once the next Ritz value n of the same end is resolved: k >= 3 and r_n < |theta_i - theta_n| / 2
+// (with k = 2 the other Ritz value mixes the rest of the spectrum and can hide a close second eigenvalue),
+// and r_i^2 / gap_i is trusted no further than theta_i's change over the last step (an end still moving by
+// more has not met the eigenvalue the gap assumes): bound_i = min(r_i, max(r_i^2 / gap_i, |theta_i - prev_i|)).
 struct Extremes {
   double lmin, lmax, rmin, rmax, bmin, bmax;
 };
@@ -94,13 +98,17 @@ Extremes ritz_bounds(const std::vector<double>& a, const std::vector<double>& b)
   const double* ps = S.data_ptr<double>();
   std::vector<double> r(k);
   for (int64_t i = 0; i < k; ++i) r[i] = std::abs(b[k - 1] * ps[(k - 1) * k + i]);
-  auto bound = [&](int64_t i) {
+  auto bound = [&](int64_t i, int64_t n) {
+    if (k < 3 || !(r[n] < 0.5 * std::abs(pe[i] - pe[n]))) return r[i];
     double gap = INFINITY;
     for (int64_t j = 0; j < k; ++j)
       if (j != i) gap = std::min(gap, std::abs(pe[i] - pe[j]) - r[j]);
-    return (gap > r[i] && std::isfinite(gap)) ? std::min(r[i], r[i] * r[i] / gap) : r[i];
+    if (!(gap > r[i] && std::isfinite(gap))) return r[i];
+    at::Tensor prev = at::linalg_eigvalsh(T.slice(0, 0, k - 1).slice(1, 0, k - 1), "L");
+    const double moved = std::abs(pe[i] - prev.data_ptr<double>()[i == 0 ? 0 : k - 2]);
+    return std::min(r[i], std::max(r[i] * r[i] / gap, moved));
   };
-  return {pe[0], pe[k - 1], r[0], r[k - 1], bound(0), bound(k - 1)};
+  return {pe[0], pe[k - 1], r[0], r[k - 1], bound(0, 1), bound(k - 1, k - 2)};
 }
 
 }  // namespace
