@@ -477,3 +477,44 @@ def test_rtol_bound_certified_against_arpack():
     (lam,) = eigsh(LinearOperator((n, n), matvec=matvec, dtype=np.float64), k=1, which="LM", tol=1e-6, ncv=12,
                    return_eigenvectors=False, v0=np.ones(n))
     assert abs(r["rho"] - abs(lam)) <= r["error_bound"] + 1e-6 * abs(lam)  # + float32 HVP rounding
+
+
+def _lanczos_numpy(d, v, k):
+    """alphas, betas of k Lanczos steps (full reorthogonalisation) on diag(d) from v."""
+    import numpy as np
+
+    Q, a, b = [v / np.linalg.norm(v)], [], []
+    for _ in range(k):
+        w = d * Q[-1]
+        a.append(float(w @ Q[-1]))
+        for _ in range(2):
+            for q in Q:
+                w = w - (w @ q) * q
+        b.append(float(np.linalg.norm(w)))
+        Q.append(w / b[-1])
+    return a, b
+
+
+def test_gap_bound_needs_a_resolved_neighbour_and_a_settled_end():
+    """r^2/gap only from k = 3 with the next Ritz value resolved, never below the last step's change of the end,
+    never above r; and on a spectrum whose top is separated, once the bound is small enough to stop on, it holds
+    against the true lambda_max."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    d = np.concatenate([[9.0, 7.5], rng.uniform(-1.0, 6.0, 400)])
+    v = rng.standard_normal(d.size)
+    kinds = set()
+    for k in range(1, 16):
+        a, b = _lanczos_numpy(d, v, k)
+        lmin, lmax, rmin, rmax, bmin, bmax = C.ritz_bounds(a, b)
+        assert bmax <= rmax and bmin <= rmin
+        if bmax <= 1e-2 * lmax:  # where a stop on rtol would take it: theta_max <= lambda_max <= theta + bound
+            assert d.max() - lmax <= bmax * (1 + 1e-9) + 1e-12
+        if k <= 2:
+            assert bmax == rmax  # no gap known yet
+        else:
+            prev = C.ritz_bounds(a[:-1], b[:-1])[1]
+            assert bmax >= min(rmax, abs(lmax - prev)) - 1e-12 * abs(lmax)
+        kinds.add("gap" if bmax < rmax else "residual")
+    assert kinds == {"gap", "residual"}  # both regimes exercised
