@@ -100,15 +100,11 @@ class LayerwiseHVP:
     def _inputs(self, batch):
         from transformers.masking_utils import create_causal_mask
 
+        from curvature import _answer_positions
+
         dev = self.params[0].device
-        ids = batch["input_ids"].to(dev)
-        am = batch.get("attention_mask")
-        am = am.to(dev) if am is not None else torch.ones_like(ids)
-        labels = batch["labels"].to(dev)
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        ids, am, keep, targets = _answer_positions(batch, dev)
         rows = keep.reshape(-1).nonzero().squeeze(1)  # row-major, the order of logits[keep]
-        targets = labels[:, 1:][keep[:, :-1]]
         x0 = self.inner.embed_tokens(ids)
         pos = torch.arange(ids.shape[1], device=dev).unsqueeze(0)
         mask = create_causal_mask(config=self.model.config, inputs_embeds=x0, attention_mask=am,
