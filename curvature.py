@@ -360,7 +360,7 @@ class HessianOperator:
             self._build(has_first=first_batch is not None)
         if self.layerwise:
             from layerwise_hvp import LayerwiseHVP
-            self._lw = LayerwiseHVP(model, self.params, self.total_tokens)
+            self._lw = LayerwiseHVP(model, self.params, self.total_tokens, _answer_positions, _math_sdpa)
 
     def _first_order(self, batch, create_graph=True):
         loss = batch_answer_loss_sum(self.model, batch, self.ce, self.answer_logits_only) / self.total_tokens

@@ -1,8 +1,12 @@
 """H v one decoder layer at a time: gradient checkpointing for the Hessian-vector product.
 
     from layerwise_hvp import LayerwiseHVP
-    hv = LayerwiseHVP(model, params, total_tokens=n)       # params: the trainable ones, in the solver's order
-    out = hv.hvp(batch, v)                                 # a list shaped like params; H of batch's loss share
+    hv = LayerwiseHVP(model, params, n, curvature._answer_positions, curvature._math_sdpa)
+    out = hv.hvp(batch, v)      # params: the trainable ones in the solver's order; out shaped like them
+
+curvature.HessianOperator builds it (gradient_checkpointing) and hands it curvature.py's two rules that it
+shares, the answer positions of a batch and the attention kernel with a double backward, so that this file
+imports nothing of the project's.
 
 A double-backward graph (retained, or rebuilt for every product) holds every activation of the forward pass and
 of the first backward: 16.8 MiB per token at Llama-2-7B width (bench/bench_curvature_scale.py). Checkpointing
@@ -27,9 +31,6 @@ import contextlib
 
 import torch
 from torch.func import functional_call, grad, jvp, vjp
-
-IGNORE_INDEX = -100
-
 
 class _SiLU(torch.nn.Module):
     """x * sigmoid(x): aten::silu_backward has no forward-mode formula, sigmoid's backward has."""
@@ -76,11 +77,14 @@ def unsupported(model) -> str | None:
 class LayerwiseHVP:
     """The layer-wise product for `params` (model.parameters() that require grad, in that order)."""
 
-    def __init__(self, model, params, total_tokens: int):
+    def __init__(self, model, params, total_tokens: int, answer_positions, attention):
+        """answer_positions(batch, device) -> (ids, attention_mask, keep, targets); attention() -> a context
+        manager that selects an attention kernel with a double backward (curvature.py's two)."""
         why = unsupported(model)
         if why:
             raise ValueError(f"layer-wise HVP: {why}")
         self.model, self.inner, self.total = model, model.model, int(total_tokens)
+        self.answer_positions, self.attention = answer_positions, attention
         self.params = list(params)
         self.index = {id(p): i for i, p in enumerate(self.params)}
         self.layers = [self._slots(layer) for layer in self.inner.layers[: model.config.num_hidden_layers]]
@@ -100,10 +104,8 @@ class LayerwiseHVP:
     def _inputs(self, batch):
         from transformers.masking_utils import create_causal_mask
 
-        from curvature import _answer_positions
-
         dev = self.params[0].device
-        ids, am, keep, targets = _answer_positions(batch, dev)
+        ids, am, keep, targets = self.answer_positions(batch, dev)
         rows = keep.reshape(-1).nonzero().squeeze(1)  # row-major, the order of logits[keep]
         x0 = self.inner.embed_tokens(ids)
         pos = torch.arange(ids.shape[1], device=dev).unsqueeze(0)
@@ -127,13 +129,10 @@ class LayerwiseHVP:
         logits = functional_call(hm, dict(zip(hn, ph)), (sel,))
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
-        return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX,
-                                                 reduction="sum") / self.total
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / self.total  # answer rows only
 
     def hvp(self, batch, v):
         """H v of batch's share of the loss: a list shaped like params (None where a parameter has no part)."""
-        from curvature import _math_sdpa
-
         p = [t.detach() for t in self.params]
         v = [t.to(q.dtype) for t, q in zip(v, p)]
         out = [None] * len(p)
@@ -144,7 +143,7 @@ class LayerwiseHVP:
         def take(slots, src):
             return tuple(src[i] for i in slots[2])
 
-        with torch.no_grad(), _math_sdpa(), _forward_ad_activations(self.inner.layers):
+        with torch.no_grad(), self.attention(), _forward_ad_activations(self.inner.layers):
             ids, x, rows, targets, kw = self._inputs(batch)
             if self.emb is not None:
                 ve = v[self.emb]
@@ -189,10 +188,7 @@ class LayerwiseHVP:
 
     def loss(self, batch):
         """batch's share of the loss (no graph)."""
-        (nm, nn, _), (hm, hn, _) = self.norm, self.head
-        from curvature import _math_sdpa
-
-        with torch.no_grad(), _math_sdpa():
+        with torch.no_grad(), self.attention():
             ids, x, rows, targets, kw = self._inputs(batch)
             for module, names, pos in self.layers:
                 x = self._layer_fn(module, names, kw)(x, tuple(self.params[i].detach() for i in pos))

@@ -62,7 +62,7 @@ def test_equals_double_backward_to_rounding(float64_rmsnorm, tied, pad):
     op = C.HessianOperator(model, bs, fused_ce="torch")
     v = direction(op.params)
     ref = flat(op.hvp(v))
-    lw = LayerwiseHVP(model, op.params, op.total_tokens)
+    lw = LayerwiseHVP(model, op.params, op.total_tokens, C._answer_positions, C._math_sdpa)
     parts = [[torch.zeros_like(p) if t is None else t for t, p in zip(lw.hvp(b, v), op.params)] for b in bs]
     got = sum(flat(x) for x in parts)
     assert float((got - ref).norm() / ref.norm()) <= 1e-12
