@@ -61,7 +61,8 @@ def unsupported(model) -> str | None:
     inner = getattr(model, "model", None)
     missing = [n for n in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(inner, n)]
     if inner is None or missing:
-        return f"{type(model).__name__} is not laid out like an HF Llama (model.model lacks {', '.join(missing) or 'all'})"
+        lacks = ", ".join(missing) or "all"
+        return f"{type(model).__name__} is not laid out like an HF Llama (model.model lacks {lacks})"
     head = getattr(model, "lm_head", None)
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:
         return f"{type(model).__name__} has no bias-free nn.Linear lm_head"
