@@ -860,6 +860,12 @@ def _subsample_start_vector(op, seed, steps=WARM_STEPS):
                 "subsample_ritz": [float(theta[0]), float(theta[-1])]}
 
 
+def _check_start(start, checkpointing, start_name="start", ckpt_name="gradient_checkpointing"):
+    if start == "subsample" and checkpointing == "on":
+        raise CurvatureError(f"{start_name} subsample needs the subsample's retained graph, and {ckpt_name} on "
+                             f"retains none: use {start_name} gradient+random or random, or {ckpt_name} auto")
+
+
 def _warm_start_fits(params, budget, world=1):
     size = 8 if params[0].dtype == torch.float64 else 4  # the solver's vectors: float32 unless the model is float64
     nbytes = sum(p.numel() * size for p in params) / world
@@ -987,6 +993,7 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
         start = "subsample" if method == "lanczos" else "random"
     if start not in START_VECTORS:
         raise CurvatureError(f"start must be one of {', '.join(START_VECTORS)}, got {start!r}")
+    _check_start(None if auto_start else start, gradient_checkpointing)
     ext = load_extension("none" if backend == "torch" else None)
     if backend == "extension" and not ext["ok"]:
         raise CurvatureError(f"the C++ extension is not available ({ext['detail']}); build it with "
@@ -1295,6 +1302,7 @@ def run_cli(args):
                                    "max_length": common.AT_LEAST_1, "graph_memory_budget_gb": common.POSITIVE})
     if args.task not in tasks.TASKS:
         raise CurvatureError(f"--task {args.task!r} is not one of {', '.join(tasks.TASKS)}")
+    _check_start(args.start, args.gradient_checkpointing, "--start", "--gradient_checkpointing")
     refs = list(args.reference or [])
     for r in refs:
         if not os.path.isdir(r):

@@ -147,3 +147,15 @@ def test_cli_flag(tmp_path):
     res = json.loads((tmp_path / "c.json").read_text())
     assert res["graphs"]["layerwise"] == 2 and res["graphs"]["retained"] == 0
     assert res["settings"]["gradient_checkpointing"] == "on" and res["rho"] > 0
+
+
+def test_subsample_start_with_checkpointing_on_refused_before_work(tmp_path):
+    from test_curvature import tiny_llama
+
+    with pytest.raises(C.CurvatureError, match="--start subsample needs"):
+        C.run_cli(C.build_parser().parse_args(["--model", str(tmp_path / "absent"), "--task", "arc", "--out",
+                                               str(tmp_path / "c.json"), "--start", "subsample",
+                                               "--gradient_checkpointing", "on"]))
+    with pytest.raises(C.CurvatureError, match="start subsample needs"):
+        C.hessian_spectrum(tiny_llama(), batches(), start="subsample", gradient_checkpointing="on")
+    assert not (tmp_path / "c.json").exists()
