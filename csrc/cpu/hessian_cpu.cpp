@@ -52,22 +52,13 @@ double multi_dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>
   return total;
 }
 
-}  // namespace
-
-// Lanczos three-term recurrence step.
-//   alpha = <w, v>;  r = w - alpha v - beta v_prev;  beta_next = ||r||;  v_prev <- r / beta_next
-// v_prev is overwritten with the next Lanczos vector (the caller swaps v and v_prev afterwards).
-at::Tensor lanczos_step_cpu(at::TensorList w_, at::TensorList v_, at::TensorList vp_, const at::Tensor& beta_t) {
-  std::vector<at::Tensor> w(w_.begin(), w_.end()), v(v_.begin(), v_.end()), vp(vp_.begin(), vp_.end());
-  check_lists(w, v, "lanczos_step");
-  check_lists(w, vp, "lanczos_step");
-  for (auto& t : vp) TORCH_CHECK(t.is_contiguous(), "lanczos_step: v_prev tensors must be contiguous");
-  const double beta = beta_t.item<double>();
-  const double alpha = multi_dot(w, v);
+// r = w - alpha v - beta v_prev written into v_prev (float64 arithmetic); returns ||r||^2 in float64.
+double residual_into(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& v,
+                     std::vector<at::Tensor>& vp, double alpha, double beta) {
   double sq = 0.0;
   for (size_t t = 0; t < w.size(); ++t) {
     at::Tensor wc = w[t].contiguous(), vc = v[t].contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wc.scalar_type(), "lanczos_step", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wc.scalar_type(), "lanczos_residual", [&] {
       const scalar_t* pw = wc.data_ptr<scalar_t>();
       const scalar_t* pv = vc.data_ptr<scalar_t>();
       scalar_t* pp = vp[t].data_ptr<scalar_t>();
@@ -85,6 +76,22 @@ at::Tensor lanczos_step_cpu(at::TensorList w_, at::TensorList v_, at::TensorList
           std::plus<double>());
     });
   }
+  return sq;
+}
+
+}  // namespace
+
+// Lanczos three-term recurrence step.
+//   alpha = <w, v>;  r = w - alpha v - beta v_prev;  beta_next = ||r||;  v_prev <- r / beta_next
+// v_prev is overwritten with the next Lanczos vector (the caller swaps v and v_prev afterwards).
+at::Tensor lanczos_step_cpu(at::TensorList w_, at::TensorList v_, at::TensorList vp_, const at::Tensor& beta_t) {
+  std::vector<at::Tensor> w(w_.begin(), w_.end()), v(v_.begin(), v_.end()), vp(vp_.begin(), vp_.end());
+  check_lists(w, v, "lanczos_step");
+  check_lists(w, vp, "lanczos_step");
+  for (auto& t : vp) TORCH_CHECK(t.is_contiguous(), "lanczos_step: v_prev tensors must be contiguous");
+  const double beta = beta_t.item<double>();
+  const double alpha = multi_dot(w, v);
+  const double sq = residual_into(w, v, vp, alpha, beta);
   const double beta_next = std::sqrt(sq);
   const double inv = beta_next > 0.0 ? 1.0 / beta_next : 0.0;
   for (size_t t = 0; t < vp.size(); ++t) {
@@ -120,27 +127,7 @@ at::Tensor lanczos_update_cpu(at::TensorList w_, at::TensorList v_, at::TensorLi
   check_lists(w, vp, "lanczos_update");
   for (auto& t : vp) TORCH_CHECK(t.is_contiguous(), "lanczos_update: v_prev tensors must be contiguous");
   const double alpha = alpha_t.item<double>(), beta = beta_t.item<double>();
-  double sq = 0.0;
-  for (size_t t = 0; t < w.size(); ++t) {
-    at::Tensor wc = w[t].contiguous(), vc = v[t].contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wc.scalar_type(), "lanczos_update", [&] {
-      const scalar_t* pw = wc.data_ptr<scalar_t>();
-      const scalar_t* pv = vc.data_ptr<scalar_t>();
-      scalar_t* pp = vp[t].data_ptr<scalar_t>();
-      sq += at::parallel_reduce(
-          0, wc.numel(), kGrain, 0.0,
-          [&](int64_t lo, int64_t hi, double acc) {
-            for (int64_t i = lo; i < hi; ++i) {
-              const scalar_t r = static_cast<scalar_t>(to_d(pw[i]) - alpha * to_d(pv[i]) - beta * to_d(pp[i]));
-              pp[i] = r;
-              const double rd = to_d(r);
-              acc += rd * rd;
-            }
-            return acc;
-          },
-          std::plus<double>());
-    });
-  }
+  const double sq = residual_into(w, v, vp, alpha, beta);
   at::Tensor out = at::empty({1}, at::TensorOptions().dtype(at::kDouble));
   out.data_ptr<double>()[0] = sq;
   return out;
