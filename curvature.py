@@ -336,8 +336,9 @@ class HessianOperator:
                                      f"({e})") from None
             why = unsupported(model)
             if why:
-                raise CurvatureError(f"gradient checkpointing of the HVP: {why}; use gradient_checkpointing "
-                                     "'auto' or 'off' (the graphs are then retained or rebuilt whole)")
+                raise CurvatureError(f"gradient checkpointing of the HVP: {why}; use --gradient_checkpointing auto "
+                                     "or off (in Python gradient_checkpointing='auto' or 'off'): the graphs are then "
+                                     "retained or rebuilt whole")
         self.hvp_count = 0
         self.grads_count = 0
         self.loss_value = 0.0
