@@ -14,7 +14,8 @@ The file reads as: the operator (HessianOperator; ShardedOperator under a proces
 (Lanczos with a certified stop on --rtol, power iteration), the command line. The command line needs
 common.py, tasks.py, finetune.py and synthetic.py beside it (tiny_base.py for --model tiny);
 hessian_spectrum() alone needs torch, numpy and ops.py (which loads the optional extension in csrc/);
-layerwise_hvp.py beside it adds the HVP one decoder layer at a time (--gradient_checkpointing).
+layerwise_hvp.py beside it adds the HVP one decoder layer at a time (--gradient_checkpointing), answer_rows.py
+the last decoder layer run at the answer rows only (the rows the loss reads; every HVP costs less by that).
 Solvers, stop rules, backends and what curvature.json holds: README.md.
 """
 from __future__ import annotations
@@ -187,21 +188,44 @@ def _answer_logits(model, ids, am, keep, answer_logits_only=True):
     return logits
 
 
-def _answer_hidden(dec, ids, am, keep):
+def _answer_hidden(dec, ids, am, keep, last_rows=None):
+    """dec's last hidden state at keep's rows; last_rows: an answer_rows.AnswerRows that runs dec's last layer
+    at those rows only (verified by _last_layer_rows)."""
     with _math_sdpa():
+        if last_rows is not None and bool(keep.any()):
+            return last_rows(dec, ids, am, keep)
         out = dec(input_ids=ids, attention_mask=am, use_cache=False)
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return h[keep]
 
 
-def batch_answer_loss_sum(model, batch, fused=False, answer_logits_only: bool = True):
+def _last_layer_rows(model, batch):
+    """An answer_rows.AnswerRows for model's decoder where it equals the decoder's own forward on two rows of
+    `batch` (checked once, without gradients), else None (the full forward, as before)."""
+    parts = linear_head(model)
+    try:
+        from answer_rows import AnswerRows
+    except ImportError:  # curvature.py copied without it: the full forward
+        return None
+    rows = AnswerRows.build(parts[0]) if parts is not None else None
+    if rows is None:
+        return None
+    dev = next(model.parameters()).device
+    small = {k: v[:2] for k, v in batch.items() if torch.is_tensor(v)}
+    ids, am, keep, _ = _answer_positions(small if _count_answer_tokens(small) else batch, dev)
+    with _math_sdpa():
+        return rows if rows.matches(parts[0], ids, am, keep) else None
+
+
+def batch_answer_loss_sum(model, batch, fused=False, answer_logits_only: bool = True, last_rows=None):
     """Sum of answer-token NLL of one batch; logits are only projected at positions that predict an answer
     token (HF `logits_to_keep` boolean mask), falling back to full logits for models without it.
 
     fused: the cross-entropy (see _ce_mode): False/"torch", True/"softmax_xent", "linear_xent" (the decoder's
     answer-row hidden states through hessian::linear_xent with the LM head's weight; only for models where
     linear_head() holds -- HessianOperator verifies it). answer_logits_only=False projects every position
-    (finetune.answer_loss_sum's way; benchmarks only)."""
+    (finetune.answer_loss_sum's way; benchmarks only). last_rows (linear_xent): the decoder's last layer run at
+    the answer rows only (_last_layer_rows; HessianOperator verifies it)."""
     mode = _ce_mode(fused)
     dev = next(model.parameters()).device
     ids, am, keep, targets = _answer_positions(batch, dev)
@@ -209,7 +233,7 @@ def batch_answer_loss_sum(model, batch, fused=False, answer_logits_only: bool = 
         parts = linear_head(model)
         if parts is None:
             raise CurvatureError("linear_xent needs an HF causal LM with an nn.Linear LM head without bias")
-        rows = _answer_hidden(parts[0], ids, am, keep)
+        rows = _answer_hidden(parts[0], ids, am, keep, last_rows)
         losses, _ = torch.ops.hessian.linear_xent(rows, parts[1].weight, targets, IGNORE_INDEX)
         return losses.sum()
     logits = _answer_logits(model, ids, am, keep, answer_logits_only)
@@ -278,7 +302,7 @@ class HessianOperator:
 
     def __init__(self, model, batches, fused_ce=False, graph_memory_budget: int | None = None,
                  answer_logits_only: bool = True, keep_first: int = 0, first_batch=None, subsample=False,
-                 total_tokens: int | None = None, gradient_checkpointing: str = "auto"):
+                 total_tokens: int | None = None, gradient_checkpointing: str = "auto", last_layer_rows: bool = True):
         """fused_ce: False/"torch" (autograd cross-entropy), "softmax_xent" (fused op on the logits),
         "linear_xent" (fused LM head + cross-entropy, required), True/"auto" (linear_xent where
         verify_linear_head() holds on the first batch, else softmax_xent). Needs the extension unless "torch".
@@ -286,7 +310,9 @@ class HessianOperator:
         hvp_first() applies (the subsample warm start); first_batch: that micro-batch given directly, ahead of
         batches; subsample=True with first_batch None: this process holds none of the subsample's rows
         (hvp_first gives zeros). total_tokens: the loss's denominator where batches are one process's share.
-        gradient_checkpointing: "auto", "on" or "off" (above); "on" needs a model layerwise_hvp supports."""
+        gradient_checkpointing: "auto", "on" or "off" (above); "on" needs a model layerwise_hvp supports.
+        last_layer_rows (linear_xent): run the decoder's last layer at the answer rows only (answer_rows.py:
+        its other positions feed no answer token), where that equals the decoder's forward on the first batch."""
         self.answer_logits_only = answer_logits_only
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -321,6 +347,9 @@ class HessianOperator:
                 raise CurvatureError("cross-entropy linear_xent: the model's logits are not "
                                      "lm_head(decoder hidden states) (or it has no plain linear LM head)")
         self.fused = self.ce != "torch"
+        self.last_rows = None
+        if self.ce == "linear_xent" and last_layer_rows and probe is not None:
+            self.last_rows = _last_layer_rows(model, probe)
         dev = self.params[0].device
         self.budget = int(graph_memory_budget) if graph_memory_budget is not None else _default_budget(dev)
         if gradient_checkpointing not in CHECKPOINTING:
@@ -364,7 +393,7 @@ class HessianOperator:
             self._lw = LayerwiseHVP(model, self.params, self.total_tokens, _answer_positions, _math_sdpa)
 
     def _first_order(self, batch, create_graph=True):
-        loss = batch_answer_loss_sum(self.model, batch, self.ce, self.answer_logits_only) / self.total_tokens
+        loss = self._loss(batch)
         self.loss_value += float(loss.detach())
         grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
         self.grads_count += 1
@@ -444,13 +473,17 @@ class HessianOperator:
         self.layerwise = [b for b, n in zip(self.recompute, need) if n > room]
         self.recompute = [b for b, n in zip(self.recompute, need) if n <= room]
 
+    def _loss(self, b):
+        loss = batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only, self.last_rows)
+        return loss / self.total_tokens
+
     @property
     def retained_count(self):
         return self.retained
 
     def _loss_only(self, b):
         with torch.no_grad():
-            return batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only) / self.total_tokens
+            return self._loss(b)
 
     def _as_params(self, v):
         return [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(v, self.params)]
@@ -478,7 +511,7 @@ class HessianOperator:
             out = list(torch.autograd.grad(self.g_out, self.params, grad_outputs=[v[i] for i in self.g_index],
                                            retain_graph=True, allow_unused=True))
         for b in self.recompute:
-            loss = batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only) / self.total_tokens
+            loss = self._loss(b)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             if not idx:
@@ -944,7 +977,8 @@ def _peak_memory(device):
 
 def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_iter=100, seed=0, *, backend="auto",
                      stop="dominant", start=None, cross_entropy="auto", graph_memory_budget=None,
-                     v0=None, return_operator=False, progress=None, tol=None, gradient_checkpointing="auto"):
+                     v0=None, return_operator=False, progress=None, tol=None, gradient_checkpointing="auto",
+                     last_layer_rows=True):
     """Extreme eigenvalues of the Hessian of the answer-token loss over `batches` (see HessianOperator).
 
     rtol: the tolerance on the eigenvalue itself (lanczos): stop once the certified bound (ritz_bounds: the
@@ -966,6 +1000,8 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
         sharded (ShardedOperator); every rank returns the same result.
     gradient_checkpointing: "auto" (the micro-batches whose graphs fit nowhere in the budget go layer-wise),
         "on" (all do: no graph retained, no subsample warm start) or "off"; see HessianOperator.
+    last_layer_rows: the decoder's last layer at the answer rows only where verified (HessianOperator); the
+        result's backend.last_layer says which ran.
     progress: called as progress(iteration, running rho) after every iteration of the Python solver loops
         (the C++ loop runs the whole solve in one call and reports nothing until it returns).
     Returns the result dict; with return_operator=True, (dict, operator).
@@ -1029,14 +1065,14 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
         first, mine = split_rows(batches, rank, world, warm_rows if want_warm else 0)
         local = HessianOperator(model, mine, fused_ce=ce, graph_memory_budget=graph_memory_budget,
                                 first_batch=first, subsample=want_warm, total_tokens=total_tokens,
-                                gradient_checkpointing=gradient_checkpointing)
+                                gradient_checkpointing=gradient_checkpointing, last_layer_rows=last_layer_rows)
         op = ShardedOperator(local)
         # the subsample's graph must be retained on every rank that holds some of it, else no rank uses it
         warm_ok = op.reduce_sum(0.0 if (first is not None and local.first_out is None) else 1.0) == world
     else:
         local = op = HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=graph_memory_budget,
                                      keep_first=warm_rows if want_warm else 0,
-                                     gradient_checkpointing=gradient_checkpointing)
+                                     gradient_checkpointing=gradient_checkpointing, last_layer_rows=last_layer_rows)
         warm_ok = op.first_out is not None
     t_setup = time.perf_counter() - t0
     warm = None
@@ -1135,7 +1171,8 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
                     "extension_detail": ext["detail"] if use_ext or backend != "torch" else "not requested",
                     "solver_loop": "cpp" if cpp_loop else "python", "step": "fused_op" if use_ext else "torch",
                     "cross_entropy": {"torch": "torch_log_softmax_nll", "softmax_xent": "fused_softmax_xent",
-                                      "linear_xent": "fused_linear_xent"}[local.ce]},
+                                      "linear_xent": "fused_linear_xent"}[local.ce],
+                    "last_layer": "answer_rows" if local.last_rows is not None else "full"},
         "graphs": graphs,
         "distributed": ({"world_size": world, "backend": dist.get_backend(), "shard_elements": op.S,
                          "samples_per_rank": [int(x) for x in _gather_ints(op, sum(int(b["input_ids"].shape[0])

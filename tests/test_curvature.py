@@ -119,6 +119,8 @@ def test_lanczos_matches_dense(model64, dense, backend, ce, stop):
     assert rel(r["rho"], dense["rho"]) <= 1e-5
     assert r["hvp_count"] == r["iterations"]
     assert r["backend"]["solver_loop"] == ("cpp" if backend == "extension" else "python")
+    if backend == "extension" and ce == "auto":
+        assert r["backend"]["last_layer"] == "answer_rows"  # the one-layer model's only layer, at the answer rows
     assert abs(r["loss"] - dense["loss"]) <= 1e-12 * max(1.0, dense["loss"])
     for k in ("lambda_max", "lambda_min", "rho", "iterations", "hvp_count", "residual", "converged",
               "wall_time_s", "peak_memory", "settings", "backend"):
