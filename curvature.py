@@ -201,7 +201,7 @@ def _answer_hidden(dec, ids, am, keep, last_rows=None):
 
 def _last_layer_rows(model, batch):
     """An answer_rows.AnswerRows for model's decoder where it equals the decoder's own forward on two rows of
-    `batch` (checked once, without gradients), else None (the full forward, as before)."""
+    `batch` (_probe, _same_forward), else None (the full forward, as before)."""
     parts = linear_head(model)
     try:
         from answer_rows import AnswerRows
@@ -210,11 +210,12 @@ def _last_layer_rows(model, batch):
     rows = AnswerRows.build(parts[0]) if parts is not None else None
     if rows is None:
         return None
-    dev = next(model.parameters()).device
-    small = {k: v[:2] for k, v in batch.items() if torch.is_tensor(v)}
-    ids, am, keep, _ = _answer_positions(small if _count_answer_tokens(small) else batch, dev)
-    with _math_sdpa():
-        return rows if rows.matches(parts[0], ids, am, keep) else None
+    ids, am, keep = _probe(model, batch)
+    if not bool(keep.any()):
+        return None
+    ok = _same_forward(lambda: _answer_hidden(parts[0], ids, am, keep),
+                       lambda: _answer_hidden(parts[0], ids, am, keep, rows))
+    return rows if ok else None
 
 
 def batch_answer_loss_sum(model, batch, fused=False, answer_logits_only: bool = True, last_rows=None):
@@ -247,28 +248,41 @@ def batch_answer_loss_sum(model, batch, fused=False, answer_logits_only: bool = 
     return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def verify_linear_head(model, batch) -> bool:
-    """True when lm_head(decoder(batch)) equals the model's own answer-row logits (no soft-capping, scaling or
-    bias hidden in the model's forward); checked once, without gradients, on the first two rows of a batch."""
-    parts = linear_head(model)
-    if parts is None:
-        return False
-    dev = next(model.parameters()).device
-    small = {k: v[:2] for k, v in batch.items() if torch.is_tensor(v)}  # two rows are enough for the check
-    ids, am, keep, _ = _answer_positions(small if _count_answer_tokens(small) else batch, dev)
-    if not bool(keep.any()):
-        return False  # nothing to compare: stay with the logits path
+def _probe(model, batch):
+    """(ids, attention_mask, keep) of the first two rows of `batch` (all of it where they hold no answer token):
+    enough to check a forward against the model's own, once, without gradients."""
+    small = {k: v[:2] for k, v in batch.items() if torch.is_tensor(v)}
+    ids, am, keep, _ = _answer_positions(small if _count_answer_tokens(small) else batch,
+                                         next(model.parameters()).device)
+    return ids, am, keep
+
+
+def _same_forward(ref_fn, mine_fn) -> bool:
+    """True when mine_fn() equals ref_fn() (the model's own forward) to 1e-4 of its largest entry (1e-2 in half
+    precision); any failure, a missing output or a shape that differs is False (keep the model's own)."""
     try:
         with torch.no_grad():
-            ref = _answer_logits(model, ids, am, keep)
-            mine = parts[1](_answer_hidden(parts[0], ids, am, keep))
-    except Exception:
+            ref, mine = ref_fn(), mine_fn()
+    except Exception:  # noqa: BLE001 - a forward this file cannot run is one it does not use
         return False
     if ref is None or ref.shape != mine.shape or ref.numel() == 0:
         return False
     tol = 1e-2 if ref.dtype in (torch.float16, torch.bfloat16) or mine.dtype != ref.dtype else 1e-4
     ref, mine = ref.double(), mine.double()
     return bool(float((ref - mine).abs().max()) <= tol * max(float(ref.abs().max()), 1e-6))
+
+
+def verify_linear_head(model, batch) -> bool:
+    """True when lm_head(decoder(batch)) equals the model's own answer-row logits (no soft-capping, scaling or
+    bias hidden in the model's forward); checked once, without gradients, on the first two rows of a batch."""
+    parts = linear_head(model)
+    if parts is None:
+        return False
+    ids, am, keep = _probe(model, batch)
+    if not bool(keep.any()):
+        return False  # nothing to compare: stay with the logits path
+    return _same_forward(lambda: _answer_logits(model, ids, am, keep),
+                         lambda: parts[1](_answer_hidden(parts[0], ids, am, keep)))
 
 
 def _default_budget(device) -> int:
