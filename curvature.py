@@ -1037,6 +1037,8 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
     if gradient_checkpointing not in CHECKPOINTING:
         raise CurvatureError(f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
                              f"got {gradient_checkpointing!r}")
+    if not isinstance(last_layer_rows, bool):
+        raise CurvatureError(f"last_layer_rows must be True or False, got {last_layer_rows!r}")
     if not batches:
         raise CurvatureError("no batches given: the Hessian needs at least one sample")
     auto_start = start is None

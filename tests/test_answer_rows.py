@@ -89,6 +89,8 @@ def test_the_hvp_equals_the_full_forwards():
     off = C.hessian_spectrum(model, bs, backend="extension", rtol=1e-8, max_iter=300, last_layer_rows=False)
     assert off["backend"]["last_layer"] == "full"
     assert rel(r["rho"], off["rho"]) <= 1e-6
+    with pytest.raises(C.CurvatureError, match="last_layer_rows must be True or False"):
+        C.hessian_spectrum(model, bs, last_layer_rows="yes")
 
 
 def test_refused_where_the_model_differs():
