@@ -308,7 +308,7 @@ class HessianOperator:
     the others are retained while their graphs (estimated from it by their token counts) fit in
     graph_memory_budget bytes. Those beyond it are recomputed for every HVP: their graph rebuilt where the
     largest of them fits beside the retained ones, else (gradient_checkpointing "auto") one decoder layer at a
-    time (layerwise_hvp.py: each layer's input kept, the layer rebuilt, ~2x a rebuilt graph's time);
+    time (layerwise_hvp.py: each layer's input kept, the layer rebuilt, ~1.2x a rebuilt graph's time);
     "on" takes every micro-batch layer-wise (no graph retained: the least memory), "off" never does (the
     rebuilt graph may then exceed the budget). Vectors in and out are in vec_dtype
     (float64 for a float64 model, else float32: a bfloat16 model's HVP is computed in bfloat16, the solver's

@@ -77,7 +77,10 @@ def graph_bytes(model, batch, ce):
 
 
 def measure_graph(dtype, device, ce, lengths=(32, 64), n=2, n_answer=8):
-    """Saved-tensor bytes of the first-order graph: {layers: {T: bytes}} for 1 and 2 layers."""
+    """Saved-tensor bytes of the first-order graph: {layers: {T: bytes}} for 1 and 2 layers. The last layer runs
+    at the answer rows only (answer_rows.py) in both, so the difference is one full layer and the rest is the
+    head less what that pruning saves (negative at these lengths; the plan counts it as 0 and all 32 layers
+    full: conservative by about 1/32)."""
     got = {}
     for layers in (1, 2):
         model = seven_b_shaped(layers, dtype, device, freeze_ends=True)
@@ -222,44 +225,70 @@ def longest_micro_batch(g, ck, plans, args):
     return out
 
 
-def minutes_per_solve(lengths, hvp_over_fwd, plans, args):
-    """Solve = graph build (forward + backward with graph, ~3 forwards) + args.hvps full HVPs (each also rebuilds
-    the recomputed share of the graphs, ~3 forwards of it), a forward = 2 * params * tokens FLOPs per GPU at
-    args.tflops; the collectives (an all-gather and a reduce-scatter of 2 bytes/parameter per HVP) at 100 GB/s."""
+def minutes_per_solve(lengths, ratios, plans, args):
+    """Solve = graph build (ratios["build"] forwards for the retained share, a loss-only forward for the rest) +
+    args.hvps full HVPs, each ratios["retained"] forwards on the retained share and ratios["rebuilt"] on the
+    recomputed one (its graph rebuilt every product: the plan's default); a forward = 2 * params * tokens FLOPs
+    per GPU at args.tflops; the collectives (an all-gather and a reduce-scatter of 2 bytes/parameter per HVP) at
+    100 GB/s. layerwise_min: the same solve with every micro-batch layer by layer (--gradient_checkpointing on:
+    no graph built, ratios["layerwise"] forwards per product)."""
     out = {}
+    comm = 2 * 2 * PARAMS_7B / 100e9
     for task, L in lengths.items():
         tok = L["tokens"] / args.gpus * 1.15
         fwd = 2 * PARAMS_7B * tok / (args.tflops * 1e12)
-        recompute = 3 * fwd * (1 - plans[task]["retained_share"])
-        comm = 2 * 2 * PARAMS_7B / 100e9
-        hvp = hvp_over_fwd * fwd + recompute + comm
-        out[task] = {"forward_s": fwd, "hvp_s": hvp, "collectives_s": comm, "solve_min": (3 * fwd + args.hvps * hvp) / 60}
+        share = plans[task]["retained_share"]
+        build = fwd * (ratios["build"] * share + (1 - share))
+        hvp = fwd * (ratios["retained"] * share + ratios["rebuilt"] * (1 - share)) + comm
+        lw = fwd * ratios["layerwise"] + comm
+        out[task] = {"forward_s": fwd, "build_s": build, "hvp_s": hvp, "collectives_s": comm,
+                     "solve_min": (build + args.hvps * hvp) / 60, "layerwise_hvp_s": lw,
+                     "layerwise_min": (fwd + args.hvps * lw) / 60}
     return out
 
 
+def _best_time(fn, sync, reps=2):
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def hvp_over_forward(dtype, device, width=1):
-    """Measured: one HVP on the retained graph over one forward (no grad), 1 layer, 2 x 64 tokens (a FLOP ratio:
-    on the CPU in float32 at a quarter of the width, bf16 matmuls on a CPU say nothing about a GPU's)."""
+    """Measured, in forwards (no grad) of the same batch: the graph build (forward + first backward with
+    create_graph), one HVP on the retained graph, one with the graph rebuilt (budget 1 byte, checkpointing off)
+    and one layer by layer (on); 1 layer, 2 x 64 tokens, minimum of 2 each (FLOP ratios: on the CPU in float32 at
+    a quarter of the width, bf16 matmuls on a CPU say nothing about a GPU's). The last layer at full rows, as
+    the 31 of 32 layers that are not last at 7B."""
     model = seven_b_shaped(1, dtype, device, freeze_ends=True, width=width)
     b = random_batch(2, 64, 8, device)
     ce = "auto" if C.load_extension()["ok"] else "torch"
-    op = C.HessianOperator(model, [b], fused_ce=ce, graph_memory_budget=1 << 50)
-    v = op.random(0)
-    op.hvp(v)
     sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)  # noqa: E731
-    tf, th = [], []
-    for _ in range(2):
-        sync()
-        t = time.perf_counter()
+    make = lambda budget, ck: C.HessianOperator(model, [b], fused_ce=ce, graph_memory_budget=budget,  # noqa: E731
+                                                gradient_checkpointing=ck, last_layer_rows=False)
+    op = make(1 << 50, "off")
+    v = op.random(0)
+    op.hvp(v)  # warm-up
+
+    def forward():
         with torch.no_grad():
             C.batch_answer_loss_sum(model, b, op.ce)
-        sync()
-        tf.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        op.hvp(v)
-        sync()
-        th.append(time.perf_counter() - t)
-    return min(th) / min(tf), min(tf), min(th)
+    # the build is the first-order graph alone, not the operator's one-off probes of the first rows
+    t = {"forward": _best_time(forward, sync), "build": _best_time(lambda: op._first_order(b), sync),
+         "retained": _best_time(lambda: op.hvp(v), sync)}
+    for key, budget, ck in (("rebuilt", 1, "off"), ("layerwise", 1 << 50, "on")):
+        other = make(budget, ck)
+        if not (other.recompute if ck == "off" else other.layerwise):
+            raise RuntimeError(f"the {key} HVP did not take its path (recompute {len(other.recompute)}, "
+                               f"layer-wise {len(other.layerwise)})")
+        other.hvp(v)
+        t[key] = _best_time(lambda: other.hvp(v), sync)
+        del other
+    return {k: t[k] / t["forward"] for k in ("build", "retained", "rebuilt", "layerwise")}, t
 
 
 def quick(args):
@@ -354,11 +383,12 @@ def main():
         res["graph"] = g
         print(f"graph (bf16, {ce}): {g['per_layer_per_token'] / 2**20:.3f} MiB per token per layer "
               f"({g['per_layer_per_token'] / 4096:.0f} bytes per hidden unit); rest {g['rest_per_token'] / 2**20:.3f}"
-              f" MiB per token", flush=True)
-        ratio, tf, th = hvp_over_forward(torch.float32, args.device, width=0.25)
-        res["hvp_over_forward"] = {"ratio": ratio, "forward_s": tf, "hvp_s": th}
-        print(f"one HVP / one forward (1 layer at 1/4 width, float32, 128 tokens, {args.device}): {ratio:.1f}",
-              flush=True)
+              f" MiB per token (the head less the last layer's answer-rows saving; counted as >= 0)", flush=True)
+        ratios, secs = hvp_over_forward(torch.float32, args.device, width=0.25)
+        res["hvp_over_forward"] = {"ratios": ratios, "seconds": secs}
+        print(f"in forwards (1 layer at 1/4 width, float32, 128 tokens, {args.device}): graph build "
+              f"{ratios['build']:.1f}; one HVP on the retained graph {ratios['retained']:.1f}, graph rebuilt "
+              f"{ratios['rebuilt']:.1f}, layer-wise {ratios['layerwise']:.1f}", flush=True)
         lengths = task_lengths(args.data_dir, args.samples, 0) if args.data_dir else {}
         if not lengths:
             lengths = {"assumed (no --data_dir)": {"tokens": 50 * 200, "answer_tokens": 50 * 6, "max_len": 300}}
@@ -371,7 +401,7 @@ def main():
               f"{ck['on']['once_per_token_7b_bf16'] / 2**20:.2f} MiB once (one layer's working set, the head)", flush=True)
         res["plan"] = plan(g, lengths, args)
         res["longest_micro_batch"] = longest_micro_batch(g, ck, res["plan"], args)
-        res["minutes"] = minutes_per_solve(lengths, ratio, res["plan"], args)
+        res["minutes"] = minutes_per_solve(lengths, ratios, res["plan"], args)
         print(f"\nper-GPU plan, Llama-2-7B ({PARAMS_7B / 1e9:.2f}B parameters), {args.samples} samples on {args.gpus}"
               f" x {args.gpu_gb:.0f} GB (assumptions: {json.dumps(res['assumptions'])})")
         for task, row in res["plan"].items():
@@ -384,7 +414,8 @@ def main():
             m = res["minutes"][task]
             print(f"    {'total':62s} {row['total'] / 1e9:7.1f} GB -> {'fits' if fits else 'does NOT fit'}; "
                   f"{row['retained_share']:.0%} of the graphs retained; {m['solve_min']:.2f} min per solve (forward "
-                  f"{m['forward_s']:.2f} s, HVP {m['hvp_s']:.2f} s at {args.tflops:.0f} TFLOP/s)")
+                  f"{m['forward_s']:.2f} s, build {m['build_s']:.2f} s, HVP {m['hvp_s']:.2f} s at {args.tflops:.0f} "
+                  f"TFLOP/s); all layer-wise: {m['layerwise_min']:.2f} min (HVP {m['layerwise_hvp_s']:.2f} s)")
             lm = res["longest_micro_batch"][task]
             print(f"    longest micro-batch one HVP can recompute beside the rest: {lm['rebuilt_tokens']} tokens with the "
                   f"graph rebuilt ({lm['rebuilt_bytes_per_token'] / 2**20:.1f} MiB/token), {lm['layerwise_tokens']} "
