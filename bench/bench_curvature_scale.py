@@ -369,6 +369,9 @@ def main():
     ap.add_argument("--hvps", type=int, default=3, help="assumed full HVPs per solve (2-4 on the tiny checkpoints)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
+    for flag in ("samples", "gpus", "gpu_gb", "tflops", "hvps"):
+        if not getattr(args, flag) > 0:
+            sys.exit(f"error: --{flag} must be > 0, got {getattr(args, flag)}")
     os.makedirs(args.out, exist_ok=True)
     res = {"assumptions": {"gpus": args.gpus, "gpu_gb": args.gpu_gb, "tflops_per_gpu": args.tflops,
                            "full_hvps_per_solve": args.hvps, "params_7b": PARAMS_7B, "dtype": "bfloat16 HVP, "
