@@ -247,7 +247,7 @@ def minutes_per_solve(lengths, ratios, plans, args):
     return out
 
 
-def _best_time(fn, sync, reps=2):
+def _best_time(fn, sync, reps=3):
     best = float("inf")
     for _ in range(reps):
         sync()
@@ -258,10 +258,10 @@ def _best_time(fn, sync, reps=2):
     return best
 
 
-def hvp_over_forward(dtype, device, width=1):
+def costs_in_forwards(dtype, device, width=1):
     """Measured, in forwards (no grad) of the same batch: the graph build (forward + first backward with
     create_graph), one HVP on the retained graph, one with the graph rebuilt (budget 1 byte, checkpointing off)
-    and one layer by layer (on); 1 layer, 2 x 64 tokens, minimum of 2 each (FLOP ratios: on the CPU in float32 at
+    and one layer by layer (on); 1 layer, 2 x 64 tokens, minimum of 3 each (FLOP ratios: on the CPU in float32 at
     a quarter of the width, bf16 matmuls on a CPU say nothing about a GPU's). The last layer at full rows, as
     the 31 of 32 layers that are not last at 7B."""
     model = seven_b_shaped(1, dtype, device, freeze_ends=True, width=width)
@@ -387,8 +387,8 @@ def main():
         print(f"graph (bf16, {ce}): {g['per_layer_per_token'] / 2**20:.3f} MiB per token per layer "
               f"({g['per_layer_per_token'] / 4096:.0f} bytes per hidden unit); rest {g['rest_per_token'] / 2**20:.3f}"
               f" MiB per token (the head less the last layer's answer-rows saving; counted as >= 0)", flush=True)
-        ratios, secs = hvp_over_forward(torch.float32, args.device, width=0.25)
-        res["hvp_over_forward"] = {"ratios": ratios, "seconds": secs}
+        ratios, secs = costs_in_forwards(torch.float32, args.device, width=0.25)
+        res["costs_in_forwards"] = {"ratios": ratios, "seconds": secs}
         print(f"in forwards (1 layer at 1/4 width, float32, 128 tokens, {args.device}): graph build "
               f"{ratios['build']:.1f}; one HVP on the retained graph {ratios['retained']:.1f}, graph rebuilt "
               f"{ratios['rebuilt']:.1f}, layer-wise {ratios['layerwise']:.1f}", flush=True)
