@@ -393,6 +393,17 @@ def load_tokenizer(resolved):
     return tok
 
 
+def tokenizer_dir(path, flag="--tokenizer"):
+    """A folder holding a tokenizer.json (a checkpoint folder such as Llama-2-7b-hf's will do), checked."""
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: no such folder; pass the folder that holds the tokenizer's "
+                        f"tokenizer.json (a model checkpoint folder will do)")
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise UserError(f"{flag} {path}: no tokenizer.json in it; pass the folder that holds the tokenizer's "
+                        f"tokenizer.json (a model checkpoint folder will do)")
+    return path
+
+
 def check_tokenizer_matches(model, tok, where):
     n_emb = model.get_input_embeddings().weight.shape[0]
     ids = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]

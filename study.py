@@ -1063,26 +1063,24 @@ def model_shape(c):
 
 class TokenCounter:
     """Mean tokens per example of each task and split: from the model's tokenizer.json when it has one, else
-    from the data's characters (4 characters a token), and the plan says which."""
+    estimated from the data's characters (cost_model.token_counter), and the plan says which."""
 
     def __init__(self, c, max_length=2048):
+        import cost_model
         self.c, self.max_length, self.cache = c, max_length, {}
-        self.tok = None
-        self.how = "estimated from the data's characters (4 characters a token; MODEL has no tokenizer.json)"
         path = None
         if c.model == "tiny":
             import tiny_base
             path = os.path.join(tiny_base.tiny_base_path(), "tokenizer.json")
         elif os.path.isdir(c.model):
             path = os.path.join(c.model, "tokenizer.json")
-        if path and os.path.isfile(path):
-            from tokenizers import Tokenizer
-            self.tok, self.how = Tokenizer.from_file(path), f"counted with {path}"
+        found = path if path and os.path.isfile(path) else None
+        self._count, self.how = cost_model.token_counter(found)
+        if found is None:
+            self.how += "; MODEL has no tokenizer.json"
 
     def count(self, texts):
-        if self.tok is None:
-            return [min(self.max_length, max(1, len(t) // 4)) for t in texts]
-        return [min(self.max_length, len(e.ids)) for e in self.tok.encode_batch(texts)]
+        return [min(self.max_length, n) for n in self._count(texts)]
 
     def stats(self, task, split):
         """(examples, mean training tokens, scored tokens per example) of a split."""

@@ -10,9 +10,10 @@ Measured (CPU: bfloat16 layers, embeddings and LM head frozen so that it fits; s
 2 x 64 tokens with 8 answer tokens each): the saved-tensor bytes of the first-order graph
 (HessianOperator.graph_bytes) with 1 and 2 layers, so per layer per token = the difference over the tokens;
 the linear_xent HVP's workspace from its row chunk (csrc/hessian.cpp chunk_size) on the GPU, where the
-allocator's peak is read (torch.cuda.max_memory_allocated). The sample lengths come from the tiny tokenizer on
---data_dir's tasks (Llama-2's tokenizer is not available offline; a stand-in, printed as such). Writes
-bench/results/bench_curvature_scale.json.
+allocator's peak is read (torch.cuda.max_memory_allocated). The sample lengths come from --data_dir's tasks,
+tokenized by --tokenizer (a folder with Llama-2's tokenizer, e.g. the Llama-2-7b-hf checkpoint) or, without it,
+by the tiny tokenizer (a stand-in that gives ARC and BBQ about 30% more tokens than Llama-2's, ToxiGen 8% more;
+printed as such). Writes bench/results/bench_curvature_scale.json.
 """
 import argparse
 import json
@@ -156,12 +157,13 @@ def xent_workspace_bytes(n_answer_rows, hidden=4096, vocab=32000, elem=4):
     return {"chunk_rows": chunk, "workspace": 4 * chunk * vocab * elem, "probs_kept": n_answer_rows * vocab * elem}
 
 
-def task_lengths(data_dir, samples, seed):
-    """Tokens and answer tokens of `samples` training samples per task (tiny tokenizer: a stand-in)."""
+def task_lengths(data_dir, samples, seed, tokenizer=None):
+    """Tokens and answer tokens of `samples` training samples per task, tokenized by the tokenizer folder
+    `tokenizer` (None: the tiny base's, a stand-in)."""
     import common
     import tasks
 
-    tok = common.load_model_and_tokenizer("tiny")[1]
+    tok = common.load_tokenizer(tokenizer) if tokenizer else common.load_model_and_tokenizer("tiny")[1]
     out = {}
     for t in ("toxigen", "arc"):
         try:
@@ -362,6 +364,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one HVP and one solve on a 7B-shaped model with as many "
                     "layers as fit on the GPU (cpu: one layer at 1/8 width, a dry run); skips the measurement")
     ap.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (task lengths)")
+    ap.add_argument("--tokenizer", default=None, help="a folder with Llama-2's tokenizer (tokenizer.json), e.g. the "
+                    "Llama-2-7b-hf checkpoint, for the tasks' lengths; default: the tiny tokenizer, a stand-in")
     ap.add_argument("--samples", type=int, default=50)
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--gpu_gb", type=float, default=80.0)
@@ -372,10 +376,17 @@ def main():
     for flag in ("samples", "gpus", "gpu_gb", "tflops", "hvps"):
         if not getattr(args, flag) > 0:
             sys.exit(f"error: --{flag} must be > 0, got {getattr(args, flag)}")
+    if args.tokenizer is not None:
+        import common
+        try:
+            common.tokenizer_dir(args.tokenizer)
+        except common.UserError as e:
+            sys.exit(f"error: {e}")
     os.makedirs(args.out, exist_ok=True)
+    lengths_from = f"tokenizer {args.tokenizer}" if args.tokenizer else "tiny tokenizer (stand-in for Llama-2's)"
     res = {"assumptions": {"gpus": args.gpus, "gpu_gb": args.gpu_gb, "tflops_per_gpu": args.tflops,
                            "full_hvps_per_solve": args.hvps, "params_7b": PARAMS_7B, "dtype": "bfloat16 HVP, "
-                           "float32 sharded solver vectors", "lengths": "tiny tokenizer (stand-in for Llama-2's)"}}
+                           "float32 sharded solver vectors", "lengths": lengths_from}}
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         sys.exit(f"error: --device {args.device}: use cpu, or cuda with a visible GPU")
     if args.quick:
@@ -392,7 +403,7 @@ def main():
         print(f"in forwards (1 layer at 1/4 width, float32, 128 tokens, {args.device}): graph build "
               f"{ratios['build']:.1f}; one HVP on the retained graph {ratios['retained']:.1f}, graph rebuilt "
               f"{ratios['rebuilt']:.1f}, layer-wise {ratios['layerwise']:.1f}", flush=True)
-        lengths = task_lengths(args.data_dir, args.samples, 0) if args.data_dir else {}
+        lengths = task_lengths(args.data_dir, args.samples, 0, args.tokenizer) if args.data_dir else {}
         if not lengths:
             lengths = {"assumed (no --data_dir)": {"tokens": 50 * 200, "answer_tokens": 50 * 6, "max_len": 300}}
         res["lengths"] = lengths

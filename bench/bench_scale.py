@@ -11,8 +11,9 @@ layer difference (which removes embedding and head), and extrapolates with cost_
     python bench/bench_scale.py --device cuda --layers 1,2 --big_train_layers 12 --big_eval_layers 32
 
 Each measurement runs in its own subprocess (peak RSS by resource.getrusage on CPU, max_memory_allocated on
-CUDA). Token counts per task come from --data_dir's real files as characters / 4 (no Llama tokenizer here).
-Writes bench/results/scale.json.
+CUDA). Token counts per task come from --data_dir's real files, counted with --tokenizer (a folder with a
+tokenizer.json, e.g. Llama-2's) or estimated as characters / cost_model.CHARS_PER_TOKEN. Writes
+bench/results/scale.json.
 """
 import argparse
 import json
@@ -29,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cost_model as cm  # noqa: E402
 from common import (AT_LEAST_1, NON_NEGATIVE, HelpFormatter, UserError, check_args, die_on_user_error,  # noqa: E402
-                    write_json_atomic)
+                    tokenizer_dir, write_json_atomic)
 
 GiB = 2 ** 30
 TRAIN_MODES = ("train_fp32", "train_autocast", "train_bf16", "train_bf16_ckpt")
@@ -273,26 +274,27 @@ def per_layer_constants(records):
 BBQ_RELEASE_EXAMPLES = 58_492  # BBQ's 11 categories; a data folder may hold fewer
 
 
-def task_tokens(data_dir, batch=16, draws=2000, seed=0, bbq_examples=BBQ_RELEASE_EXAMPLES):
-    """Per task, tokens (characters / 4): mean training sequence, mean longest of `batch` (the padded length
-    of a batch), test and validation tokens of an evaluation (prompt + every option) and their sizes. BBQ's
-    evaluation sets are scaled to `bbq_examples` examples when the folder holds fewer categories (0: as found)."""
+def task_tokens(data_dir, batch=16, draws=2000, seed=0, bbq_examples=BBQ_RELEASE_EXAMPLES, count=None):
+    """Per task, tokens (count(texts), default cost_model's estimate): mean training sequence, mean longest of
+    `batch` (the padded length of a batch), test and validation tokens of an evaluation (prompt + every option)
+    and their sizes. BBQ's evaluation sets are scaled to `bbq_examples` examples when the folder holds fewer
+    categories (0: as found)."""
     from tasks import load_task
 
+    count = count or cm.token_counter()[0]
     rng = random.Random(seed)
     out = {}
     for t in PAPER_TASKS:
         train = load_task(t, "train", data_dir).examples
-        lens = [cm.estimate_tokens(e.prompt + e.continuation(e.label)) for e in train]
+        lens = count([e.prompt + e.continuation(e.label) for e in train])
         row = {"train_n": len(train), "train_mean": statistics.mean(lens),
                "train_batch_max": statistics.mean(max(rng.sample(lens, batch)) for _ in range(draws))}
         for split in ("test", "validation"):
             exs = load_task(t, split, data_dir).examples
             row[f"{split}_n"] = len(exs)
-            row[f"{split}_tokens"] = sum(cm.estimate_tokens(e.prompt) + sum(cm.estimate_tokens(e.continuation(i))
-                                                                            for i in range(len(e.options)))
-                                         for e in exs)
-            row[f"{split}_mean_len"] = statistics.mean(cm.estimate_tokens(e.prompt + e.continuation(0)) for e in exs)
+            row[f"{split}_tokens"] = sum(count([e.prompt for e in exs]))
+            row[f"{split}_tokens"] += sum(count([e.continuation(i) for e in exs for i in range(len(e.options))]))
+            row[f"{split}_mean_len"] = statistics.mean(count([e.prompt + e.continuation(0) for e in exs]))
         if t == "bbq" and bbq_examples:
             found = row["test_n"] / 0.3  # the seeded split's test share (tasks.UNSPLIT_FRACTIONS)
             scale = bbq_examples / found
@@ -459,11 +461,13 @@ def main(args):
     if args.device == "cuda" or args.no_data:
         result = {"measurements": records, "per_token_layer": consts}
     else:
-        tok = task_tokens(args.data_dir, bbq_examples=args.bbq_examples)
+        count, how = cm.token_counter(args.tokenizer and os.path.join(args.tokenizer, "tokenizer.json"))
+        print(f"tokens {how}")
+        tok = task_tokens(args.data_dir, bbq_examples=args.bbq_examples, count=count)
         for t, r in tok.items():
             scaled = (f" (scaled from the {r['scaled_from_examples']} examples found to {args.bbq_examples})"
                       if "scaled_from_examples" in r else "")
-            print(f"tokens (chars/4) {t:8s}: train {r['train_n']} x {r['train_mean']:.0f} (batch of 16 padded to "
+            print(f"tokens {t:8s}: train {r['train_n']} x {r['train_mean']:.0f} (batch of 16 padded to "
                   f"{r['train_batch_max']:.0f}), test {r['test_n']} examples = {r['test_tokens']:,} tokens, "
                   f"validation {r['validation_n']} = {r['validation_tokens']:,}{scaled}")
         mem = memory_table(tok, act or cm.ACT_BYTES_PER_TOKEN_LAYER, act_ckpt or cm.ACT_BYTES_PER_TOKEN_LAYER_CKPT,
@@ -518,6 +522,8 @@ def parse_args(argv=None):
     ap.add_argument("--no_measure", action="store_true", help="the profile from cost_model's constants only")
     ap.add_argument("--no_data", action="store_true", help="measure only, no profile")
     ap.add_argument("--data_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
+    ap.add_argument("--tokenizer", default=None, help="a folder with the tokenizer.json to count the tasks' tokens "
+                    "with (e.g. a Llama-2-7b-hf checkpoint); default: characters / cost_model.CHARS_PER_TOKEN")
     ap.add_argument("--bbq_examples", type=int, default=BBQ_RELEASE_EXAMPLES,
                     help="BBQ's size for the profile (its evaluation sets scaled to it; 0: the examples found)")
     ap.add_argument("--gpu", choices=sorted(cm.GPUS), default=cm.DEFAULT_GPU)
@@ -547,6 +553,8 @@ def parse_args(argv=None):
         import torch
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.tokenizer is not None:
+        tokenizer_dir(args.tokenizer)
     if not (args.no_measure or args.no_data or args.device == "cuda") and not os.path.isdir(args.data_dir):
         raise UserError(f"--data_dir {args.data_dir} is not a folder; point it at the datasets or pass --no_data")
     return args

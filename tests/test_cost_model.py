@@ -109,6 +109,25 @@ def test_assumptions_name_the_gpu_and_the_measured_constants():
     assert cm.estimate_tokens("abcdefghi") == 3 and cm.estimate_tokens("") == 1
 
 
+def test_token_counter_counts_with_a_tokenizer_json_else_estimates(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    count, how = cm.token_counter()
+    assert count(["abcdefg", "abcdefgh", ""]) == [2, 3, 1] and "3.5 characters a token" in how
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    count, how = cm.token_counter(str(tmp_path / "tokenizer.json"))
+    assert count(["a b a", "b", "a b c d e"]) == [3, 1, 5] and "counted with" in how
+
+
+def test_tokenizer_flag_of_the_scale_bench_is_checked_before_any_work(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_scale.py"), "--no_measure", "--tokenizer",
+                        str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode != 0 and "--tokenizer" in p.stderr and "no tokenizer.json" in p.stderr
+    assert p.stdout == ""
+
+
 def test_import_does_not_import_torch():
     code = "import sys, cost_model; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
