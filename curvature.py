@@ -15,7 +15,8 @@ The file reads as: the operator (HessianOperator; ShardedOperator under a proces
 common.py, tasks.py, finetune.py and synthetic.py beside it (tiny_base.py for --model tiny);
 hessian_spectrum() alone needs torch, numpy and ops.py (which loads the optional extension in csrc/);
 layerwise_hvp.py beside it adds the HVP one decoder layer at a time (--gradient_checkpointing), answer_rows.py
-the last decoder layer run at the answer rows only (the rows the loss reads; every HVP costs less by that).
+the last decoder layer run at the answer rows only (the rows the loss reads; every HVP costs less by that),
+attention_hvp.py attention in causal blocks with the softmax's double backward fused (CPU; the same).
 Solvers, stop rules, backends and what curvature.json holds: README.md.
 """
 from __future__ import annotations
@@ -285,6 +286,31 @@ def verify_linear_head(model, batch) -> bool:
                          lambda: parts[1](_answer_hidden(parts[0], ids, am, keep)))
 
 
+def _block_attention(model, batch, fused):
+    """("blocks_fused" | "blocks", context) where attention_hvp.block_attention (fused: its softmax double
+    backward from the extension) gives the model's answer-row logits on two rows of `batch` as the model does
+    (blocks of 4 rows, so that short probes use them too) and took over the model's attention; else ("model",
+    None): the model's own attention, as before."""
+    try:
+        import attention_hvp
+    except ImportError:  # curvature.py copied without it
+        return "model", None
+    ids, am, keep = _probe(model, batch)
+    if not bool(keep.any()):
+        return "model", None
+    fused = bool(fused) and attention_hvp.fused_softmax_available()
+    routed = []
+
+    def mine():
+        with attention_hvp.block_attention(min_block=4, fused=fused) as mode:
+            out = _answer_logits(model, ids, am, keep)
+        routed.append(mode.routed)
+        return out
+    if not _same_forward(lambda: _answer_logits(model, ids, am, keep), mine) or not any(routed):
+        return "model", None
+    return ("blocks_fused" if fused else "blocks"), functools.partial(attention_hvp.block_attention, fused=fused)
+
+
 def _default_budget(device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -316,7 +342,8 @@ class HessianOperator:
 
     def __init__(self, model, batches, fused_ce=False, graph_memory_budget: int | None = None,
                  answer_logits_only: bool = True, keep_first: int = 0, first_batch=None, subsample=False,
-                 total_tokens: int | None = None, gradient_checkpointing: str = "auto", last_layer_rows: bool = True):
+                 total_tokens: int | None = None, gradient_checkpointing: str = "auto", last_layer_rows: bool = True,
+                 block_attention: bool = True):
         """fused_ce: False/"torch" (autograd cross-entropy), "softmax_xent" (fused op on the logits),
         "linear_xent" (fused LM head + cross-entropy, required), True/"auto" (linear_xent where
         verify_linear_head() holds on the first batch, else softmax_xent). Needs the extension unless "torch".
@@ -326,7 +353,10 @@ class HessianOperator:
         (hvp_first gives zeros). total_tokens: the loss's denominator where batches are one process's share.
         gradient_checkpointing: "auto", "on" or "off" (above); "on" needs a model layerwise_hvp supports.
         last_layer_rows (linear_xent): run the decoder's last layer at the answer rows only (answer_rows.py:
-        its other positions feed no answer token), where that equals the decoder's forward on the first batch."""
+        its other positions feed no answer token), where that equals the decoder's forward on the first batch.
+        block_attention (CPU): the graphs' SDPA attention in causal blocks with the softmax's double backward
+        fused (attention_hvp.py), where the model's forward is the same with it on the first batch; `attention`
+        says which ran ("blocks_fused", "blocks" without the extension, or "model")."""
         self.answer_logits_only = answer_logits_only
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -365,6 +395,9 @@ class HessianOperator:
         if self.ce == "linear_xent" and last_layer_rows and probe is not None:
             self.last_rows = _last_layer_rows(model, probe)
         dev = self.params[0].device
+        self.attention, self._attn = "model", None
+        if block_attention and probe is not None and dev.type == "cpu":
+            self.attention, self._attn = _block_attention(model, probe, fused=self.fused)
         self.budget = int(graph_memory_budget) if graph_memory_budget is not None else _default_budget(dev)
         if gradient_checkpointing not in CHECKPOINTING:
             raise CurvatureError(f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
@@ -488,7 +521,8 @@ class HessianOperator:
         self.recompute = [b for b, n in zip(self.recompute, need) if n <= room]
 
     def _loss(self, b):
-        loss = batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only, self.last_rows)
+        with self._attn() if self._attn is not None else contextlib.nullcontext():
+            loss = batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only, self.last_rows)
         return loss / self.total_tokens
 
     @property
@@ -992,7 +1026,7 @@ def _peak_memory(device):
 def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_iter=100, seed=0, *, backend="auto",
                      stop="dominant", start=None, cross_entropy="auto", graph_memory_budget=None,
                      v0=None, return_operator=False, progress=None, tol=None, gradient_checkpointing="auto",
-                     last_layer_rows=True):
+                     last_layer_rows=True, block_attention=True):
     """Extreme eigenvalues of the Hessian of the answer-token loss over `batches` (see HessianOperator).
 
     rtol: the tolerance on the eigenvalue itself (lanczos): stop once the certified bound (ritz_bounds: the
@@ -1016,6 +1050,8 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
         "on" (all do: no graph retained, no subsample warm start) or "off"; see HessianOperator.
     last_layer_rows: the decoder's last layer at the answer rows only where verified (HessianOperator); the
         result's backend.last_layer says which ran.
+    block_attention: on CPU, the SDPA attention of the graphs in causal blocks with the softmax's double backward
+        fused, where verified (HessianOperator, attention_hvp.py); the result's backend.attention says which ran.
     progress: called as progress(iteration, running rho) after every iteration of the Python solver loops
         (the C++ loop runs the whole solve in one call and reports nothing until it returns).
     Returns the result dict; with return_operator=True, (dict, operator).
@@ -1037,8 +1073,9 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
     if gradient_checkpointing not in CHECKPOINTING:
         raise CurvatureError(f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
                              f"got {gradient_checkpointing!r}")
-    if not isinstance(last_layer_rows, bool):
-        raise CurvatureError(f"last_layer_rows must be True or False, got {last_layer_rows!r}")
+    for name, flag in (("last_layer_rows", last_layer_rows), ("block_attention", block_attention)):
+        if not isinstance(flag, bool):
+            raise CurvatureError(f"{name} must be True or False, got {flag!r}")
     if not batches:
         raise CurvatureError("no batches given: the Hessian needs at least one sample")
     auto_start = start is None
@@ -1081,14 +1118,16 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
         first, mine = split_rows(batches, rank, world, warm_rows if want_warm else 0)
         local = HessianOperator(model, mine, fused_ce=ce, graph_memory_budget=graph_memory_budget,
                                 first_batch=first, subsample=want_warm, total_tokens=total_tokens,
-                                gradient_checkpointing=gradient_checkpointing, last_layer_rows=last_layer_rows)
+                                gradient_checkpointing=gradient_checkpointing, last_layer_rows=last_layer_rows,
+                                block_attention=block_attention)
         op = ShardedOperator(local)
         # the subsample's graph must be retained on every rank that holds some of it, else no rank uses it
         warm_ok = op.reduce_sum(0.0 if (first is not None and local.first_out is None) else 1.0) == world
     else:
         local = op = HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=graph_memory_budget,
                                      keep_first=warm_rows if want_warm else 0,
-                                     gradient_checkpointing=gradient_checkpointing, last_layer_rows=last_layer_rows)
+                                     gradient_checkpointing=gradient_checkpointing, last_layer_rows=last_layer_rows,
+                                block_attention=block_attention)
         warm_ok = op.first_out is not None
     t_setup = time.perf_counter() - t0
     warm = None
@@ -1188,7 +1227,8 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
                     "solver_loop": "cpp" if cpp_loop else "python", "step": "fused_op" if use_ext else "torch",
                     "cross_entropy": {"torch": "torch_log_softmax_nll", "softmax_xent": "fused_softmax_xent",
                                       "linear_xent": "fused_linear_xent"}[local.ce],
-                    "last_layer": "answer_rows" if local.last_rows is not None else "full"},
+                    "last_layer": "answer_rows" if local.last_rows is not None else "full",
+                    "attention": local.attention},
         "graphs": graphs,
         "distributed": ({"world_size": world, "backend": dist.get_backend(), "shard_elements": op.S,
                          "samples_per_rank": [int(x) for x in _gather_ints(op, sum(int(b["input_ids"].shape[0])

@@ -198,6 +198,10 @@ def _register_python_side():
     def _(grad_probs, probs):
         return torch.empty_like(probs)
 
+    @lib.register_fake("hessian::softmax_backward_backward")
+    def _(ggrad, grad_probs, probs):  # contiguous outputs, whatever the inputs' strides
+        return probs.new_empty(probs.shape), probs.new_empty(probs.shape)
+
     @lib.register_fake("hessian::lanczos_step")
     def _(w, v, v_prev, beta):
         return w[0].new_empty((2,), dtype=torch.float64)

@@ -10,8 +10,9 @@
    and `--samples` answer-token samples (curvature.build_batches). Side by side in one process, each method on
    the same operator (the answer-token NLL over the samples' answer tokens):
    - ours: curvature.hessian_spectrum defaults (Lanczos, --rtol 1e-3 certified, subsample warm start,
-     retained graph, extension if it loads); the time is its own stop (no oracle), clock started before the
-     graph build;
+     retained graph, extension if it loads, attention in causal blocks with the fused softmax double backward);
+     the time is its own stop (no oracle), clock started before the graph build; and the same with the model's
+     own attention (block_attention=False), what attention_hvp.py saves;
    - PyHessian 0.1 `hessian(...).eigenvalues()` power iteration on one batch of all samples (its retained-graph
      mode; full logits, padded to the longest sample), torch.randn start;
    - hessian-eigenthings 1.0.0a5 `lanczos` (k=1, which=LM; every product re-runs the forward pass and first
@@ -21,7 +22,8 @@
    one; the time to that product is what max_iter=m costs). Each method runs --repeats times (medians).
    A peer not installed is skipped with a message.
 2. cost -- one HVP on the retained graph over one gradient (forward + backward, no create_graph) of the
-   same loss with the same cross-entropy, per backend. Interleaved repetitions, minimum of each.
+   same loss with the same cross-entropy, per backend, with and without attention_hvp.py's blocks.
+   Interleaved repetitions, minimum of each.
 3. memory -- peak memory of one HVP cycle (forward with graph + first gradient with create_graph + one
    HVP), fused vs autograd, at vocabulary 32000, each case in a fresh subprocess (VmHWM after
    /proc/self/clear_refs, MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave the RSS).
@@ -292,7 +294,9 @@ def speed_on_task(task, args, backend):
     rho = truth["rho"]
     print(f"[{task}] {model_dir}: {len(batches)} micro-batches, {sum(b['input_ids'].numel() for b in batches)} "
           f"padded tokens; ARPACK rho {rho:.8g} ({truth['matvecs']} HVPs, {truth['seconds']:.1f} s)", flush=True)
-    methods = {"ours (hessian_spectrum defaults)": lambda rep: ours(model, batches, backend, seed=args.seed + rep)}
+    methods = {"ours (hessian_spectrum defaults)": lambda rep: ours(model, batches, backend, seed=args.seed + rep),
+               "ours, the model's own attention": lambda rep: ours(model, batches, backend, seed=args.seed + rep,
+                                                                    block_attention=False)}
     if _peer_available("pyhessian"):
         methods["PyHessian 0.1 power (one batch, retained graph)"] = \
             lambda rep: pyhessian_power(model, batches, seed=args.seed + rep, truth=rho)
@@ -342,12 +346,12 @@ def theta_a(task, args):
 
 
 # ------------------------------------------------------------------------------------------ HVP / grad
-def time_grad_and_hvp(model, batches, backend, ce, reps=7):
+def time_grad_and_hvp(model, batches, backend, ce, reps=7, block_attention=True):
     C._prepare_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     total = sum(C._count_answer_tokens(b) for b in batches)
     t = time.perf_counter()
-    op = C.HessianOperator(model, batches, fused_ce=ce)
+    op = C.HessianOperator(model, batches, fused_ce=ce, block_attention=block_attention)
     t_build = time.perf_counter() - t
 
     def one_grad():
@@ -367,7 +371,8 @@ def time_grad_and_hvp(model, batches, backend, ce, reps=7):
         op.hvp(v)
         th.append(time.perf_counter() - t)
     g, h = min(tg), min(th)
-    return {"backend": backend, "cross_entropy": op.ce, "grad_s": g, "hvp_s": h, "hvp_over_grad": h / g,
+    return {"backend": backend, "cross_entropy": op.ce, "attention": op.attention, "grad_s": g, "hvp_s": h,
+            "hvp_over_grad": h / g,
             "hvp_over_grad_median": statistics.median(th) / statistics.median(tg),
             "graph_build_s": t_build, "graph_build_over_grad": t_build / g}
 
@@ -501,15 +506,17 @@ def main():
         model, batches = load_tiny_batches(task, args.samples, args.seed, args.micro_batch_size, theta_a(task, args),
                                            args.data_dir)
         res["cost"] = []
-        cases = [("torch", "torch")] + ([("extension", "linear_xent"), ("extension", "softmax_xent")]
-                                        if ext["ok"] else [])
-        for be, ce in cases:
-            r = time_grad_and_hvp(model, batches, be, ce)
+        cases = [("torch", "torch", True), ("torch", "torch", False)]
+        if ext["ok"]:
+            cases += [("extension", "linear_xent", True), ("extension", "linear_xent", False),
+                      ("extension", "softmax_xent", True)]
+        for be, ce, blocks in cases:
+            r = time_grad_and_hvp(model, batches, be, ce, block_attention=blocks)
             res["cost"].append(r)
-            print(f"[{be}/{ce}] grad {r['grad_s'] * 1e3:.0f} ms, HVP {r['hvp_s'] * 1e3:.0f} ms -> HVP/grad "
-                  f"{r['hvp_over_grad']:.2f} (medians {r['hvp_over_grad_median']:.2f}; graph build "
+            print(f"[{be}/{ce}/attention {r['attention']}] grad {r['grad_s'] * 1e3:.0f} ms, HVP {r['hvp_s'] * 1e3:.0f} "
+                  f"ms -> HVP/grad {r['hvp_over_grad']:.2f} (medians {r['hvp_over_grad_median']:.2f}; graph build "
                   f"{r['graph_build_over_grad']:.2f} grads)", flush=True)
-            rows.append({"part": "cost", "name": f"hvp_over_grad_{be}_{ce}", "seconds": r["hvp_s"],
+            rows.append({"part": "cost", "name": f"hvp_over_grad_{be}_{ce}_{r['attention']}", "seconds": r["hvp_s"],
                          "ratio": r["hvp_over_grad"]})
 
     if "memory" not in skip and ext["ok"]:

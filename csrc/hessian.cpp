@@ -11,6 +11,8 @@
 //   hessian::softmax_xent_backward_backward(ggrad, grad_loss, probs, labels, ignore_index)
 //        -> (grad_grad_loss, grad_probs)
 //   hessian::softmax_backward(grad_probs, probs) -> grad_logits
+//   hessian::softmax_backward_backward(ggrad, grad_probs, probs) -> (grad_grad_probs, grad_probs_of_probs)
+//        the backward of softmax's backward along the last dim, one pass per row (attention_hvp.py; CPU only)
 //   hessian::linear_xent(hidden, weight, labels, ignore_index, chunk_rows) -> (loss_rows, probs)
 //   hessian::linear_xent_backward(grad_loss, hidden, weight, probs, labels, ...) -> (grad_hidden, grad_weight)
 //   hessian::linear_xent_hvp(u?, U?, grad_loss, hidden, weight, probs, labels, ...)
@@ -379,6 +381,7 @@ TORCH_LIBRARY(hessian, m) {
       "softmax_xent_backward_backward(Tensor ggrad, Tensor grad_loss, Tensor probs, Tensor labels, "
       "int ignore_index) -> (Tensor, Tensor)");
   m.def("softmax_backward(Tensor grad_probs, Tensor probs) -> Tensor");
+  m.def("softmax_backward_backward(Tensor ggrad, Tensor grad_probs, Tensor probs) -> (Tensor, Tensor)");
   m.def("linear_xent(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, int chunk_rows=0) -> (Tensor, Tensor)");
   m.def(
       "linear_xent_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor probs, Tensor labels, "

@@ -245,6 +245,42 @@ def test_xent_backward_backward_matches_reference():
     assert torch.allclose(out, p * (G - (p * G).sum(-1, keepdim=True)), atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_softmax_backward_backward_matches_autograd(dtype, tol):
+    """Against autograd's own double backward of softmax (softmax_double_backward), on [B, H, L, S] with a
+    masked upper triangle (zeros in p, as attention's causal mask leaves them) and a fully masked row."""
+    g = torch.Generator().manual_seed(3)
+    x = 2 * torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    x = x.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    x[0, 1, 2] = float("-inf")
+    x = x.requires_grad_()
+    G = torch.randn(x.shape, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    p = torch._safe_softmax(x, -1)
+    dx = torch._softmax_backward_data(G, p, -1, p.dtype)
+    want_G, want_p = torch.autograd.grad(dx, (G, p), W)
+    d = lambda t: t.detach().to(dtype)  # noqa: E731
+    got_G, got_p = ops.softmax_backward_backward(d(W), d(G), d(p))
+    assert got_G.dtype == dtype and got_p.dtype == dtype
+    scale = max(float(want_G.abs().max()), float(want_p.abs().max()))
+    assert float((got_G.double() - want_G).abs().max()) <= tol * scale
+    assert float((got_p.double() - want_p).abs().max()) <= tol * scale
+    assert bool((got_G[0, 1, 2] == 0).all())  # a fully masked row (p = 0) gets nothing
+
+
+def test_softmax_backward_backward_opcheck_and_bad_input():
+    g = torch.Generator().manual_seed(4)
+    p = torch.softmax(torch.randn(3, 4, 9, generator=g, dtype=torch.float64), -1)
+    W = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    G = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    torch.library.opcheck(ops.softmax_backward_backward, (W, G, p))
+    torch.library.opcheck(ops.softmax_backward_backward, (W.transpose(0, 1), G.transpose(0, 1), p.transpose(0, 1)))
+    with pytest.raises(RuntimeError, match="one shape"):
+        ops.softmax_backward_backward(W[:, :2], G, p)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ops.softmax_backward_backward(W.float(), G, p)
+
+
 # ---------------------------------------------------------------------------- fused linear + cross-entropy
 def lx_inputs(N=9, d=5, V=13, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)

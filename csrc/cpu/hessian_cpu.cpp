@@ -10,7 +10,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 namespace hessian {
@@ -336,6 +338,50 @@ at::Tensor softmax_backward_cpu(const at::Tensor& grad_probs, const at::Tensor& 
   return out;
 }
 
+// Backward of dx = p * (G - <G, p>) (softmax's VJP along the last dim) w.r.t. (G, p), given W = d/d dx:
+//   d/dG = p * (W - <W, p>);   d/dp = W * (G - <G, p>) - G * <W, p>
+// Autograd spends about seven passes over the [rows, V] tensors on this (softmax_double_backward); here one
+// row at a time stays in cache: read W, G, p once for the two dot products and once for the two outputs.
+std::tuple<at::Tensor, at::Tensor> softmax_backward_backward_cpu(const at::Tensor& ggrad, const at::Tensor& grad_probs,
+                                                                 const at::Tensor& probs) {
+  TORCH_CHECK(probs.dim() >= 1 && ggrad.sizes() == probs.sizes() && grad_probs.sizes() == probs.sizes(),
+              "softmax_backward_backward: ggrad, grad_probs and probs must have one shape");
+  TORCH_CHECK(ggrad.scalar_type() == probs.scalar_type() && grad_probs.scalar_type() == probs.scalar_type(),
+              "softmax_backward_backward: ggrad, grad_probs and probs must have one dtype");
+  at::Tensor W = ggrad.contiguous(), G = grad_probs.contiguous(), p = probs.contiguous();
+  const int64_t V = p.numel() ? p.size(-1) : 1, N = V ? p.numel() / V : 0;
+  at::Tensor dG = at::empty_like(p), dp = at::empty_like(p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "softmax_backward_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pW = W.data_ptr<scalar_t>();
+    const scalar_t* pG = G.data_ptr<scalar_t>();
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    scalar_t* odG = dG.data_ptr<scalar_t>();
+    scalar_t* odp = dp.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(V, 1)), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t* w = pW + r * V;
+        const scalar_t* g = pG + r * V;
+        const scalar_t* q = pp + r * V;
+        acc_t wp = 0, gp = 0;
+        for (int64_t j = 0; j < V; ++j) {
+          const acc_t qj = static_cast<acc_t>(q[j]);
+          wp += static_cast<acc_t>(w[j]) * qj;
+          gp += static_cast<acc_t>(g[j]) * qj;
+        }
+        scalar_t* a = odG + r * V;
+        scalar_t* b = odp + r * V;
+        for (int64_t j = 0; j < V; ++j) {
+          const acc_t wj = static_cast<acc_t>(w[j]), gj = static_cast<acc_t>(g[j]);
+          a[j] = static_cast<scalar_t>(static_cast<acc_t>(q[j]) * (wj - wp));
+          b[j] = static_cast<scalar_t>(wj * (gj - gp) - gj * wp);
+        }
+      }
+    });
+  });
+  return {dG, dp};
+}
+
 TORCH_LIBRARY_IMPL(hessian, CPU, m) {
   m.impl("lanczos_step", &lanczos_step_cpu);
   m.impl("power_step", &power_step_cpu);
@@ -345,6 +391,7 @@ TORCH_LIBRARY_IMPL(hessian, CPU, m) {
   m.impl("softmax_xent_backward", &softmax_xent_backward_cpu);
   m.impl("softmax_xent_backward_backward", &softmax_xent_backward_backward_cpu);
   m.impl("softmax_backward", &softmax_backward_cpu);
+  m.impl("softmax_backward_backward", &softmax_backward_backward_cpu);
 }
 
 }  // namespace hessian
