@@ -103,7 +103,7 @@ def _bind(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 def block_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                blocks=None, min_block=None, fused=None):
     """F.scaled_dot_product_attention's math kernel (no dropout), in causal blocks where the mask allows and with
-    the fused softmax double backward where `fused` (default: where the extension's op is registered)."""
+    the fused softmax double backward where `fused` (default: on CPU, where the extension's op is registered)."""
     if dropout_p:
         raise ValueError("block_sdpa has no dropout (the HVP is taken in eval mode)")
     L, S = query.shape[-2], key.shape[-2]
@@ -116,7 +116,9 @@ def block_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         rep = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
-    softmax = _Softmax.apply if (fused_softmax_available() if fused is None else fused) else _safe_softmax
+    if fused is None:  # the op has a CPU kernel only
+        fused = query.device.type == "cpu" and fused_softmax_available()
+    softmax = _Softmax.apply if fused else _safe_softmax
     q, kt = query * sf, key.transpose(-2, -1) * sf
     edges = causal_edges(attn_mask, L, S, blocks, min_block)
     if edges is None:

@@ -8,7 +8,8 @@ measured on 1-2 randomly initialised layers of 7B width, extrapolated to 32 laye
 
 Measured (CPU: bfloat16 layers, embeddings and LM head frozen so that it fits; sequences of 2 x 32 and
 2 x 64 tokens with 8 answer tokens each): the saved-tensor bytes of the first-order graph
-(HessianOperator.graph_bytes) with 1 and 2 layers, so per layer per token = the difference over the tokens;
+(HessianOperator.graph_bytes) with 1 and 2 layers, so per layer per token = the difference over the tokens,
+with the model's own attention as on a GPU (block_attention=False: attention_hvp.py runs on CPU only);
 the linear_xent HVP's workspace from its row chunk (csrc/hessian.cpp chunk_size) on the GPU, where the
 allocator's peak is read (torch.cuda.max_memory_allocated). The sample lengths come from --data_dir's tasks,
 tokenized by --tokenizer (a folder with Llama-2's tokenizer, e.g. the Llama-2-7b-hf checkpoint) or, without it,
@@ -71,7 +72,7 @@ def random_batch(n, T, n_answer, device, seed=0):
 
 
 def graph_bytes(model, batch, ce):
-    op = C.HessianOperator(model, [batch], fused_ce=ce, graph_memory_budget=1 << 50)
+    op = C.HessianOperator(model, [batch], fused_ce=ce, graph_memory_budget=1 << 50, block_attention=False)
     out = op.graph_bytes
     del op
     return out
@@ -113,7 +114,8 @@ hv = [torch.empty_like(p) for p in params]  # the output's storage, allocated be
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 base = status("VmRSS")
-op = C.HessianOperator(model, [batch], fused_ce="torch", graph_memory_budget=0, gradient_checkpointing={mode!r})
+op = C.HessianOperator(model, [batch], fused_ce="torch", graph_memory_budget=0, gradient_checkpointing={mode!r},
+                       block_attention=False)
 for a, b in zip(hv, op.hvp(v)):
     a.copy_(b)
 print(json.dumps({{"peak_delta": status("VmHWM") - base}}))
@@ -271,7 +273,8 @@ def costs_in_forwards(dtype, device, width=1):
     ce = "auto" if C.load_extension()["ok"] else "torch"
     sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)  # noqa: E731
     make = lambda budget, ck: C.HessianOperator(model, [b], fused_ce=ce, graph_memory_budget=budget,  # noqa: E731
-                                                gradient_checkpointing=ck, last_layer_rows=False)
+                                                gradient_checkpointing=ck, last_layer_rows=False,
+                                                block_attention=False)
     op = make(1 << 50, "off")
     v = op.random(0)
     op.hvp(v)  # warm-up
