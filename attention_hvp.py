@@ -12,7 +12,7 @@ Llama that is about a third of an HVP. Two savings, both exact:
 - hessian::softmax_backward_backward (csrc/, where the extension is loaded): the double backward in one pass
   per row.
 The forward is the math SDPA kernel's: q and k scaled by sqrt(scale), a boolean mask as -inf, a fully masked
-row 0. Blocks are used only where the mask masks every key past the block (checked on the mask itself), so a
+row 0, half-precision inputs computed in float32. Blocks are used only where the mask masks every key past the block (checked on the mask itself), so a
 mask that is not causal runs whole. CPU only: on a GPU at 7B attention's [T, T] work is about 1% of an HVP and
 the model's own SDPA runs. curvature.HessianOperator uses this only after finding the model's forward equal with
 and without it (see its `attention` setting). Imports nothing of the project's.
@@ -106,6 +106,11 @@ def block_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     the fused softmax double backward where `fused` (default: on CPU, where the extension's op is registered)."""
     if dropout_p:
         raise ValueError("block_sdpa has no dropout (the HVP is taken in eval mode)")
+    low = query.dtype in (torch.float16, torch.bfloat16)
+    if low and not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed():  # the math kernel's float32
+        mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
+        return block_sdpa(query.float(), key.float(), value.float(), mask, 0.0, is_causal, scale, enable_gqa,
+                          blocks, min_block, fused).to(query.dtype)
     L, S = query.shape[-2], key.shape[-2]
     sf = math.sqrt(1.0 / math.sqrt(query.shape[-1]) if scale is None else scale)
     if is_causal:

@@ -88,6 +88,16 @@ def test_block_sdpa_equals_the_math_kernel(case, fused):
         assert bool((got[0][0, :, :4] == 0).all())  # the fully masked rows are 0, as the math kernel gives
 
 
+@pytest.mark.parametrize("fused", FUSED)
+def test_half_precision_is_computed_in_float32_as_the_math_kernel_does(fused):
+    q, k, v = (t.detach().to(torch.bfloat16) for t in qkv(4))
+    want = sdpa_math(q, k, v, attn_mask=causal(pad_right=5))
+    got = A.block_sdpa(q, k, v, attn_mask=causal(pad_right=5), min_block=4, fused=fused)
+    assert got.dtype == torch.bfloat16
+    differ = float((got.float() != want.float()).double().mean())  # in bf16 arithmetic about half of them do
+    assert differ <= 0.02, f"{differ:.1%} of the outputs differ from the math kernel's"
+
+
 def test_causal_edges_only_where_every_later_key_is_masked():
     assert A.causal_edges(additive(causal(pad_right=5)), L, L, blocks=4, min_block=4) == [0, 6, 12, 18, 24]
     assert A.causal_edges(additive(causal()), L, L, blocks=4, min_block=8) == [0, 8, 16, 24]  # 3 blocks of >= 8
