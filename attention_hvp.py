@@ -12,14 +12,14 @@ Llama that is about a third of an HVP. Two savings, both exact:
 - hessian::softmax_backward_backward (csrc/, where the extension is loaded): the double backward in one pass
   per row.
 The forward is the math SDPA kernel's: q and k scaled by sqrt(scale), a boolean mask as -inf, a fully masked
-row 0, half-precision inputs computed in float32. Blocks are used only where the mask masks every key past the block (checked on the mask itself), so a
-mask that is not causal runs whole. CPU only: on a GPU at 7B attention's [T, T] work is about 1% of an HVP and
-the model's own SDPA runs. curvature.HessianOperator uses this only after finding the model's forward equal with
-and without it (see its `attention` setting). Imports nothing of the project's.
+row 0, half-precision inputs computed in float32. Blocks are used only where the mask masks every key past the
+block (checked on the mask itself), so a mask that is not causal runs whole. CPU only: on a GPU at 7B
+attention's [T, T] work is about 1% of an HVP and the model's own SDPA runs. curvature.HessianOperator uses this
+only after finding the model's forward equal with and without it (see its `attention` setting). Imports nothing
+of the project's.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -52,8 +52,7 @@ class _SoftmaxBackward(torch.autograd.Function):
         if torch.is_grad_enabled():  # a third derivative asked for: the same formula in differentiable ops
             s = (gg * y).sum(-1, keepdim=True)
             return y * (gg - s), gg * (g - (g * y).sum(-1, keepdim=True)) - g * s
-        dg, dy = torch.ops.hessian.softmax_backward_backward(gg.contiguous(), g.contiguous(), y.contiguous())
-        return dg, dy
+        return tuple(torch.ops.hessian.softmax_backward_backward(gg, g, y))
 
 
 class _Softmax(torch.autograd.Function):
@@ -62,7 +61,7 @@ class _Softmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        y = _safe_softmax(x)
+        y = torch._safe_softmax(x, -1)
         ctx.save_for_backward(y)
         return y
 
@@ -70,12 +69,6 @@ class _Softmax(torch.autograd.Function):
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
         return _SoftmaxBackward.apply(g, y)
-
-
-def _safe_softmax(x):
-    if hasattr(torch, "_safe_softmax"):
-        return torch._safe_softmax(x, -1)
-    return torch.softmax(x, -1).nan_to_num(0.0)  # pragma: no cover - torch < 2.5
 
 
 def causal_edges(mask, L, S, blocks=None, min_block=None):
@@ -123,7 +116,7 @@ def block_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
         key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
     if fused is None:  # the op has a CPU kernel only
         fused = query.device.type == "cpu" and fused_softmax_available()
-    softmax = _Softmax.apply if fused else _safe_softmax
+    softmax = _Softmax.apply if fused else lambda x: torch._safe_softmax(x, -1)
     q, kt = query * sf, key.transpose(-2, -1) * sf
     edges = causal_edges(attn_mask, L, S, blocks, min_block)
     if edges is None:
@@ -153,9 +146,7 @@ class _BlockAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
 def block_attention(blocks=None, min_block=None, fused=None):
-    """Inside: every F.scaled_dot_product_attention call on CPU runs block_sdpa (see the module docstring);
-    yields the mode, whose `routed` counts those calls."""
-    with _BlockAttention(blocks, min_block, fused) as mode:
-        yield mode
+    """A context: inside it every F.scaled_dot_product_attention call on CPU runs block_sdpa (see the module
+    docstring); `with block_attention() as mode` gives the mode, whose `routed` counts those calls."""
+    return _BlockAttention(blocks, min_block, fused)

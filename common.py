@@ -394,13 +394,18 @@ def load_tokenizer(resolved):
 
 
 def tokenizer_dir(path, flag="--tokenizer"):
-    """A folder holding a tokenizer.json (a checkpoint folder such as Llama-2-7b-hf's will do), checked."""
+    """A folder holding a tokenizer.json that loads (a checkpoint folder such as Llama-2-7b-hf's will do)."""
     if not os.path.isdir(path):
         raise UserError(f"{flag} {path}: no such folder; pass the folder that holds the tokenizer's "
                         f"tokenizer.json (a model checkpoint folder will do)")
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise UserError(f"{flag} {path}: no tokenizer.json in it; pass the folder that holds the tokenizer's "
                         f"tokenizer.json (a model checkpoint folder will do)")
+    import cost_model
+    try:
+        cost_model.token_counter(os.path.join(path, "tokenizer.json"))
+    except ValueError as e:
+        raise UserError(f"{flag} {path}: {e}; pass the folder of a tokenizer saved with save_pretrained") from None
     return path
 
 

@@ -246,12 +246,16 @@ def estimate_tokens(text):
 
 def token_counter(tokenizer_json=None):
     """(count, how): count(texts) -> tokens of each text, with the `tokenizers` file tokenizer_json (a
-    tokenizer.json, e.g. Llama-2's) where given, else estimate_tokens; how says which, for a plan's printout."""
+    tokenizer.json, e.g. Llama-2's) where given, else estimate_tokens; how says which, for a plan's printout.
+    A file that does not load raises ValueError naming it."""
     if tokenizer_json is None:
         return (lambda texts: [estimate_tokens(t) for t in texts],
                 f"estimated from the data's characters ({CHARS_PER_TOKEN:g} characters a token)")
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(tokenizer_json)
+    try:
+        tok = Tokenizer.from_file(tokenizer_json)
+    except Exception as e:  # noqa: BLE001 - the library raises a bare Exception for a malformed file
+        raise ValueError(f"{tokenizer_json} is not a tokenizers file ({e})") from None
     return (lambda texts: [len(e.ids) for e in tok.encode_batch(list(texts))]), f"counted with {tokenizer_json}"
 
 

@@ -290,14 +290,14 @@ def _block_attention(model, batch, fused):
     """("blocks_fused" | "blocks", context) where attention_hvp.block_attention (fused: its softmax double
     backward from the extension) gives the model's answer-row logits on two rows of `batch` as the model does
     (blocks of 4 rows, so that short probes use them too) and took over the model's attention; else ("model",
-    None): the model's own attention, as before."""
+    nullcontext): the model's own attention, as before."""
     try:
         import attention_hvp
     except ImportError:  # curvature.py copied without it
-        return "model", None
+        return "model", contextlib.nullcontext
     ids, am, keep = _probe(model, batch)
     if not bool(keep.any()):
-        return "model", None
+        return "model", contextlib.nullcontext
     fused = bool(fused) and attention_hvp.fused_softmax_available()
     routed = []
 
@@ -307,7 +307,7 @@ def _block_attention(model, batch, fused):
         routed.append(mode.routed)
         return out
     if not _same_forward(lambda: _answer_logits(model, ids, am, keep), mine) or not any(routed):
-        return "model", None
+        return "model", contextlib.nullcontext
     return ("blocks_fused" if fused else "blocks"), functools.partial(attention_hvp.block_attention, fused=fused)
 
 
@@ -395,7 +395,7 @@ class HessianOperator:
         if self.ce == "linear_xent" and last_layer_rows and probe is not None:
             self.last_rows = _last_layer_rows(model, probe)
         dev = self.params[0].device
-        self.attention, self._attn = "model", None
+        self.attention, self._attn = "model", contextlib.nullcontext
         if block_attention and probe is not None and dev.type == "cpu":
             self.attention, self._attn = _block_attention(model, probe, fused=self.fused)
         self.budget = int(graph_memory_budget) if graph_memory_budget is not None else _default_budget(dev)
@@ -521,7 +521,7 @@ class HessianOperator:
         self.recompute = [b for b, n in zip(self.recompute, need) if n <= room]
 
     def _loss(self, b):
-        with self._attn() if self._attn is not None else contextlib.nullcontext():
+        with self._attn():
             loss = batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only, self.last_rows)
         return loss / self.total_tokens
 
@@ -1127,7 +1127,7 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
         local = op = HessianOperator(model, batches, fused_ce=ce, graph_memory_budget=graph_memory_budget,
                                      keep_first=warm_rows if want_warm else 0,
                                      gradient_checkpointing=gradient_checkpointing, last_layer_rows=last_layer_rows,
-                                block_attention=block_attention)
+                                     block_attention=block_attention)
         warm_ok = op.first_out is not None
     t_setup = time.perf_counter() - t0
     warm = None

@@ -379,12 +379,15 @@ def main():
     for flag in ("samples", "gpus", "gpu_gb", "tflops", "hvps"):
         if not getattr(args, flag) > 0:
             sys.exit(f"error: --{flag} must be > 0, got {getattr(args, flag)}")
-    if args.tokenizer is not None:
-        import common
-        try:
+    import common
+    lengths = {}
+    try:  # before the measurement: a tokenizer folder that is wrong or does not load fails at once
+        if args.tokenizer is not None:
             common.tokenizer_dir(args.tokenizer)
-        except common.UserError as e:
-            sys.exit(f"error: {e}")
+        if args.data_dir and not args.quick:
+            lengths = task_lengths(args.data_dir, args.samples, 0, args.tokenizer)
+    except common.UserError as e:
+        sys.exit(f"error: {e}")
     os.makedirs(args.out, exist_ok=True)
     lengths_from = f"tokenizer {args.tokenizer}" if args.tokenizer else "tiny tokenizer (stand-in for Llama-2's)"
     res = {"assumptions": {"gpus": args.gpus, "gpu_gb": args.gpu_gb, "tflops_per_gpu": args.tflops,
@@ -406,7 +409,6 @@ def main():
         print(f"in forwards (1 layer at 1/4 width, float32, 128 tokens, {args.device}): graph build "
               f"{ratios['build']:.1f}; one HVP on the retained graph {ratios['retained']:.1f}, graph rebuilt "
               f"{ratios['rebuilt']:.1f}, layer-wise {ratios['layerwise']:.1f}", flush=True)
-        lengths = task_lengths(args.data_dir, args.samples, 0, args.tokenizer) if args.data_dir else {}
         if not lengths:
             lengths = {"assumed (no --data_dir)": {"tokens": 50 * 200, "answer_tokens": 50 * 6, "max_len": 300}}
         res["lengths"] = lengths

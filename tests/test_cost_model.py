@@ -126,6 +126,12 @@ def test_tokenizer_flag_of_the_scale_bench_is_checked_before_any_work(tmp_path):
                         str(tmp_path)], capture_output=True, text=True)
     assert p.returncode != 0 and "--tokenizer" in p.stderr and "no tokenizer.json" in p.stderr
     assert p.stdout == ""
+    (tmp_path / "tokenizer.json").write_text("{}")  # there, but not a tokenizers file: named, no traceback
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_scale.py"), "--no_measure", "--tokenizer",
+                        str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode != 0 and "is not a tokenizers file" in p.stderr and "Traceback" not in p.stderr
+    with pytest.raises(ValueError, match="is not a tokenizers file"):
+        cm.token_counter(str(tmp_path / "tokenizer.json"))
 
 
 def test_import_does_not_import_torch():
