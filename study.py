@@ -1075,7 +1075,10 @@ class TokenCounter:
         elif os.path.isdir(c.model):
             path = os.path.join(c.model, "tokenizer.json")
         found = path if path and os.path.isfile(path) else None
-        self._count, self.how = cost_model.token_counter(found)
+        try:
+            self._count, self.how = cost_model.token_counter(found)
+        except ValueError as e:
+            raise UserError(f"MODEL {c.model}: {e}; its tokenizer.json must be the one saved with the model") from None
         if found is None:
             self.how += "; MODEL has no tokenizer.json"
 

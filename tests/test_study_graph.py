@@ -51,6 +51,20 @@ def test_paper_plan_counts_the_stages_of_every_kind(paper_plan):
         assert plan["tokens"] > 1e8
 
 
+def test_a_model_tokenizer_that_does_not_load_is_named_not_a_traceback(tmp_path):
+    model = tmp_path / "llama-2-7b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA2_7B))
+    (model / "tokenizer.json").write_text("{}")
+    env = {**os.environ, "PROFILE": "paper", "MODEL": str(model), "DATA_DIR": str(tmp_path / "no-data"),
+           "RUNS": str(tmp_path / "runs")}
+    r = subprocess.run([sys.executable, "study.py", "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "is not a tokenizers file" in r.stderr and str(model) in r.stderr
+    assert not (tmp_path / "runs" / "plan.json").exists()
+
+
 def test_paper_plan_dependencies_and_commands(paper_plan):
     _, _, st, _ = paper_plan
     first = [f"stage1-toxigen-lr{lr}-seed0" for lr in ("1e-6", "5e-6", "1e-5", "1.5e-5", "2e-5")]
