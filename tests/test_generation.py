@@ -123,9 +123,34 @@ def test_batched_generation_equals_model_generate(tiny, sd_dir):
     assert fast == ref
     assert [tok.decode(a) for a in fast] == [tok.decode(b) for b in ref]
     assert not any(t in stop for a in fast for t in a)
-    ends = {why for b in generation.length_batches([len(p) for p in prompts], 5)
-            for _, why in generation.generate_batch(model, [prompts[i] for i in b], 16, tok.pad_token_id, "cpu", stop)}
-    assert tok.eos_token_id in ends and None in ends  # replies ended by EOS and by max_new_tokens both compared
+    # Both ways a reply ends, by construction rather than by what this pretraining happens to say: a stop set
+    # (the turn stops plus one token t of the replies) and a budget chosen from the 16-token replies so that
+    # some replies meet a stop before the budget and the others run into it.
+    free = generation.generate_batched(model, tok, prompts, 16, 5, "cpu", [])
+    stop2, budget = split_stop_and_budget(free, stop)
+    fast = generation.generate_batched(model, tok, prompts, budget, 5, "cpu", stop2)
+    assert fast == generation.generate_reference(model, tok, prompts, budget, "cpu", stop2)
+    ends = [why for b in generation.length_batches([len(p) for p in prompts], 5)
+            for _, why in generation.generate_batch(model, [prompts[i] for i in b], budget, tok.pad_token_id, "cpu",
+                                                    stop2)]
+    assert None in ends and any(why in stop2 for why in ends)  # ended by max_new_tokens, and by a stop id
+    assert sorted(len(a) for a in fast) == sorted(first_stop(r, stop2, budget) for r in free)
+
+
+def first_stop(reply, stop, budget):
+    """Where a reply (as generated without stops) ends under a stop set and a budget."""
+    return next((i for i, t in enumerate(reply[:budget]) if t in stop), min(budget, len(reply)))
+
+
+def split_stop_and_budget(free, stop):
+    """A stop set (stop plus one token t of the free replies) and a budget under which some replies end at a
+    stop and at least one runs into the budget: t is chosen so the replies' first stop positions differ, and the
+    budget is the latest of them. Only replies identical in every token leave no such t."""
+    for t in sorted({t for r in free for t in r}):
+        ends = [first_stop(r, set(stop) | {t}, 16) for r in free]
+        if min(ends) < max(ends):
+            return set(stop) | {t}, max(ends)
+    raise AssertionError("every greedy reply is the same: no stop token splits them (a degenerate tiny base?)")
 
 
 # ---------------------------------------------------------------------------- the evaluation

@@ -274,6 +274,27 @@ def test_tiny_base_key_is_its_recipe_not_the_text(monkeypatch):
     assert tiny_base.settings_hash() != key
 
 
+def test_tiny_seed_enters_the_key_and_seed_0_keeps_the_old_one(monkeypatch):
+    import tiny_base
+    monkeypatch.delenv("CHAINED_TUNING_TINY_SEED", raising=False)
+    recipe = {"config": tiny_base.TINY_CONFIG, "pretrain": tiny_base.PRETRAIN, "tokenizer": tiny_base.TOKENIZER,
+              "version": tiny_base.VERSION}
+    key0 = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+    assert tiny_base.settings_hash() == key0  # the key every cached base and recorded run_id was made with
+    monkeypatch.setenv("CHAINED_TUNING_TINY_SEED", "0")
+    assert tiny_base.settings_hash() == key0
+    keys = set()
+    for seed in ("1", "2"):
+        monkeypatch.setenv("CHAINED_TUNING_TINY_SEED", seed)
+        keys.add(tiny_base.settings_hash())
+        assert tiny_base.tiny_base_path().endswith(f"tiny-base-{tiny_base.settings_hash()}")
+    assert len(keys) == 2 and key0 not in keys
+    for bad in ("-1", "one", "1.5"):
+        monkeypatch.setenv("CHAINED_TUNING_TINY_SEED", bad)
+        with pytest.raises(SystemExit, match="CHAINED_TUNING_TINY_SEED=.*whole number >= 0"):
+            tiny_base.settings_hash()
+
+
 def test_encode_pair_moves_the_space_onto_the_continuation(tiny_path):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_path)
