@@ -42,8 +42,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 try:
-    from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, check_args,  # noqa: E402
-                        die_on_user_error, in_range)
+    from chained_tuning.common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, check_args,
+                                       die_on_user_error, in_range)
 except ModuleNotFoundError as e:  # metrics.py copied alone: the few lines of common.py it uses
     if e.name != "common":
         raise

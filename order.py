@@ -20,10 +20,10 @@ import os
 import statistics
 import sys
 
-from common import POSITIVE, HelpFormatter, UserError, check_args, die_on_user_error, write_json_atomic
+from chained_tuning.common import POSITIVE, HelpFormatter, UserError, check_args, die_on_user_error, write_json_atomic
 from metrics import CURV_FIX, find_runs, measured_forgetting, number, runs_by_id, walk_json
 from metrics_curvature import check_pairs, recommend_order
-from tasks import parse_tasks
+from chained_tuning.data.tasks import parse_tasks
 
 AGGREGATES = {"mean": statistics.fmean, "median": statistics.median, "max": max, "min": min}
 

@@ -21,12 +21,13 @@ import time
 
 import torch
 
-import evaluate as evaluate_mod
-import finetune
-from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, check_args, check_device,
-                    die_on_user_error, read_json, read_meta, resolve_model_path, setup_process_group,
-                    torchrun_rank_world, write_json_atomic)
-from tasks import DATA_DEFAULTS, GENERATIVE_TASKS, TASKS, add_data_options, data_options
+from chained_tuning import evaluation as evaluate_mod
+from chained_tuning import training as finetune
+from chained_tuning.common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, check_args,
+                                   check_device, die_on_user_error, read_json, setup_process_group, torchrun_rank_world,
+                                   write_json_atomic)
+from chained_tuning.checkpoint import read_meta, resolve_model_path
+from chained_tuning.data.tasks import DATA_DEFAULTS, GENERATIVE_TASKS, TASKS, add_data_options, data_options
 
 EVAL_DEFAULTS = evaluate_mod.DEFAULTS
 

@@ -4,8 +4,9 @@
     pip install -e . --no-build-isolation        # same, as an editable install
 
 A CppExtension (CPU kernels) is built, or a CUDAExtension (CPU + CUDA kernels) when torch was built with CUDA
-and nvcc is found in CUDA_HOME/bin; HESSIAN_FORCE_CPU=1 forces the CPU-only build. ops.py loads the result. Without this build
-curvature.py JIT-compiles the same sources (torch.utils.cpp_extension.load) or falls back to plain PyTorch.
+and nvcc is found in CUDA_HOME/bin; HESSIAN_FORCE_CPU=1 forces the CPU-only build. chained_tuning/hessian/ops.py
+loads the result; without this build it JIT-compiles the same sources (torch.utils.cpp_extension.load) or falls back
+to plain PyTorch.
 """
 import os
 
@@ -13,8 +14,9 @@ from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sources = [os.path.join("csrc", "hessian.cpp"), os.path.join("csrc", "cpu", "hessian_cpu.cpp")]
+from chained_tuning.hessian.ops import CPU_SOURCES, CUDA_SOURCES  # the one list, shared with the JIT build
+
+
 def cuda_toolchain() -> bool:
     """A CUDA build of torch and an nvcc in CUDA_HOME: only then the CUDA kernels are compiled."""
     if torch.version.cuda is None or CUDA_HOME is None or os.environ.get("HESSIAN_FORCE_CPU", "0") == "1":
@@ -26,11 +28,11 @@ use_cuda = cuda_toolchain()
 if use_cuda:
     ext = CUDAExtension(
         "curvature_ext",
-        sources + [os.path.join("csrc", "cuda", "hessian_cuda.cpp"), os.path.join("csrc", "cuda", "hessian_kernels.cu")],
+        CPU_SOURCES + CUDA_SOURCES,
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
     )
 else:
-    ext = CppExtension("curvature_ext", sources, extra_compile_args={"cxx": ["-O3"]})
+    ext = CppExtension("curvature_ext", CPU_SOURCES, extra_compile_args={"cxx": ["-O3"]})
 
 setup(
     name="curvature-ext",

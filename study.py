@@ -29,9 +29,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import stage_check
-from cost_model import CURVATURE_MAX_HVPS
-from common import UserError, die_on_user_error, write_json_atomic
+from chained_tuning.study import stage_check
+from chained_tuning.study.cost_model import CURVATURE_MAX_HVPS
+from chained_tuning.common import UserError, die_on_user_error, write_json_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PROFILES = ("tiny", "real-tiny", "paper")
@@ -1044,9 +1044,9 @@ def make_executor(c):
 
 def model_shape(c):
     """(cost_model shape dict, n_params, where from) from the model's config.json; no weights are read."""
-    import cost_model
+    from chained_tuning.study import cost_model
     if c.model == "tiny":
-        import tiny_base
+        from chained_tuning.data import tiny_base
         t = tiny_base.TINY_CONFIG
         shape = {"hidden": t["hidden_size"], "intermediate": t["intermediate_size"], "layers": t["num_hidden_layers"],
                  "heads": t["num_attention_heads"], "kv_heads": t["num_key_value_heads"], "vocab": t["vocab_size"],
@@ -1066,11 +1066,11 @@ class TokenCounter:
     estimated from the data's characters (cost_model.token_counter), and the plan says which."""
 
     def __init__(self, c, max_length=2048):
-        import cost_model
+        from chained_tuning.study import cost_model
         self.c, self.max_length, self.cache = c, max_length, {}
         path = None
         if c.model == "tiny":
-            import tiny_base
+            from chained_tuning.data import tiny_base
             path = os.path.join(tiny_base.tiny_base_path(), "tokenizer.json")
         elif os.path.isdir(c.model):
             path = os.path.join(c.model, "tokenizer.json")
@@ -1089,7 +1089,7 @@ class TokenCounter:
         """(examples, mean training tokens, scored tokens per example) of a split."""
         key = (task, split)
         if key not in self.cache:
-            from tasks import load_task
+            from chained_tuning.data.tasks import load_task
             try:
                 data = load_task(task, split, self.c.data_dir or None)
             except UserError as e:
@@ -1135,7 +1135,7 @@ def stage_gpu_seconds(st, train_tokens, scored_tokens, generated_tokens, n_param
     """GPU-seconds of one stage from cost_model.py (its ASSUMPTIONS are printed with the plan): start-up,
     the checkpoint read, training, the new checkpoint written, the scored tokens; a curvature solve as
     CURVATURE_PRODUCTS HVPs over its samples plus one per Taylor check, a Taylor check alone as one."""
-    import cost_model as cm
+    from chained_tuning.study import cost_model as cm
     gpus = max(1, st.gpus)
     secs = (cm.STAGE_STARTUP_S + cm.io_seconds(n_params, dtype, write=False)) * gpus
     if st.kind in ("curvature", "taylor"):
@@ -1153,7 +1153,7 @@ def stage_gpu_seconds(st, train_tokens, scored_tokens, generated_tokens, n_param
 
 
 def checkpoint_bytes(n_params, dtype):
-    import cost_model
+    from chained_tuning.study import cost_model
     return cost_model.checkpoint_bytes(n_params, dtype)
 
 
@@ -1195,7 +1195,7 @@ def plan(c):
     """The graph with every choice the runs folder cannot decide yet planned at the main lr."""
     g = Builder(c, {}, plan=True).build()
     stages = [st for st in g.stages.values() if st.kind != "choice" and st.skip is None]
-    import cost_model
+    from chained_tuning.study import cost_model
     shape, n_params, src = model_shape(c)
     tc = TokenCounter(c)
     per_kind, hours, rows = {}, {}, []
@@ -1330,10 +1330,10 @@ def run_study(c):
     say(f"study: profile {c.profile}, model {c.model}, data {c.data_dir or 'synthetic'}, seeds [{' '.join(c.seeds)}], "
         f"lrs [{' '.join(c.lrs)}] (main {c.main_lr}; {c.lr_note}) -> {c.runs}")
     if c.model == "tiny":
-        import tiny_base
+        from chained_tuning.data import tiny_base
         say(f"base: tiny Llama (built once, then cached) -> {tiny_base.tiny_base_path()}")
         with open(f"{c.runs}/logs/base-tiny.log", "w") as f:
-            if subprocess.run([c.py, "tiny_base.py"], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
+            if subprocess.run([c.py, "-m", "chained_tuning.data.tiny_base"], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
                 say(f"FAILED: base (log: {c.runs}/logs/base-tiny.log)")
                 return 1
     elif c.profile == "paper":

@@ -50,7 +50,7 @@ REL = 1e-3
 
 def load_tiny_batches(task, samples, seed, micro_batch_size, model_path="tiny", data_dir=None):
     """The batches curvature.py's command line builds for --task, --samples, --seed and --data_dir."""
-    import common
+    from chained_tuning import common
     import tasks
 
     model, tok = common.load_model_and_tokenizer(model_path)

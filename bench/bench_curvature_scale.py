@@ -162,7 +162,7 @@ def xent_workspace_bytes(n_answer_rows, hidden=4096, vocab=32000, elem=4):
 def task_lengths(data_dir, samples, seed, tokenizer=None):
     """Tokens and answer tokens of `samples` training samples per task, tokenized by the tokenizer folder
     `tokenizer` (None: the tiny base's, a stand-in)."""
-    import common
+    from chained_tuning import common
     import tasks
 
     tok = common.load_tokenizer(tokenizer) if tokenizer else common.load_model_and_tokenizer("tiny")[1]
@@ -379,7 +379,7 @@ def main():
     for flag in ("samples", "gpus", "gpu_gb", "tflops", "hvps"):
         if not getattr(args, flag) > 0:
             sys.exit(f"error: --{flag} must be > 0, got {getattr(args, flag)}")
-    import common
+    from chained_tuning import common
     lengths = {}
     try:  # before the measurement: a tokenizer folder that is wrong or does not load fails at once
         if args.tokenizer is not None:

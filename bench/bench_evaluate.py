@@ -18,7 +18,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import die_on_user_error, load_model_and_tokenizer, write_json_atomic  # noqa: E402
+from chained_tuning.common import die_on_user_error, write_json_atomic  # noqa: E402
+from chained_tuning.checkpoint import load_model_and_tokenizer
 from evaluate import evaluate  # noqa: E402
 
 

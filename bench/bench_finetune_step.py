@@ -19,7 +19,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import load_model_and_tokenizer, seed_everything, write_json_atomic  # noqa: E402
+from chained_tuning.common import seed_everything, write_json_atomic  # noqa: E402
+from chained_tuning.checkpoint import load_model_and_tokenizer
 from finetune import (batch_order, collate, default_config, encode_example, make_optimizer,  # noqa: E402
                       optimisation_step)
 from tasks import load_task  # noqa: E402

@@ -19,9 +19,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import (AT_LEAST_1, NON_NEGATIVE, check_args, die_on_user_error, load_model_and_tokenizer,  # noqa: E402
-                    write_json_atomic)
-from generation import encode_prompts, generate_batched, generate_reference, turn_stop_ids  # noqa: E402
+from chained_tuning.common import AT_LEAST_1, NON_NEGATIVE, check_args, die_on_user_error, write_json_atomic
+from chained_tuning.checkpoint import load_model_and_tokenizer
+from chained_tuning.generation import encode_prompts, generate_batched, generate_reference, turn_stop_ids  # noqa: E402
 from tasks import load_task  # noqa: E402
 
 

@@ -28,9 +28,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import cost_model as cm  # noqa: E402
-from common import (AT_LEAST_1, NON_NEGATIVE, HelpFormatter, UserError, check_args, die_on_user_error,  # noqa: E402
-                    tokenizer_dir, write_json_atomic)
+from chained_tuning.study import cost_model as cm  # noqa: E402
+from chained_tuning.common import (AT_LEAST_1, NON_NEGATIVE, HelpFormatter, UserError, check_args, die_on_user_error,
+                                   write_json_atomic)
+from chained_tuning.checkpoint import tokenizer_dir
 
 GiB = 2 ** 30
 TRAIN_MODES = ("train_fp32", "train_autocast", "train_bf16", "train_bf16_ckpt")

@@ -21,7 +21,7 @@ def run_script(*args, env=None, timeout=600):
 
 @pytest.fixture(scope="session")
 def tiny_path():
-    from tiny_base import ensure_tiny_base
+    from chained_tuning.data.tiny_base import ensure_tiny_base
     return ensure_tiny_base()
 
 

@@ -14,7 +14,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import curvature as C  # noqa: E402
-from answer_rows import AnswerRows  # noqa: E402
+from chained_tuning.hessian.answer_rows import AnswerRows  # noqa: E402
 from test_curvature import batches, needs_ext, rel  # noqa: E402
 
 VOCAB = 48

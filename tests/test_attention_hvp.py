@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import attention_hvp as A  # noqa: E402
+from chained_tuning.hessian import attention as A  # noqa: E402
 import curvature as C  # noqa: E402
 from test_curvature import dense_hessian, make_batch, needs_ext, rel  # noqa: E402
 

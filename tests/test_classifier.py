@@ -10,10 +10,10 @@ from transformers import PretrainedConfig
 
 from conftest import DATA, needs_data, run_script
 
-import classifier
-import synthetic
+from chained_tuning import classifier
+from chained_tuning.data import synthetic
 import tasks
-from common import UserError
+from chained_tuning.common import UserError
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +99,11 @@ def one_error(r, text):
 
 
 def test_cli_checks_first(tmp_path):
-    r = run_script("classifier.py", "--data_dir", DATA, "--out", tmp_path / "c", "--steps", "0")
+    r = run_script("-m", "chained_tuning.classifier", "--data_dir", DATA, "--out", tmp_path / "c", "--steps", "0")
     assert one_error(r, "--steps must be at least 1, got 0")
-    r = run_script("classifier.py", "--data_dir", DATA)
+    r = run_script("-m", "chained_tuning.classifier", "--data_dir", DATA)
     assert one_error(r, "--data_dir needs --out")
     (tmp_path / "c").mkdir()
-    r = run_script("classifier.py", "--data_dir", DATA, "--out", tmp_path / "c")
+    r = run_script("-m", "chained_tuning.classifier", "--data_dir", DATA, "--out", tmp_path / "c")
     assert one_error(r, "already exists; pass --overwrite")
     assert os.listdir(tmp_path) == ["c"] and not os.listdir(tmp_path / "c")

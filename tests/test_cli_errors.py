@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import common
+from chained_tuning import checkpoint, common
 import curvature
 import evaluate
 import finetune
@@ -185,14 +185,14 @@ def test_missing_model_fails_at_once(tmp_path, monkeypatch, path):
 def test_hub_id_without_network_fails_fast_or_uses_the_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=0: False)
-    monkeypatch.setattr(common, "_hub_cached", lambda repo: None)
+    monkeypatch.setattr(checkpoint, "_hub_reachable", lambda timeout=0: False)
+    monkeypatch.setattr(checkpoint, "_hub_cached", lambda repo: None)
     with pytest.raises(common.UserError, match="cannot be reached"):
-        common.resolve_model_path("someorg/somemodel")
-    monkeypatch.setattr(common, "_hub_cached", lambda repo: str(tmp_path))
-    assert common.resolve_model_path("someorg/somemodel") == str(tmp_path)  # offline: the cached snapshot
-    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=0: True)
-    assert common.resolve_model_path("someorg/somemodel") == "someorg/somemodel"
+        checkpoint.resolve_model_path("someorg/somemodel")
+    monkeypatch.setattr(checkpoint, "_hub_cached", lambda repo: str(tmp_path))
+    assert checkpoint.resolve_model_path("someorg/somemodel") == str(tmp_path)  # offline: the cached snapshot
+    monkeypatch.setattr(checkpoint, "_hub_reachable", lambda timeout=0: True)
+    assert checkpoint.resolve_model_path("someorg/somemodel") == "someorg/somemodel"
 
 
 # ----------------------------------------------------------------------------- outputs

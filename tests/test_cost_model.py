@@ -11,7 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import cost_model as cm  # noqa: E402
+from chained_tuning.study import cost_model as cm  # noqa: E402
 
 N7B = 6_738_415_616  # Llama-2-7b-hf's parameter count, as its model card and safetensors index give it
 

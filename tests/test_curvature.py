@@ -351,7 +351,7 @@ def run_cli(*args, env=None):
 def test_sample_indices_is_the_one_sampler_of_the_cli_and_the_benchmark():
     import random
 
-    import common
+    from chained_tuning import checkpoint, common
     assert common.sample_indices(100, 7, 3) == sorted(random.Random(3).sample(range(100), 7))
     assert common.sample_indices(5, 7, 0) == [0, 1, 2, 3, 4]  # fewer items than asked: all of them
     src = "".join(open(os.path.join(ROOT, *f)).read() for f in (["curvature.py"], ["bench", "bench_curvature.py"]))
@@ -390,9 +390,9 @@ def test_cli_end_to_end_tiny(tmp_path):
 
 def test_cli_reference_taylor_check(tmp_path):
     """--reference: a theta_AB made by perturbing the tiny base; the four Taylor terms are reported."""
-    import common
+    from chained_tuning import checkpoint, common
 
-    model, tok = common.load_model_and_tokenizer("tiny")
+    model, tok = checkpoint.load_model_and_tokenizer("tiny")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -461,9 +461,9 @@ def test_rtol_bound_certified_against_arpack():
     import numpy as np
     from scipy.sparse.linalg import LinearOperator, eigsh
 
-    import common
+    from chained_tuning import checkpoint, common
     import tasks
-    model, tok = common.load_model_and_tokenizer("tiny")
+    model, tok = checkpoint.load_model_and_tokenizer("tiny")
     pool = tasks.load_task("arc", split="train", seed=0).examples
     bs = C.build_batches(tok, [pool[i] for i in common.sample_indices(len(pool), 4, 0)], 4)
     r, op = C.hessian_spectrum(model, bs, return_operator=True)

@@ -73,9 +73,9 @@ def torchrun(*args):
 
 
 def perturbed_tiny(path):
-    import common
+    from chained_tuning import checkpoint, common
 
-    model, tok = common.load_model_and_tokenizer("tiny")
+    model, tok = checkpoint.load_model_and_tokenizer("tiny")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():

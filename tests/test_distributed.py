@@ -130,7 +130,7 @@ def test_replay_two_processes_equal_one(runs):
 
 def test_only_process_zero_reads_weights(runs):
     tmp, _, _ = runs
-    from classifier import default_classifier
+    from chained_tuning.classifier import default_classifier
     judge = os.path.realpath(default_classifier(True))  # the replies' judge (small) is loaded by every process
     read = {r: [p for p in open(tmp / f"opens.rank{r}").read().split() if not os.path.realpath(p).startswith(judge)]
             if (tmp / f"opens.rank{r}").exists() else [] for r in (0, 1)}

@@ -9,7 +9,7 @@ import torch
 
 import evaluate as ev
 import tasks
-from common import load_model_and_tokenizer
+from chained_tuning.checkpoint import load_model_and_tokenizer
 from conftest import DATA, needs_data, run_script
 
 

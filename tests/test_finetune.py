@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import finetune
 import tasks
-from common import load_model_and_tokenizer
+from chained_tuning.checkpoint import load_model_and_tokenizer
 from conftest import ROOT, run_script
 
 

@@ -13,9 +13,10 @@ import torch
 
 from conftest import ROOT
 
-import generation
+from chained_tuning import generation
 import tasks
-from common import UserError, load_model_and_tokenizer, write_jsonl_atomic
+from chained_tuning.common import UserError, write_jsonl_atomic
+from chained_tuning.checkpoint import load_model_and_tokenizer
 
 # Dialogues in the release's shape: context turns, the last one the feedback on an unsafe message; the label is
 # the graceful recovery. The first is SOURCE.md's example (from ParlAI's fixture), the rest are written like it.
@@ -74,7 +75,7 @@ def tiny(tiny_path):
 
 @pytest.fixture(scope="module")
 def judge():
-    from classifier import load_classifier
+    from chained_tuning.classifier import load_classifier
     return load_classifier("tiny")
 
 
@@ -186,7 +187,7 @@ def test_evaluate_generative_results_from_records(tiny, judge, sd_dir, tmp_path)
     # Each reply judged again on its own, and each reply text is its tokens' decoding.
     assert [r["toxicity"] for r in rows] == pytest.approx([judge.score([r["generation"]])[0] for r in rows], abs=1e-5)
     assert res["loss"] == pytest.approx(reference_loss(model, tok, data.examples), rel=1e-5)
-    from classifier import tiny_classifier_path
+    from chained_tuning.classifier import tiny_classifier_path
     with open(os.path.join(tiny_classifier_path(), "model.safetensors"), "rb") as f:
         body = f.read()
     assert res["classifier_sha256"] == hashlib.sha256(b"model.safetensors\0" + body).hexdigest()
@@ -214,7 +215,7 @@ def test_two_processes_give_the_one_process_file(tiny_path, judge, sd_dir, tmp_p
     generation.run(generation.build_parser().parse_args(args + ["--out", str(tmp_path / "one.json")]))
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
-           "generation.py", *args, "--out", str(tmp_path / "two.json")]
+           "-m", "chained_tuning.generation", *args, "--out", str(tmp_path / "two.json")]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = (json.load(open(tmp_path / f)) for f in ("one.json", "two.json"))

@@ -15,7 +15,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import curvature as C  # noqa: E402
-from layerwise_hvp import LayerwiseHVP, unsupported  # noqa: E402
+from chained_tuning.hessian.layerwise import LayerwiseHVP, unsupported  # noqa: E402
 from test_curvature import batches, dense_hessian, make_batch, rel  # noqa: E402
 
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+from chained_tuning import common
 import finetune
 import metrics
 import order
 import tasks
-from common import UserError, load_model_and_tokenizer
+from chained_tuning.common import UserError
+from chained_tuning.checkpoint import load_model_and_tokenizer
 from conftest import run_script
 
 

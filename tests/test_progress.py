@@ -3,7 +3,7 @@ import io
 
 from tqdm import tqdm
 
-from common import LogProgress, progress
+from chained_tuning.common import LogProgress, progress
 
 
 class Terminal(io.StringIO):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import stage_check
+from chained_tuning.study import stage_check
 from conftest import ROOT
 
 CMD = ["python", "finetune.py", "--model", "tiny", "--task", "arc", "--lr", "1e-3", "--seed", "0", "--steps", "5",

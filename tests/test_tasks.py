@@ -10,7 +10,7 @@ import os
 import pytest
 
 import tasks
-from common import UserError
+from chained_tuning.common import UserError
 from conftest import DATA, needs_data, run_script
 
 ARC_PAPER = (
@@ -250,8 +250,8 @@ TINY_BASE_TEXT = {1: "b8931587d4e23348da53201ea1a43f5f3d67d992e3beaba024ff9751ba
 
 
 def test_tiny_base_text_is_pinned_to_its_version():
-    import synthetic
-    import tiny_base
+    from chained_tuning.data import synthetic
+    from chained_tuning.data import tiny_base
     assert list(synthetic.SYNTHETIC_TASKS) == tasks.TASKS  # every task has a stand-in, in the tokenizer's order
     digest = hashlib.sha256(json.dumps(tiny_base.tokenizer_texts()).encode()).hexdigest()
     assert TINY_BASE_TEXT.get(tiny_base.VERSION) == digest, (
@@ -261,8 +261,8 @@ def test_tiny_base_text_is_pinned_to_its_version():
 
 
 def test_tiny_base_key_is_its_recipe_not_the_text(monkeypatch):
-    import synthetic
-    import tiny_base
+    from chained_tuning.data import synthetic
+    from chained_tuning.data import tiny_base
     key = tiny_base.settings_hash()
     assert tiny_base.tiny_base_path().endswith(f"tiny-base-{key}")
     monkeypatch.setitem(synthetic.PLACES, "kitchen", ["spoon"])
@@ -275,7 +275,7 @@ def test_tiny_base_key_is_its_recipe_not_the_text(monkeypatch):
 
 
 def test_tiny_seed_enters_the_key_and_seed_0_keeps_the_old_one(monkeypatch):
-    import tiny_base
+    from chained_tuning.data import tiny_base
     monkeypatch.delenv("CHAINED_TUNING_TINY_SEED", raising=False)
     recipe = {"config": tiny_base.TINY_CONFIG, "pretrain": tiny_base.PRETRAIN, "tokenizer": tiny_base.TOKENIZER,
               "version": tiny_base.VERSION}

@@ -26,7 +26,7 @@ if sys.argv[1] == "--stages":
     import torch
 
     import finetune
-    from common import setup_process_group
+    from chained_tuning.common import setup_process_group
     setup_process_group(torch.device("cpu"))
     for cfg in json.load(open(sys.argv[2])):
         finetune.train_stage(cfg)

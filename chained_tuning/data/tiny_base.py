@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 
-import synthetic
+from ..data import synthetic
 
 TINY_CONFIG = dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,

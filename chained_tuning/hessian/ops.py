@@ -13,11 +13,13 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(HERE, "csrc")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+# The one list of the library's sources, for setup.py and the JIT build (paths relative to the repository).
+CPU_SOURCES = ["csrc/hessian.cpp", "csrc/cpu/hessian_cpu.cpp"]
+CUDA_SOURCES = ["csrc/cuda/hessian_cuda.cpp", "csrc/cuda/hessian_kernels.cu"]
 
 try:  # the project's UserError, so that the command line's handler prints it as one line
-    from common import UserError as _UserErrorBase
+    from ..common import UserError as _UserErrorBase
 except ImportError:  # copied without common.py
     _UserErrorBase = Exception
 
@@ -63,13 +65,12 @@ def load_extension(mode: str | None = None, verbose: bool = False) -> dict:
         try:
             from torch.utils.cpp_extension import load
 
-            build_dir = os.path.join(HERE, "build", "jit")
+            build_dir = os.path.join(ROOT, "build", "jit")
             os.makedirs(build_dir, exist_ok=True)
-            sources = [os.path.join(CSRC, "hessian.cpp"), os.path.join(CSRC, "cpu", "hessian_cpu.cpp")]
+            sources = [os.path.join(ROOT, f) for f in CPU_SOURCES]
             kwargs = {}
             if _cuda_sources_usable():
-                sources += [os.path.join(CSRC, "cuda", "hessian_cuda.cpp"),
-                            os.path.join(CSRC, "cuda", "hessian_kernels.cu")]
+                sources += [os.path.join(ROOT, f) for f in CUDA_SOURCES]
                 kwargs["extra_cuda_cflags"] = ["-O3"]
             t0 = time.time()
             load(name="curvature_ext_jit" + ("_cuda" if "extra_cuda_cflags" in kwargs else ""), sources=sources,

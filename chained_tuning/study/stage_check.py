@@ -24,7 +24,7 @@ import json
 import os
 import sys
 
-from common import write_json_atomic  # no torch: common imports it only inside functions
+from ..common import write_json_atomic  # no torch: common imports it only inside functions
 
 NOT_SETTINGS = {"out", "overwrite", "device", "micro_batch_size", "gradient_checkpointing", "reference",
                 "taylor_out", "graph_memory_budget_gb", "backend"}

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import AT_LEAST_1, UserError, acc_block, check_args
+from .common import AT_LEAST_1, UserError, acc_block, check_args
 
 STOP_RULE = "EOS or the end of the turn (a token whose text holds a newline)"
 NUMERIC_RULES = {"max_new_tokens": AT_LEAST_1, "batch_size": AT_LEAST_1}
@@ -42,7 +42,7 @@ def turn_stop_ids(tok):
 def encode_prompts(tok, examples, max_new_tokens, max_length):
     """Per example: (prompt ids as training reads them, reference continuation ids). A prompt too long for
     max_new_tokens more tokens loses tokens from its start (after BOS), as finetune.encode_example cuts."""
-    from tasks import encode_pair
+    from .data.tasks import encode_pair
     keep = max_length - max_new_tokens
     if keep < 2:
         raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
@@ -237,7 +237,7 @@ def evaluate_generative(model, tok, task, examples, source, split, *, classifier
     the same (results, records), equal to one process's (the batches are the same; the caller writes on rank 0).
     Returns (results, records): results as evaluate.summarize's plus mean_toxicity, classifier, classifier_sha256
     and generation; one record per example, in the examples' order."""
-    from tasks import GENERATIVE_TASKS
+    from .data.tasks import GENERATIVE_TASKS
     check_args({"max_new_tokens": max_new_tokens, "batch_size": batch_size}, NUMERIC_RULES)
     if task not in GENERATIVE_TASKS:
         raise UserError(f"{task} is not generative (those are {', '.join(GENERATIVE_TASKS)}); score it with "
@@ -282,10 +282,11 @@ def run(args):
     """generation.py's work for its parsed command line: every number checked first, then (under torchrun) the
     process group, the classifier, the data and the model; rank 0 prints and writes --out."""
     import torch.distributed as dist
-    from classifier import default_classifier, load_classifier
-    from common import (check_device, check_out, load_model_and_tokenizer, setup_process_group, torchrun_rank_world,
-                        under_torchrun, write_json_atomic)
-    from tasks import load_task
+    from .classifier import default_classifier, load_classifier
+    from .common import (check_device, check_out, setup_process_group, torchrun_rank_world, under_torchrun,
+                         write_json_atomic)
+    from .checkpoint import load_model_and_tokenizer
+    from .data.tasks import load_task
     check_args({"limit": args.limit, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                 "show": args.show}, {**NUMERIC_RULES, "limit": AT_LEAST_1, "show": (lambda v: v >= 0, ">= 0")})
     if args.out is not None:
@@ -319,7 +320,7 @@ def run(args):
 
 
 def build_parser():
-    from common import HelpFormatter
+    from .common import HelpFormatter
     p = argparse.ArgumentParser(description="Generate SaFeRDialogues replies and judge them (evaluate.py --tasks "
                                 "saferdialogues writes the study's results files).", formatter_class=HelpFormatter)
     p.add_argument("--model", default="tiny", help="checkpoint folder, hub id (org/name), or 'tiny'")
@@ -338,5 +339,5 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    from common import die_on_user_error
+    from .common import die_on_user_error
     die_on_user_error(lambda: run(build_parser().parse_args()))

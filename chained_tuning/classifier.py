@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import time
 
-from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, check_args
+from .common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, check_args
 
 DEFAULT_CLASSIFIER = "tomh/toxigen_roberta"  # the paper's judge (Hartvigsen et al. 2022's ToxiGen RoBERTa)
 # Label names that mean "toxic" (compared lower-cased); a classifier whose labels are the generic LABEL_k learns
@@ -146,7 +146,7 @@ def load_classifier(name_or_path, device="cpu"):
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
-    from common import resolve_model_path
+    from .checkpoint import resolve_model_path
     hf_logging.disable_progress_bar()
     name = name_or_path
     resolved = ensure_tiny_classifier() if name_or_path == "tiny" else resolve_model_path(name_or_path, "--classifier")
@@ -188,7 +188,7 @@ def load_classifier(name_or_path, device="cpu"):
 
 def toxigen_sentence(ex):
     """The sentence of a ToxiGen example (its prompt without the template around it)."""
-    from synthetic import TOXIGEN_INSTRUCTION
+    from .data.synthetic import TOXIGEN_INSTRUCTION
     head, tail = f"{TOXIGEN_INSTRUCTION}\n\nPrompt: ", "\n\nAnswer:"
     if not (ex.prompt.startswith(head) and ex.prompt.endswith(tail)):
         raise UserError(f"ToxiGen example {ex.id}: its prompt is not in the ToxiGen template")
@@ -198,7 +198,7 @@ def toxigen_sentence(ex):
 def toxigen_data(data_dir=None):
     """(train texts, train labels, held-out texts, held-out labels, info): ToxiGen's training split (the whole pool,
     not subsampled) and its validation split, 1 = toxic. The test split is never read."""
-    from tasks import load_task
+    from .data.tasks import load_task
     train = load_task("toxigen", "train", data_dir, train_size=None)
     held = load_task("toxigen", "validation", data_dir)
     labels = [[int(ex.label == 0) for ex in d.examples] for d in (train, held)]  # option 0 is "This is toxic."
@@ -215,8 +215,8 @@ def background_texts(n):
     scenes, small talk) and pieces of them, labelled benign: the tiny classifier's stand-in for the ordinary text
     a real judge's pretraining has read. Without it, a judge that has seen only sentences about groups calls any
     other text, the SD recovery replies included, toxic or not at random (and with certainty)."""
-    import synthetic
-    from tiny_base import PRETRAIN
+    from .data import synthetic
+    from .data.tiny_base import PRETRAIN
     templates = synthetic.TOXIC + synthetic.BENIGN + synthetic.TOXIC_HARD + synthetic.BENIGN_HARD
     toxigen = {t.format(g=g) for t in templates for g in synthetic.TOXIGEN_GROUPS.values()}
     lines = [x for x in synthetic.pretraining_corpus(PRETRAIN["sentences"], PRETRAIN["seed"]) if x not in toxigen]
@@ -286,7 +286,7 @@ def build_classifier(out_dir, data_dir=None, recipe=RECIPE, overwrite=False, log
     """Train on ToxiGen's training split (synthetic without data_dir), write the folder atomically (model,
     tokenizer, classifier.json with the recipe, the data and the held-out accuracy); returns that record."""
     from transformers.utils import logging as hf_logging
-    from common import atomic_dir, write_json_atomic
+    from .common import atomic_dir, write_json_atomic
     hf_logging.disable_progress_bar()
     t0 = time.time()
     tr_x, tr_y, ho_x, ho_y, info = toxigen_data(data_dir)
@@ -320,20 +320,20 @@ def build_classifier(out_dir, data_dir=None, recipe=RECIPE, overwrite=False, log
 def recipe_hash():
     """The tiny one's cache key: RECIPE, VERSION and the tiny base's VERSION (which moves with the synthetic text
     it is trained on)."""
-    import tiny_base
+    from .data import tiny_base
     key = {"recipe": RECIPE, "version": VERSION, "text_version": tiny_base.VERSION}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def tiny_classifier_path():
-    from tiny_base import cache_root
+    from .data.tiny_base import cache_root
     return os.path.join(cache_root(), f"tiny-classifier-{recipe_hash()}")
 
 
 def ensure_tiny_classifier(rebuild=False):
     """Path of the cached tiny classifier (trained on the synthetic ToxiGen), building it first if needed (one
     builder at a time)."""
-    from tiny_base import cache_root
+    from .data.tiny_base import cache_root
     path = tiny_classifier_path()
     os.makedirs(cache_root(), exist_ok=True)
     with open(os.path.join(cache_root(), ".lock-classifier"), "w") as lock:
@@ -365,7 +365,7 @@ def recipe_from_args(args):
 
 
 if __name__ == "__main__":
-    from common import check_out, die_on_user_error, read_json
+    from .common import check_out, die_on_user_error, read_json
     t = RECIPE["train"]
     p = argparse.ArgumentParser(description="Train a toxicity classifier on ToxiGen v2's training split, or build "
                                 "the tiny one.", formatter_class=HelpFormatter)

@@ -11,7 +11,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from common import load_model  # process 0's host copy: the only process that opens the weight files
+from .checkpoint import load_model  # process 0's host copy: the only process that opens the weight files
 
 # A 13 GB checkpoint written by process 0 while the others wait: NCCL's 10-minute default is too short.
 DEFAULT_TIMEOUT_MIN = 60.0

@@ -1,0 +1,1 @@
+"""The Hessian of a loss: operator, solvers, the C++/CUDA ops."""

@@ -1,0 +1,1 @@
+"""The study as a graph of stages: settings, plan, cost model, stage checks."""
