@@ -1,13 +1,15 @@
 """The embedded synthetic stand-ins for the six tasks, the pretraining text of the tiny base, and the
 record type and paper templates they are written in. Deterministic: no randomness from a run seed.
 
-    from synthetic import synthetic_task, pretraining_corpus
+    from chained_tuning.data.synthetic import synthetic_task, pretraining_corpus
     splits, info = synthetic_task("toxigen")            # {"train": [...], "validation": [...], "test": [...]}
     lines = pretraining_corpus(20000, seed=0)           # unlabelled text for the tiny base
 
-Needs no other file of the project. The record type and templates live here, not in tasks.py (which
-re-exports them), because the tiny base's tokenizer is trained on these templated prompts and
-tiny_base.py must not import tasks.py: tasks.py imports common.py, which builds the tiny base.
+Needs no other file of the project (docs/data.md). The record type and templates live here, not in the task
+modules (arc.py, ...: they import them, and tasks.py re-exports them), because the tiny base's tokenizer is
+trained on these templated prompts and tiny_base.py needs only this file: the task modules import common.py and
+the readers. A task's stand-in is linked from its module (synthetic()); a change to the text here changes the tiny
+base (bump tiny_base.VERSION, tests/test_tasks.py pins the text's hash).
 """
 import hashlib
 import random

@@ -2,17 +2,17 @@
 with a byte-level BPE tokenizer trained on the synthetic task text, given a short language-model
 pretraining on unlabelled text so it is not pure noise when it is tuned. Built once, then cached.
 
-    python tiny_base.py            # build (about a minute on 2 cores) or show the cached one
-    python tiny_base.py --rebuild
+    python -m chained_tuning.data.tiny_base            # build (about a minute on 2 cores) or show the cached one
+    python -m chained_tuning.data.tiny_base --rebuild
 
-Needs synthetic.py beside it. Anything that takes a model path takes "tiny" for this base. The cache
-folder is $CHAINED_TUNING_CACHE (default ~/.cache/chained_tuning)/tiny-base-<key>; the key hashes this
-file's recipe (TINY_CONFIG, PRETRAIN, TOKENIZER), VERSION and the tiny-base seed, not the text it is built
-from, so a change to the recipe builds a new base. $CHAINED_TUNING_TINY_SEED (default 0) pretrains the base
-from another initialisation and batch order on the same text and tokenizer: the test suite run under seeds
-1 and 2 shows which tests hang on what one pretraining happens to have learned (docs/testing.md). Bump VERSION when the build code or the text changes on
-purpose (synthetic.py's word lists, generators, templates, pretraining corpus): tests/test_tasks.py
-pins the text's hash to VERSION and fails until you do.
+Needs synthetic.py beside it (docs/testing.md, docs/data.md). Anything that takes a model path takes "tiny"
+for this base. The cache folder is $CHAINED_TUNING_CACHE (default ~/.cache/chained_tuning)/tiny-base-<key>; the
+key hashes this file's recipe (TINY_CONFIG, PRETRAIN, TOKENIZER), VERSION and the tiny-base seed, not the text it
+is built from, so a change to the recipe builds a new base. $CHAINED_TUNING_TINY_SEED (default 0) pretrains the
+base from another initialisation and batch order on the same text and tokenizer: the test suite run under seeds
+1 and 2 shows which tests hang on what one pretraining happens to have learned (docs/testing.md). Bump VERSION
+when the build code or the text changes on purpose (synthetic.py's word lists, generators, templates,
+pretraining corpus): tests/test_tasks.py pins the text's hash to VERSION and fails until you do.
 """
 import argparse
 import contextlib
