@@ -24,6 +24,7 @@ import glob
 import gzip
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 from common import UserError, ids_sha256
@@ -558,7 +559,11 @@ if __name__ == "__main__":
     add_data_options(p)
     p.add_argument("--show", type=int, default=1, help="examples to print per task")
     p.add_argument("--counts", action="store_true", help="print the split's size and counts per stratum as JSON")
+    import fetch_data  # --fetch/--check: the datasets from their original releases, verified (fetch_data.py)
+    fetch_data.add_fetch_options(p)
     args = p.parse_args()
+    if any(getattr(args, k) for k in ("fetch", "check", "tasks", "mirror", "offline", "bbq_intersectional", "no_hub")):
+        sys.exit(die_on_user_error(lambda: fetch_data.run(args, loaders=LOADERS)))
 
     def main():
         counts = {}
