@@ -511,8 +511,10 @@ def unpack(d, task, dl, todo, arc, origin, record, out):
                 failed.append((f, e))
     if any(not f.optional for f, _ in failed):
         os.replace(arc, arc + ".bad")
-    else:
+    else:  # the optional members it lacks (or that failed) are not worth downloading the archive again
         os.remove(arc)
+        record["archives"][dl.url]["unpacked"] = True
+        write_json_atomic(os.path.join(d, RECORD), record)
     return failed
 
 
@@ -594,9 +596,8 @@ def fetch(d, names, mirror=None, offline=False, intersectional=False, hub=True, 
         print(f"fetch: {task}: {DATASETS[task].title}; licence: {DATASETS[task].licence}", file=out)
         for dl, files in task_files(task, intersectional):
             n += len(files)
-            # An optional member absent from an archive that checked is not in the release: nothing to fetch.
             todo = [f for f in files if not _ready(d, f, record, opts, out)
-                    and not (f.optional and record["archives"].get(dl.url, {}).get("verified"))]
+                    and not (f.optional and record["archives"].get(dl.url, {}).get("unpacked"))]
             work += [(task, dl, todo)] if todo else []
     if not work:
         print(f"fetch: all {n} files of {','.join(names)} are in place in {d} and check; nothing downloaded", file=out)
@@ -625,7 +626,7 @@ def _report(d, failed, n_todo, seconds, out):
             print(f"fetch: warning: {f.dest} not fetched ({e}); no loader reads it", file=out)
     for dl, f, e in hard:
         print(f"fetch: FAILED {f.dest} (from {dl.url}): {e}", file=out)
-    print(f"fetch: {n_todo - len(failed)} of {n_todo} files fetched into {d} in {seconds:.1f}s", file=out)
+    print(f"fetch: {n_todo - len(failed)} of {n_todo} files fetched into {d} in {seconds:.2f}s", file=out)
     if not hard:
         return 0
     if all(e.network for _, _, e in hard):

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -112,6 +113,24 @@ def test_fetched_json_records_source_and_sha256(fetched, mirror):
     assert "licence: CC BY-SA 4.0" in fetched[1].stdout
 
 
+def test_a_mirror_folder_or_file_url_serves_the_same_files(tmp_path):
+    mirror = tmp_path / "mirror"
+    for dl in fetch_data.DATASETS["toxigen"].downloads:
+        src = fetch_data.source_of(dl.url, str(mirror))
+        os.makedirs(os.path.dirname(src), exist_ok=True)
+        shutil.copy(os.path.join(DATA, dl.files[0].dest), src)
+    assert os.path.isfile(mirror / "raw.githubusercontent.com" / "microsoft" / "SafeNLP" / "main" / "data" / "TOXIGEN LICENSE")
+    for i, where in enumerate([str(mirror), "file://" + str(mirror)]):
+        out = str(tmp_path / f"d{i}")
+        r = run_script("tasks.py", "--fetch", out, "--tasks", "toxigen", env={fetch_data.MIRROR_ENV: where})
+        assert r.returncode == 0, r.stderr
+        for f, src in held_files(["toxigen"]):
+            assert filecmp.cmp(src, os.path.join(out, f.dest), shallow=False)
+        rec = json.load(open(os.path.join(out, fetch_data.RECORD)))["files"]["toxigen_v2/toxiGen.json"]
+        assert rec["from"] == os.path.join(str(mirror), "raw.githubusercontent.com", "microsoft", "SafeNLP", "main",
+                                           "data", "toxiGen.json")
+
+
 def test_a_rerun_downloads_nothing(fetched, mirror):
     before = len(mirror.requests)
     r = fetch_cli(fetched[0], mirror, "--tasks", ",".join(CLEAN))
@@ -128,6 +147,8 @@ def test_check_reports_each_task(fetched):
         assert "complete" in row and "verified" in row and "real data" in row and "mismatch" not in row, row
     assert "train 2251, validation 570, test 2376" in r.stdout  # ARC's rows per split
     r = run_script("tasks.py", "--check", DATA)
+    csqa = next(line for line in r.stdout.splitlines() if line.startswith("csqa "))
+    assert "complete" in csqa and "train 9741, test 1221" in csqa  # ../shared/data's names for the same files
     sd = next(line for line in r.stdout.splitlines() if line.startswith("saferdialogues"))
     assert "missing" in sd and "synthetic" in sd
     assert "partial" in next(line for line in r.stdout.splitlines() if line.startswith("bbq "))
