@@ -9,6 +9,7 @@
 #   bash run_all.sh --dry_run                          # the plan (stages, GPU-hours, disk) -> $RUNS/plan.json
 #   bash run_all.sh --status                           # the graph and each stage's state
 #   PROFILE=real-tiny DATA_DIR=../shared/data bash run_all.sh
+#   FETCH=1 PROFILE=real-tiny DATA_DIR=~/data/chained bash run_all.sh   # the datasets fetched first (tasks.py --fetch)
 #   PROFILE=paper MODEL=/models/Llama-2-7b-hf DATA_DIR=/data GPUS_PER_STAGE=8 bash run_all.sh
 #   PROFILE=paper MODEL=... DATA_DIR=... EXECUTOR=slurm SLURM_PARTITION=gpu SLURM_ACCOUNT=lab bash run_all.sh
 #
@@ -23,4 +24,10 @@ set -uo pipefail
 cd "$(dirname "$0")"
 source scripts/setup_env.sh
 set +e
+# FETCH=1: the datasets fetched into DATA_DIR first (tasks.py --fetch: downloads only what is missing or fails its
+# check; a failed fetch stops here with its own one-line error).
+if [ "${FETCH:-0}" = "1" ]; then
+  [ -n "${DATA_DIR:-}" ] || { echo "error: FETCH=1 needs DATA_DIR, the folder to fetch the datasets into" >&2; exit 2; }
+  "$PY" tasks.py --fetch "$DATA_DIR" || exit $?
+fi
 exec "$PY" study.py "$@"

@@ -5,6 +5,8 @@ original release files.
     python tasks.py --task bbq --show 2               # two prompts of one task
     python tasks.py --data_dir ../shared/data --task toxigen --split test --show 2
     python tasks.py --data_dir ../shared/data --task bbq --split train --counts   # counts per stratum (JSON)
+    python tasks.py --fetch data [--tasks arc,csqa] [--mirror URL_OR_DIR]   # the datasets, from their releases
+    python tasks.py --check data                      # per task: present/missing, rows, sha256, what the study uses
 
     from tasks import load_task
     data = load_task("arc", split="train")             # synthetic ARC stand-in, 2261 examples
@@ -17,8 +19,10 @@ tasks.py, the library this script re-exports; chained_tuning/common.py) and, for
 import argparse
 import collections
 import json
+import sys
 
 from chained_tuning.common import die_on_user_error
+from chained_tuning.data import fetch
 # Every name `from tasks import ...` has given: the library's names (chained_tuning.data.tasks.__all__).
 from chained_tuning.data.tasks import (  # noqa: F401
     ARC_CHOICES, BBQ_VALIDATION_GLOB, BBQ_VALIDATION_RULE, CAPABILITY_TASKS, CELL_RULES, CSQA2_INSTRUCTION,
@@ -61,5 +65,8 @@ if __name__ == "__main__":
     add_data_options(p)
     p.add_argument("--show", type=int, default=1, help="examples to print per task")
     p.add_argument("--counts", action="store_true", help="print the split's size and counts per stratum as JSON")
+    fetch.add_fetch_options(p)  # --fetch/--check: the datasets from their original releases, verified
     args = p.parse_args()
+    if any(getattr(args, k) for k in ("fetch", "check", "tasks", "mirror", "offline", "bbq_intersectional", "no_hub")):
+        sys.exit(die_on_user_error(lambda: fetch.run(args, loaders=LOADERS)))
     die_on_user_error(lambda: main(args))
