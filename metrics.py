@@ -39,11 +39,11 @@ from chained_tuning.runs import (COMPARED, CURV_FIX, EVAL_FIX, MITIGATION_OPTION
                                  lr_distance, measured_forgetting, mitigation_of, number, pair_metrics, pair_runs,
                                  read_json, read_samples, refusal, resolve_parent, runs_by_id, samples_file,
                                  shared_depth, stage_of, walk_folders, walk_json)
-from chained_tuning.report.study import (CAPABILITY_TASKS, SAFETY_TASKS, Study, build_study, nothing_to_report)
+from chained_tuning.report.study import CAPABILITY_TASKS, SAFETY_TASKS, Study, build_study, nothing_to_report
 from chained_tuning.report.format import (FAILED, INCOMPARABLE, MISSING, PERCENT_COLUMNS, SHORT, TASK_NAMES, Section,
                                           cells, csv_text, exact, markdown_table, rounded, short, significant,
                                           unit_header, write_file)
-from chained_tuning.report.plot import (MARKERS, chain_colours, figure_files)
+from chained_tuning.report.plot import MARKERS, chain_colours, figure_files
 from chained_tuning.report.tables import (CHANCE_COLUMNS, PAPER_TABLE2, TABLE1_COLUMNS, TABLE2_COLUMNS, bootstrap_chain,
                                           chain_bootstrap, group_rows, section_chance, section_first_task_acc,
                                           section_groups, section_table1, section_table2, train_info)
@@ -54,9 +54,10 @@ from chained_tuning.report.figures import (GROUP_BAR_COLUMNS, GROUP_FIGURE_NOTE,
 from chained_tuning.report.findings import (NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, finding_curvature, finding_groups,
                                             finding_kendall, finding_lr, finding_order, finding_replay,
                                             findings_section, is_smoke_test)
-from chained_tuning.report.deviations import (deviations, deviations_section)
-from chained_tuning.report.write import (SECTIONS, run_sections, write_report)
+from chained_tuning.report.deviations import deviations, deviations_section
+from chained_tuning.report.write import SECTIONS, run_sections, write_report
 
+# every public name metrics.py had before its split into the package: what `from metrics import *` gives
 __all__ = ["CHANCE_SE", "NA", "TIE_TOL", "align_samples", "biased_forgetting", "biased_forgetting_vector",
            "chance_flag", "forgetting", "group_acc", "group_forgetting", "k_worst_groups", "kendall_tau_b", "mean_std",
            "paired_bootstrap_ci", "relative_forgetting", "tie_classes", "worst_group_forgetting", "worst_groups_label",
@@ -77,7 +78,7 @@ __all__ = ["CHANCE_SE", "NA", "TIE_TOL", "align_samples", "biased_forgetting", "
            "section_group_heatmap", "section_loss_curves", "section_lr_figures", "NOT_REPRODUCED", "NOT_TESTABLE",
            "REPRODUCED", "finding_curvature", "finding_groups", "finding_kendall", "finding_lr", "finding_order",
            "finding_replay", "findings_section", "is_smoke_test", "deviations", "deviations_section", "SECTIONS",
-           "run_sections", "write_report"]
+           "run_sections", "write_report", "NUMERIC_RULES", "build_parser", "run", "main"]
 
 
 NUMERIC_RULES = {"lr": POSITIVE, "k": AT_LEAST_1, "n_boot": NON_NEGATIVE, "boot_seed": NON_NEGATIVE,
