@@ -8,11 +8,12 @@ check the recommendation against the forgetting measured in both orders.
 
 rho of a task: every curvature.json under --curvature for that task (found by content, not folder names),
 aggregated over the files; the measured chains (--runs), their pairing with their first stages and the
-comparability of two evaluations are metrics.py's rules, the ordering rule metrics_curvature.py's
-(report.md's order section uses the same). Stdout in percentage points, --out JSON in fractions (the
-README lists its fields).
+comparability of two evaluations are chained_tuning/runs.py's rules, the ordering rule
+chained_tuning/report/order.py's (report.md's order section uses the same). Stdout in percentage points, --out
+JSON in fractions.
 
-Needs metrics.py and metrics_curvature.py beside it (and common.py, tasks.py, synthetic.py).
+Files needed: order.py and the chained_tuning/ folder beside it (numpy, scipy, pandas, matplotlib; no torch).
+The manual (the rule, the --out fields): docs/replay.md.
 """
 import argparse
 import math
@@ -21,16 +22,16 @@ import statistics
 import sys
 
 from chained_tuning.common import POSITIVE, HelpFormatter, UserError, check_args, die_on_user_error, write_json_atomic
-from metrics import CURV_FIX, find_runs, measured_forgetting, number, runs_by_id, walk_json
-from metrics_curvature import check_pairs, recommend_order
 from chained_tuning.data.tasks import parse_tasks
+from chained_tuning.report.order import check_pairs, recommend_order
+from chained_tuning.runs import CURV_FIX, find_runs, measured_forgetting, number, runs_by_id, walk_json
 
 AGGREGATES = {"mean": statistics.fmean, "median": statistics.median, "max": max, "min": min}
 
 
 def curvature_by_task(curv_dir, tasks, runs=None, lr=None, aggregate="mean"):
     """-> ({task: {"rho", "n", "values", "files"}}, problems). Tasks without a measurement are absent. `runs`:
-    {run_id: metrics.Run} (runs_by_id), to check each file's task against its run's and to filter by --lr."""
+    {run_id: Run} (runs.runs_by_id), to check each file's task against its run's and to filter by --lr."""
     if not os.path.isdir(curv_dir):
         raise UserError(f"--curvature {curv_dir} is not a folder; pass the folder holding curvature.json files")
     found, problems = {t: [] for t in tasks}, []
@@ -64,7 +65,7 @@ def curvature_by_task(curv_dir, tasks, runs=None, lr=None, aggregate="mean"):
 
 
 def read_runs(runs_dir):
-    """{run_id: metrics.Run} of every run.json under runs_dir, one copy per run_id (metrics.runs_by_id)."""
+    """{run_id: Run} of every run.json under runs_dir, one copy per run_id (runs.runs_by_id)."""
     return runs_by_id(find_runs(runs_dir, allow_copies=True)[0])
 
 
@@ -129,7 +130,8 @@ def aggregate_note(agg, n):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Recommend a task order from first-task curvature (sharpest last) and "
-                                            "check it against measured forgetting.", formatter_class=HelpFormatter)
+                                            "check it against measured forgetting.", formatter_class=HelpFormatter,
+                                epilog="The manual: docs/replay.md")
     p.add_argument("--tasks", required=True, help="comma-separated tasks to order (two or more)")
     p.add_argument("--curvature", required=True, help="folder searched for curvature.json files")
     p.add_argument("--runs", default=None, help="runs folder with measured chains (run.json + eval.json); unset: no "

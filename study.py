@@ -580,7 +580,7 @@ def decide_first_stage(c, t, s):
 
 
 def choose_first_stage(val_accs, main_lr):
-    from metrics import choose_first_stage as choose  # one rule for the study and for Table 1
+    from chained_tuning.runs import choose_first_stage as choose  # one rule for the study and for Table 1
     return choose(val_accs, main_lr)
 
 

@@ -17,8 +17,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import metrics  # noqa: E402
-import metrics_curvature  # noqa: E402
-import metrics_mitigation  # noqa: E402
+from chained_tuning.report import curvature, long_chains, mitigation, replay  # noqa: E402
 
 approx = pytest.approx
 
@@ -433,7 +432,7 @@ def test_stage1_only_runs_still_report(tmp_path):
 def test_ols_fit_hand_computed():
     # x = 1..4, y = 1, 3, 2, 5: S_xx = 5, S_xy = 5.5, S_yy = 8.75 -> slope 1.1, intercept 0, R^2 = 30.25 / 43.75
     x, y = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 5.0])
-    f = metrics_curvature.ols_fit(x, y)
+    f = curvature.ols_fit(x, y)
     assert f["n"] == 4 and f["slope"] == approx(1.1) and f["intercept"] == approx(0.0, abs=1e-12)
     assert f["r_squared"] == approx(30.25 / 43.75)
     # independently with numpy: R^2 = 1 - SS_res / SS_tot, t = r sqrt(df / (1 - r^2)); Student t with
@@ -445,17 +444,17 @@ def test_ols_fit_hand_computed():
     assert f["p_value"] == approx(1 - t / np.sqrt(2 + t * t))
     # 3 points, negative slope: 1 dof (Cauchy), two-sided p = 1 - 2 arctan(|t|) / pi
     x3, y3 = np.array([0.5, 2.0, 4.0]), np.array([3.0, 2.5, 0.0])
-    f3 = metrics_curvature.ols_fit(x3, y3)
+    f3 = curvature.ols_fit(x3, y3)
     slope, icpt = np.polyfit(x3, y3, 1)
     r2 = 1 - np.sum((y3 - (icpt + slope * x3)) ** 2) / np.sum((y3 - y3.mean()) ** 2)
     t = np.sqrt(r2 / (1 - r2))
     assert f3["slope"] == approx(slope) and f3["slope"] < 0 and f3["intercept"] == approx(icpt)
     assert f3["r_squared"] == approx(r2) and f3["p_value"] == approx(1 - 2 * np.arctan(t) / np.pi)
     # nan pairs dropped; < 3 points or constant x: no fit, no crash
-    assert metrics_curvature.ols_fit([1, 2, float("nan"), 3], [1, 2, 7, 2.5])["n"] == 3
-    two = metrics_curvature.ols_fit([1, 2], [3, 4])
+    assert curvature.ols_fit([1, 2, float("nan"), 3], [1, 2, 7, 2.5])["n"] == 3
+    two = curvature.ols_fit([1, 2], [3, 4])
     assert two["n"] == 2 and math.isnan(two["slope"]) and math.isnan(two["p_value"]) and "fewer than 3" in two["note"]
-    assert math.isnan(metrics_curvature.ols_fit([2, 2, 2], [1, 2, 3])["slope"])
+    assert math.isnan(curvature.ols_fit([2, 2, 2], [1, 2, 3])["slope"])
 
 
 def _run(name, chain, lr, seed, run_id, parent=None):
@@ -476,7 +475,7 @@ def test_curvature_pairs_by_run_id_not_folder_names():
         ("x/wrongtask.json", {"run_id": "id-arc", "task": "bbq", "rho": 1.0, "converged": True}),
         ("x/norho.json", {"run_id": "id-arc", "task": "arc", "rho": None, "converged": False}),
     ]
-    chosen, allc, probs = metrics_curvature.curvature_results(files, runs)
+    chosen, allc, probs = curvature.curvature_results(files, runs)
     assert set(chosen) == {"id-arc", "id-tox"}
     assert chosen["id-arc"].rho == 1.5 and chosen["id-arc"].run.task == "arc"
     assert chosen["id-tox"].rho == 6.5 and chosen["id-tox"].converged   # converged one preferred
@@ -496,14 +495,14 @@ def test_taylor_rows_pairing_and_bound_recomputed_when_rho_null():
     runs = [_run("s1/tox", ["toxigen"], LR, 0, "A0"), _run("s1/tox1", ["toxigen"], LR, 1, "A1"),
             _run("s2/ta0", ["toxigen", "arc"], LR2, 0, "AB0", parent="A0"),
             _run("s2/ta1", ["toxigen", "arc"], LR2, 1, "AB1", parent="A1")]
-    curv, _, _ = metrics_curvature.curvature_results([("c.json", {"run_id": "A0", "task": "toxigen", "rho": 0.4,
+    curv, _, _ = curvature.curvature_results([("c.json", {"run_id": "A0", "task": "toxigen", "rho": 0.4,
                                                         "converged": True})], runs)
     files = [("stage2/a/taylor.json", _taylor("A0", "AB0", rho=None)),                # no solve: recompute
              ("stage2/b/taylor.json", _taylor("A0", "AB0", rho=0.1)),                 # its own bound
              ("stage2/c/taylor.json", _taylor("A1", "AB1", rho=None)),                # no curvature for A1
              ("stage2/d/taylor.json", _taylor("A1", "AB0", rho=0.1)),                 # A1 is not AB0's parent
              ("stage2/e/taylor.json", _taylor(None, "AB0", rho=1.0, actual=2.0, quad=0.5, bound=None))]
-    rows, probs = metrics_curvature.taylor_rows(files, runs, curv)
+    rows, probs = curvature.taylor_rows(files, runs, curv)
     by = {r["file"]: r for r in rows}
     a = by["stage2/a/taylor.json"]
     assert (a["first_task"], a["second_task"], a["seed"], a["lr_a"], a["lr_b"]) == ("toxigen", "arc", 0, LR, LR2)
@@ -826,9 +825,9 @@ def test_study_classifies_runs_by_content(extended):
 def test_replay_rows_hand_computed(extended):
     runs, _, _ = extended
     study = metrics.build_study(runs)
-    rows, probs, _, _ = metrics_mitigation.replay_rows(study)
+    rows, probs, _, _ = replay.replay_rows(study)
     assert probs == []
-    by = {(r["chain"], r["seed"], r["sweep"], metrics_mitigation.sweep_x(r)): r for r in rows}
+    by = {(r["chain"], r["seed"], r["sweep"], replay.sweep_x(r)): r for r in rows}
     r = by[("toxigen->arc", 0, "fraction", 0.05)]                                  # rows: fractions, as in JSON
     assert r["forgetting_a"] == approx(0.05) and r["capability_forgetting"] == approx(0.05)
     assert r["a_examples_presented"] == 40 and r["a_examples_seen"] == 3              # min(10 steps x 4, 3)
@@ -839,7 +838,7 @@ def test_replay_rows_hand_computed(extended):
     b = by[("bbq->arc", 0, "fraction", 0.1)]                                         # theta_A bbq: 10/10
     assert b["forgetting_a"] == approx(0.1) and b["forgetting_source"] == "theta_A eval.json"
     assert b["capability_forgetting"] == approx(0.0)
-    m = metrics_mitigation.replay_means(rows).set_index(["chain", "sweep", "x"])
+    m = replay.replay_means(rows).set_index(["chain", "sweep", "x"])
     assert m.loc[("toxigen->arc", "fraction", 5), "forgetting_a"] == approx(2.5)
     assert m.loc[("toxigen->arc", "fraction", 5), "forgetting_a_std"] == approx(3.5355)
     assert m.loc[("bbq->arc", "fraction", 100), "forgetting_a_std"] == "n/a"
@@ -847,12 +846,12 @@ def test_replay_rows_hand_computed(extended):
 
 def test_recovery_fraction_rule():
     f = [0, 5, 50, 100]
-    assert metrics_mitigation.recovery_fraction(f, [0.4, 0.025, 0.005, -0.05]) == 50
-    assert metrics_mitigation.recovery_fraction(f, [0.4, 0.01, 0.0, 0.0]) == 5           # exactly 1 point counts
-    assert metrics_mitigation.recovery_fraction(f, [0.4, -0.03, 0.2, 0.2]) == 5          # over-recovery counts
-    assert metrics_mitigation.recovery_fraction(f, [0.4, 0.2, 0.1, 0.05]) is None
-    assert metrics_mitigation.recovery_fraction([100, 0], [0.0, 0.005]) == 0
-    assert metrics_mitigation.recovery_fraction(f, [float("nan")] * 4) is None
+    assert replay.recovery_fraction(f, [0.4, 0.025, 0.005, -0.05]) == 50
+    assert replay.recovery_fraction(f, [0.4, 0.01, 0.0, 0.0]) == 5           # exactly 1 point counts
+    assert replay.recovery_fraction(f, [0.4, -0.03, 0.2, 0.2]) == 5          # over-recovery counts
+    assert replay.recovery_fraction(f, [0.4, 0.2, 0.1, 0.05]) is None
+    assert replay.recovery_fraction([100, 0], [0.0, 0.005]) == 0
+    assert replay.recovery_fraction(f, [float("nan")] * 4) is None
 
 
 def test_replay_outputs(extended):
@@ -876,7 +875,7 @@ def test_replay_outputs(extended):
 def test_mitigation_rows_and_matched_cost(extended):
     runs, out, _ = extended
     study = metrics.build_study(runs)
-    rows, probs = metrics_mitigation.mitigation_rows(study)
+    rows, probs = mitigation.mitigation_rows(study)
     assert probs == []
     by = {(r["method"], r["setting"], r["seed"]): r for r in rows if r["first_task"] == "toxigen"}
     mix = by[("mix", "10% of each batch from toxigen", 0)]
@@ -905,7 +904,7 @@ def test_mitigation_rows_and_matched_cost(extended):
 def test_chain_forgetting_hand_computed(extended):
     runs, out, _ = extended
     study = metrics.build_study(runs)
-    rows, probs = metrics_mitigation.chain_forgetting_rows(study.long_chains)
+    rows, probs = long_chains.chain_forgetting_rows(study.long_chains)
     assert probs == []
     by = {(r["chain"], r["task"], r["after_stage"]): r for r in rows}
     assert len(rows) == 6

@@ -16,8 +16,8 @@ from test_metrics import (LR, REPLAY_UNITS, ROOT, _id, _one_error_line, _point, 
                           run_cli, write_curvature, write_eval, write_run)
 
 import metrics  # noqa: E402
-import metrics_mitigation  # noqa: E402
 import order  # noqa: E402
+from chained_tuning.report import long_chains, mitigation, replay  # noqa: E402
 
 approx = pytest.approx
 S2 = os.path.join("stage2", "{}", "lrA1e-05_lrB1e-05", "seed{}")
@@ -181,7 +181,7 @@ def test_replay_fraction_units(tmp_path):
              "settings": {"batch_size": 4, "seed": seed}, "points": pts}
         with open(os.path.join(d, "replay_summary.json"), "w") as f:
             json.dump({**s, **({"units": units} if units else {})}, f)
-    rows, probs, _, _ = metrics_mitigation.replay_rows(metrics.build_study(runs))
+    rows, probs, _, _ = replay.replay_rows(metrics.build_study(runs))
     assert any('seed0' in p and 'no "units" string' in p for p in probs)
     assert any("seed1" in p and "fraction 5 not in [0, 1]" in p for p in probs)
     assert [(r["seed"], r["fraction"]) for r in rows] == [(1, 0.0)]
@@ -202,15 +202,15 @@ def test_long_chain_and_mitigation_refuse_incomparable_evaluations(tmp_path):
     write_eval(d, {"toxigen": [4, 3, 2], "arc": [8]}, samples=False)
     _edit_json(os.path.join(d, "eval.json"), lambda ev: ev["tasks"]["toxigen"].update(n=7))
     study = metrics.build_study(runs)
-    rows, _ = metrics_mitigation.chain_forgetting_rows(study.long_chains)
+    rows, _ = long_chains.chain_forgetting_rows(study.long_chains)
     arc = next(r for r in rows if r["task"] == "arc")
     assert arc["refused"] and "split 'test' vs 'validation'" in arc["refused"] and arc["forgetting"] != arc["forgetting"]
     tox = [r for r in rows if r["task"] == "toxigen"]
     assert all(r["refused"] is None for r in tox) and tox[-1]["forgetting"] == approx(0.4)   # 90% -> 50%
-    mit, _ = metrics_mitigation.mitigation_rows(study)
+    mit, _ = mitigation.mitigation_rows(study)
     l2 = next(r for r in mit if r["method"] == "l2")
     assert "n 10 vs 7" in l2["refused"] and l2["forgetting_a"] != l2["forgetting_a"]
-    assert metrics_mitigation.mitigation_table(mit).set_index("method").loc["l2", "forgetting_a"] == "incomparable"
+    assert mitigation.mitigation_table(mit).set_index("method").loc["l2", "forgetting_a"] == "incomparable"
 
 
 def test_measured_chains_shared_by_order_and_report(tmp_path):

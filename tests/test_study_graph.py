@@ -125,7 +125,7 @@ def test_a_validation_tie_is_decided_by_the_one_rule(tmp_path):
     assert f"--first_stage {d}" in " ".join(g["replay-fractions-toxigen-arc-seed0"].cmd)
     assert "stage2-toxigen-arc-lrA5e-6-lrB1e-5-seed0" in g  # the first-lr sweep point, not the main chain
     src = open(os.path.join(ROOT, "study.py")).read() + open(os.path.join(ROOT, "run_all.sh")).read()
-    assert "from metrics import choose_first_stage" in src and "log(" not in src  # no copy of the rule
+    assert "from chained_tuning.runs import choose_first_stage" in src and "log(" not in src  # no copy of the rule
 
 
 def test_first_stage_main_starts_every_chain_from_the_main_lr(tmp_path):

@@ -1,39 +1,30 @@
-"""metrics.py's curvature sections: Figure 4 (the first-task minimum's spectral radius rho, and the mean
-downstream forgetting against it with its OLS fit), the Taylor check of equations 3 and 4, and the
-curvature-guided task order (order.py's rule, order.csv).
+"""The report's curvature section: Figure 4 (the first-task minimum's spectral radius rho, and the mean downstream
+forgetting against it with its OLS fit) and the Taylor check of equations 3 and 4. Its inputs are curvature.py's
+curvature.json and taylor.json, read once by build_study; they pair with runs by run_id.
 
-    python metrics.py --runs runs/tiny --out runs/tiny/results     # finds this file beside metrics.py
-
-Needs metrics.py beside it; its inputs are curvature.py's curvature.json and taylor.json (read once by
-metrics.build_study) and order.py's results/order.json. Each section takes the study and returns a
-metrics.Section.
+Part of chained_tuning/report (metrics.py's report; docs/metrics.md).
 """
-import itertools
 import math
-import os
-import statistics
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from matplotlib.patches import Patch
 from scipy import stats
 
-from metrics import (CAPABILITY_TASKS, MISSING, NA, SAFETY_TASKS, TAYLOR_FIX, Section, csv_text, exact,
-                     figure_files, lr_distance, markdown_table, mean_std, measured_forgetting, number, read_json,
-                     rounded, runs_by_id, short, significant)
-import matplotlib.pyplot as plt  # noqa: E402 - after metrics, which picks the Agg backend
-from matplotlib.patches import Patch  # noqa: E402
+from ..forgetting import NA, mean_std
+from ..runs import TAYLOR_FIX, lr_distance, number
+from .format import MISSING, Section, csv_text, exact, markdown_table, rounded, short, significant
+from .plot import figure_files, plt
+from .study import CAPABILITY_TASKS, SAFETY_TASKS
 
 # quadratic <= bound up to float error: the same rule as curvature.py's own quadratic_le_bound (its Taylor
-# check, `quad <= bound * (1 + 1e-6) + 1e-12`); keep both in step (curvature.py needs torch, so metrics
+# check, `quad <= bound * (1 + 1e-6) + 1e-12`); keep both in step (curvature.py needs torch, so the report
 # cannot import it)
 BOUND_RTOL, BOUND_ATOL = 1e-6, 1e-12
 
-
-# ----------------------------------------------------------------------------------------------------
-# curvature (paper §4.3, Figure 4) and the Taylor check (equations 3 and 4)
 
 def ols_fit(x, y):
     """Ordinary least squares y = intercept + slope * x (scipy.stats.linregress), with n points:
@@ -277,11 +268,10 @@ def section_curvature(study, opts):
     return section
 
 
-def curvature_figures(study, curv_by_id, every_result):
-    """curvature.csv, Figure 4a/b and the OLS fit -> (report text, files, problems: first-stage models
-    without a curvature result)."""
-    rows_a, rows_b, missing, not_conv = curvature_tables(study, curv_by_id)
-    files, problems = {}, []
+def curvature_csv(study, curv_by_id, every_result, missing):
+    """curvature.csv: every curvature result, and a "missing" row for each first-stage model of Figure 4 without
+    one -> (CSV text, problems naming those models)."""
+    problems = []
     used_ids = {r.run_id for rs in first_task_models(study, curv_by_id).values() for r in rs}
     tab = []
     for c in every_result:
@@ -302,10 +292,15 @@ def curvature_figures(study, curv_by_id, every_result):
                     **{k: MISSING for k in CURVATURE_COLUMNS[4:12]},
                     "stage": r.stage, "run": r.name, "file": MISSING, "used_in_figure4": False})
     tab.sort(key=lambda t: (str(t["task"]), str(t["seed"]), str(t["lr"]), t["file"]))
-    cdf = pd.DataFrame(tab, columns=CURVATURE_COLUMNS)
-    files["curvature.csv"] = csv_text(cdf)
+    return csv_text(pd.DataFrame(tab, columns=CURVATURE_COLUMNS)), problems
 
-    colour = {"capability": "tab:blue", "safety": "tab:orange", "other": "tab:gray"}
+
+KIND_COLOURS = {"capability": "tab:blue", "safety": "tab:orange", "other": "tab:gray"}
+
+
+def figure4a(rows_a):
+    """Figure 4a: rho per first task (mean over seeds, std as error bar; hatched where a solve did not converge)
+    -> (its table, files)."""
     da = pd.DataFrame(rows_a, columns=["task", "kind", "rho", "rho_std", "n_seeds", "seeds", "lr", "n_not_converged"])
     fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(da) + 2), 3.6))
     x = np.arange(len(da))
@@ -314,9 +309,9 @@ def curvature_figures(study, curv_by_id, every_result):
             ax.text(xi, 0, row.rho, rotation=90, ha="center", va="bottom", fontsize=8, color="gray")
             continue
         err = row.rho_std if not isinstance(row.rho_std, str) else 0.0
-        ax.bar(xi, row.rho, 0.6, yerr=err, capsize=3, color=colour[row.kind],
+        ax.bar(xi, row.rho, 0.6, yerr=err, capsize=3, color=KIND_COLOURS[row.kind],
                hatch="//" if row.n_not_converged else None, edgecolor="black" if row.n_not_converged else None)
-    handles = [Patch(color=colour[k], label=f"{k} task") for k in ("capability", "safety")
+    handles = [Patch(color=KIND_COLOURS[k], label=f"{k} task") for k in ("capability", "safety")
                if (da.kind == k).any()]
     if (da.n_not_converged > 0).any():
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="//",
@@ -326,8 +321,12 @@ def curvature_figures(study, curv_by_id, every_result):
     ax.set_xticks(x, [short(t) for t in da.task])
     ax.set_ylabel("spectral radius rho(H)")
     ax.set_title("Figure 4a: first-task minimum curvature (mean over seeds, error bar = std)")
-    files.update(figure_files(fig, da, "figure4a"))
+    return da, figure_files(fig, da, "figure4a")
 
+
+def figure4b(rows_b):
+    """Figure 4b: mean downstream forgetting against rho per first task, with the OLS fit -> (the points in the
+    fit, the fit, files: figure4b and curvature_fit.csv)."""
     db = pd.DataFrame(rows_b, columns=["first_task", "kind", "rho", "rho_std", "n_rho_seeds", "forgetting",
                                        "forgetting_std", "n_forgetting_seeds", "chains", "in_fit"])
     pts = db[db.in_fit]
@@ -340,7 +339,7 @@ def curvature_figures(study, curv_by_id, every_result):
         k = (pts.kind == kind).to_numpy()
         if k.any():
             ax.errorbar(xs[k], ys[k], xerr=err("rho_std")[k], yerr=err("forgetting_std")[k], fmt="o", capsize=3,
-                        color=colour[kind], label=f"{kind} task")
+                        color=KIND_COLOURS[kind], label=f"{kind} task")
     for xi, yi, t in zip(xs, ys, pts.first_task):
         ax.annotate(short(t), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if not math.isnan(fit["slope"]):
@@ -354,7 +353,7 @@ def curvature_figures(study, curv_by_id, every_result):
     ax.set_title("Figure 4b: forgetting against first-task curvature")
     if len(pts):
         ax.legend(fontsize=8)
-    files.update(figure_files(fig, db, "figure4b"))
+    files = figure_files(fig, db, "figure4b")
     fit_df = pd.DataFrame([{"x": "rho (mean over seeds)", "y": "mean downstream forgetting (%)",
                             "n_tasks": fit["n"], "tasks": ";".join(pts.first_task) or NA,
                             "slope": exact(fit["slope"]), "intercept": exact(fit["intercept"]),
@@ -362,7 +361,11 @@ def curvature_figures(study, curv_by_id, every_result):
                             "p_value": exact(fit["p_value"]), "slope_stderr": exact(fit["slope_stderr"]),
                             "note": fit["note"] or NA}])
     files["curvature_fit.csv"] = csv_text(fit_df)
+    return pts, fit, files
 
+
+def curvature_text(da, pts, fit, not_conv, every_result, missing):
+    """The section's text about Figure 4: the rho table, what did not converge or is missing, and the fit."""
     text = ("Spectral radius rho(H) = max(|lambda_max|, |lambda_min|) of the Hessian of the first-task loss at "
             "theta_A (curvature.py, HVPs on its training samples), paired to runs by run_id. The theta_A of a "
             "first task and seed are the first-stage models its Table-1 chains start from (else the first-stage "
@@ -398,7 +401,20 @@ def curvature_figures(study, curv_by_id, every_result):
                  f"* rho): slope {fit['slope']:.4g}, R^2 = {fit['r_squared']:.3f}, p = {fit['p_value']:.3g} "
                  f"([curvature_fit.csv](curvature_fit.csv)). The paper reports p <= 0.01, R^2 = 0.85 "
                  "(6 tasks, Llama-2-7B).\n")
-    return text + "\n", files, problems
+    return text
+
+
+def curvature_figures(study, curv_by_id, every_result):
+    """curvature.csv, Figure 4a/b and the OLS fit -> (report text, files, problems: first-stage models
+    without a curvature result)."""
+    rows_a, rows_b, missing, not_conv = curvature_tables(study, curv_by_id)
+    csv, problems = curvature_csv(study, curv_by_id, every_result, missing)
+    files = {"curvature.csv": csv}
+    da, more = figure4a(rows_a)
+    files.update(more)
+    pts, fit, more = figure4b(rows_b)
+    files.update(more)
+    return curvature_text(da, pts, fit, not_conv, every_result, missing) + "\n", files, problems
 
 
 TAYLOR_COLUMNS = ["first_task", "second_task", "seed", "lr_a", "lr_b", "delta_sq_norm", "loss_A_at_A", "loss_A_at_AB",
@@ -474,116 +490,3 @@ def taylor_section(rows, any_files):
 
 
 # ----------------------------------------------------------------------------------------------------
-# curvature-guided task order
-
-ORDER_COLUMNS = ["task_x", "task_y", "rho_x", "rho_y", "recommended", "forgetting_xy", "n_xy", "forgetting_yx",
-                 "n_yx", "less_forgetting", "agrees", "agrees_order_json"]
-
-
-def recommend_order(rho):
-    """Tasks sorted by rho ascending (flattest first, sharpest last); ties keep the given order.
-    `rho`: {task: float} or {task: {"rho": float}} (insertion order = given order)."""
-    val = {t: (v["rho"] if isinstance(v, dict) else float(v)) for t, v in rho.items()}
-    return sorted(val, key=lambda t: val[t])
-
-
-def check_pairs(tasks, rho, measured):
-    """One row per pair of tasks (both with rho): the recommendation and the measured forgetting of both orders
-    (measured: metrics.measured_forgetting)."""
-    rows = []
-    for x, y in itertools.combinations(tasks, 2):
-        if x not in rho or y not in rho:
-            continue
-        rec = recommend_order({x: rho[x], y: rho[y]})
-        both = {}
-        for a, b in ((x, y), (y, x)):
-            items = measured.get((a, b), [])
-            both[f"{a}->{b}"] = {"forgetting": statistics.fmean(f for f, _ in items) if items else None,
-                                 "n": len(items), "run_ids": sorted(r for _, r in items)}
-        fxy, fyx = both[f"{x}->{y}"]["forgetting"], both[f"{y}->{x}"]["forgetting"]
-        less = None
-        if fxy is not None and fyx is not None and fxy != fyx:
-            less = f"{x}->{y}" if fxy < fyx else f"{y}->{x}"
-        rows.append({"tasks": [x, y], "recommended": rec,
-                     "rho": {x: rho[x]["rho"], y: rho[y]["rho"]}, "measured": both, "less_forgetting": less,
-                     "agrees": None if less is None else less == f"{rec[0]}->{rec[1]}"})
-    return rows
-
-
-def find_order_json(runs_dir):
-    for rel in (os.path.join("results", "order.json"), "order.json"):
-        p = os.path.join(runs_dir, rel)
-        if os.path.isfile(p):
-            return rel, read_json(p, "order.json", "it must be the JSON order.py --out writes; delete it or re-run "
-                                                    "order.py")
-    return None, None
-
-
-def section_order(study, opts):
-    """order.csv: per pair of tasks with curvature, the recommended order (the flatter first-task minimum first)
-    and whether the measured chains agree (measured_forgetting, order.py's check too, with order.json's --lr2).
-    rho and the recommendation come from <runs>/results/order.json (or <runs>/order.json) when it exists, else
-    from the curvature results (Figure 4a's rho per task) through recommend_order and check_pairs, order.py's
-    rule. An order.json whose verdict on a pair differs from the runs here is out of date: named among the
-    problems."""
-    head = "## Curvature-guided task order\n\n"
-    rel, oj = find_order_json(study.runs_dir)
-    lr2 = None
-    if oj is not None:
-        rho = {t: v for t, v in (oj.get("rho") or {}).items()
-               if isinstance(v, dict) and not math.isnan(number(v.get("rho")))}
-        tasks = [t for t in (oj.get("tasks") or list(rho)) if t in rho]
-        order_rec = oj.get("recommended_order") or recommend_order({t: rho[t] for t in tasks})
-        src = f"{rel} (order.py)"
-        theirs = {tuple(p.get("tasks", [])): p.get("agrees") for p in oj.get("pairs") or [] if isinstance(p, dict)}
-        lr2 = number((oj.get("settings") or {}).get("lr2"))
-        lr2 = None if math.isnan(lr2) else lr2
-    else:
-        if not study.curvature_files:
-            return Section(head + ("No task order: no results/order.json and no curvature results under the runs "
-                                   "folder (order.py and curvature.py write them).\n"))
-        curv_by_id, _, _ = curvature_results(study.curvature_files, study.runs)
-        rows_a = curvature_tables(study, curv_by_id)[0]
-        rho = {r["task"]: {"rho": float(r["rho"]), "n": r["n_seeds"]} for r in rows_a
-               if not isinstance(r["rho"], str)}
-        tasks = [t for t in list(study.capability) + list(study.safety) if t in rho]
-        if len(tasks) < 2:
-            return Section(head + (f"No task order: {len(tasks)} task(s) with curvature "
-                                   f"({', '.join(tasks) or 'none'}); an order needs two.\n"))
-        order_rec = recommend_order({t: rho[t] for t in tasks})
-        src = "the curvature results (Figure 4a's rho per task), ordered by order.py"
-        theirs = {}
-    measured, problems = measured_forgetting(runs_by_id(study.all_runs), lr2)
-    # a chain refused here is one of the study's refused pairs already, unless it is outside the study
-    refused = [p for p in problems if "cannot be compared" in p and p not in study.refused]
-    problems = []
-    rows = []
-    for p in check_pairs(tasks, rho, measured):
-        x, y = p["tasks"]
-        m = p["measured"]
-        pf = lambda k: rounded(100 * m[k]["forgetting"]) if m[k]["forgetting"] is not None else MISSING
-        agr = theirs.get((x, y), theirs.get((y, x), NA)) if oj is not None else NA
-        rows.append({"task_x": x, "task_y": y, "rho_x": exact(p["rho"][x]), "rho_y": exact(p["rho"][y]),
-                     "recommended": "->".join(p["recommended"]), "forgetting_xy": pf(f"{x}->{y}"),
-                     "n_xy": m[f"{x}->{y}"]["n"], "forgetting_yx": pf(f"{y}->{x}"), "n_yx": m[f"{y}->{x}"]["n"],
-                     "less_forgetting": p["less_forgetting"] or NA,
-                     "agrees": NA if p["agrees"] is None else bool(p["agrees"]),
-                     "agrees_order_json": NA if agr is None else agr})
-        if isinstance(agr, bool) and p["agrees"] is not None and agr != p["agrees"]:
-            problems.append(f"{rel}: order.py said the recommendation {'agrees' if agr else 'disagrees'} for "
-                            f"{x},{y} but the measured chains here say it {'agrees' if p['agrees'] else 'disagrees'}"
-                            f"; order.json is out of date, re-run order.py --runs on this folder")
-    df = pd.DataFrame(rows, columns=ORDER_COLUMNS)
-    checked = [r for r in rows if isinstance(r["agrees"], bool)]
-    rt = pd.DataFrame([{"task": t, "rho": exact(float(rho[t]["rho"])), "n": rho[t].get("n", NA)} for t in order_rec
-                       if t in rho], columns=["task", "rho", "n"])
-    text = (head + f"Source: {src}. Recommended order (the flattest first-task minimum first, the sharpest last): "
-            f"**{' -> '.join(order_rec)}**.\n\n" + markdown_table(significant(rt))
-            + "\nPer pair: the measured forgetting of the first task in both orders (percent, mean over every "
-            "measured chain: the plain-recipe two-task runs order.py checks, every seed and learning rate"
-            + (f", second-stage lr {lr2:g}" if lr2 is not None else "") + "); agrees = the recommended order is "
-            "the one that forgot less; agrees_order_json = order.py's verdict in order.json, the same unless "
-            "order.json is out of date ([order.csv](order.csv)).\n\n"
-            + markdown_table(significant(df)) + f"\n{sum(r['agrees'] for r in checked)} of {len(checked)} pairs "
-            "measured in both orders agree.\n")
-    return Section(text, {"order.csv": csv_text(df)}, problems, refused)
