@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from ..runs import (CURV_FIX, REPLAY_FIX, TAYLOR_FIX, choose_first_stage, copy_preference, duplicate_error,
                     find_json_files, find_runs, is_measured_chain, is_replay_point, long_chain_lineages,
                     mitigation_of, pair_runs, read_json, stage_of)
+from ..data.registry import CAPABILITY_TASKS, SAFETY_TASKS
 from .format import FAILED, INCOMPARABLE, MISSING
-
-CAPABILITY_TASKS = ("arc", "csqa", "csqa2")
-SAFETY_TASKS = ("toxigen", "bbq", "saferdialogues")
 
 
 @dataclass(frozen=True)
