@@ -4,80 +4,77 @@ the Taylor check of the paper's eqs. 3-4 against the chains tuned from that mini
 
     python curvature.py --model runs/demo/toxigen --task toxigen --samples 50 --out runs/demo/curv/toxigen.json
     python curvature.py --model runs/demo/toxigen --task toxigen --reference runs/demo/toxigen-arc --out c.json
-    python curvature.py --model runs/demo/toxigen --task toxigen --reference runs/demo/toxigen-arc runs/demo/mix \
+    python curvature.py --model runs/demo/toxigen --task toxigen --reference runs/demo/toxigen-arc runs/demo/mix \\
         --taylor_out taylor.json --out runs/demo/curv/toxigen.json      # one solve, <reference>/taylor.json each
-    torchrun --nproc_per_node=8 curvature.py --model llama-7b-toxigen --task toxigen --dtype bfloat16 \
+    torchrun --nproc_per_node=8 curvature.py --model llama-7b-toxigen --task toxigen --dtype bfloat16 \\
         --data_dir ../shared/data --out curv.json   # samples split across GPUs, solver vectors sharded
     python setup.py build_ext --inplace        # the C++/CUDA extension ahead of time (else built on first use)
 
-The file reads as: the operator (HessianOperator; ShardedOperator under a process group), the solvers
-(Lanczos with a certified stop on --rtol, power iteration), the command line. The command line needs
-common.py, tasks.py, finetune.py and synthetic.py beside it (tiny_base.py for --model tiny);
-hessian_spectrum() alone needs torch, numpy and ops.py (which loads the optional extension in csrc/);
-layerwise_hvp.py beside it adds the HVP one decoder layer at a time (--gradient_checkpointing), answer_rows.py
-the last decoder layer run at the answer rows only (the rows the loss reads; every HVP costs less by that),
-attention_hvp.py attention in causal blocks with the softmax's double backward fused (CPU; the same).
-Solvers, stop rules, backends and what curvature.json holds: README.md.
+Files: this script and the package folder chained_tuning/ beside it (csrc/ and setup.py for the fused C++ ops,
+else plain PyTorch). The command line draws the sample (chained_tuning.data), encodes it with finetune.py's
+loss (chained_tuning.loss) and hands the batches to the Hessian library, chained_tuning/hessian/: a folder that
+copies alone (torch and numpy only), whose names this script re-exports (`from curvature import
+hessian_spectrum`). The operator, the solvers, their stop rules, the backends and what curvature.json holds:
+docs/curvature.md.
 """
 from __future__ import annotations
+
 import argparse
-import contextlib
-import functools
 import json
-import math
 import os
-import resource
 import sys
 import time
 import warnings
-import numpy as np
+
 import torch
-from chained_tuning import checkpoint
-from chained_tuning.hessian.ops import ExtensionError, load_extension
 
-from chained_tuning.hessian.spectrum import *  # noqa: F401,F403  (today's names stay importable from curvature)
-from chained_tuning.hessian.spectrum import _check_start, _count_answer_tokens, _dist, _prepare_model
+from chained_tuning import checkpoint, common
+from chained_tuning.common import UserError
+from chained_tuning.data import tasks
+from chained_tuning.loss import collate, encode_example
+# The Hessian library, re-exported under the names curvature.py has always had.
+from chained_tuning.hessian.answer_loss import (CE_MODES, IGNORE_INDEX, _answer_positions,
+                                                _count_answer_tokens, _last_layer_rows, _math_sdpa, _prepare_model,
+                                                batch_answer_loss_sum, linear_head, verify_linear_head)
+from chained_tuning.hessian.errors import CurvatureError, ExtensionError, HessianError
+from chained_tuning.hessian.operator import CHECKPOINTING, HessianOperator
+from chained_tuning.hessian.ops import load_extension
+from chained_tuning.hessian.reference import (answer_loss_sum_ref, lanczos_step_torch,
+                                              lanczos_update_torch, power_step_torch, shard_dot_torch)
+from chained_tuning.hessian.sharded import (BUCKET_ELEMS, ShardedOperator, _dist, shard_bounds,
+                                            sharded_lanczos_step, sharded_power_step, split_rows)
+from chained_tuning.hessian.solvers import (DEFAULT_RTOL, DOMINANT_MARGIN, RANDOM_BLOCK,
+                                            START_VECTORS, STOP_REASONS, STOP_RULES, WARM_RANDOM, WARM_SHARE,
+                                            WARM_STEPS, WARM_VECTORS, _check_start, _lanczos_python, _normalize,
+                                            _power_python, _start_vector, ritz_bounds, ritz_extremes)
+from chained_tuning.hessian.spectrum import OperatorOptions, SolveOptions, hessian_spectrum
 
-
-# ------------------------------------------------------------------------------------------------ CLI
-def _run_id(model_dir):
-    try:
-        with open(os.path.join(model_dir, "run.json")) as f:
-            return json.load(f).get("run_id")
-    except (OSError, ValueError):
-        return None
-
+__all__ = [  # the command line's, then the Hessian library's names, re-exported (`from curvature import ...`)
+    "build_parser", "main", "run_cli", "build_batches", "reference_check", "spectrum_from_file", "CommandLineError",
+    "answer_loss_sum_ref", "_answer_positions", "batch_answer_loss_sum", "BUCKET_ELEMS", "CE_MODES",
+    "_check_start", "CHECKPOINTING", "_count_answer_tokens", "CurvatureError", "DEFAULT_RTOL", "_dist",
+    "DOMINANT_MARGIN", "ExtensionError", "hessian_spectrum", "HessianError", "HessianOperator", "IGNORE_INDEX",
+    "_lanczos_python", "lanczos_step_torch", "lanczos_update_torch", "_last_layer_rows", "linear_head",
+    "load_extension", "_math_sdpa", "_normalize", "OperatorOptions", "_power_python", "power_step_torch",
+    "_prepare_model", "RANDOM_BLOCK", "ritz_bounds", "ritz_extremes", "shard_bounds", "shard_dot_torch",
+    "sharded_lanczos_step", "sharded_power_step", "ShardedOperator", "SolveOptions", "split_rows", "_start_vector",
+    "START_VECTORS", "STOP_REASONS", "STOP_RULES", "verify_linear_head", "WARM_RANDOM", "WARM_SHARE", "WARM_STEPS",
+    "WARM_VECTORS"]
 
 MAX_PADDING = 0.2  # a micro-batch is closed before padding would exceed this share of its tokens
+FINETUNE_MAX_LENGTH = 2048  # finetune.py's --max_length default (training.default_config): the loss it minimised
+PROGRESS_EVERY = 10   # iterations between progress lines
+PROGRESS_S = 30.0     # ... or seconds, whichever comes first
 
 
-def build_batches(tokenizer, examples, micro_batch_size, max_length=None):
-    """Encode with finetune.encode_example and collate with finetune.collate: length-sorted micro-batches of
-    at most micro_batch_size samples, closed early where the next (longer) sample would make padding more
-    than MAX_PADDING of the micro-batch's tokens (every padded token costs an HVP as much as a real one)."""
-    from chained_tuning import training as finetune
-
-    if max_length is None:  # finetune.py's own default, so the loss is the one it minimised
-        max_length = finetune.default_config()["max_length"] if hasattr(finetune, "default_config") else 2048
-    enc = [finetune.encode_example(tokenizer, ex, max_length) for ex in examples]
-    enc.sort(key=lambda e: len(e["input_ids"]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    groups, cur, real = [], [], 0
-    for e in enc:
-        n = len(e["input_ids"])
-        if cur and (len(cur) == micro_batch_size or (len(cur) + 1) * n > (1 + MAX_PADDING) * (real + n)):
-            groups.append(cur)
-            cur, real = [], 0
-        cur.append(e)
-        real += n
-    groups.append(cur)
-    return [finetune.collate(g, pad) for g in groups]
+class CommandLineError(UserError, CurvatureError):
+    """Bad input to curvature.py: one `error: ...` line and exit 2 (a UserError), and a CurvatureError."""
 
 
+# ------------------------------------------------------------------------------------------ the flags
 def build_parser():
-    from chained_tuning.common import HelpFormatter
-    ap = argparse.ArgumentParser(description="Hessian spectral radius of the first-task loss (paper section 4.3)",
-                                 formatter_class=HelpFormatter)
+    ap = argparse.ArgumentParser(description="Hessian spectral radius of the first-task loss (paper section 4.3). "
+                                 "The manual: docs/curvature.md.", formatter_class=common.HelpFormatter)
     ap.add_argument("--model", required=True, help="theta_A: a checkpoint folder tuned on --task (or 'tiny', a hub "
                     "id)")
     ap.add_argument("--task", required=True, help="the task whose training loss is differentiated (theta_A's task)")
@@ -109,8 +106,8 @@ def build_parser():
                          "samples instead of solving again (the Taylor check then costs one HVP)")
     ap.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (unset: the synthetic "
                     "tasks)")
-    # tasks.add_data_options's flags (the sample must come from the training set finetune.py drew); plain strings
-    # here, checked by tasks.load_task, so the parser builds without tasks.py beside this file
+    # finetune.py's data flags (the sample must come from the training set it drew), as plain strings checked
+    # by tasks.load_task
     ap.add_argument("--arc_choices", default="4", help="as finetune.py --arc_choices: 4 or all")
     ap.add_argument("--test_set", default="fraction", help="as finetune.py --test_set: fraction or rest")
     ap.add_argument("--cells", default=None, help="as finetune.py --cells: equal or fill (unset: its default)")
@@ -120,9 +117,9 @@ def build_parser():
     ap.add_argument("--graph_memory_budget_gb", type=float, default=None,
                     help="memory for retained graphs, GiB (> 0; unset: a share of the device's memory)")
     ap.add_argument("--gradient_checkpointing", choices=list(CHECKPOINTING), default="auto",
-                    help="HVPs one decoder layer at a time (layerwise_hvp.py; Llama-like models): auto for the "
-                         "micro-batches whose graphs do not fit the budget, on for all (least memory, no graph "
-                         "retained), off never")
+                    help="HVPs one decoder layer at a time (chained_tuning/hessian/layerwise.py; Llama-like "
+                         "models): auto for the micro-batches whose graphs do not fit the budget, on for all (least "
+                         "memory, no graph retained), off never")
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu; "
                     "under torchrun: cuda:LOCAL_RANK)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -132,17 +129,9 @@ def build_parser():
     return ap
 
 
-CLI_NEEDS = "curvature.py's command line needs common.py, tasks.py and finetune.py beside it"
-
-
 def main(argv=None):
-    try:
-        from chained_tuning.common import die_on_user_error
-    except ImportError as e:
-        print(f"error: {e}: {CLI_NEEDS}", file=sys.stderr)
-        return 2
     args = build_parser().parse_args(argv)
-    result = die_on_user_error(lambda: run_cli(args))
+    result = common.die_on_user_error(lambda: run_cli(args))
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
     print(json.dumps({k: result.get(k) for k in ("rho", "lambda_max", "lambda_min", "iterations", "hvp_count",
@@ -152,28 +141,31 @@ def main(argv=None):
     return 0
 
 
-PROGRESS_EVERY = 10   # iterations between progress lines
-PROGRESS_S = 30.0     # ... or seconds, whichever comes first
-
-
-def _progress_printer():
-    last = [time.time()]
-
-    def progress(k, rho):
-        if k % PROGRESS_EVERY == 0 or time.time() - last[0] >= PROGRESS_S:
-            last[0] = time.time()
-            print(f"curvature: iteration {k}: rho {rho:.6g}", flush=True)
-    return progress
-
-
 def run_cli(args):
+    """curvature.py's work on parsed flags: every check before anything is loaded, then the run (under torchrun
+    in a process group). Bad input raises a UserError; the Hessian library's own errors are raised as one."""
     try:
-        from chained_tuning import common
-        from chained_tuning import training as finetune  # noqa: F401
-        from chained_tuning.data import tasks
-    except ImportError as e:
-        raise CurvatureError(f"{e}: {CLI_NEEDS}") from None
-    # every check before anything is loaded: numbers, names, then the outputs
+        refs = check_flags(args)
+        device = common.check_device(args.device)
+        model_path = checkpoint.resolve_model_path(args.model)
+        common.check_out(args.out, args.overwrite, example="curvature.json")
+        for r in refs if args.taylor_out else []:
+            common.check_out(os.path.join(r, args.taylor_out), args.overwrite, flag="--taylor_out")
+        owned_group = False
+        if common.under_torchrun():
+            device, owned_group = common.setup_process_group(device)
+        try:
+            return run(args, model_path, refs, device)
+        finally:
+            if owned_group:
+                import torch.distributed as dist
+                dist.destroy_process_group()
+    except HessianError as e:
+        raise CommandLineError(str(e)) from e
+
+
+def check_flags(args):
+    """Numbers, names and reference folders; returns the --reference dirs (args.rtol becomes --tol if given)."""
     common.check_args(vars(args), {"samples": common.AT_LEAST_1, "rtol": common.POSITIVE, "tol": common.POSITIVE,
                                    "max_iter": common.AT_LEAST_1,
                                    "seed": common.NON_NEGATIVE, "micro_batch_size": common.AT_LEAST_1,
@@ -192,22 +184,10 @@ def run_cli(args):
                              "into each --reference dir), together with --reference")
     if args.tol is not None:
         args.rtol = args.tol
-    device = common.check_device(args.device)
-    model_path = checkpoint.resolve_model_path(args.model)
-    common.check_out(args.out, args.overwrite, example="curvature.json")
-    for r in refs if args.taylor_out else []:
-        common.check_out(os.path.join(r, args.taylor_out), args.overwrite, flag="--taylor_out")
-    owned_group = False
-    if common.under_torchrun():
-        device, owned_group = common.setup_process_group(device)
-    try:
-        return _run_cli_checked(args, common, tasks, model_path, refs, device)
-    finally:
-        if owned_group:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+    return refs
 
 
+# -------------------------------------------------------------------------------------------- the run
 def _say(*a, **k):
     """print on rank 0 only (every rank computes the same)."""
     d = _dist()
@@ -215,25 +195,10 @@ def _say(*a, **k):
         print(*a, **k)
 
 
-def _run_cli_checked(args, common, tasks, model_path, refs, device):
-    rank = _dist().get_rank() if _dist() else 0
+def run(args, model_path, refs, device):
+    """Sample, load, solve (or read --spectrum_from), the Taylor checks, then the files: --out last."""
     print = _say  # noqa: A001  (one line per run, not one per rank)
-    meta = checkpoint.read_meta(model_path)
-    chain = list(meta.get("chain") or [])
-    task_in_chain = args.task in chain
-    if not task_in_chain:
-        print(f"warning: --task {args.task} is not in --model's chain ({' -> '.join(chain) or 'none: a base model'}); "
-              f"this is the curvature of a loss the model was never tuned on", file=sys.stderr, flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    data = tasks.load_task(args.task, split="train", data_dir=args.data_dir, seed=args.seed,
-                           **tasks.data_options(args))
-    pool = list(data.examples)
-    if not pool:
-        raise CurvatureError(f"task {args.task} has no training examples (data: {data.source})")
-    chosen = common.sample_indices(len(pool), args.samples, args.seed)
-    if len(chosen) < args.samples:
-        print(f"note: task {args.task} has only {len(pool)} training examples; using all", file=sys.stderr)
-    examples = [pool[i] for i in chosen]
+    chain, data, pool, examples = draw_sample(args, model_path)
     ext = load_extension("none" if args.backend == "torch" else None)
     print(f"curvature: {args.model} (chain {' -> '.join(chain) or 'none'}), task {args.task} [{data.source}], "
           f"{len(examples)} samples, {args.method}, backend {ext['name'] if ext['ok'] else 'torch'} "
@@ -262,12 +227,68 @@ def _run_cli_checked(args, common, tasks, model_path, refs, device):
     for r in refs:
         print(f"curvature: Taylor check against {r}", flush=True)
         checks.append(reference_check(op, res["rho"], r, batches, common))
+    return write_results(args, res, refs, checks, chain, data, pool, examples)
+
+
+def draw_sample(args, model_path):
+    """(the model's chain, the task's training data, its examples, the seeded sample of --samples of them)."""
+    print = _say  # noqa: A001
+    chain = list(checkpoint.read_meta(model_path).get("chain") or [])
+    if args.task not in chain:
+        print(f"warning: --task {args.task} is not in --model's chain ({' -> '.join(chain) or 'none: a base model'}); "
+              f"this is the curvature of a loss the model was never tuned on", file=sys.stderr, flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    data = tasks.load_task(args.task, split="train", data_dir=args.data_dir, seed=args.seed,
+                           **tasks.data_options(args))
+    pool = list(data.examples)
+    if not pool:
+        raise CurvatureError(f"task {args.task} has no training examples (data: {data.source})")
+    chosen = common.sample_indices(len(pool), args.samples, args.seed)
+    if len(chosen) < args.samples:
+        print(f"note: task {args.task} has only {len(pool)} training examples; using all", file=sys.stderr)
+    return chain, data, pool, [pool[i] for i in chosen]
+
+
+def build_batches(tokenizer, examples, micro_batch_size, max_length=None):
+    """Encode with finetune.py's encode_example and collate (chained_tuning.loss): length-sorted micro-batches of
+    at most micro_batch_size samples, closed early where the next (longer) sample would make padding more
+    than MAX_PADDING of the micro-batch's tokens (every padded token costs an HVP as much as a real one)."""
+    if max_length is None:  # finetune.py's own default, so the loss is the one it minimised
+        max_length = FINETUNE_MAX_LENGTH
+    enc = [encode_example(tokenizer, ex, max_length) for ex in examples]
+    enc.sort(key=lambda e: len(e["input_ids"]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    groups, cur, real = [], [], 0
+    for e in enc:
+        n = len(e["input_ids"])
+        if cur and (len(cur) == micro_batch_size or (len(cur) + 1) * n > (1 + MAX_PADDING) * (real + n)):
+            groups.append(cur)
+            cur, real = [], 0
+        cur.append(e)
+        real += n
+    groups.append(cur)
+    return [collate(g, pad) for g in groups]
+
+
+def _progress_printer():
+    last = [time.time()]
+
+    def progress(k, rho):
+        if k % PROGRESS_EVERY == 0 or time.time() - last[0] >= PROGRESS_S:
+            last[0] = time.time()
+            print(f"curvature: iteration {k}: rho {rho:.6g}", flush=True)
+    return progress
+
+
+def write_results(args, res, refs, checks, chain, data, pool, examples):
+    """--out (and each <reference>/--taylor_out); rank 0 writes, every rank returns the same record."""
+    rank = _dist().get_rank() if _dist() else 0
     metadata = common.run_metadata()
 
     def record(ref, config):
         out = dict(res)
         out.update({"model": args.model, "run_id": _run_id(args.model), "task": args.task, "chain": chain,
-                    "task_in_chain": task_in_chain, "sample_ids": [str(ex.id) for ex in examples],
+                    "task_in_chain": args.task in chain, "sample_ids": [str(ex.id) for ex in examples],
                     "data": {"source": str(data.source), "split": "train", "n_available": len(pool)},
                     "reference": ref, "config": config, "metadata": metadata})
         return out
@@ -280,17 +301,26 @@ def _run_cli_checked(args, common, tasks, model_path, refs, device):
                 common.write_json_atomic(path, record(chk, {**vars(args), "reference": r, "taylor_out": None,
                                                             "out": path}))
             files.append(path)
-            print(f"curvature: Taylor check -> {path}", flush=True)
+            _say(f"curvature: Taylor check -> {path}", flush=True)
         result = record(None, vars(args))
         result["taylor_files"] = files
     else:
         result = record(checks[0] if checks else None, {**vars(args), "reference": refs[0] if refs else None})
     if rank == 0:  # last: run_all.sh takes --out as the sign that all is written
         common.write_json_atomic(args.out, result)
-    print(f"curvature: -> {args.out}", flush=True)
+    _say(f"curvature: -> {args.out}", flush=True)
     return result
 
 
+def _run_id(model_dir):
+    try:
+        with open(os.path.join(model_dir, "run.json")) as f:
+            return json.load(f).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------ the Taylor check
 def spectrum_from_file(args, model, batches, examples, budget):
     """The spectrum of an earlier curvature.json of the same model and samples, and an operator for
     the reference terms (no solve)."""
@@ -360,7 +390,7 @@ def _delta(op, model, ref_model, ref_dir):
     return [out] if sharded else delta
 
 
-def reference_check(op, rho, ref_dir, batches, common):
+def reference_check(op, rho, ref_dir, batches, common=common):
     """Paper eqs. 3-4 at theta_A: ||delta||^2, L_A(theta_AB) - L_A(theta_A), 0.5 d^T H d, 0.5 rho ||d||^2.
     op: the HessianOperator (or ShardedOperator) of the spectrum; delta lives in its vector layout."""
     local = getattr(op, "op", op)

@@ -50,10 +50,10 @@ REL = 1e-3
 
 def load_tiny_batches(task, samples, seed, micro_batch_size, model_path="tiny", data_dir=None):
     """The batches curvature.py's command line builds for --task, --samples, --seed and --data_dir."""
-    from chained_tuning import common
-    import tasks
+    from chained_tuning import checkpoint, common
+    from chained_tuning.data import tasks
 
-    model, tok = common.load_model_and_tokenizer(model_path)
+    model, tok = checkpoint.load_model_and_tokenizer(model_path)
     pool = list(tasks.load_task(task, split="train", seed=seed, data_dir=data_dir).examples)
     chosen = common.sample_indices(len(pool), samples, seed)
     batches = C.build_batches(tok, [pool[i] for i in chosen], micro_batch_size)
@@ -62,11 +62,11 @@ def load_tiny_batches(task, samples, seed, micro_batch_size, model_path="tiny", 
 
 def full_logits_loss(model, batch, total):
     """What a peer's user writes: full logits through finetune.answer_loss_sum, over the total answer tokens."""
-    import finetune
+    from chained_tuning.loss import answer_loss_sum
 
     with C._math_sdpa():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return finetune.answer_loss_sum(out.logits, batch["labels"])[0] / total
+    return answer_loss_sum(out.logits, batch["labels"])[0] / total
 
 
 def one_batch(batches):
@@ -482,7 +482,7 @@ def main():
               "../shared/data")
         skip |= {"speed", "cost"}
     else:
-        import tasks
+        from chained_tuning.data import tasks
         for t in task_list:
             try:
                 tasks.load_task(t, split="train", seed=args.seed, data_dir=args.data_dir)

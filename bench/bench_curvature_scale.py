@@ -162,10 +162,10 @@ def xent_workspace_bytes(n_answer_rows, hidden=4096, vocab=32000, elem=4):
 def task_lengths(data_dir, samples, seed, tokenizer=None):
     """Tokens and answer tokens of `samples` training samples per task, tokenized by the tokenizer folder
     `tokenizer` (None: the tiny base's, a stand-in)."""
-    from chained_tuning import common
-    import tasks
+    from chained_tuning import checkpoint, common
+    from chained_tuning.data import tasks
 
-    tok = common.load_tokenizer(tokenizer) if tokenizer else common.load_model_and_tokenizer("tiny")[1]
+    tok = checkpoint.load_tokenizer(tokenizer) if tokenizer else checkpoint.load_model_and_tokenizer("tiny")[1]
     out = {}
     for t in ("toxigen", "arc"):
         try:
@@ -379,11 +379,11 @@ def main():
     for flag in ("samples", "gpus", "gpu_gb", "tflops", "hvps"):
         if not getattr(args, flag) > 0:
             sys.exit(f"error: --{flag} must be > 0, got {getattr(args, flag)}")
-    from chained_tuning import common
+    from chained_tuning import checkpoint, common
     lengths = {}
     try:  # before the measurement: a tokenizer folder that is wrong or does not load fails at once
         if args.tokenizer is not None:
-            common.tokenizer_dir(args.tokenizer)
+            checkpoint.tokenizer_dir(args.tokenizer)
         if args.data_dir and not args.quick:
             lengths = task_lengths(args.data_dir, args.samples, 0, args.tokenizer)
     except common.UserError as e:

@@ -4,7 +4,6 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_curvature.py
 The extension tests build the C++ ops once with the JIT loader (about 20 s on 2 cores, cached in build/jit)
 and skip, with the reason, when no compiler is available.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -313,12 +312,11 @@ def test_bad_inputs(model64):
 
 
 def test_loss_matches_finetune_semantics(model64, dense):
-    """The operator's loss equals finetune.answer_loss_sum (or the same-semantics reference) over full logits."""
-    fns = [(C.answer_loss_sum_ref, 1e-12)]
-    if importlib.util.find_spec("finetune") is not None:
-        import finetune
+    """The operator's loss equals the training loss finetune.py minimises (chained_tuning.loss.answer_loss_sum) and
+    the same-semantics reference over full logits."""
+    from chained_tuning.loss import answer_loss_sum
 
-        fns.append((finetune.answer_loss_sum, 1e-6))  # it computes in float32
+    fns = [(C.answer_loss_sum_ref, 1e-12), (answer_loss_sum, 1e-6)]  # the training loss computes in float32
     for fn, tol in fns:
         tot_l, tot_n = 0.0, 0
         with torch.no_grad():
@@ -351,11 +349,23 @@ def run_cli(*args, env=None):
 def test_sample_indices_is_the_one_sampler_of_the_cli_and_the_benchmark():
     import random
 
-    from chained_tuning import checkpoint, common
+    from chained_tuning import common
     assert common.sample_indices(100, 7, 3) == sorted(random.Random(3).sample(range(100), 7))
     assert common.sample_indices(5, 7, 0) == [0, 1, 2, 3, 4]  # fewer items than asked: all of them
     src = "".join(open(os.path.join(ROOT, *f)).read() for f in (["curvature.py"], ["bench", "bench_curvature.py"]))
     assert "random.Random" not in src and src.count("common.sample_indices(") == 2
+
+
+def test_the_cli_encodes_with_the_training_loss_not_the_training_code():
+    """curvature.py builds its batches with chained_tuning.loss at finetune.py's default --max_length, and loads
+    neither finetune.py nor the training loop."""
+    from chained_tuning import training
+    assert C.FINETUNE_MAX_LENGTH == training.default_config()["max_length"]
+    code = ("import sys, curvature; print(sorted(m for m in sys.modules if m in ('finetune', 'evaluate', 'tasks') "
+            "or m in ('chained_tuning.training', 'chained_tuning.evaluation')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
 
 
 def test_cli_bad_model_dir(tmp_path):
@@ -390,7 +400,7 @@ def test_cli_end_to_end_tiny(tmp_path):
 
 def test_cli_reference_taylor_check(tmp_path):
     """--reference: a theta_AB made by perturbing the tiny base; the four Taylor terms are reported."""
-    from chained_tuning import checkpoint, common
+    from chained_tuning import checkpoint
 
     model, tok = checkpoint.load_model_and_tokenizer("tiny")
     g = torch.Generator().manual_seed(0)

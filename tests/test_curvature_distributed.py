@@ -73,7 +73,7 @@ def torchrun(*args):
 
 
 def perturbed_tiny(path):
-    from chained_tuning import checkpoint, common
+    from chained_tuning import checkpoint
 
     model, tok = checkpoint.load_model_and_tokenizer("tiny")
     g = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """The decoder's hidden states at the answer rows, with its last layer run at those rows only.
 
-    from answer_rows import AnswerRows
+    from chained_tuning.hessian.answer_rows import AnswerRows
     rows = AnswerRows.build(decoder)            # None where the decoder is not laid out like an HF Llama
     h = rows(decoder, ids, attention_mask, keep)    # == decoder(...).last_hidden_state[keep]
 
@@ -13,8 +13,8 @@ about one layer's worth less its k/v projections: a fifth of the tiny 4-layer Ll
 3.5 s), about 1/32 of Llama-2-7B's.
 
 For HF decoders laid out like Llama (Llama, Mistral, Qwen2: embed_tokens, layers, norm, rotary_emb; each layer
-input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp). curvature.HessianOperator uses it
-only after finding it equal to the decoder's own forward on a probe batch (curvature._last_layer_rows), so that a
+input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp). HessianOperator (operator.py) uses it
+only after finding it equal to the decoder's own forward on a probe batch (answer_loss._last_layer_rows), so that a
 model that differs in a way this file does not know (embedding scale, soft-capping, a sliding window shorter
 than the batch, q/k norms) keeps the full forward. Imports nothing of the project's.
 """

@@ -1,6 +1,6 @@
 """Attention for Hessian-vector products: causal blocks, and the softmax's double backward in one pass.
 
-    from attention_hvp import block_attention
+    from chained_tuning.hessian.attention import block_attention
     with block_attention():        # F.scaled_dot_product_attention on CPU runs block_sdpa() in here
         loss = model(...)          # the first-order graph built here makes every HVP through it cheaper
 
@@ -14,9 +14,9 @@ Llama that is about a third of an HVP. Two savings, both exact:
 The forward is the math SDPA kernel's: q and k scaled by sqrt(scale), a boolean mask as -inf, a fully masked
 row 0, half-precision inputs computed in float32. Blocks are used only where the mask masks every key past the
 block (checked on the mask itself), so a mask that is not causal runs whole. CPU only: on a GPU at 7B
-attention's [T, T] work is about 1% of an HVP and the model's own SDPA runs. curvature.HessianOperator uses this
-only after finding the model's forward equal with and without it (see its `attention` setting). Imports nothing
-of the project's.
+attention's [T, T] work is about 1% of an HVP and the model's own SDPA runs. HessianOperator (operator.py) uses this
+only after finding the model's forward equal with and without it (see its `attention` setting). Imports ops.py alone
+(the fused op's wrapper).
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from . import ops
 
 BLOCKS = 4        # query blocks of a causal attention
 MIN_BLOCK = 32    # rows a block has at least: below it the extra ops cost more than the masked work they save
@@ -52,7 +54,7 @@ class _SoftmaxBackward(torch.autograd.Function):
         if torch.is_grad_enabled():  # a third derivative asked for: the same formula in differentiable ops
             s = (gg * y).sum(-1, keepdim=True)
             return y * (gg - s), gg * (g - (g * y).sum(-1, keepdim=True)) - g * s
-        return tuple(torch.ops.hessian.softmax_backward_backward(gg, g, y))
+        return tuple(ops.softmax_backward_backward(gg, g, y))
 
 
 class _Softmax(torch.autograd.Function):

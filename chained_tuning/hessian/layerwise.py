@@ -1,12 +1,12 @@
 """H v one decoder layer at a time: gradient checkpointing for the Hessian-vector product.
 
-    from layerwise_hvp import LayerwiseHVP
-    hv = LayerwiseHVP(model, params, n, curvature._answer_positions, curvature._math_sdpa)
+    from chained_tuning.hessian.layerwise import LayerwiseHVP
+    hv = LayerwiseHVP(model, params, n, answer_loss._answer_positions, answer_loss._math_sdpa)
     out = hv.hvp(batch, v)      # params: the trainable ones in the solver's order; out shaped like them
 
-curvature.HessianOperator builds it (gradient_checkpointing) and hands it curvature.py's two rules that it
+HessianOperator (operator.py) builds it (gradient_checkpointing) and hands it answer_loss.py's two rules that it
 shares, the answer positions of a batch and the attention kernel with a double backward, so that this file
-imports nothing of the project's.
+imports nothing else of the folder's.
 
 A double-backward graph (retained, or rebuilt for every product) holds every activation of the forward pass and
 of the first backward: 16.8 MiB per token at Llama-2-7B width (bench/bench_curvature_scale.py). Checkpointing
@@ -19,7 +19,7 @@ values per token per layer) and rebuilds one layer at a time, with torch.func (f
     backward  (g_l, dg_l), layer l's share = jvp(vjp(layer_l))  at (x_l, theta_l, g_{l+1})  along (dx_l, v_l, dg_{l+1})
     embedding its share = dg_0 scattered over the ids
 
-The loss is curvature.batch_answer_loss_sum's with autograd's cross-entropy (answer rows only), over the
+The loss is answer_loss.batch_answer_loss_sum's with autograd's cross-entropy (answer rows only), over the
 same total_tokens. A product costs about 12 forward passes' matmuls against 9 for a rebuilt graph (each
 layer's forward runs twice); its memory is one layer's working set plus the stored inputs. For HF decoder
 stacks laid out like Llama (Llama, Mistral, Qwen2: model.model.{embed_tokens, layers, norm, rotary_emb} and a
@@ -80,7 +80,7 @@ class LayerwiseHVP:
 
     def __init__(self, model, params, total_tokens: int, answer_positions, attention):
         """answer_positions(batch, device) -> (ids, attention_mask, keep, targets); attention() -> a context
-        manager that selects an attention kernel with a double backward (curvature.py's two)."""
+        manager that selects an attention kernel with a double backward (answer_loss.py's two)."""
         why = unsupported(model)
         if why:
             raise ValueError(f"layer-wise HVP: {why}")

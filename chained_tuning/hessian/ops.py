@@ -1,10 +1,18 @@
-"""The `hessian` operator library of csrc/: loading it (installed, JIT-built or none) and the Python side of
-its registration (autograd formulas and fake kernels), as pytorch/extension-cpp's ops.py does it.
+"""The `hessian` operator library of csrc/: loading it (installed, JIT-built or none), a typed wrapper of each op,
+and the Python side of its registration (fake kernels and autograd formulas), as pytorch/extension-cpp's
+extension_cpp/ops.py does it.
 
-    import ops; ops.load_extension()          # then torch.ops.hessian.* (see csrc/hessian.cpp for the schemas)
+    from chained_tuning.hessian import ops
+    ops.load_extension()                      # {"name", "detail", "ok"}; then ops.lanczos_step(...) and the rest
     python setup.py build_ext --inplace       # the library ahead of time (else JIT-built on first use)
 
-Needs torch alone; curvature.py is its user.
+Unlike extension-cpp's, this library is optional and loaded on demand (CURVATURE_EXT, backend="torch" never
+builds it), and torch.library takes a fake kernel or an autograd formula only for an op whose schema is
+registered, which comes with the library. So the formulas are module-level functions in two tables, FAKE_KERNELS
+and AUTOGRAD_FORMULAS, registered once per process as soon as the library is there: at import where it was
+loaded before (`import curvature_ext`), else by load_extension right after it loads it. Each registration is
+skipped where the dispatcher already holds one, so a second import (this folder copied under another name, in
+the same process) is harmless. Needs torch alone; the schemas and kernels are csrc/hessian.cpp's.
 """
 from __future__ import annotations
 
@@ -12,27 +20,301 @@ import os
 import time
 
 import torch
+from torch import Tensor
+
+from .errors import ExtensionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 # The one list of the library's sources, for setup.py and the JIT build (paths relative to the repository).
 CPU_SOURCES = ["csrc/hessian.cpp", "csrc/cpu/hessian_cpu.cpp"]
 CUDA_SOURCES = ["csrc/cuda/hessian_cuda.cpp", "csrc/cuda/hessian_kernels.cu"]
-
-try:  # the project's UserError, so that the command line's handler prints it as one line
-    from ..common import UserError as _UserErrorBase
-except ImportError:  # copied without common.py
-    _UserErrorBase = Exception
+EXT_MODES = ("auto", "installed", "jit", "none")
 
 
-class ExtensionError(_UserErrorBase):
-    """A bad CURVATURE_EXT value."""
+# ------------------------------------------------------------------------------------------- typed wrappers
+def lanczos_step(w: list[Tensor], v: list[Tensor], v_prev: list[Tensor], beta: Tensor) -> Tensor:
+    """One Lanczos step in place (v_prev becomes the next basis vector); returns [alpha, beta_next], float64."""
+    return torch.ops.hessian.lanczos_step.default(w, v, v_prev, beta)
 
 
+def power_step(w: list[Tensor], v: list[Tensor]) -> Tensor:
+    """v <- w / ||w|| in place; returns [<w, v>, ||w||], float64."""
+    return torch.ops.hessian.power_step.default(w, v)
+
+
+def shard_dot(w: list[Tensor], v: list[Tensor]) -> Tensor:
+    """[<w, v>, <w, w>] of one shard, float64 (the caller all-reduces)."""
+    return torch.ops.hessian.shard_dot.default(w, v)
+
+
+def lanczos_update(w: list[Tensor], v: list[Tensor], v_prev: list[Tensor], alpha: Tensor, beta: Tensor) -> Tensor:
+    """v_prev <- w - alpha v - beta v_prev in place (not scaled); returns [||v_prev||^2] of this shard."""
+    return torch.ops.hessian.lanczos_update.default(w, v, v_prev, alpha, beta)
+
+
+def softmax_xent(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(loss per row, softmax probabilities) of the cross-entropy of `logits` against `labels`."""
+    return torch.ops.hessian.softmax_xent.default(logits, labels, ignore_index)
+
+
+def softmax_xent_backward(grad_loss: Tensor, probs: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    return torch.ops.hessian.softmax_xent_backward.default(grad_loss, probs, labels, ignore_index)
+
+
+def softmax_xent_backward_backward(ggrad: Tensor, grad_loss: Tensor, probs: Tensor, labels: Tensor,
+                                   ignore_index: int) -> tuple[Tensor, Tensor]:
+    return torch.ops.hessian.softmax_xent_backward_backward.default(ggrad, grad_loss, probs, labels, ignore_index)
+
+
+def softmax_backward(grad_probs: Tensor, probs: Tensor) -> Tensor:
+    return torch.ops.hessian.softmax_backward.default(grad_probs, probs)
+
+
+def softmax_backward_backward(ggrad: Tensor, grad_probs: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+    """The backward of softmax's backward along the last dim, one pass per row (CPU only)."""
+    return torch.ops.hessian.softmax_backward_backward.default(ggrad, grad_probs, probs)
+
+
+def linear_xent(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
+                chunk_rows: int = 0) -> tuple[Tensor, Tensor]:
+    """(loss per row, probabilities) of the cross-entropy of hidden @ weight.T: the LM head and the loss fused."""
+    return torch.ops.hessian.linear_xent.default(hidden, weight, labels, ignore_index, chunk_rows)
+
+
+def linear_xent_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, probs: Tensor, labels: Tensor,
+                         ignore_index: int, chunk_rows: int = 0) -> tuple[Tensor, Tensor]:
+    return torch.ops.hessian.linear_xent_backward.default(grad_loss, hidden, weight, probs, labels, ignore_index,
+                                                          chunk_rows)
+
+
+def linear_xent_hvp(u: Tensor | None, U: Tensor | None, grad_loss: Tensor, hidden: Tensor, weight: Tensor,
+                    probs: Tensor, labels: Tensor, ignore_index: int,
+                    chunk_rows: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.ops.hessian.linear_xent_hvp.default(u, U, grad_loss, hidden, weight, probs, labels, ignore_index,
+                                                     chunk_rows)
+
+
+def lanczos_solve(grads: list[Tensor], grad_index: list[int], params: list[Tensor], v0: list[Tensor],
+                  max_iter: int, tol: float, stop_rule: int = 1,
+                  margin: float = 0.05) -> tuple[Tensor, Tensor, int, Tensor]:
+    """A whole Lanczos solve on a retained first-order graph in one call: (alphas, betas, stop code, times)."""
+    return torch.ops.hessian.lanczos_solve.default(grads, grad_index, params, v0, max_iter, tol, stop_rule, margin)
+
+
+def power_solve(grads: list[Tensor], grad_index: list[int], params: list[Tensor], v0: list[Tensor], max_iter: int,
+                tol: float) -> tuple[Tensor, int, Tensor]:
+    """A whole power iteration in one call: (history [k, 2], stop code, times)."""
+    return torch.ops.hessian.power_solve.default(grads, grad_index, params, v0, max_iter, tol)
+
+
+# ------------------------------------------------------------------------------------ autograd formulas
+def _xent_setup(ctx, inputs, output):
+    # forward: loss rows and softmax probabilities (the one logits-sized buffer kept for backward)
+    _, labels, ignore_index = inputs
+    ctx.set_materialize_grads(False)  # an unused probs output must not cost a softmax VJP
+    ctx.save_for_backward(output[1], labels)
+    ctx.ignore_index = ignore_index
+
+
+def _xent_backward(ctx, grad_loss, grad_probs):
+    probs, labels = ctx.saved_tensors
+    g = None
+    if grad_loss is not None:
+        g = softmax_xent_backward(grad_loss, probs, labels, ctx.ignore_index)
+    if grad_probs is not None:
+        gp = softmax_backward(grad_probs, probs)
+        g = gp if g is None else g + gp
+    return g, None, None
+
+
+def _xent_backward_setup(ctx, inputs, output):
+    # the backward is itself differentiable (double backward for HVPs)
+    grad_loss, probs, labels, ignore_index = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad_loss, probs, labels)
+    ctx.ignore_index = ignore_index
+
+
+def _xent_backward_backward(ctx, ggrad):
+    if ggrad is None:
+        return None, None, None, None
+    grad_loss, probs, labels = ctx.saved_tensors
+    gg, gp = softmax_xent_backward_backward(ggrad, grad_loss, probs, labels, ctx.ignore_index)
+    return gg, gp, None, None
+
+
+def _linear_xent_setup(ctx, inputs, output):
+    # probs (the one [N, V] buffer kept) is a non-differentiable output; the backward op takes its derivative
+    # analytically through hidden and weight (see csrc/hessian.cpp)
+    hidden, weight, labels, ignore_index, chunk_rows = inputs
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(hidden, weight, output[1], labels)
+    ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
+
+
+def _linear_xent_backward(ctx, grad_loss, grad_probs):
+    if grad_loss is None:
+        return None, None, None, None, None
+    hidden, weight, probs, labels = ctx.saved_tensors
+    gh, gw = linear_xent_backward(grad_loss, hidden, weight, probs, labels, ctx.ignore_index, ctx.chunk_rows)
+    return gh, gw, None, None, None
+
+
+def _linear_xent_backward_setup(ctx, inputs, output):
+    grad_loss, hidden, weight, probs, labels, ignore_index, chunk_rows = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad_loss, hidden, weight, probs, labels)
+    ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
+
+
+def _linear_xent_backward_backward(ctx, u, U):
+    grad_loss, hidden, weight, probs, labels = ctx.saved_tensors
+    if u is None and U is None:
+        return (None,) * 7
+    gg, dh, dw = linear_xent_hvp(u, U, grad_loss, hidden, weight, probs.detach(), labels, ctx.ignore_index,
+                                 ctx.chunk_rows)
+    return gg if ctx.needs_input_grad[0] else None, dh, dw, None, None, None, None
+
+
+# op -> (backward, setup_context)
+AUTOGRAD_FORMULAS = {
+    "softmax_xent": (_xent_backward, _xent_setup),
+    "softmax_xent_backward": (_xent_backward_backward, _xent_backward_setup),
+    "linear_xent": (_linear_xent_backward, _linear_xent_setup),
+    "linear_xent_backward": (_linear_xent_backward_backward, _linear_xent_backward_setup),
+}
+
+
+# ------------------------------------------------------------------------------------------- fake kernels
+def _loss_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _linear_xent_fake(hidden, weight, labels, ignore_index, chunk_rows=0):
+    dt = _loss_dtype(hidden)
+    return hidden.new_empty(hidden.shape[:1], dtype=dt), hidden.new_empty((hidden.shape[0], weight.shape[0]),
+                                                                           dtype=dt)
+
+
+def _linear_xent_backward_fake(grad_loss, hidden, weight, probs, labels, ignore_index, chunk_rows=0):
+    return torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _linear_xent_hvp_fake(u, U, grad_loss, hidden, weight, probs, labels, ignore_index, chunk_rows=0):
+    return torch.empty_like(grad_loss), torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _softmax_xent_fake(logits, labels, ignore_index):
+    return logits.new_empty(logits.shape[:1], dtype=_loss_dtype(logits)), torch.empty_like(logits)
+
+
+def _softmax_xent_backward_fake(grad_loss, probs, labels, ignore_index):
+    return torch.empty_like(probs)
+
+
+def _softmax_xent_backward_backward_fake(ggrad, grad_loss, probs, labels, ignore_index):
+    return torch.empty_like(grad_loss), torch.empty_like(probs)
+
+
+def _softmax_backward_fake(grad_probs, probs):
+    return torch.empty_like(probs)
+
+
+def _softmax_backward_backward_fake(ggrad, grad_probs, probs):  # contiguous outputs, whatever the inputs' strides
+    return probs.new_empty(probs.shape), probs.new_empty(probs.shape)
+
+
+def _lanczos_step_fake(w, v, v_prev, beta):
+    return w[0].new_empty((2,), dtype=torch.float64)
+
+
+def _power_step_fake(w, v):
+    return w[0].new_empty((2,), dtype=torch.float64)
+
+
+def _shard_dot_fake(w, v):
+    return w[0].new_empty((2,), dtype=torch.float64)
+
+
+def _lanczos_update_fake(w, v, v_prev, alpha, beta):
+    return w[0].new_empty((1,), dtype=torch.float64)
+
+
+FAKE_KERNELS = {
+    "linear_xent": _linear_xent_fake,
+    "linear_xent_backward": _linear_xent_backward_fake,
+    "linear_xent_hvp": _linear_xent_hvp_fake,
+    "softmax_xent": _softmax_xent_fake,
+    "softmax_xent_backward": _softmax_xent_backward_fake,
+    "softmax_xent_backward_backward": _softmax_xent_backward_backward_fake,
+    "softmax_backward": _softmax_backward_fake,
+    "softmax_backward_backward": _softmax_backward_backward_fake,
+    "lanczos_step": _lanczos_step_fake,
+    "power_step": _power_step_fake,
+    "shard_dot": _shard_dot_fake,
+    "lanczos_update": _lanczos_update_fake,
+}
+
+
+# ------------------------------------------------------------------------------------------- registration
+def library_loaded() -> bool:
+    """Whether the library's schemas are registered in this process (whoever loaded it)."""
+    return hasattr(torch.ops, "hessian") and hasattr(torch.ops.hessian, "lanczos_step")
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"hessian::{op}", key)
+
+
+def _register_python_side():
+    """FAKE_KERNELS and AUTOGRAD_FORMULAS, each unless the dispatcher holds one already (a second copy of this
+    module, or a second call)."""
+    for op, fake in FAKE_KERNELS.items():
+        if not _has_kernel(op, "Meta"):
+            torch.library.register_fake(f"hessian::{op}", fake)
+    for op, (backward, setup) in AUTOGRAD_FORMULAS.items():
+        if not _has_kernel(op, "Autograd"):
+            torch.library.register_autograd(f"hessian::{op}", backward, setup_context=setup)
+
+
+# ------------------------------------------------------------------------------------------------ loading
 _EXT_STATE: dict | None = None
 
 
 def _cuda_sources_usable() -> bool:
     return torch.cuda.is_available() and torch.version.cuda is not None
+
+
+def _load_installed(errors):
+    try:
+        import curvature_ext  # noqa: F401  (built by setup.py; importing runs TORCH_LIBRARY initialisers)
+    except ImportError as e:
+        errors.append(f"installed: {e}")
+        return None
+    return {"name": "installed", "detail": getattr(curvature_ext, "__file__", "?"), "ok": True}
+
+
+def _load_jit(errors, verbose):
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir = os.path.join(ROOT, "build", "jit")
+        os.makedirs(build_dir, exist_ok=True)
+        sources = [os.path.join(ROOT, f) for f in CPU_SOURCES]
+        kwargs = {}
+        if _cuda_sources_usable():
+            sources += [os.path.join(ROOT, f) for f in CUDA_SOURCES]
+            kwargs["extra_cuda_cflags"] = ["-O3"]
+        t0 = time.time()
+        load(name="curvature_ext_jit" + ("_cuda" if "extra_cuda_cflags" in kwargs else ""), sources=sources,
+             extra_cflags=["-O3"], build_directory=build_dir, is_python_module=False, verbose=verbose, **kwargs)
+    except Exception as e:  # compiler missing, build error, ...
+        msg = str(e).strip().splitlines()
+        errors.append(f"jit: {msg[-1] if msg else type(e).__name__}")
+        return None
+    return {"name": "jit", "ok": True,
+            "detail": f"torch.utils.cpp_extension.load into {build_dir} ({time.time() - t0:.1f} s)"}
 
 
 def load_extension(mode: str | None = None, verbose: bool = False) -> dict:
@@ -45,178 +327,24 @@ def load_extension(mode: str | None = None, verbose: bool = False) -> dict:
     """
     global _EXT_STATE
     mode = (mode or os.environ.get("CURVATURE_EXT") or "auto").lower()
-    if mode not in ("auto", "installed", "jit", "none"):
-        raise ExtensionError(f"CURVATURE_EXT={mode!r} is not one of auto, installed, jit, none")
+    if mode not in EXT_MODES:
+        raise ExtensionError(f"CURVATURE_EXT={mode!r} is not one of {', '.join(EXT_MODES)}")
     if _EXT_STATE is not None and (_EXT_STATE["ok"] or mode == "none"):
         return _EXT_STATE
     if mode == "none":
         return {"name": "none", "detail": "disabled (CURVATURE_EXT=none)", "ok": False}
     errors = []
-    if hasattr(torch.ops, "hessian") and hasattr(torch.ops.hessian, "lanczos_step"):
+    if library_loaded():
         _EXT_STATE = {"name": "preloaded", "detail": "hessian ops already registered in this process", "ok": True}
     if _EXT_STATE is None and mode in ("auto", "installed"):
-        try:
-            import curvature_ext  # noqa: F401  (built by setup.py; importing runs TORCH_LIBRARY initialisers)
-
-            _EXT_STATE = {"name": "installed", "detail": getattr(curvature_ext, "__file__", "?"), "ok": True}
-        except ImportError as e:
-            errors.append(f"installed: {e}")
+        _EXT_STATE = _load_installed(errors)
     if _EXT_STATE is None and mode in ("auto", "jit"):
-        try:
-            from torch.utils.cpp_extension import load
-
-            build_dir = os.path.join(ROOT, "build", "jit")
-            os.makedirs(build_dir, exist_ok=True)
-            sources = [os.path.join(ROOT, f) for f in CPU_SOURCES]
-            kwargs = {}
-            if _cuda_sources_usable():
-                sources += [os.path.join(ROOT, f) for f in CUDA_SOURCES]
-                kwargs["extra_cuda_cflags"] = ["-O3"]
-            t0 = time.time()
-            load(name="curvature_ext_jit" + ("_cuda" if "extra_cuda_cflags" in kwargs else ""), sources=sources,
-                 extra_cflags=["-O3"], build_directory=build_dir, is_python_module=False, verbose=verbose,
-                 **kwargs)
-            _EXT_STATE = {"name": "jit", "ok": True,
-                          "detail": f"torch.utils.cpp_extension.load into {build_dir} ({time.time() - t0:.1f} s)"}
-        except Exception as e:  # compiler missing, build error, ...
-            msg = str(e).strip().splitlines()
-            errors.append(f"jit: {msg[-1] if msg else type(e).__name__}")
+        _EXT_STATE = _load_jit(errors, verbose)
     if _EXT_STATE is None:
         return {"name": "none", "detail": "plain PyTorch fallback; " + "; ".join(errors), "ok": False}
     _register_python_side()
     return _EXT_STATE
 
 
-_PY_REGISTERED = False
-
-
-def _register_python_side():
-    """Autograd formulas and fake (meta) kernels of the C++ ops."""
-    global _PY_REGISTERED
-    if _PY_REGISTERED:
-        return
-    ops = torch.ops.hessian
-    lib = torch.library
-
-    # forward: loss rows and softmax probabilities (the one logits-sized buffer kept for backward)
-    def xent_setup(ctx, inputs, output):
-        _, labels, ignore_index = inputs
-        ctx.set_materialize_grads(False)  # an unused probs output must not cost a softmax VJP
-        ctx.save_for_backward(output[1], labels)
-        ctx.ignore_index = ignore_index
-
-    def xent_backward(ctx, grad_loss, grad_probs):
-        probs, labels = ctx.saved_tensors
-        g = None
-        if grad_loss is not None:
-            g = ops.softmax_xent_backward(grad_loss, probs, labels, ctx.ignore_index)
-        if grad_probs is not None:
-            gp = ops.softmax_backward(grad_probs, probs)
-            g = gp if g is None else g + gp
-        return g, None, None
-
-    lib.register_autograd("hessian::softmax_xent", xent_backward, setup_context=xent_setup)
-
-    # the backward is itself differentiable (double backward for HVPs)
-    def xb_setup(ctx, inputs, output):
-        grad_loss, probs, labels, ignore_index = inputs
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad_loss, probs, labels)
-        ctx.ignore_index = ignore_index
-
-    def xb_backward(ctx, ggrad):
-        if ggrad is None:
-            return None, None, None, None
-        grad_loss, probs, labels = ctx.saved_tensors
-        gg, gp = ops.softmax_xent_backward_backward(ggrad, grad_loss, probs, labels, ctx.ignore_index)
-        return gg, gp, None, None
-
-    lib.register_autograd("hessian::softmax_xent_backward", xb_backward, setup_context=xb_setup)
-
-    # fused linear + cross-entropy: probs (the one [N, V] buffer kept) is a non-differentiable output; the
-    # backward op takes its derivative analytically through hidden and weight (see csrc/hessian.cpp)
-    def lx_setup(ctx, inputs, output):
-        hidden, weight, labels, ignore_index, chunk_rows = inputs
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(hidden, weight, output[1], labels)
-        ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
-
-    def lx_backward(ctx, grad_loss, grad_probs):
-        if grad_loss is None:
-            return None, None, None, None, None
-        hidden, weight, probs, labels = ctx.saved_tensors
-        gh, gw = ops.linear_xent_backward(grad_loss, hidden, weight, probs, labels, ctx.ignore_index, ctx.chunk_rows)
-        return gh, gw, None, None, None
-
-    lib.register_autograd("hessian::linear_xent", lx_backward, setup_context=lx_setup)
-
-    def lxb_setup(ctx, inputs, output):
-        grad_loss, hidden, weight, probs, labels, ignore_index, chunk_rows = inputs
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad_loss, hidden, weight, probs, labels)
-        ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
-
-    def lxb_backward(ctx, u, U):
-        grad_loss, hidden, weight, probs, labels = ctx.saved_tensors
-        if u is None and U is None:
-            return (None,) * 7
-        gg, dh, dw = ops.linear_xent_hvp(u, U, grad_loss, hidden, weight, probs.detach(), labels, ctx.ignore_index,
-                                         ctx.chunk_rows)
-        return gg if ctx.needs_input_grad[0] else None, dh, dw, None, None, None, None
-
-    lib.register_autograd("hessian::linear_xent_backward", lxb_backward, setup_context=lxb_setup)
-
-    fake_dtype = lambda t: torch.float64 if t.dtype == torch.float64 else torch.float32  # noqa: E731
-
-    @lib.register_fake("hessian::linear_xent")
-    def _(hidden, weight, labels, ignore_index, chunk_rows=0):
-        dt = fake_dtype(hidden)
-        return hidden.new_empty(hidden.shape[:1], dtype=dt), hidden.new_empty((hidden.shape[0], weight.shape[0]),
-                                                                               dtype=dt)
-
-    @lib.register_fake("hessian::linear_xent_backward")
-    def _(grad_loss, hidden, weight, probs, labels, ignore_index, chunk_rows=0):
-        return torch.empty_like(hidden), torch.empty_like(weight)
-
-    @lib.register_fake("hessian::linear_xent_hvp")
-    def _(u, U, grad_loss, hidden, weight, probs, labels, ignore_index, chunk_rows=0):
-        return torch.empty_like(grad_loss), torch.empty_like(hidden), torch.empty_like(weight)
-
-    @lib.register_fake("hessian::softmax_xent")
-    def _(logits, labels, ignore_index):
-        return logits.new_empty(logits.shape[:1], dtype=fake_dtype(logits)), torch.empty_like(logits)
-
-    @lib.register_fake("hessian::softmax_xent_backward")
-    def _(grad_loss, probs, labels, ignore_index):
-        return torch.empty_like(probs)
-
-    @lib.register_fake("hessian::softmax_xent_backward_backward")
-    def _(ggrad, grad_loss, probs, labels, ignore_index):
-        return torch.empty_like(grad_loss), torch.empty_like(probs)
-
-    @lib.register_fake("hessian::softmax_backward")
-    def _(grad_probs, probs):
-        return torch.empty_like(probs)
-
-    @lib.register_fake("hessian::softmax_backward_backward")
-    def _(ggrad, grad_probs, probs):  # contiguous outputs, whatever the inputs' strides
-        return probs.new_empty(probs.shape), probs.new_empty(probs.shape)
-
-    @lib.register_fake("hessian::lanczos_step")
-    def _(w, v, v_prev, beta):
-        return w[0].new_empty((2,), dtype=torch.float64)
-
-    @lib.register_fake("hessian::power_step")
-    def _(w, v):
-        return w[0].new_empty((2,), dtype=torch.float64)
-
-    @lib.register_fake("hessian::shard_dot")
-    def _(w, v):
-        return w[0].new_empty((2,), dtype=torch.float64)
-
-    @lib.register_fake("hessian::lanczos_update")
-    def _(w, v, v_prev, alpha, beta):
-        return w[0].new_empty((1,), dtype=torch.float64)
-
-    _PY_REGISTERED = True
+if library_loaded():  # loaded before this import (extension-cpp's order): its Python side now
+    _register_python_side()
