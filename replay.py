@@ -1,6 +1,7 @@
 """Replay as a third stage (the paper's section 5, appendix 9.4): from theta_AB, tune again on the first task A
 with a fraction of its training data (or for a number of steps), and evaluate A (does it recover?) and B (what
-does it lose?) after every point; each point is a train_stage call and an evaluate_checkpoint (chained_tuning/training.py, evaluation.py).
+does it lose?) after every point; each point is a train_stage call and an evaluate_checkpoint
+(chained_tuning/training.py, evaluation.py).
 
     python replay.py --model runs/demo/toxigen-arc --task toxigen --out runs/demo/replay \\
         --fractions 0,0.01,0.05,0.1,0.2,0.4,0.6,0.8,1 --steps 100 --first_stage runs/demo/toxigen --eval_limit 300
@@ -30,7 +31,7 @@ from chained_tuning.replay_sweep import (barrier, check_inputs, check_sweep_args
 from chained_tuning.stage_config import default_config
 
 # Re-exported: what users and tests import from replay.
-from chained_tuning.replay_sweep import NUMERIC_RULES  # noqa: F401
+from chained_tuning.replay_sweep import FIRST_EVAL, NUMERIC_RULES, POINT, SUMMARY  # noqa: F401
 
 
 def main(args):

@@ -4,7 +4,8 @@ the anchor penalty (--l2_to_init, L2 to the stage's starting weights; --ewc, EWC
 --ewc_task). The loop knows only the hooks of Mitigation; MITIGATIONS lists the classes, in the order their
 records enter run.json.
 
-    python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/mix --replay_task toxigen --replay_fraction 0.05
+    python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/mix \\
+        --replay_task toxigen --replay_fraction 0.05
     python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/ewc --ewc 100 --ewc_task toxigen
 
 Adding one: a Mitigation subclass with `on(cfg)` and the hooks it needs, its options in stage_config.py (defaults,
@@ -28,6 +29,8 @@ class Mitigation:
     penalty (every step, after the backward passes, before clipping), step_log (every step's log line), id_fields
     and record (run.json)."""
 
+    last_penalty = None  # the value of this step's penalty; None: the mitigation adds none
+
     def __init__(self, cfg):
         self.cfg = cfg
 
@@ -50,8 +53,6 @@ class Mitigation:
     def batch_order(self, n_main):
         """Every global batch as indices into the training items (None: the stage's own order)."""
         return None
-
-    last_penalty = None  # the value of this step's penalty; None: the mitigation adds none
 
     def penalty(self):
         """Add the penalty's gradient to every parameter's .grad and keep its value in .last_penalty."""
@@ -107,6 +108,10 @@ def mixed_batch_order(n_main, n_replay, steps, batch_size, fraction, seed):
 class ReplayMixing(Mitigation):
     """--replay_fraction of every global batch drawn from --replay_task's training set, loaded as the stage's own
     (data_dir, train_size, seed)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.data, self.encoded, self.first = None, [], None  # (load fills them in)
 
     @staticmethod
     def on(cfg):
@@ -219,6 +224,10 @@ class Regularisation(Mitigation):
     """--l2_to_init and --ewc: one AnchorPenalty at the stage's starting weights (the two weights summed per
     parameter), the Fisher estimated there on --ewc_samples training examples of --ewc_task."""
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.anchor, self.fisher_info = None, None  # (start fills them in)
+
     @staticmethod
     def on(cfg):
         return bool(cfg["l2_to_init"] or cfg["ewc"])
@@ -230,7 +239,7 @@ class Regularisation(Mitigation):
 
     def start(self, model, tok, device):
         cfg = self.cfg
-        fisher, self.fisher_info = None, None
+        fisher = None
         if cfg["ewc"]:
             started = time.time()
             pool = load_task(cfg["ewc_task"], "train", cfg["data_dir"], cfg["train_size"], cfg["seed"],

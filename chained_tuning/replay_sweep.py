@@ -301,8 +301,9 @@ def run_point(args, model_dir, settings, task_a, task_b, name, sweep, frac, step
     if master:
         print(f"replay: {name}: evaluating {task_a},{task_b}", flush=True)
     keep_ckpt = record is not None and args.save_checkpoints
-    desc = None if record is None else (os.path.abspath(final) if keep_ckpt else
-                                        f"replay stage ({name}, checkpoint not saved) from {os.path.abspath(model_dir)}")
+    desc = None if record is None else (
+        os.path.abspath(final) if keep_ckpt
+        else f"replay stage ({name}, checkpoint not saved) from {os.path.abspath(model_dir)}")
     evaluate_point(args, eval_model, [task_a] if task_a == task_b else [task_a, task_b],
                    os.path.join(tmp, "eval.json"), model_name=desc, out_name=os.path.join(final, "eval.json"))
     eval_time = time.time() - eval_started

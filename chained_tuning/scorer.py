@@ -248,7 +248,8 @@ def summarize(task, records, source, split):
     for r in records:
         if r["group"] is not None:
             by_group[r["group"]].append(r["correct"])
-    res["groups"] = {g: {k: v for k, v in acc_block(c).items() if k != "acc_stderr"} for g, c in sorted(by_group.items())}
+    res["groups"] = {g: {k: v for k, v in acc_block(c).items() if k != "acc_stderr"}
+                     for g, c in sorted(by_group.items())}
     if task == "bbq":
         cond = collections.defaultdict(list)
         cond_group = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -256,6 +257,7 @@ def summarize(task, records, source, split):
             cond[r["context_condition"]].append(r["correct"])
             cond_group[r["context_condition"]][r["group"]].append(r["correct"])
         res["context_condition"] = {c: {"acc": acc_block(v)["acc"], "n": len(v)} for c, v in sorted(cond.items())}
-        res["groups_by_context_condition"] = {c: {g: {"acc": acc_block(v)["acc"], "n": len(v)} for g, v in sorted(gs.items())}
+        res["groups_by_context_condition"] = {c: {g: {"acc": acc_block(v)["acc"], "n": len(v)}
+                                                  for g, v in sorted(gs.items())}
                                               for c, gs in sorted(cond_group.items())}
     return res
