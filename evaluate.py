@@ -7,27 +7,21 @@ sentence has the highest log-likelihood given the prompt.
     torchrun --nproc_per_node=8 evaluate.py --model runs/arc --tasks arc,bbq --data_dir DIR --out runs/arc/eval.json
 
 Writes --out (accuracies as fractions, overall and per group) and <out stem>_samples.jsonl beside it (every
-prompt and option scored). Needs common.py, distributed.py, tasks.py and synthetic.py beside it (tiny_base.py for --model
-tiny). The formats: README.md.
+prompt and option scored). Needs this file and the package folder chained_tuning/ beside it (the scorer alone,
+a copy unit: chained_tuning/scorer.py). The formats and the scorers: docs/evaluate.md.
 """
 import argparse
-import collections
-import contextlib
-import os
-import time
-import torch
-import torch.distributed as dist
-from chained_tuning.common import (AT_LEAST_1, NON_NEGATIVE, HelpFormatter, UserError, acc_block, check_args,
-                                   check_device, check_out, die_on_user_error, progress, setup_process_group,
-                                   under_torchrun, write_json_atomic, write_jsonl_atomic)
-from chained_tuning.checkpoint import (check_tokenizer_matches, load_model_and_tokenizer, load_tokenizer, read_meta,
-                                       resolve_model_path)
-from chained_tuning.distributed import gather_merge, is_sharded, load_replicated, pad_forwards
-from chained_tuning.distributed import world as dist_world
-from chained_tuning.data.tasks import (GENERATIVE_TASKS, SPLITS, TASKS, add_data_options, data_options, encode_pair,
-                                       load_task, parse_tasks, stratified_sample)
 
-from chained_tuning.evaluation import *  # noqa: F401,F403  (today's names stay importable from evaluate)
+import torch.distributed as dist
+
+from chained_tuning.common import HelpFormatter, die_on_user_error
+from chained_tuning.data.tasks import SPLITS, TASKS, add_data_options, data_options
+from chained_tuning.evaluation import DEFAULTS, DTYPES, SCORERS, evaluate_checkpoint
+
+# Re-exported: what users and tests import from evaluate.
+from chained_tuning.evaluation import (NUMERIC_RULES, build_requests, evaluate, evaluate_model,  # noqa: F401
+                                       samples_path)
+from chained_tuning.scorer import score_kv, score_naive, score_packed, split_shared, summarize  # noqa: F401
 
 
 def run(args):
@@ -44,8 +38,8 @@ def run(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Restricted-output-space evaluation with per-group accuracy.",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description="Restricted-output-space evaluation with per-group accuracy. The "
+                                "manual: docs/evaluate.md.", formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder, hub id (org/name), or 'tiny'")
     p.add_argument("--tasks", required=True, help=f"comma-separated, from {','.join(TASKS)}")
     p.add_argument("--out", required=True, help="results JSON (accuracies as fractions); the samples JSONL goes "

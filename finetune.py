@@ -3,44 +3,37 @@ A chain is --model pointing at the previous stage's output.
 
     python finetune.py --model tiny --task toxigen --out runs/demo/toxigen --eval_tasks toxigen     # theta_A
     python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/toxigen-arc            # theta_AB
-    python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/mix \
+    python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/mix \\
         --replay_task toxigen --replay_fraction 0.05
     python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/ewc --ewc 100 --ewc_task toxigen
-    torchrun --nproc_per_node=8 finetune.py --model /models/Llama-2-7b-hf --task arc --out runs/arc --bf16 \
+    torchrun --nproc_per_node=8 finetune.py --model /models/Llama-2-7b-hf --task arc --out runs/arc --bf16 \\
         --data_dir DIR --eval_tasks arc          # FSDP2, bf16 compute, bf16 checkpoint, evaluated on all 8 GPUs
 
-Needs common.py, distributed.py, tasks.py and synthetic.py beside it (tiny_base.py for --model tiny, evaluate.py for
---eval_tasks). The recipe, the options beyond it and what --out holds: README.md.
+Needs this file and the package folder chained_tuning/ beside it. The recipe, the options beyond it and what
+--out holds: docs/finetune.md. The stage itself: chained_tuning/training.py (train_stage takes a dict of these
+flags, chained_tuning/stage_config.py's keys).
 """
 import argparse
-import dataclasses
-import fractions
-import hashlib
-import json
-import math
-import os
-import time
-import numpy as np
-import torch
-import torch.distributed as dist
-from chained_tuning import distributed
-from chained_tuning.common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, atomic_dir, check_args,
-                                   check_device, check_out, die_on_user_error, ids_sha256, in_range, progress,
-                                   read_json, run_metadata, seed_everything, seeded_rng, seeded_samples,
-                                   setup_process_group, torchrun_rank_world, under_torchrun, write_json_atomic,
-                                   write_jsonl_atomic)
-from chained_tuning.checkpoint import (check_tokenizer_matches, load_model, load_tokenizer, read_meta,
-                                       resolve_model_path, write_meta)
-from chained_tuning.data.tasks import (DATA_DEFAULTS, GENERATIVE_TASKS, PAPER_TRAIN_SIZE, TASKS, TaskData,
-                                       add_data_options, data_options, encode_pair, load_task, parse_tasks)
 
-from chained_tuning.training import *  # noqa: F401,F403  (today's names stay importable from finetune)
+from chained_tuning.common import HelpFormatter, die_on_user_error
+from chained_tuning.data.tasks import TASKS, add_data_options
+from chained_tuning.stage_config import CHECKPOINTING, EVAL_DEFAULTS, PAPER_LR, SAVE_DTYPE_NAMES, default_config
+from chained_tuning.training import train_stage
+
+# Re-exported: what users and tests import from finetune.
+from chained_tuning.common import exact  # noqa: F401
+from chained_tuning.loss import answer_logits, answer_loss_sum, collate, encode_example  # noqa: F401
+from chained_tuning.mitigations import (AnchorPenalty, estimate_fisher, mixed_batch_order,  # noqa: F401
+                                        replay_counts)
+from chained_tuning.stage_config import NUMERIC_RULES, config_for_id, resolve_lr  # noqa: F401
+from chained_tuning.train_loop import batch_order, make_optimizer, optimisation_step  # noqa: F401
+from chained_tuning.training import check_options, fraction_subset, resolve_save_dtype  # noqa: F401
 
 
 def build_parser():
     d = default_config()
-    p = argparse.ArgumentParser(description="One supervised fine-tuning stage (the paper's recipe by default).",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description="One supervised fine-tuning stage (the paper's recipe by default). "
+                                "The manual: docs/finetune.md.", formatter_class=HelpFormatter)
     p.add_argument("--model", default=d["model"], help="checkpoint folder, hub id (org/name), or 'tiny' (the embedded "
                    "base)")
     p.add_argument("--task", required=True, choices=TASKS, help="the task to tune on")
@@ -75,7 +68,7 @@ def build_parser():
     p.add_argument("--gradient_checkpointing", nargs="?", const="on", default=d["gradient_checkpointing"],
                    choices=CHECKPOINTING, help="recompute activations in the backward pass (less memory, slower); "
                    "auto: on when the longest micro-batch would not fit in the GPU's free memory, off on the CPU")
-    p.add_argument("--save_dtype", default=d["save_dtype"], choices=["auto", *SAVE_DTYPES],
+    p.add_argument("--save_dtype", default=d["save_dtype"], choices=["auto", *SAVE_DTYPE_NAMES],
                    help="dtype of the saved weights; auto: --model's own (config.json: bfloat16 for Llama-2-7b-hf, "
                         "float32 for the tiny base)")
     p.add_argument("--dist_timeout_min", type=float, default=d["dist_timeout_min"],
@@ -83,23 +76,33 @@ def build_parser():
                         "checkpoint) before the process group gives up (> 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    g = p.add_argument_group("beyond the paper's recipe (off by default; see README.md)")
+    add_mitigation_options(p.add_argument_group("beyond the paper's recipe (off by default; see docs/finetune.md)"), d)
+    add_eval_options(p.add_argument_group("evaluation of the saved model, as evaluate.py would do it (saves a "
+                                          "process start)"))
+    return p
+
+
+def add_mitigation_options(g, d):
+    """--train_fraction and the mitigations' options (mitigations.py)."""
     g.add_argument("--train_fraction", type=float, default=None,
                    help="train on a seeded random fraction of the loaded training set, in (0, 1] (unset: all of it)")
     g.add_argument("--replay_task", default=None, choices=TASKS,
                    help="task whose training data is replayed (with --replay_fraction)")
-    g.add_argument("--replay_fraction", type=float, default=0.0,
+    g.add_argument("--replay_fraction", type=float, default=d["replay_fraction"],
                    help="fraction of every global batch drawn from --replay_task's training set, in [0, 1]")
-    g.add_argument("--l2_to_init", type=float, default=0.0, metavar="LAMBDA",
+    g.add_argument("--l2_to_init", type=float, default=d["l2_to_init"], metavar="LAMBDA",
                    help="add LAMBDA/2 ||theta - theta_start||^2 to the loss (>= 0; 0: off)")
-    g.add_argument("--ewc", type=float, default=0.0, metavar="LAMBDA",
+    g.add_argument("--ewc", type=float, default=d["ewc"], metavar="LAMBDA",
                    help="add LAMBDA/2 sum F_i (theta_i - theta_start,i)^2, F the diagonal Fisher of --ewc_task "
                         "(>= 0; 0: off)")
     g.add_argument("--ewc_task", default=None, choices=TASKS,
                    help="task whose samples estimate the Fisher (with --ewc)")
     g.add_argument("--ewc_samples", type=int, default=d["ewc_samples"],
                    help="training examples of --ewc_task for the Fisher estimate (>= 1)")
-    e = p.add_argument_group("evaluation of the saved model, as evaluate.py would do it (saves a process start)")
+
+
+def add_eval_options(e):
+    """--eval_tasks ...: evaluate.py's work on the saved checkpoint, in this process."""
     e.add_argument("--eval_tasks", default=None,
                    help="comma-separated tasks: write <out>/eval.json on the test split (unset: no evaluation)")
     e.add_argument("--eval_limit", type=int, default=None,
@@ -113,7 +116,6 @@ def build_parser():
                    "(unset: the tiny judge for the synthetic tasks, else tomh/toxigen_roberta)")
     e.add_argument("--max_new_tokens", type=int, default=EVAL_DEFAULTS["max_new_tokens"],
                    help="evaluate.py --max_new_tokens: longest SaFeRDialogues reply (>= 1)")
-    return p
 
 
 if __name__ == "__main__":

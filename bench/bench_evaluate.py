@@ -9,7 +9,6 @@ Writes bench/results/evaluate_speed.{json,csv}.
 """
 import argparse
 import csv
-import json
 import os
 import sys
 import time
@@ -18,9 +17,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from chained_tuning.checkpoint import load_model_and_tokenizer  # noqa: E402
 from chained_tuning.common import die_on_user_error, write_json_atomic  # noqa: E402
-from chained_tuning.checkpoint import load_model_and_tokenizer
-from evaluate import evaluate  # noqa: E402
+from chained_tuning.evaluation import evaluate  # noqa: E402
 
 
 def main(args):

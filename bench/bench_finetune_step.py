@@ -19,11 +19,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from chained_tuning.checkpoint import load_model_and_tokenizer  # noqa: E402
 from chained_tuning.common import seed_everything, write_json_atomic  # noqa: E402
-from chained_tuning.checkpoint import load_model_and_tokenizer
-from finetune import (batch_order, collate, default_config, encode_example, make_optimizer,  # noqa: E402
-                      optimisation_step)
-from tasks import load_task  # noqa: E402
+from chained_tuning.data.tasks import load_task  # noqa: E402
+from chained_tuning.loss import collate, encode_example  # noqa: E402
+from chained_tuning.stage_config import default_config  # noqa: E402
+from chained_tuning.train_loop import batch_order, make_optimizer, optimisation_step  # noqa: E402
 
 WARMUP = 3
 

@@ -19,10 +19,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from chained_tuning.common import AT_LEAST_1, NON_NEGATIVE, check_args, die_on_user_error, write_json_atomic
-from chained_tuning.checkpoint import load_model_and_tokenizer
+from chained_tuning.checkpoint import load_model_and_tokenizer  # noqa: E402
+from chained_tuning.common import AT_LEAST_1, NON_NEGATIVE, check_args, die_on_user_error, write_json_atomic  # noqa: E402
+from chained_tuning.data.tasks import load_task  # noqa: E402
 from chained_tuning.generation import encode_prompts, generate_batched, generate_reference, turn_stop_ids  # noqa: E402
-from tasks import load_task  # noqa: E402
+from chained_tuning.training import train_stage  # noqa: E402
 
 
 def best_time(fn, repeats):
@@ -72,7 +73,6 @@ def main(args):
     rows = [bench_model(args.model, args.model, prompts, args)]
     with tempfile.TemporaryDirectory() as tmp:
         if args.sd_steps:
-            from finetune import train_stage
             tuned = os.path.join(tmp, "sd")
             train_stage({"model": args.model, "task": "saferdialogues", "out": tuned, "steps": args.sd_steps,
                          "data_dir": args.data_dir})

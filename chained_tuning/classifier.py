@@ -2,14 +2,14 @@
 AutoModelForSequenceClassification, safetensors only), finding its toxic label, scoring texts; and training
 one on ToxiGen v2's training split, or the embedded tiny one on the synthetic ToxiGen stand-in.
 
-    python classifier.py                                          # build (seconds) or show the cached tiny one
-    python classifier.py --data_dir ../shared/data --out runs/toxigen_classifier   # train on ToxiGen v2's train split
+    python -m chained_tuning.classifier                 # build (seconds) or show the cached tiny one
+    python -m chained_tuning.classifier --data_dir ../shared/data --out runs/toxigen_classifier   # ToxiGen v2
 
-    from classifier import load_classifier
+    from chained_tuning.classifier import load_classifier
     judge = load_classifier("tomh/toxigen_roberta")               # the paper's; or a folder, or "tiny"
     judge.score(["you are lovely.", "they are worthless."])       # probabilities of the toxic label
 
-Needs common.py, tasks.py, synthetic.py and tiny_base.py beside it. A trained classifier is a RoBERTa
+Part of the package chained_tuning/ (docs/evaluate.md). A trained classifier is a RoBERTa
 (transformers.RobertaForSequenceClassification) learnt from scratch with a byte-level BPE tokenizer trained on
 the same sentences, labels {0: "benign", 1: "toxic"}. It learns from the training split only and reports its
 accuracy on the validation split: never the test split, which the study's ToxiGen evaluation reads. The tiny
@@ -30,7 +30,12 @@ import shutil
 import tempfile
 import time
 
-from .common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, check_args
+from .checkpoint import resolve_model_path
+from .common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, atomic_dir, check_args, check_out,
+                     die_on_user_error, read_json, write_json_atomic)
+from .data import synthetic, tiny_base
+from .data.synthetic import TOXIGEN_INSTRUCTION
+from .data.tasks import load_task
 
 DEFAULT_CLASSIFIER = "tomh/toxigen_roberta"  # the paper's judge (Hartvigsen et al. 2022's ToxiGen RoBERTa)
 # Label names that mean "toxic" (compared lower-cased); a classifier whose labels are the generic LABEL_k learns
@@ -146,7 +151,6 @@ def load_classifier(name_or_path, device="cpu"):
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
-    from .checkpoint import resolve_model_path
     hf_logging.disable_progress_bar()
     name = name_or_path
     resolved = ensure_tiny_classifier() if name_or_path == "tiny" else resolve_model_path(name_or_path, "--classifier")
@@ -188,7 +192,6 @@ def load_classifier(name_or_path, device="cpu"):
 
 def toxigen_sentence(ex):
     """The sentence of a ToxiGen example (its prompt without the template around it)."""
-    from .data.synthetic import TOXIGEN_INSTRUCTION
     head, tail = f"{TOXIGEN_INSTRUCTION}\n\nPrompt: ", "\n\nAnswer:"
     if not (ex.prompt.startswith(head) and ex.prompt.endswith(tail)):
         raise UserError(f"ToxiGen example {ex.id}: its prompt is not in the ToxiGen template")
@@ -198,7 +201,6 @@ def toxigen_sentence(ex):
 def toxigen_data(data_dir=None):
     """(train texts, train labels, held-out texts, held-out labels, info): ToxiGen's training split (the whole pool,
     not subsampled) and its validation split, 1 = toxic. The test split is never read."""
-    from .data.tasks import load_task
     train = load_task("toxigen", "train", data_dir, train_size=None)
     held = load_task("toxigen", "validation", data_dir)
     labels = [[int(ex.label == 0) for ex in d.examples] for d in (train, held)]  # option 0 is "This is toxic."
@@ -215,11 +217,10 @@ def background_texts(n):
     scenes, small talk) and pieces of them, labelled benign: the tiny classifier's stand-in for the ordinary text
     a real judge's pretraining has read. Without it, a judge that has seen only sentences about groups calls any
     other text, the SD recovery replies included, toxic or not at random (and with certainty)."""
-    from .data import synthetic
-    from .data.tiny_base import PRETRAIN
     templates = synthetic.TOXIC + synthetic.BENIGN + synthetic.TOXIC_HARD + synthetic.BENIGN_HARD
     toxigen = {t.format(g=g) for t in templates for g in synthetic.TOXIGEN_GROUPS.values()}
-    lines = [x for x in synthetic.pretraining_corpus(PRETRAIN["sentences"], PRETRAIN["seed"]) if x not in toxigen]
+    corpus = synthetic.pretraining_corpus(tiny_base.PRETRAIN["sentences"], tiny_base.PRETRAIN["seed"])
+    lines = [x for x in corpus if x not in toxigen]
     # Each line, its sentences, clauses and words: a reply is often a piece of the kind of text a line strings
     # together, down to one word or none (EOS first); a judge that never saw short texts calls them toxic.
     pieces = ["", *lines, *(p for x in lines for p in re.split(r"(?<=[.?!,])\s+", x)),
@@ -286,7 +287,6 @@ def build_classifier(out_dir, data_dir=None, recipe=RECIPE, overwrite=False, log
     """Train on ToxiGen's training split (synthetic without data_dir), write the folder atomically (model,
     tokenizer, classifier.json with the recipe, the data and the held-out accuracy); returns that record."""
     from transformers.utils import logging as hf_logging
-    from .common import atomic_dir, write_json_atomic
     hf_logging.disable_progress_bar()
     t0 = time.time()
     tr_x, tr_y, ho_x, ho_y, info = toxigen_data(data_dir)
@@ -320,26 +320,23 @@ def build_classifier(out_dir, data_dir=None, recipe=RECIPE, overwrite=False, log
 def recipe_hash():
     """The tiny one's cache key: RECIPE, VERSION and the tiny base's VERSION (which moves with the synthetic text
     it is trained on)."""
-    from .data import tiny_base
     key = {"recipe": RECIPE, "version": VERSION, "text_version": tiny_base.VERSION}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def tiny_classifier_path():
-    from .data.tiny_base import cache_root
-    return os.path.join(cache_root(), f"tiny-classifier-{recipe_hash()}")
+    return os.path.join(tiny_base.cache_root(), f"tiny-classifier-{recipe_hash()}")
 
 
 def ensure_tiny_classifier(rebuild=False):
     """Path of the cached tiny classifier (trained on the synthetic ToxiGen), building it first if needed (one
     builder at a time)."""
-    from .data.tiny_base import cache_root
     path = tiny_classifier_path()
-    os.makedirs(cache_root(), exist_ok=True)
-    with open(os.path.join(cache_root(), ".lock-classifier"), "w") as lock:
+    os.makedirs(tiny_base.cache_root(), exist_ok=True)
+    with open(os.path.join(tiny_base.cache_root(), ".lock-classifier"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if rebuild or not os.path.isfile(os.path.join(path, CLASSIFIER_META)):
-            tmp = tempfile.mkdtemp(dir=cache_root(), prefix=".tmp-classifier-")
+            tmp = tempfile.mkdtemp(dir=tiny_base.cache_root(), prefix=".tmp-classifier-")
             try:
                 build_classifier(os.path.join(tmp, "c"), None, RECIPE)
                 with contextlib.suppress(FileNotFoundError):
@@ -365,7 +362,6 @@ def recipe_from_args(args):
 
 
 if __name__ == "__main__":
-    from .common import check_out, die_on_user_error, read_json
     t = RECIPE["train"]
     p = argparse.ArgumentParser(description="Train a toxicity classifier on ToxiGen v2's training split, or build "
                                 "the tiny one.", formatter_class=HelpFormatter)

@@ -1,13 +1,13 @@
-"""The shared helpers, each in one place (a leaf: of the project's modules it imports tiny_base alone, for
---model tiny): user errors and the one CLI handler, argument checks, atomic writes, the id hash, seeded
-draws with named streams, torchrun set-up, loading a checkpoint (or the embedded tiny base), progress lines.
+"""The small helpers every stage shares, each in one place (a leaf: it imports nothing of the project, and torch
+only inside functions): user errors and the one CLI handler, argument checks, atomic writes, the id hash, seeded
+draws with named streams, torchrun set-up, run metadata, progress lines.
 
-    from common import load_model_and_tokenizer, write_json_atomic, UserError
-    model, tok = load_model_and_tokenizer("tiny")          # the cached tiny Llama base
-    model, tok = load_model_and_tokenizer("runs/tiny/stage1/arc/lr0.001/seed0")
+    from chained_tuning.common import UserError, die_on_user_error, write_json_atomic
+    die_on_user_error(lambda: write_json_atomic("out.json", {"a": 1}))   # a UserError: one `error:` line, exit 2
 """
 import argparse
 import contextlib
+import fractions
 import hashlib
 import json
 import math
@@ -166,15 +166,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def acc_block(correct):
-    """{"acc", "acc_stderr", "n"} of a list of booleans: the share, with sqrt(p(1-p)/(n-1)) (lm-evaluation-harness's
-    sample stderr)."""
-    n = len(correct)
-    acc = sum(correct) / n if n else float("nan")
-    stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
-    return {"acc": acc, "acc_stderr": stderr, "n": n}
-
-
 def ids_sha256(ids):
     """The hash that names an example set in every record: sha256 of its ids, one a line, in order."""
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
@@ -200,6 +191,15 @@ def seeded_samples(items, n, seed, stream):
     return [items[i] for i in keep]
 
 
+def exact(x):
+    """A float read as the decimal it prints as (0.05 -> 1/20), so proportions round exactly."""
+    return fractions.Fraction(str(x))
+
+
+def round_half_up(q):
+    return math.floor(q + fractions.Fraction(1, 2))
+
+
 def sample_indices(n_items, n, seed):
     """Sorted indices of n of n_items (all of them if fewer), chosen by random.Random(seed): curvature.py's
     sample of training examples (its own scheme, kept: changing it changes every curvature result)."""
@@ -208,6 +208,10 @@ def sample_indices(n_items, n, seed):
 
 # -----------------------------------------------------------------------------
 # Processes under torchrun
+
+
+# A 13 GB checkpoint written by process 0 while the others wait: NCCL's 10-minute default is too short.
+DEFAULT_TIMEOUT_MIN = 60.0
 
 
 def under_torchrun():

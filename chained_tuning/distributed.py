@@ -4,7 +4,7 @@ a mixed-precision policy; full tensors gathered one at a time for saving; an eva
 
     torchrun --nproc_per_node=8 finetune.py --model /models/Llama-2-7b-hf --task arc --out runs/arc --bf16
 
-Used by finetune.py, evaluate.py and replay.py (needs common.py beside it).
+Used by the stage (training.py), the evaluation (evaluation.py) and the replay sweep (replay_sweep.py).
 """
 import datetime
 
@@ -12,9 +12,8 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import load_model  # process 0's host copy: the only process that opens the weight files
-
-# A 13 GB checkpoint written by process 0 while the others wait: NCCL's 10-minute default is too short.
-DEFAULT_TIMEOUT_MIN = 60.0
+from .common import DEFAULT_TIMEOUT_MIN  # noqa: F401  (finetune.py --dist_timeout_min's default)
+from .scorer import is_sharded  # noqa: F401  (one definition: the scorer's, a copy unit, needs it alone)
 
 
 def world():
@@ -146,11 +145,6 @@ def gather_merge(items):
     for p in parts:
         merged.update(p)
     return merged
-
-
-def is_sharded(model):
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
 
 
 def pad_forwards(model, missing, pad_id, device):

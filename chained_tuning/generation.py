@@ -1,26 +1,32 @@
 """Greedy generation and the generative evaluation of SaFeRDialogues: the model's reply to each dialogue after
 the SD prompt, judged by a toxicity classifier (classifier.py); the safe share is the task's accuracy.
 
-    python generation.py --model tiny --limit 20 --show 3     # the tiny base's replies, judged by the tiny classifier
-    python generation.py --model runs/tiny/stage1/saferdialogues/lr0.001/seed0 --classifier tomh/toxigen_roberta
-    torchrun --nproc_per_node=2 generation.py --model tiny --out /tmp/sd.json   # the one-process file, in two
+    python -m chained_tuning.generation --model tiny --limit 20 --show 3   # the tiny base's replies, tiny judge
+    python -m chained_tuning.generation --model runs/tiny/stage1/saferdialogues/lr0.001/seed0 \\
+        --classifier tomh/toxigen_roberta
+    torchrun --nproc_per_node=2 -m chained_tuning.generation --model tiny --out /tmp/sd.json   # one process's file
 
-    from generation import evaluate_generative, generate_batched, turn_stop_ids
+    from chained_tuning.generation import evaluate_generative
     results, records = evaluate_generative(model, tok, "saferdialogues", data.examples, data.source, "test",
                                            classifier=load_classifier("tiny"), max_new_tokens=64)
 
-Needs common.py, tasks.py, synthetic.py, classifier.py and tiny_base.py beside it. The prompt is the one training
-reads (tasks.encode_pair's context: BOS, the SD instruction, the dialogue, "Answer:"); a reply ends at EOS (which
-finetune.encode_example appends to every answer) or at the end of the turn: the first token whose text holds a
-newline, the separator of the dialogue's turns in the prompt. The stop token is not part of the reply. Formats and
-the judges: README.md.
+Part of the package chained_tuning/. The prompt is the one training reads (tasks.encode_pair's context: BOS, the
+SD instruction, the dialogue, "Answer:"); a reply ends at EOS (which loss.encode_example appends to every answer)
+or at the end of the turn: the first token whose text holds a newline, the separator of the dialogue's turns in
+the prompt. The stop token is not part of the reply. Formats and the judges: docs/evaluate.md.
 """
 import argparse
 import time
 
 import torch
+import torch.distributed as dist
 
-from .common import AT_LEAST_1, UserError, acc_block, check_args
+from .checkpoint import load_model_and_tokenizer
+from .classifier import default_classifier, load_classifier
+from .common import (AT_LEAST_1, HelpFormatter, UserError, check_args, check_device, check_out, die_on_user_error,
+                     setup_process_group, torchrun_rank_world, under_torchrun, write_json_atomic)
+from .data.tasks import GENERATIVE_TASKS, encode_pair, load_task
+from .scorer import acc_block
 
 STOP_RULE = "EOS or the end of the turn (a token whose text holds a newline)"
 NUMERIC_RULES = {"max_new_tokens": AT_LEAST_1, "batch_size": AT_LEAST_1}
@@ -42,7 +48,6 @@ def turn_stop_ids(tok):
 def encode_prompts(tok, examples, max_new_tokens, max_length):
     """Per example: (prompt ids as training reads them, reference continuation ids). A prompt too long for
     max_new_tokens more tokens loses tokens from its start (after BOS), as finetune.encode_example cuts."""
-    from .data.tasks import encode_pair
     keep = max_length - max_new_tokens
     if keep < 2:
         raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
@@ -237,7 +242,6 @@ def evaluate_generative(model, tok, task, examples, source, split, *, classifier
     the same (results, records), equal to one process's (the batches are the same; the caller writes on rank 0).
     Returns (results, records): results as evaluate.summarize's plus mean_toxicity, classifier, classifier_sha256
     and generation; one record per example, in the examples' order."""
-    from .data.tasks import GENERATIVE_TASKS
     check_args({"max_new_tokens": max_new_tokens, "batch_size": batch_size}, NUMERIC_RULES)
     if task not in GENERATIVE_TASKS:
         raise UserError(f"{task} is not generative (those are {', '.join(GENERATIVE_TASKS)}); score it with "
@@ -281,12 +285,6 @@ def evaluate_generative(model, tok, task, examples, source, split, *, classifier
 def run(args):
     """generation.py's work for its parsed command line: every number checked first, then (under torchrun) the
     process group, the classifier, the data and the model; rank 0 prints and writes --out."""
-    import torch.distributed as dist
-    from .classifier import default_classifier, load_classifier
-    from .common import (check_device, check_out, setup_process_group, torchrun_rank_world, under_torchrun,
-                         write_json_atomic)
-    from .checkpoint import load_model_and_tokenizer
-    from .data.tasks import load_task
     check_args({"limit": args.limit, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                 "show": args.show}, {**NUMERIC_RULES, "limit": AT_LEAST_1, "show": (lambda v: v >= 0, ">= 0")})
     if args.out is not None:
@@ -320,7 +318,6 @@ def run(args):
 
 
 def build_parser():
-    from .common import HelpFormatter
     p = argparse.ArgumentParser(description="Generate SaFeRDialogues replies and judge them (evaluate.py --tasks "
                                 "saferdialogues writes the study's results files).", formatter_class=HelpFormatter)
     p.add_argument("--model", default="tiny", help="checkpoint folder, hub id (org/name), or 'tiny'")
@@ -339,5 +336,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    from .common import die_on_user_error
     die_on_user_error(lambda: run(build_parser().parse_args()))

@@ -1,281 +1,54 @@
-"""One supervised fine-tuning stage: a causal LM tuned on one task's answers, the paper's recipe by default.
-A chain is --model pointing at the previous stage's output.
+"""One supervised fine-tuning stage (finetune.py's library): a causal LM tuned on one task's answers, the paper's
+recipe by default; a chain is --model pointing at the previous stage's output. train_stage checks the settings
+(stage_config.py), loads the model and data, runs the loop (train_loop.py) with the mitigations asked for
+(mitigations.py), saves the checkpoint with its lineage and run.json, and evaluates the saved model when asked.
 
-    python finetune.py --model tiny --task toxigen --out runs/demo/toxigen --eval_tasks toxigen     # theta_A
-    python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/toxigen-arc            # theta_AB
-    python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/mix \\
-        --replay_task toxigen --replay_fraction 0.05
-    python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/ewc --ewc 100 --ewc_task toxigen
-    torchrun --nproc_per_node=8 finetune.py --model /models/Llama-2-7b-hf --task arc --out runs/arc --bf16 \\
-        --data_dir DIR --eval_tasks arc          # FSDP2, bf16 compute, bf16 checkpoint, evaluated on all 8 GPUs
+    from chained_tuning.training import train_stage
+    record = train_stage({"model": "tiny", "task": "arc", "out": "runs/demo/arc", "steps": 10})   # run.json's record
 
-Needs common.py, distributed.py, tasks.py and synthetic.py beside it (tiny_base.py for --model tiny, evaluate.py for
---eval_tasks). The recipe, the options beyond it and what --out holds: README.md.
+What --out holds: docs/finetune.md.
 """
-import argparse
 import dataclasses
-import fractions
 import hashlib
 import json
-import math
 import os
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import distributed
-from .loss import encode_example, collate, answer_logits, answer_loss_sum, answer_tokens  # noqa: F401
-from .common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, UserError, atomic_dir, check_args, check_device,
-                     check_out, die_on_user_error, ids_sha256, in_range, progress, read_json, run_metadata,
-                     seed_everything, seeded_rng, seeded_samples, setup_process_group, torchrun_rank_world,
-                     under_torchrun, write_json_atomic, write_jsonl_atomic)
 from .checkpoint import check_tokenizer_matches, load_model, load_tokenizer, read_meta, resolve_model_path, write_meta
-from .data.tasks import (DATA_DEFAULTS, GENERATIVE_TASKS, PAPER_TRAIN_SIZE, TASKS, TaskData, add_data_options,
-                         data_options, encode_pair, load_task, parse_tasks)
+from .common import (UserError, atomic_dir, check_args, check_device, check_out, exact, ids_sha256, read_json,
+                     round_half_up, run_metadata, seed_everything, seeded_samples, setup_process_group,
+                     torchrun_rank_world, under_torchrun, write_json_atomic, write_jsonl_atomic)
+from .data.tasks import GENERATIVE_TASKS, TASKS, TaskData, data_options, load_task, parse_tasks
+from .evaluation import evaluate_checkpoint, evaluate_model
+from .loss import answer_tokens, encode_example
+from .mitigations import build_mitigations, check_mitigations, start_mitigations
+from .stage_config import (CHECKPOINTING, EVAL_DEFAULTS, NUMERIC_RULES, SAVE_DTYPE_NAMES, config_for_id,
+                           default_config, resolve_lr)
+from .study import cost_model
+from .train_loop import make_optimizer, stage_batch_order, train_loop
 
-PAPER_LR = 1e-5
+# Re-exported: the names finetune.py and its users have imported from here.
+from .loss import answer_logits, answer_loss_sum, collate  # noqa: F401
+from .mitigations import (AnchorPenalty, Mitigation, ReplayMixing, Regularisation, estimate_fisher,  # noqa: F401
+                          mixed_batch_order, replay_counts)
+from .stage_config import OPTION_DEFAULTS, PAPER_LR  # noqa: F401
+from .train_loop import batch_order, optimisation_step  # noqa: F401
+
+SAVE_DTYPES = {name: getattr(torch, name) for name in SAVE_DTYPE_NAMES}
+MAX_SHARD_SIZE = "5GB"  # a 7B model in bf16: three files, as the hub's Llama-2 checkpoints are split
 
 # -----------------------------------------------------------------------------
-# One stage
-
-
-def default_config():
-    return dict(model="tiny", task=None, out=None, data_dir=None, train_size=PAPER_TRAIN_SIZE, lr=None,
-                steps=100, batch_size=16, micro_batch_size=None, max_length=2048, weight_decay=0.1,
-                beta1=0.9, beta2=0.95, eps=1e-8, max_grad_norm=1.0, seed=0, bf16=False,
-                gradient_checkpointing="auto", save_dtype="auto", dist_timeout_min=distributed.DEFAULT_TIMEOUT_MIN,
-                device=None, overwrite=False, **OPTION_DEFAULTS, **EVAL_DEFAULTS)
-
-
-# Options added after the recipe: they enter the run_id only when they change the result (see config_for_id).
-OPTION_DEFAULTS = dict(train_fraction=None, replay_task=None, replay_fraction=0.0, l2_to_init=0.0, ewc=0.0,
-                       ewc_task=None, ewc_samples=200, **DATA_DEFAULTS)
-
-
-# Evaluation after training (--eval_tasks ...): evaluate.py's work on the saved folder, in this process.
-EVAL_DEFAULTS = dict(eval_tasks=None, eval_limit=None, eval_val_tasks=None, eval_val_limit=None, classifier=None,
-                     max_new_tokens=64)
-
-
-def config_for_id(cfg):
-    """The settings the run_id hashes: everything that can change the result. Where and how it is computed
-    stays out, and so does every added option while it is off (runs that do not use them keep their ids)."""
-    skip = {"out", "out_name", "overwrite", "device", "micro_batch_size", "gradient_checkpointing", "save_dtype",
-            "dist_timeout_min", *EVAL_DEFAULTS}
-    active = {"train_fraction": cfg.get("train_fraction") is not None,
-              "replay_task": bool(cfg.get("replay_fraction")), "replay_fraction": bool(cfg.get("replay_fraction")),
-              "l2_to_init": bool(cfg.get("l2_to_init")), "ewc": bool(cfg.get("ewc")),
-              "ewc_task": bool(cfg.get("ewc")), "ewc_samples": bool(cfg.get("ewc")),
-              **{k: cfg.get(k, v) != v for k, v in DATA_DEFAULTS.items()}}
-    skip |= {k for k, on in active.items() if not on}
-    return {k: v for k, v in cfg.items() if k not in skip}
-
-
-def resolve_lr(cfg, meta):
-    if cfg["lr"] is not None:
-        return cfg["lr"], "given with --lr"
-    if meta.get("tiny"):
-        from .data.tiny_base import TINY_LR
-        return TINY_LR, (f"tiny-model default {TINY_LR:g} (the paper's {PAPER_LR:g} is for a pretrained 7B model; "
-                         f"pass --lr to override)")
-    return PAPER_LR, f"paper default {PAPER_LR:g}"
-
-
-def batch_order(n_examples, steps, batch_size, seed):
-    """Indices of every global batch: seeded epochs of shuffled examples, concatenated."""
-    rng = seeded_rng(seed, "batch_order")
-    need = steps * batch_size
-    idx = np.concatenate([rng.permutation(n_examples) for _ in range(math.ceil(need / n_examples))])
-    return idx[:need].reshape(steps, batch_size).tolist()
-
-
-def exact(x):
-    """A float read as the decimal it prints as (0.05 -> 1/20), so proportions round exactly."""
-    return fractions.Fraction(str(x))
-
-
-def _round_half_up(q):
-    return math.floor(q + fractions.Fraction(1, 2))
-
-
-def _epoch_stream(n, need, rng):
-    """`need` indices: seeded epochs of shuffled range(n), concatenated (batch_order's stream)."""
-    if need <= 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])[:need]
-
-
-def replay_counts(steps, batch_size, fraction):
-    """Replayed examples in each global batch: the cumulative count after s batches is
-    floor(F * batch_size * s + 1/2), so each batch has floor or ceil of F * batch_size."""
-    f = exact(fraction) * batch_size
-    return [_round_half_up(f * (s + 1)) - _round_half_up(f * s) for s in range(steps)]
-
-
-def mixed_batch_order(n_main, n_replay, steps, batch_size, fraction, seed):
-    """Global batches mixing the stage's examples (indices < n_main) with replayed ones (indices
-    n_main + j, j < n_replay) in the proportions of replay_counts. Each source is read as seeded epochs of
-    shuffled examples (the stage's own with batch_order's stream), and each batch's positions are shuffled."""
-    counts = replay_counts(steps, batch_size, fraction)
-    main_stream = _epoch_stream(n_main, steps * batch_size - sum(counts), seeded_rng(seed, "batch_order")).tolist()
-    replay_stream = (_epoch_stream(n_replay, sum(counts), seeded_rng(seed, "replay")) + n_main).tolist()
-    positions = seeded_rng(seed, "mix_positions")
-    batches, next_main, next_replay = [], 0, 0
-    for n_replayed in counts:
-        batch = (main_stream[next_main:next_main + batch_size - n_replayed]
-                 + replay_stream[next_replay:next_replay + n_replayed])
-        next_main, next_replay = next_main + batch_size - n_replayed, next_replay + n_replayed
-        batches.append([batch[i] for i in positions.permutation(batch_size)])
-    return batches
-
-
-def fraction_subset(data, fraction, seed):
-    """A seeded random subset of round(fraction * n) examples (at least 1) of a loaded TaskData, in their
-    original order; the subsets of one seed are nested (the 1% subset lies inside the 5% one)."""
-    n = len(data.examples)
-    k = min(n, max(1, _round_half_up(exact(fraction) * n)))
-    examples = seeded_samples(data.examples, k, seed, "train_fraction")
-    info = {**data.info, "train_fraction": fraction, "fraction_of": n, "n": k,
-            "ids_sha256": ids_sha256(ex.id for ex in examples)}
-    return TaskData(data.task, data.split, examples, data.source, info)
-
-
-def estimate_fisher(model, tok, examples, max_length, device="cpu", bf16=False):
-    """Diagonal empirical Fisher at the model's current weights: the mean over examples of the squared
-    gradient of the example's answer NLL (summed over its answer tokens: -log p(answer | prompt)), one
-    example per backward, in eval mode. Returns float32 tensors in model.parameters() order: each process's
-    own shard under FSDP2. There every process runs the same example: FSDP averages the processes'
-    gradients, and only identical ones average to the example's own gradient (the cost: each process runs
-    every example, ~a minute for 200 examples at 7B)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    fisher = [torch.zeros_like(distributed.local(p), dtype=torch.float32) for p in params]
-    was_training = model.training
-    model.eval()
-    device = torch.device(device)
-    for ex in examples:
-        b = {k: v.to(device) for k, v in collate([encode_example(tok, ex, max_length)], tok.pad_token_id,
-                                                 "left").items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not distributed.is_sharded(model)):
-            logits, labels = answer_logits(model, b)
-        s, _ = answer_loss_sum(logits, labels)
-        s.backward()
-        for f, p in zip(fisher, params):
-            f.add_(distributed.local(p.grad).float().square())
-            p.grad = None
-    for f in fisher:
-        f.div_(len(examples))
-    model.train(was_training)
-    return fisher
-
-
-class AnchorPenalty:
-    """l2/2 * ||theta - theta_0||^2 + ewc/2 * sum_i F_i (theta_i - theta_0,i)^2, theta_0 the weights when
-    it is built. Calling it adds the penalty's gradient, (l2 + ewc * F) * (theta - theta_0), to every
-    parameter's .grad and returns (and keeps in .last) the penalty's value. Under FSDP2 each process keeps
-    the anchor and the Fisher of its own shards, adds the gradient to its own shards, and the value is
-    summed over processes."""
-
-    def __init__(self, model, l2=0.0, ewc=0.0, fisher=None):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.anchor = [distributed.local(p).detach().clone() for p in self.params]
-        if ewc:
-            if fisher is None or len(fisher) != len(self.params):
-                raise ValueError("ewc needs one Fisher tensor per trainable parameter")
-            self.weight = [l2 + ewc * f.to(p.dtype) for p, f in zip(self.params, fisher)]
-        else:
-            self.weight = [float(l2)] * len(self.params)
-        self.last = None
-
-    @torch.no_grad()
-    def value(self):
-        return distributed.all_reduce_sum(sum(float(0.5 * (w * (distributed.local(p).detach() - a).square()).double()
-                                                    .sum()) for p, a, w in zip(self.params, self.anchor, self.weight)))
-
-    @torch.no_grad()
-    def __call__(self):
-        total = 0.0
-        for p, a, w in zip(self.params, self.anchor, self.weight):
-            d = distributed.local(p).detach() - a
-            g = w * d
-            total += 0.5 * float((g * d).double().sum())
-            if p.grad is None:
-                p.grad = g.to(p.dtype)  # (FSDP2 always has .grad after a backward pass)
-            else:
-                distributed.local(p.grad).add_(g)
-        self.last = distributed.all_reduce_sum(total)
-        return self.last
-
-
-def optimisation_step(model, opt, sched, encoded, gbatch, pad_id, cfg, rank=0, world=1, micro=None, device="cpu",
-                      penalty=None):
-    """One optimisation step on the global batch `gbatch` (indices into `encoded`); this process
-    takes its slice. Returns (global loss, answer tokens in the global batch, gradient norm).
-    The loss is the answer tokens' NLL summed over the whole global batch over their number, so neither
-    gradient accumulation nor the number of processes changes it.
-    `penalty` (optional, e.g. AnchorPenalty): called once after the backward passes, before clipping (so
-    clipping sees the gradient of loss + penalty); it adds its gradient to .grad (its value is not part of
-    the returned data loss)."""
-    per_rank = len(gbatch) // world
-    micro = micro or per_rank
-    n_tok = sum(answer_tokens(encoded[i]) for i in gbatch)  # every rank knows the global count
-    mine = gbatch[rank * per_rank:(rank + 1) * per_rank]
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for m in range(0, per_rank, micro):
-        b = {k: v.to(device) for k, v in collate([encoded[i] for i in mine[m:m + micro]], pad_id, "left").items()}
-        # Under FSDP2 the mixed-precision policy casts the weights; autocast is the one-process path.
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg["bf16"] and world == 1):
-            logits, labels = answer_logits(model, b)
-        s, _ = answer_loss_sum(logits, labels)
-        # FSDP averages gradients over ranks; scaling by world makes the result sum / n_tok.
-        (s * world / n_tok).backward()
-        loss_sum += s.detach().double()
-    if penalty is not None:
-        penalty()
-    gnorm = None
-    if cfg["max_grad_norm"] and cfg["max_grad_norm"] > 0:
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
-        gnorm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # a DTensor under FSDP2
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    if world > 1:
-        dist.all_reduce(loss_sum)
-    return float(loss_sum) / n_tok, n_tok, gnorm
-
-
-def make_optimizer(model, lr, cfg):
-    """AdamW with the recipe's betas and weight decay (not on norm weights), linear decay to zero."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / cfg["steps"])
-    return opt, sched
-
-
-# Every numeric option and what it allows (checked before anything is loaded; None: unset, allowed).
-NUMERIC_RULES = {
-    "lr": POSITIVE, "steps": (AT_LEAST_1[0], "at least 1 (replay.py evaluates 0 steps without training)"),
-    "batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1, "train_size": AT_LEAST_1, "max_length": AT_LEAST_1,
-    "weight_decay": NON_NEGATIVE, "beta1": in_range(0, 1, open_hi=True), "beta2": in_range(0, 1, open_hi=True),
-    "eps": POSITIVE, "max_grad_norm": NON_NEGATIVE, "seed": NON_NEGATIVE,
-    "train_fraction": in_range(0, 1, open_lo=True), "replay_fraction": in_range(0, 1), "l2_to_init": NON_NEGATIVE,
-    "ewc": NON_NEGATIVE, "ewc_samples": AT_LEAST_1, "eval_limit": AT_LEAST_1, "eval_val_limit": AT_LEAST_1,
-    "dist_timeout_min": POSITIVE, "max_new_tokens": AT_LEAST_1}
-SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CHECKPOINTING = ("auto", "on", "off")
+# Checks, made before anything is loaded
 
 
 def check_options(cfg, world):
+    """The settings' own checks: the numeric rules, the mitigations', the choices, the evaluation's pairs."""
     check_args(cfg, NUMERIC_RULES)
-    if cfg["replay_fraction"] and cfg["replay_task"] not in TASKS:
-        raise UserError(f"--replay_fraction needs --replay_task (one of {', '.join(TASKS)}), got "
-                        f"{cfg['replay_task']!r}")
-    if cfg["ewc"] and cfg["ewc_task"] not in TASKS:
-        raise UserError(f"--ewc needs --ewc_task (one of {', '.join(TASKS)}), got {cfg['ewc_task']!r}")
+    check_mitigations(cfg)
     if cfg["save_dtype"] != "auto" and cfg["save_dtype"] not in SAVE_DTYPES:
         raise UserError(f"--save_dtype {cfg['save_dtype']!r}: choose from auto, {', '.join(SAVE_DTYPES)}")
     if cfg["gradient_checkpointing"] in (True, False):  # a caller's dict from before the choice existed
@@ -287,25 +60,6 @@ def check_options(cfg, world):
         evaluated = parse_tasks(cfg[tasks_key], f"--{tasks_key}")  # checked before training, not after it
         if cfg[limit_key] is not None and not evaluated:
             raise UserError(f"--{limit_key} {cfg[limit_key]} needs --{tasks_key}")
-        if evaluated:
-            evaluator(f"--{tasks_key}")  # a finetune.py copied without evaluate.py learns it before training
-
-
-@dataclasses.dataclass
-class StageInputs:
-    """What a stage starts from, besides the model: its tokenizer and lineage, the lr, and the encoded
-    training set (and, with --replay_fraction, the replayed task's)."""
-    tok: object
-    meta: dict
-    lr: float
-    lr_note: str
-    data: TaskData
-    encoded: list
-    replay_data: TaskData | None = None
-    replay_encoded: list | None = None
-    save_dtype: str = "float32"
-    checkpointing: bool = False
-    checkpointing_note: str = ""
 
 
 def check_stage(cfg, world):
@@ -323,7 +77,38 @@ def check_stage(cfg, world):
     return micro
 
 
-def load_stage_inputs(cfg, device, micro, world):
+# -----------------------------------------------------------------------------
+# What a stage starts from
+
+
+@dataclasses.dataclass
+class StageInputs:
+    """What a stage starts from, besides the model: its tokenizer and lineage, the lr, the encoded training set
+    and the training items (the training set, then what the mitigations add: the replayed task's examples)."""
+    tok: object
+    meta: dict
+    lr: float
+    lr_note: str
+    data: TaskData
+    encoded: list
+    items: list = None
+    save_dtype: str = "float32"
+    checkpointing: bool = False
+    checkpointing_note: str = ""
+
+
+def fraction_subset(data, fraction, seed):
+    """A seeded random subset of round(fraction * n) examples (at least 1) of a loaded TaskData, in their
+    original order; the subsets of one seed are nested (the 1% subset lies inside the 5% one)."""
+    n = len(data.examples)
+    k = min(n, max(1, round_half_up(exact(fraction) * n)))
+    examples = seeded_samples(data.examples, k, seed, "train_fraction")
+    info = {**data.info, "train_fraction": fraction, "fraction_of": n, "n": k,
+            "ids_sha256": ids_sha256(ex.id for ex in examples)}
+    return TaskData(data.task, data.split, examples, data.source, info)
+
+
+def load_stage_inputs(cfg, device, micro, world, mitigations=()):
     """-> (the starting model on `device`, FSDP2-sharded under torchrun; StageInputs). The tokenizer and data
     come first: the choice of gradient checkpointing needs the longest micro-batch."""
     model_path = resolve_model_path(cfg["model"])
@@ -335,16 +120,19 @@ def load_stage_inputs(cfg, device, micro, world):
         data = fraction_subset(data, cfg["train_fraction"], cfg["seed"])
     inputs = StageInputs(tok, meta, lr, lr_note, data, [encode_example(tok, ex, cfg["max_length"])
                                                         for ex in data.examples])
-    if cfg["replay_fraction"]:  # A's training set is loaded like the main one (data_dir, train_size, seed)
-        inputs.replay_data = load_task(cfg["replay_task"], "train", cfg["data_dir"], cfg["train_size"], cfg["seed"],
-                                       **data_options(cfg))
-        inputs.replay_encoded = [encode_example(tok, ex, cfg["max_length"]) for ex in inputs.replay_data.examples]
+    inputs.items = list(inputs.encoded)
+    for mitigation in mitigations:
+        inputs.items += mitigation.load(tok, len(inputs.items))
     inputs.save_dtype = resolve_save_dtype(cfg, model_path)
     inputs.checkpointing, inputs.checkpointing_note = choose_checkpointing(cfg, model_path, inputs, micro, world,
                                                                            device)
+    return load_start_model(model_path, tok, cfg, inputs.checkpointing, world, device), inputs
 
+
+def load_start_model(model_path, tok, cfg, checkpointing, world, device):
+    """The stage's starting weights on `device`: FSDP2-sharded under torchrun, the whole model otherwise."""
     def prepare(model):
-        if inputs.checkpointing:
+        if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
@@ -356,7 +144,7 @@ def load_stage_inputs(cfg, device, micro, world):
         check_tokenizer_matches(model, tok, model_path)
         prepare(model)
         model.to(device)
-    return model, inputs
+    return model
 
 
 def resolve_save_dtype(cfg, model_path):
@@ -379,15 +167,10 @@ def choose_checkpointing(cfg, model_path, inputs, micro, world, device):
         return mode == "on", f"--gradient_checkpointing {mode}"
     if device.type != "cuda":
         return False, "auto: off on the CPU"
-    try:  # the activation bytes measured by bench/bench_scale.py at Llama-2-7B's width (hidden 4096)
-        from .study import cost_model
-    except ImportError:
-        raise UserError("--gradient_checkpointing auto needs cost_model.py beside finetune.py (its measured "
-                        "activation sizes); copy it there, or pass --gradient_checkpointing on or off") from None
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(model_path)
-    items = inputs.encoded + (inputs.replay_encoded or [])
-    tokens = micro * max(len(e["input_ids"]) for e in items)
+    tokens = micro * max(len(e["input_ids"]) for e in inputs.items)
+    # the activation bytes measured by bench/bench_scale.py at Llama-2-7B's width (hidden 4096)
     per_layer = cost_model.ACT_BYTES_PER_TOKEN_LAYER if cfg["bf16"] else cost_model.ACT_BYTES_PER_TOKEN_LAYER_FP32
     activations = tokens * config.num_hidden_layers * per_layer * config.hidden_size / cost_model.LLAMA2_7B["hidden"]
     n_params = sum(p.numel() for p in distributed.build_on_meta(model_path, torch.float32).parameters())
@@ -399,68 +182,18 @@ def choose_checkpointing(cfg, model_path, inputs, micro, world, device):
                 f"{activations / gib:.1f} GiB; sharded states {states / gib:.1f} GiB; free {free / gib:.1f} GiB)")
 
 
-def build_penalty(model, tok, cfg, device):
-    """--l2_to_init / --ewc: (the AnchorPenalty at the starting weights, the Fisher's record for run.json);
-    (None, None) when both are off, a None record without --ewc."""
-    if not (cfg["l2_to_init"] or cfg["ewc"]):
-        return None, None
-    fisher, fisher_info = None, None
-    if cfg["ewc"]:
-        started = time.time()
-        pool = load_task(cfg["ewc_task"], "train", cfg["data_dir"], cfg["train_size"], cfg["seed"], **data_options(cfg))
-        samples = seeded_samples(pool.examples, cfg["ewc_samples"], cfg["seed"], "ewc")
-        fisher = estimate_fisher(model, tok, samples, cfg["max_length"], device, cfg["bf16"])
-        fisher_info = {"task": cfg["ewc_task"], "n_samples": len(samples), "source": pool.source,
-                       "sample_ids_sha256": ids_sha256(ex.id for ex in samples),
-                       "fisher_sum": distributed.all_reduce_sum(sum(float(f.double().sum()) for f in fisher)),
-                       "fisher_max": distributed.all_reduce_max(max(float(f.max()) for f in fisher)),
-                       "seconds": round(time.time() - started, 2)}  # (sums and maxima over every process's shards)
-    return AnchorPenalty(model, cfg["l2_to_init"], cfg["ewc"], fisher), fisher_info
+# -----------------------------------------------------------------------------
+# The record and the checkpoint
 
 
-def make_batch_order(inputs, cfg):
-    """-> (every global batch as indices into the training items, the items: the stage's examples, then the
-    replayed ones)."""
-    if inputs.replay_data is None:
-        return batch_order(len(inputs.encoded), cfg["steps"], cfg["batch_size"], cfg["seed"]), inputs.encoded
-    order = mixed_batch_order(len(inputs.encoded), len(inputs.replay_encoded), cfg["steps"], cfg["batch_size"],
-                              cfg["replay_fraction"], cfg["seed"])
-    return order, inputs.encoded + inputs.replay_encoded
-
-
-def train_loop(model, opt, sched, items, order, inputs, cfg, rank, world, micro, device, penalty):
-    """Every optimisation step; returns (train_log.jsonl's lines, the losses)."""
-    log, losses = [], []
-    model.train()
-    bar = progress(range(cfg["steps"]), f"finetune {cfg['task']}", disable=rank != 0, dynamic_ncols=True)
-    for step in bar:
-        started = time.time()
-        step_lr = sched.get_last_lr()[0]
-        loss, n_tok, grad_norm = optimisation_step(model, opt, sched, items, order[step], inputs.tok.pad_token_id,
-                                                   cfg, rank, world, micro, device, penalty)
-        if not math.isfinite(loss):
-            raise UserError(f"the loss became {loss} at step {step + 1} (lr {inputs.lr:g}); lower --lr"
-                            + (" or train without --bf16" if cfg["bf16"] else ""))
-        losses.append(loss)
-        entry = {"step": step + 1, "loss": loss, "lr": step_lr, "answer_tokens": n_tok, "grad_norm": grad_norm,
-                 "seconds": round(time.time() - started, 4)}
-        if penalty is not None:
-            entry["penalty"] = penalty.last
-        if inputs.replay_data is not None:
-            entry["replayed"] = sum(i >= len(inputs.encoded) for i in order[step])
-        log.append(entry)
-        bar.set_postfix(loss=f"{loss:.4f}")
-    return log, losses
-
-
-def run_record(cfg, inputs, log, losses, penalty, fisher_info, world, started):
-    """run.json: the run_id, lineage, settings, data and losses, and the replay and penalty records when on."""
+def run_record(cfg, inputs, log, losses, mitigations, world, started):
+    """run.json: the run_id, lineage, settings, data and losses, and the mitigations' records."""
     meta, data = inputs.meta, inputs.data
     parent_id = meta.get("run_id") if meta.get("chain") else None  # None: tuned from a base model
     # Settings that do not change the result (where and how it is computed) stay out of the id.
     id_fields = {"config": config_for_id(cfg), "lr": inputs.lr, "parent": parent_id, "data": data.info["ids_sha256"]}
-    if inputs.replay_data is not None:
-        id_fields["replay_data"] = inputs.replay_data.info["ids_sha256"]
+    for mitigation in mitigations:
+        id_fields.update(mitigation.id_fields())
     if inputs.save_dtype != "float32":  # rounded weights are other weights (float32: every run before the option)
         id_fields["save_dtype"] = inputs.save_dtype
     run_id = hashlib.sha256(json.dumps(id_fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -479,20 +212,11 @@ def run_record(cfg, inputs, log, losses, penalty, fisher_info, world, started):
                        "truncated_examples": sum(e["truncated"] for e in inputs.encoded),
                        "answer_tokens": sum(answer_tokens(e) for e in inputs.encoded)},
               "final_loss": losses[-1] if losses else None, "losses": losses}
-    if inputs.replay_data is not None:
-        record["replay"] = {"task": cfg["replay_task"], "fraction": cfg["replay_fraction"],
-                            "n_pool": len(inputs.replay_encoded), "train_info": inputs.replay_data.info,
-                            "examples_replayed": sum(entry["replayed"] for entry in log),
-                            "examples_total": cfg["steps"] * cfg["batch_size"]}
-    if penalty is not None:
-        record["regularisation"] = {"l2_to_init": cfg["l2_to_init"], "ewc": cfg["ewc"], "fisher": fisher_info,
-                                    "final_penalty": penalty.last}
+    for mitigation in mitigations:
+        record.update(mitigation.record(log))
     record["wall_time_s"] = round(time.time() - started, 2)
     record.update(run_metadata())
     return record
-
-
-MAX_SHARD_SIZE = "5GB"  # a 7B model in bf16: three files, as the hub's Llama-2 checkpoints are split
 
 
 def save_stage(folder, model, state, tok, record, log):
@@ -505,6 +229,10 @@ def save_stage(folder, model, state, tok, record, log):
                         "tiny": record["tiny"], "task": record["task"], "data_source": record["data"]["source"]})
     write_jsonl_atomic(os.path.join(folder, "train_log.jsonl"), log)
     write_json_atomic(os.path.join(folder, "run.json"), record)
+
+
+# -----------------------------------------------------------------------------
+# The stage
 
 
 def train_stage(cfg):
@@ -529,17 +257,18 @@ def train_stage(cfg):
 def _train_stage(cfg, rank, world, micro, device, shown_out):
     seed_everything(cfg["seed"])
     started = time.time()
-    model, inputs = load_stage_inputs(cfg, device, micro, world)
+    mitigations = build_mitigations(cfg)
+    model, inputs = load_stage_inputs(cfg, device, micro, world, mitigations)
     if rank == 0:
         print(f"finetune: {cfg['task']} [{inputs.data.source}] {len(inputs.encoded)} examples, model {cfg['model']}, "
               f"lr {inputs.lr:g} ({inputs.lr_note}), {cfg['steps']} steps x batch {cfg['batch_size']}, {world} "
               f"process(es), gradient checkpointing {inputs.checkpointing_note} -> {shown_out}", flush=True)
     opt, sched = make_optimizer(model, inputs.lr, cfg)
-    penalty, fisher_info = build_penalty(model, inputs.tok, cfg, device)
-    order, items = make_batch_order(inputs, cfg)
-    log, losses = train_loop(model, opt, sched, items, order, inputs, cfg, rank, world, micro, device, penalty)
-    record = run_record(cfg, inputs, log, losses, penalty, fisher_info, world, started)
-    del opt, penalty
+    start_mitigations(mitigations, model, inputs.tok, device)
+    order = stage_batch_order(len(inputs.encoded), mitigations, cfg)
+    log, losses = train_loop(model, opt, sched, order, inputs, cfg, rank, world, micro, device, mitigations)
+    record = run_record(cfg, inputs, log, losses, mitigations, world, started)
+    del opt, mitigations  # the anchor's copy of the weights goes before the full state dict comes
     state = distributed.full_state_dict(model, SAVE_DTYPES[inputs.save_dtype])  # every process takes part
     if rank == 0:
         with atomic_dir(cfg["out"], overwrite=cfg["overwrite"]) as tmp:
@@ -556,14 +285,8 @@ def _train_stage(cfg, rank, world, micro, device, shown_out):
     return record
 
 
-def evaluator(flag):
-    """evaluate.evaluate_checkpoint, or a UserError naming the missing evaluate.py."""
-    try:
-        from .evaluation import evaluate_checkpoint
-    except ImportError as e:
-        raise UserError(f"{flag} needs evaluate.py beside finetune.py ({e}); copy it there, or run evaluate.py "
-                        f"separately") from None
-    return evaluate_checkpoint
+# -----------------------------------------------------------------------------
+# Evaluation of the saved model (--eval_tasks, --eval_val_tasks)
 
 
 def eval_jobs(cfg):
@@ -578,16 +301,13 @@ def evaluate_saved(folder, cfg):
     """--eval_tasks / --eval_val_tasks in one process: write eval.json / eval_val.json (and their samples) into
     the saved checkpoint folder, exactly as `evaluate.py --model <out> --tasks ... --out <out>/eval.json [--split
     validation] [--limit N]` would (same loading, scorer defaults and subset seed 0); saves that process's
-    start-up. Needs evaluate.py beside this file."""
-    jobs = eval_jobs(cfg)
-    if not jobs:
-        return
-    evaluate_checkpoint = evaluator("--eval_tasks")
-    for tasks, split, limit, name in jobs:
+    start-up."""
+    shown = cfg.get("out_name") or cfg["out"]
+    for tasks, split, limit, name in eval_jobs(cfg):
         evaluate_checkpoint(folder, tasks, os.path.join(folder, name), data_dir=cfg["data_dir"], split=split,
                             limit=limit, device=cfg["device"], data_opts=data_options(cfg),
-                            classifier=cfg["classifier"], max_new_tokens=cfg["max_new_tokens"], model_name=cfg.get("out_name") or cfg["out"],
-                            out_name=os.path.join(cfg.get("out_name") or cfg["out"], name))
+                            classifier=cfg["classifier"], max_new_tokens=cfg["max_new_tokens"], model_name=shown,
+                            out_name=os.path.join(shown, name))
 
 
 def evaluate_held(model, tok, record, cfg, device):
@@ -599,8 +319,6 @@ def evaluate_held(model, tok, record, cfg, device):
     jobs = eval_jobs(cfg)
     if not jobs:
         return
-    evaluator("--eval_tasks")
-    from .evaluation import evaluate_model
     meta = {"run_id": record["run_id"], "chain": record["chain"], "tiny": record["tiny"]}
     model.eval()
     shown = cfg.get("out_name") or cfg["out"]
@@ -614,6 +332,3 @@ def evaluate_held(model, tok, record, cfg, device):
                        split=split, limit=limit, data_opts=data_options(cfg),
                        dtype="bfloat16" if cfg["bf16"] else "float32", device=device,
                        model_name=shown, out_name=os.path.join(shown, name))
-
-
-# -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Copy-alone use of the stage scripts: finetune.py and evaluate.py copied into an empty folder beside the package
-folder chained_tuning/ (what their docstrings name) run there as a user runs them."""
+"""Copy-alone use of the stage scripts: finetune.py, evaluate.py and replay.py copied into an empty folder beside the
+package folder chained_tuning/ (what their docstrings name) run there as a user runs them."""
 import json
 import os
 import shutil
@@ -49,3 +49,8 @@ def test_finetune_and_evaluate_run_alone(tmp_path, tiny_path):
     run = json.loads((eval_dir / "s2" / "run.json").read_text())
     assert run["chain"] == ["arc", "csqa2"] and run["parent_run_id"] is not None
     assert json.loads((eval_dir / "s2" / "eval.json").read_text())["tasks"]["arc"]["n"] == 8
+
+    # replay.py finds every part of its sweep in the package (its run: tests/test_replay.py)
+    shutil.copy(os.path.join(ROOT, "replay.py"), eval_dir / "replay.py")
+    r = run_in(eval_dir, "replay.py", "--help")
+    assert r.returncode == 0 and "docs/replay.md" in r.stdout, r.stderr[-2000:]

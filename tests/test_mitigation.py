@@ -1,5 +1,6 @@
 """finetune.py's mitigation options (replay during the second stage, L2 to the start, EWC), --train_fraction,
 chains of three stages, and order.py (curvature-guided ordering) on hand-made files."""
+import fractions
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ def weights(path):
 def test_replay_proportions_are_exact(fraction, bs, steps):
     counts = finetune.replay_counts(steps, bs, fraction)
     f = finetune.exact(fraction)
-    assert sum(counts) == math.floor(f * bs * steps + finetune.fractions.Fraction(1, 2))
+    assert sum(counts) == math.floor(f * bs * steps + fractions.Fraction(1, 2))
     assert all(math.floor(f * bs) <= k <= math.ceil(f * bs) for k in counts)
     n_main, n_rep = 37, 11
     batches = finetune.mixed_batch_order(n_main, n_rep, steps, bs, fraction, seed=3)
