@@ -32,6 +32,7 @@ from chained_tuning import checkpoint, common
 from chained_tuning.common import UserError
 from chained_tuning.data import tasks
 from chained_tuning.loss import collate, encode_example
+from chained_tuning.stage_config import RECIPE_DEFAULTS
 # The Hessian library, re-exported under the names curvature.py has always had.
 from chained_tuning.hessian.answer_loss import (CE_MODES, IGNORE_INDEX, _answer_positions,
                                                 _count_answer_tokens, _last_layer_rows, _math_sdpa, _prepare_model,
@@ -62,7 +63,7 @@ __all__ = [  # the command line's, then the Hessian library's names, re-exported
     "WARM_VECTORS"]
 
 MAX_PADDING = 0.2  # a micro-batch is closed before padding would exceed this share of its tokens
-FINETUNE_MAX_LENGTH = 2048  # finetune.py's --max_length default (training.default_config): the loss it minimised
+FINETUNE_MAX_LENGTH = RECIPE_DEFAULTS["max_length"]  # finetune.py's --max_length default: the loss it minimised
 PROGRESS_EVERY = 10   # iterations between progress lines
 PROGRESS_S = 30.0     # ... or seconds, whichever comes first
 
