@@ -17,7 +17,8 @@ Every setting is an environment variable, as run_all.sh has always taken them (d
 A stage whose output exists is done (outputs appear only once complete) when it was made with the
 settings asked for now (stage_check.py); otherwise the study stops with exit code 2 naming the stage,
 the setting and both values, unless REDO=changed. The first-stage model a chain starts from is a node
-of the graph, decided once its sweep's validation results exist, by metrics.choose_first_stage.
+of the graph (plan.json lists it, "kind": "choice"), decided once its sweep's validation results exist,
+by the rule Table 1 uses too (chained_tuning.runs.choose_first_stage, re-exported by metrics.py).
 """
 import argparse
 import glob
