@@ -19,7 +19,7 @@
 # exists is skipped when it was made with the settings asked for now (logs/<stage>.settings.json);
 # otherwise the study stops with exit code 2, naming the stage, the setting and both values, unless
 # REDO=changed. Every stage prints one line; its full output goes to $RUNS/logs/<stage>.log. The
-# variables: README.md, "run_all.sh's runs folder" and "The study as a graph".
+# variables and the runs folder: docs/study.md.
 set -uo pipefail
 cd "$(dirname "$0")"
 source scripts/setup_env.sh

@@ -32,6 +32,7 @@ from chained_tuning.study import cost_model as cm  # noqa: E402
 from chained_tuning.common import (AT_LEAST_1, NON_NEGATIVE, HelpFormatter, UserError, check_args, die_on_user_error,
                                    write_json_atomic)
 from chained_tuning.checkpoint import tokenizer_dir
+from chained_tuning.data.tasks import load_task
 
 GiB = 2 ** 30
 TRAIN_MODES = ("train_fp32", "train_autocast", "train_bf16", "train_bf16_ckpt")
@@ -280,8 +281,6 @@ def task_tokens(data_dir, batch=16, draws=2000, seed=0, bbq_examples=BBQ_RELEASE
     `batch` (the padded length of a batch), test and validation tokens of an evaluation (prompt + every option)
     and their sizes. BBQ's evaluation sets are scaled to `bbq_examples` examples when the folder holds fewer
     categories (0: as found)."""
-    from tasks import load_task
-
     count = count or cm.token_counter()[0]
     rng = random.Random(seed)
     out = {}

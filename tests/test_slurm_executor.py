@@ -52,12 +52,13 @@ def test_slurm_executor_survives_its_driver_and_finishes_the_study(tmp_path, tin
 def test_a_job_out_of_time_ends_its_stage_and_is_requeued_afresh(tmp_path):
     """submitit calls checkpoint() when the job's time is up, then requeues what it returns."""
     import study
+    from chained_tuning.study import executors  # where the job's process keeps its stage's process
     job = study.StageJob([sys.executable, "-c", "import time; time.sleep(60)"], str(tmp_path / "s.log"),
                          str(tmp_path / "out"), None, False, 0)
     with open(tmp_path / "s.log", "w") as f:
-        study._STAGE_PROCESS = subprocess.Popen(job.cmd, stdout=f, start_new_session=True)
+        executors._STAGE_PROCESS = subprocess.Popen(job.cmd, stdout=f, start_new_session=True)
         again = job.checkpoint()
-    assert study._STAGE_PROCESS.poll() is not None  # the stage's process ended with the job
+    assert executors._STAGE_PROCESS.poll() is not None  # the stage's process ended with the job
     assert isinstance(again.function, study.StageJob) and again.function.cmd == job.cmd
 
 

@@ -89,6 +89,33 @@ def test_paper_plan_dependencies_and_commands(paper_plan):
     assert st["longchain-toxigen-arc-csqa2-3-csqa2-seed0"]["after"] == ["stage2-toxigen-arc-lrA1e-5-lrB1e-5-seed0"]
 
 
+def assert_every_after_is_a_listed_node(plan):
+    listed = {s["name"]: s for s in plan["stages"]}
+    unresolved = [(s["name"], a) for s in plan["stages"] for a in s["after"] if a not in listed]
+    assert not unresolved, unresolved[:5]
+    choices = [s for s in plan["stages"] if s["kind"] == "choice"]
+    assert choices and [{"name": s["name"], "after": s["after"]} for s in choices] == plan["choices"]
+    assert all(not s["done"] and s["state"] == "waiting" for s in choices)  # nothing trained yet
+    order = list(listed)
+    assert all(order.index(a) < order.index(s["name"]) for s in plan["stages"] for a in s["after"])  # inputs first
+
+
+def test_plan_json_lists_every_node_its_stages_wait_for(paper_plan, tmp_path):
+    """plan.json's `after` names only nodes plan.json lists: the choices of the first-stage model are nodes of
+    kind "choice" (per task and seed), in the paper profile and in the tiny one."""
+    _, plan, st, _ = paper_plan
+    assert_every_after_is_a_listed_node(plan)
+    assert st["choose-toxigen-seed0"]["kind"] == "choice" and len(plan["choices"]) == 6 * 3
+    assert st["choose-toxigen-seed0"]["after"][:2] == ["stage1-toxigen-lr1e-6-seed0", "stage1-toxigen-lr5e-6-seed0"]
+    env = {**os.environ, "PROFILE": "tiny", "RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "study.py", "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    tiny = json.loads((tmp_path / "runs" / "plan.json").read_text())
+    assert_every_after_is_a_listed_node(tiny)
+    assert len(tiny["choices"]) == 6 and tiny["totals"]["stages"]["first_stage"] == 12  # choices are no stages
+
+
 def test_status_prints_every_stage_with_its_state(paper_plan):
     _, _, st, env = paper_plan
     r = subprocess.run([sys.executable, "study.py", "--status"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -124,8 +151,13 @@ def test_a_validation_tie_is_decided_by_the_one_rule(tmp_path):
     assert "stage2-toxigen-arc-lrA1.5e-5-lrB1e-5-seed0" in g and "curvature-toxigen-lr1.5e-5-seed0" in g
     assert f"--first_stage {d}" in " ".join(g["replay-fractions-toxigen-arc-seed0"].cmd)
     assert "stage2-toxigen-arc-lrA5e-6-lrB1e-5-seed0" in g  # the first-lr sweep point, not the main chain
-    src = open(os.path.join(ROOT, "study.py")).read() + open(os.path.join(ROOT, "run_all.sh")).read()
-    assert "from chained_tuning.runs import choose_first_stage" in src and "log(" not in src  # no copy of the rule
+    package = os.path.join("chained_tuning", "study")
+    study_files = ["study.py", "run_all.sh"] + [os.path.join(package, f)
+                                                for f in sorted(os.listdir(os.path.join(ROOT, package)))
+                                                if f.endswith(".py")]
+    src = "".join(open(os.path.join(ROOT, f)).read() for f in study_files)
+    graph_src = open(os.path.join(ROOT, "chained_tuning", "study", "graph.py")).read()
+    assert "from ..runs import choose_first_stage" in graph_src and "log(" not in src  # no copy of the rule
 
 
 def test_first_stage_main_starts_every_chain_from_the_main_lr(tmp_path):

@@ -2,8 +2,8 @@
 kind, memory per GPU under FSDP2, checkpoint bytes; the one place bench/bench_scale.py and
 `study.py --dry_run` take them from.
 
-    python cost_model.py                 # the assumptions, the 7B shape and its parameter count
-    python bench/bench_scale.py          # measures the per-token constants below and prints the profile
+    python -m chained_tuning.study.cost_model   # the assumptions, the 7B shape and its parameter count
+    python bench/bench_scale.py                 # measures the per-token constants below and prints the profile
 
 Importing this module does not import torch (the dry run must be fast with only a config.json).
 Every figure is an estimate from stated assumptions (ASSUMPTIONS); the measured constants come from

@@ -1,8 +1,8 @@
 """Is an existing stage output of run_all.sh what the study asks for now? (No torch import: it runs
 before every stage, so it must start fast.)
 
-    python stage_check.py record RUNS NAME OUT -- CMD...   # after the stage succeeded
-    python stage_check.py check  RUNS NAME OUT -- CMD...   # before a stage whose OUT exists
+    python -m chained_tuning.study.stage_check record RUNS NAME OUT -- CMD...   # after the stage succeeded
+    python -m chained_tuning.study.stage_check check  RUNS NAME OUT -- CMD...   # before a stage whose OUT exists
 
 A stage is defined by its command line: the script (the first argument ending in .py; the launcher in
 front, python or torchrun, does not count) and its options, minus those that do not change the result
