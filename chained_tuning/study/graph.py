@@ -11,6 +11,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..runs import choose_first_stage  # one rule for the study and for Table 1
+
 KINDS = ("first_stage", "evaluate", "choice", "chain", "replay", "mitigation", "longchain", "curvature", "taylor",
          "summary")
 TRAINING = ("first_stage", "chain", "mitigation", "longchain", "replay")
@@ -429,7 +431,3 @@ def decide_first_stage(c, t, s):
     shown = ", ".join(f"lr{names[x]} {'-' if a is None else f'{a:.4f}'}" for x, a in accs.items())
     return (folders[lr] if lr is not None else None), f"validation accuracy {shown}"
 
-
-def choose_first_stage(val_accs, main_lr):
-    from ..runs import choose_first_stage as choose  # one rule for the study and for Table 1
-    return choose(val_accs, main_lr)
