@@ -337,7 +337,7 @@ def run_study(c):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Settings: environment variables (README: The study).")
+                                epilog="Settings: environment variables. The manual: docs/study.md.")
     p.add_argument("profile", nargs="?", default=None, help="tiny, real-tiny or paper (or PROFILE=...)")
     p.add_argument("--dry_run", action="store_true", help="print the plan and write $RUNS/plan.json; runs nothing")
     p.add_argument("--status", action="store_true", help="print the graph and each stage's state; runs nothing")

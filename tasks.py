@@ -56,7 +56,8 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Show the tasks: sizes, sources, example prompts.")
+    p = argparse.ArgumentParser(description="Show the tasks: sizes, sources, example prompts; fetch and check the "
+                                "datasets.", epilog="The manual: docs/data.md (adding a task: docs/adding.md).")
     p.add_argument("--task", default=None, help=f"one of {TASKS} (default: all)")
     p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("--data_dir", default=None, help="folder laid out like ../shared/data (default: synthetic)")

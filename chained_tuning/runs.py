@@ -21,7 +21,7 @@ from .common import UserError
 from .forgetting import (TIE_TOL, biased_forgetting, biased_forgetting_vector, forgetting, group_acc,
                          group_forgetting, relative_forgetting, worst_group_forgetting)
 
-RUN_FIX = "it must be the run.json written by finetune.py (see the README's runs layout); re-run that stage"
+RUN_FIX = "it must be the run.json written by finetune.py (docs/study.md: the runs folder); re-run that stage"
 EVAL_FIX = "it must be the eval.json written by evaluate.py; delete it and re-run evaluate.py for that run"
 REPLAY_FIX = "it must be the replay_summary.json written by replay.py; delete it and re-run replay.py"
 CURV_FIX = "it must be the curvature.json written by curvature.py; delete it and re-run curvature.py"
