@@ -10,7 +10,7 @@ import pytest
 
 import metrics
 import study
-from conftest import DATA, ROOT
+from conftest import DATA, ROOT, needs_data
 
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -218,3 +218,18 @@ def test_bad_study_variables_are_refused_by_name():
                      (dict(PAPER, JOBS="two"), "JOBS='two' is not a whole number")):
         with pytest.raises(study.UserError, match=msg):
             study.settings(env)
+
+
+@needs_data
+def test_dry_run_checks_the_data_as_tasks_check_does(tmp_path):
+    from chained_tuning.data import fetch
+    from chained_tuning.data.tasks import LOADERS, TASKS
+    env = {**os.environ, "PROFILE": "real-tiny", "DATA_DIR": DATA, "RUNS": str(tmp_path / "runs"),
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "study.py", "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    plan = json.loads((tmp_path / "runs" / "plan.json").read_text())
+    assert plan["data"] == fetch.inspect(DATA, TASKS, loaders=LOADERS)  # the one check, as `tasks.py --check` prints
+    assert plan["data_dir"] == DATA and f"data (python tasks.py --check {DATA}" in r.stdout
+    assert {row["task"]: row["status"] for row in plan["data"]}["arc"] == "complete"

@@ -14,7 +14,8 @@ import shlex
 
 from ..common import UserError
 from ..data import tiny_base
-from ..data.tasks import load_task
+from ..data import fetch
+from ..data.tasks import LOADERS, load_task
 from . import cost_model, stage_check
 from .cost_model import CURVATURE_MAX_HVPS
 from .graph import TRAINING, Builder
@@ -230,6 +231,7 @@ def plan(c):
                 f"a curvature solve: {CURVATURE_PRODUCTS} HVPs over its samples (+1 a Taylor check)",
             f"a SaFeRDialogues evaluation: {GENERATED_TOKENS} new tokens a test example (decoding, memory-bound)"],
             "checkpoint_bytes": ckpt, "keep_weights": c.keep_weights,
+            "data_dir": c.data_dir or None, "data": data_check(c),
             "stages": with_choices(planned, rows) + [
                 {"name": n, "kind": "summary", "gpus": 0, "after": [r["name"] for r in rows], "done": False,
                  "state": "always run"} for n in ("order", "metrics")],
@@ -241,6 +243,13 @@ def plan(c):
                                       f"slurm, {c.slurm.nodes} nodes x {c.slurm.gpus_per_node} GPUs":
                                           round(slurm_wall, 2)},
                        "gpus_per_stage": c.gpus_per_stage}}
+
+
+def data_check(c):
+    """tasks.py --check's table of DATA_DIR for the study's tasks (None on the synthetic stand-ins)."""
+    if not c.data_dir:
+        return None
+    return fetch.inspect(c.data_dir, c.cap + c.safe, loaders=LOADERS)
 
 
 def print_plan(p):
@@ -255,6 +264,11 @@ def print_plan(p):
         print(f"  wall hours on {where}: {h:,}")
     print(f"  disk: {t['disk_bytes'] / 1e9:,.1f} GB (checkpoints of {p['checkpoint_bytes'] / 1e9:.2f} GB; "
           f"KEEP_WEIGHTS={p['keep_weights']})")
+    if p.get("data"):
+        print(f"  data (python tasks.py --check {p['data_dir']}; python tasks.py --fetch {p['data_dir']} fetches "
+              f"what is missing):")
+        for r in p["data"]:
+            print(f"    {r['task']:15s} {r['status']}; rows {r['rows']}; sha256 {r['sha256']}; the study uses {r['uses']}")
     print("  cost model (cost_model.py):")
     for a in p["cost_assumptions"]:
         print(f"    - {a}")
