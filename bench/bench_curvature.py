@@ -451,7 +451,7 @@ def fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="theta_A",
                     help="checkpoint dir, 'tiny' (the untuned base), or 'theta_A' (default: the tiny base tuned on "
@@ -466,80 +466,81 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: speed,cost,memory")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    skip = set(filter(None, args.skip.split(",")))
-    os.makedirs(args.out, exist_ok=True)
-    ext = C.load_extension()
-    backend = "extension" if ext["ok"] else "torch"
-    task_list = [t for t in args.tasks.split(",") if t]
-    res = {"machine": {"threads": args.threads, "torch": torch.__version__, "extension": ext,
-                       "load_avg_start": os.getloadavg()}, "tasks": task_list, "samples": args.samples}
-    rows = []
-    usable = []
+    return ap.parse_args()
+
+
+def usable_tasks(args, task_list, skip):
+    """The tasks whose real files load (speed and cost need them); without --data_dir both parts are skipped."""
     if args.data_dir is None or not os.path.isdir(args.data_dir):
         print(f"speed/cost: no real data (--data_dir {args.data_dir!r} is not a folder): skipped; pass --data_dir "
               "../shared/data")
         skip |= {"speed", "cost"}
-    else:
-        from chained_tuning.data import tasks
-        for t in task_list:
-            try:
-                tasks.load_task(t, split="train", seed=args.seed, data_dir=args.data_dir)
-                usable.append(t)
-            except Exception as e:  # noqa: BLE001 - a task whose files are missing is skipped, by name
-                print(f"speed: task {t} skipped: no data under {args.data_dir} ({type(e).__name__}: {e})")
+        return []
+    from chained_tuning.data import tasks
+    usable = []
+    for t in task_list:
+        try:
+            tasks.load_task(t, split="train", seed=args.seed, data_dir=args.data_dir)
+            usable.append(t)
+        except Exception as e:  # noqa: BLE001 - a task whose files are missing is skipped, by name
+            print(f"speed: task {t} skipped: no data under {args.data_dir} ({type(e).__name__}: {e})")
+    return usable
 
-    if "speed" not in skip:
-        res["speed"] = {}
-        for t in usable:  # each task's table on its own as soon as it is measured
-            res["speed"][t] = speed_on_task(t, args, backend)
-            with open(os.path.join(args.out, f"bench_curvature_speed_{t}.json"), "w") as fh:
-                json.dump(res["speed"][t], fh, indent=2, default=str)
-        for t, out in res["speed"].items():
-            for k, m in out["methods"].items():
-                rows.append({"part": "speed", "name": f"{t}: {k}", "seconds": m["time_to_1e-3_s"],
-                             "hvps": m["hvps_at_that_time"], "rel_error": m["error_at_that_time"]})
 
-    if "cost" not in skip and usable:
-        task = args.task or usable[0]
-        model, batches = load_tiny_batches(task, args.samples, args.seed, args.micro_batch_size, theta_a(task, args),
-                                           args.data_dir)
-        res["cost"] = []
-        cases = [("torch", "torch", True), ("torch", "torch", False)]
-        if ext["ok"]:
-            cases += [("extension", "linear_xent", True), ("extension", "linear_xent", False),
-                      ("extension", "softmax_xent", True)]
-        for be, ce, blocks in cases:
-            r = time_grad_and_hvp(model, batches, be, ce, block_attention=blocks)
-            res["cost"].append(r)
-            print(f"[{be}/{ce}/attention {r['attention']}] grad {r['grad_s'] * 1e3:.0f} ms, HVP {r['hvp_s'] * 1e3:.0f} "
-                  f"ms -> HVP/grad {r['hvp_over_grad']:.2f} (medians {r['hvp_over_grad_median']:.2f}; graph build "
-                  f"{r['graph_build_over_grad']:.2f} grads)", flush=True)
-            rows.append({"part": "cost", "name": f"hvp_over_grad_{be}_{ce}_{r['attention']}", "seconds": r["hvp_s"],
-                         "ratio": r["hvp_over_grad"]})
+def speed_part(args, usable, backend, res, rows):
+    res["speed"] = {}
+    for t in usable:  # each task's table on its own as soon as it is measured
+        res["speed"][t] = speed_on_task(t, args, backend)
+        with open(os.path.join(args.out, f"bench_curvature_speed_{t}.json"), "w") as fh:
+            json.dump(res["speed"][t], fh, indent=2, default=str)
+    for t, out in res["speed"].items():
+        for k, m in out["methods"].items():
+            rows.append({"part": "speed", "name": f"{t}: {k}", "seconds": m["time_to_1e-3_s"],
+                         "hvps": m["hvps_at_that_time"], "rel_error": m["error_at_that_time"]})
 
-    if "memory" not in skip and ext["ok"]:
-        res["memory"] = {}
-        for level in ("head", "model"):
-            m = {case: measure_memory(case, level) for case in ("torch", "softmax_xent", "linear_xent")}
-            a = m["torch"]["delta_bytes"]
-            out = {"cases": m}
-            for case in ("softmax_xent", "linear_xent"):
-                out[f"{case}_over_torch_peak"] = m[case]["delta_bytes"] / a
-                out[f"{case}_over_torch_retained"] = (m[case]["retained_after_grad_bytes"]
-                                                      / m["torch"]["retained_after_grad_bytes"])
-            res["memory"][level] = out
-            lb = m["torch"]["logits_bytes"]
-            print(f"memory [{level}, V=32000, one logits buffer {lb / 2**20:.0f} MiB] peak of one HVP cycle "
-                  f"(retained after grad):", flush=True)
-            for case in ("torch", "softmax_xent", "linear_xent"):
-                d, r = m[case]["delta_bytes"], m[case]["retained_after_grad_bytes"]
-                print(f"   {case:13s} {d / 2**20:7.0f} MiB = {d / lb:4.1f} buffers  ({r / 2**20:6.0f} MiB)"
-                      + ("" if case == "torch" else f"  -> {d / a:.2f} of autograd's peak"))
-                rows.append({"part": "memory", "name": f"{level}_{case}", "bytes": d,
-                             "ratio": d / a, "retained_bytes": r})
 
+def cost_part(args, usable, ext, res, rows):
+    task = args.task or usable[0]
+    model, batches = load_tiny_batches(task, args.samples, args.seed, args.micro_batch_size, theta_a(task, args),
+                                       args.data_dir)
+    res["cost"] = []
+    cases = [("torch", "torch", True), ("torch", "torch", False)]
+    if ext["ok"]:
+        cases += [("extension", "linear_xent", True), ("extension", "linear_xent", False),
+                  ("extension", "softmax_xent", True)]
+    for be, ce, blocks in cases:
+        r = time_grad_and_hvp(model, batches, be, ce, block_attention=blocks)
+        res["cost"].append(r)
+        print(f"[{be}/{ce}/attention {r['attention']}] grad {r['grad_s'] * 1e3:.0f} ms, HVP {r['hvp_s'] * 1e3:.0f} "
+              f"ms -> HVP/grad {r['hvp_over_grad']:.2f} (medians {r['hvp_over_grad_median']:.2f}; graph build "
+              f"{r['graph_build_over_grad']:.2f} grads)", flush=True)
+        rows.append({"part": "cost", "name": f"hvp_over_grad_{be}_{ce}_{r['attention']}", "seconds": r["hvp_s"],
+                     "ratio": r["hvp_over_grad"]})
+
+
+def memory_part(res, rows):
+    res["memory"] = {}
+    for level in ("head", "model"):
+        m = {case: measure_memory(case, level) for case in ("torch", "softmax_xent", "linear_xent")}
+        a = m["torch"]["delta_bytes"]
+        out = {"cases": m}
+        for case in ("softmax_xent", "linear_xent"):
+            out[f"{case}_over_torch_peak"] = m[case]["delta_bytes"] / a
+            out[f"{case}_over_torch_retained"] = (m[case]["retained_after_grad_bytes"]
+                                                  / m["torch"]["retained_after_grad_bytes"])
+        res["memory"][level] = out
+        lb = m["torch"]["logits_bytes"]
+        print(f"memory [{level}, V=32000, one logits buffer {lb / 2**20:.0f} MiB] peak of one HVP cycle "
+              f"(retained after grad):", flush=True)
+        for case in ("torch", "softmax_xent", "linear_xent"):
+            d, r = m[case]["delta_bytes"], m[case]["retained_after_grad_bytes"]
+            print(f"   {case:13s} {d / 2**20:7.0f} MiB = {d / lb:4.1f} buffers  ({r / 2**20:6.0f} MiB)"
+                  + ("" if case == "torch" else f"  -> {d / a:.2f} of autograd's peak"))
+            rows.append({"part": "memory", "name": f"{level}_{case}", "bytes": d,
+                         "ratio": d / a, "retained_bytes": r})
+
+
+def write_results(args, res, rows):
     res["machine"]["load_avg_end"] = os.getloadavg()
     with open(os.path.join(args.out, "bench_curvature.json"), "w") as fh:
         json.dump(res, fh, indent=2, default=str)
@@ -549,6 +550,27 @@ def main():
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {args.out}/bench_curvature.json and .csv")
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    os.makedirs(args.out, exist_ok=True)
+    ext = C.load_extension()
+    backend = "extension" if ext["ok"] else "torch"
+    task_list = [t for t in args.tasks.split(",") if t]
+    res = {"machine": {"threads": args.threads, "torch": torch.__version__, "extension": ext,
+                       "load_avg_start": os.getloadavg()}, "tasks": task_list, "samples": args.samples}
+    rows = []
+    usable = usable_tasks(args, task_list, skip)
+    if "speed" not in skip:
+        speed_part(args, usable, backend, res, rows)
+    if "cost" not in skip and usable:
+        cost_part(args, usable, ext, res, rows)
+    if "memory" not in skip and ext["ok"]:
+        memory_part(res, rows)
+    write_results(args, res, rows)
 
 
 if __name__ == "__main__":

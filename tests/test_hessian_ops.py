@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -463,3 +464,16 @@ def test_setup_py_builds_cpu_extension(tmp_path):
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert any(f.startswith("curvature_ext") and f.endswith(".so") for f in os.listdir(tmp_path / "lib"))
+
+
+def test_a_killed_builds_lock_is_dropped_a_live_one_kept(tmp_path):
+    from chained_tuning.hessian import ops
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    ops._drop_stale_lock(str(tmp_path))
+    assert lock.exists()  # a build may hold it now
+    old = time.time() - ops.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    ops._drop_stale_lock(str(tmp_path))
+    assert not lock.exists()  # left by a killed build: torch would wait for it forever
+    ops._drop_stale_lock(str(tmp_path))  # no lock: nothing to do

@@ -295,12 +295,27 @@ def _load_installed(errors):
     return {"name": "installed", "detail": getattr(curvature_ext, "__file__", "?"), "ok": True}
 
 
+STALE_LOCK_S = 900  # a build takes well under a minute; a lock this old was left by a build that was killed
+
+
+def _drop_stale_lock(build_dir):
+    """torch's JIT build waits, without end, for the lock file of a build that was killed (Ctrl-C, a timeout):
+    remove one older than any build takes, so the next run builds instead of hanging."""
+    lock = os.path.join(build_dir, "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+            os.remove(lock)
+    except FileNotFoundError:
+        pass
+
+
 def _load_jit(errors, verbose):
     try:
         from torch.utils.cpp_extension import load
 
         build_dir = os.path.join(ROOT, "build", "jit")
         os.makedirs(build_dir, exist_ok=True)
+        _drop_stale_lock(build_dir)
         sources = [os.path.join(ROOT, f) for f in CPU_SOURCES]
         kwargs = {}
         if _cuda_sources_usable():
