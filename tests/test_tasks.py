@@ -274,7 +274,7 @@ def test_tiny_base_key_is_its_recipe_not_the_text(monkeypatch):
     assert tiny_base.settings_hash() != key
 
 
-def test_tiny_seed_enters_the_key_and_seed_0_keeps_the_old_one(monkeypatch):
+def test_tiny_seed_enters_the_key_and_seed_0_keeps_the_old_one(monkeypatch, capsys):
     from chained_tuning.data import tiny_base
     monkeypatch.delenv("CHAINED_TUNING_TINY_SEED", raising=False)
     recipe = {"config": tiny_base.TINY_CONFIG, "pretrain": tiny_base.PRETRAIN, "tokenizer": tiny_base.TOKENIZER,
@@ -291,8 +291,11 @@ def test_tiny_seed_enters_the_key_and_seed_0_keeps_the_old_one(monkeypatch):
     assert len(keys) == 2 and key0 not in keys
     for bad in ("-1", "one", "1.5"):
         monkeypatch.setenv("CHAINED_TUNING_TINY_SEED", bad)
-        with pytest.raises(SystemExit, match="CHAINED_TUNING_TINY_SEED=.*whole number >= 0"):
+        with pytest.raises(SystemExit) as stop:
             tiny_base.settings_hash()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: CHAINED_TUNING_TINY_SEED='{bad}'")
+        assert "whole number >= 0" in err[0]
 
 
 def test_encode_pair_moves_the_space_onto_the_continuation(tiny_path):

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -42,7 +43,11 @@ def tiny_seed():
     """$CHAINED_TUNING_TINY_SEED as a whole number >= 0 (default 0, the base every result so far was made with)."""
     raw = os.environ.get("CHAINED_TUNING_TINY_SEED", "0").strip() or "0"
     if not raw.isdigit():
-        raise SystemExit(f"CHAINED_TUNING_TINY_SEED={raw!r}: must be a whole number >= 0 (unset it for the default 0)")
+        # A setting of the environment, read wherever the base is needed: the process stops as a bad flag does
+        # (one `error:` line, exit 2; the tiny base imports nothing of the project that holds UserError).
+        print(f"error: CHAINED_TUNING_TINY_SEED={raw!r}: must be a whole number >= 0 (unset it for the default 0)",
+              file=sys.stderr)
+        raise SystemExit(2)
     return int(raw)
 
 
