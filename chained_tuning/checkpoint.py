@@ -5,6 +5,8 @@ import os
 import re
 
 from .common import UserError, read_json
+from .data.tiny_base import ensure_tiny_base
+from .study import cost_model
 
 META_FILE = "chained_tuning.json"  # lineage written into every checkpoint this toolkit saves
 
@@ -32,7 +34,6 @@ def resolve_model_path(path, flag="--model"):
     (org/name, and nothing local by its first part) -> itself, or its cached snapshot when the hub is out of
     reach. Anything else, a mistyped local path above all, fails here at once, naming it."""
     if path == "tiny":
-        from .data.tiny_base import ensure_tiny_base
         return ensure_tiny_base()
     local = os.path.expanduser(path)
     if os.path.isdir(local):
@@ -153,7 +154,6 @@ def tokenizer_dir(path, flag="--tokenizer"):
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise UserError(f"{flag} {path}: no tokenizer.json in it; pass the folder that holds the tokenizer's "
                         f"tokenizer.json (a model checkpoint folder will do)")
-    from .study import cost_model
     try:
         cost_model.token_counter(os.path.join(path, "tokenizer.json"))
     except ValueError as e:
