@@ -105,16 +105,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def write_text_atomic(path, text, suffix=".tmp"):
-    """Write `text` to a temporary name beside `path`, then rename: readers never see half a file, and a
-    failed write leaves nothing."""
+def write_text_atomic(path, text, suffix=".tmp", mode=None):
+    """Write `text` (or bytes) to a temporary name beside `path`, then rename: readers never see half a file,
+    and a failed write leaves nothing. mode: the file's permissions (default: mkstemp's, owner only)."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -4,16 +4,14 @@ tables, and files written through a temporary name.
 
 Part of chained_tuning/report (metrics.py's report; docs/metrics.md).
 """
-import contextlib
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from ..common import write_text_atomic
 from ..forgetting import NA, mean_std
 
 # Markers a table shows instead of a number (NA, "n/a": not applicable, comes with the equations).
@@ -41,27 +39,9 @@ class Section:
     refused: list = field(default_factory=list)
 
 
-def _atomic_write(path, write):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".tmp-{os.path.basename(path)}-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
 def write_file(path, content):
-    """Text or bytes to path, through a temporary name."""
-    def write(tmp):
-        with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
-            f.write(content)
-    _atomic_write(path, write)
+    """Text or bytes to path, through a temporary name (readable by all, as the report is shared)."""
+    write_text_atomic(path, content, mode=0o644)
 
 
 # Columns written in percent (percentage points), with their _std / _ci_low / _ci_high: their headers say "(%)".
