@@ -32,6 +32,7 @@ from chained_tuning.forgetting import (CHANCE_SE, NA, TIE_TOL, align_samples, bi
                                        biased_forgetting_vector, chance_flag, forgetting, group_acc, group_forgetting,
                                        k_worst_groups, kendall_tau_b, mean_std, paired_bootstrap_ci,
                                        relative_forgetting, tie_classes, worst_group_forgetting, worst_groups_label)
+from chained_tuning.statistics import CORRECTIONS
 from chained_tuning.runs import (COMPARED, CURV_FIX, EVAL_FIX, MITIGATION_OPTIONS, REPLAY_FIX, RUN_FIX, TAYLOR_FIX,
                                  Evaluation, LongChain, Pair, Run, check_eval_json, choose_first_stage, copy_preference,
                                  evaluation, example_digests, find_json_files, find_runs, first_stage_problem,
@@ -82,7 +83,7 @@ __all__ = ["CHANCE_SE", "NA", "TIE_TOL", "align_samples", "biased_forgetting", "
 
 
 NUMERIC_RULES = {"lr": POSITIVE, "k": AT_LEAST_1, "n_boot": NON_NEGATIVE, "boot_seed": NON_NEGATIVE,
-                 "ci": in_range(0, 1, open_lo=True, open_hi=True)}
+                 "n_perm": NON_NEGATIVE, "ci": in_range(0, 1, open_lo=True, open_hi=True)}
 
 
 def build_parser():
@@ -100,6 +101,11 @@ def build_parser():
     ap.add_argument("--boot_seed", type=int, default=0, help="seed (>= 0) of the bootstrap")
     ap.add_argument("--ci", type=float, default=0.95, help="confidence level of the bootstrap CIs, a fraction in "
                                                           "(0, 1)")
+    ap.add_argument("--n_perm", type=int, default=2000, help="permutations (>= 0; 0: no tests) of the test of uneven "
+                                                            "forgetting across groups (seeded by --boot_seed)")
+    ap.add_argument("--correction", default="holm", choices=CORRECTIONS,
+                    help="multiple-comparison correction of the per-group tests within a pair: holm (family-wise) "
+                         "or bh (Benjamini-Hochberg, false discovery rate)")
     return ap
 
 

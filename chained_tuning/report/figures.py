@@ -16,10 +16,11 @@ import pandas as pd
 
 from ..forgetting import NA
 from ..runs import EVAL_FIX, find_json_files
+from ..statistics import correction_name
 from .format import MISSING, Section, as_floats, cells, exact, rounded, short
 from .plot import MARKERS, chain_colours, figure_files, plt
 from .study import CAPABILITY_TASKS, SAFETY_TASKS
-from .tables import chain_bootstrap
+from .tables import chain_bootstrap, chain_permutation, group_decisions
 
 
 def section_figure2(study, opts):
@@ -61,25 +62,30 @@ def section_figure2(study, opts):
 
 
 GROUP_BAR_COLUMNS = ["first_task", "second_task", "group", "forgetting", "forgetting_std", "task_forgetting",
-                     "n_seeds", "biased_forgetting", "biased_forgetting_ci_low", "biased_forgetting_ci_high"]
+                     "n_seeds", "biased_forgetting", "biased_forgetting_ci_low", "biased_forgetting_ci_high",
+                     "p_value", "p_adjusted", "significant"]
 
 
 def group_bar_rows(study, opts, chains):
     """Per chain and group: forgetting (percent, mean over seeds), the task's average, and the group's biased
-    forgetting with its bootstrap CI (the CI of the group's gap from the average)."""
+    forgetting with its bootstrap CI (the CI of the group's gap from the average) and its permutation p, raw and
+    corrected within the chain (--correction), with the corrected decision."""
     rows = []
     for A, B in chains:
         ps = study.table1[(A, B)]
         ci = chain_bootstrap(study, A, ps, opts)[0] if opts.n_boot > 0 else None
+        decided = group_decisions(chain_permutation(study, A, ps, opts), opts)
         task_f = cells([p.stats["forgetting"] for p in ps])[0]
         for g in sorted(set().union(*(p.stats["group_forgetting"] for p in ps))):
             m, sd = cells([p.stats["group_forgetting"].get(g, float("nan")) for p in ps])
             gci = ((ci or {}).get("groups") or {}).get(g, {})
+            raw, adj, decision = decided.get(g, (float("nan"), float("nan"), NA))
             rows.append({"first_task": A, "second_task": B, "group": g, "forgetting": m, "forgetting_std": sd,
                          "task_forgetting": task_f, "n_seeds": len(ps),
                          "biased_forgetting": cells([p.stats["biased"].get(g, float("nan")) for p in ps])[0],
                          "biased_forgetting_ci_low": rounded(100 * gci.get("low", float("nan"))),
-                         "biased_forgetting_ci_high": rounded(100 * gci.get("high", float("nan")))})
+                         "biased_forgetting_ci_high": rounded(100 * gci.get("high", float("nan"))),
+                         "p_value": rounded(raw, 6), "p_adjusted": rounded(adj, 6), "significant": decision})
     return pd.DataFrame(rows, columns=GROUP_BAR_COLUMNS)
 
 
@@ -96,7 +102,11 @@ def _group_bars(ax, d, title):
     order = np.argsort(np.nan_to_num(f, nan=-np.inf))
     d, f = d.iloc[order], f[order]
     lo, hi = tf + as_floats(d.biased_forgetting_ci_low), tf + as_floats(d.biased_forgetting_ci_high)
-    colour = ["tab:red" if l > tf else "tab:blue" if h < tf else "tab:gray" for l, h in zip(lo, hi)]
+    # the highlight is the corrected decision (many groups, one chain: raw CIs alone flag some by chance); the CI
+    # decides only where no test was run (--n_perm 0 or no samples)
+    colour = [{"more": "tab:red", "less": "tab:blue", "no": "tab:gray"}.get(s) or
+              ("tab:red" if l > tf else "tab:blue" if h < tf else "tab:gray")
+              for s, l, h in zip(d.significant, lo, hi)]
     y = np.arange(len(d))
     ax.barh(y, np.nan_to_num(f), color=colour, alpha=0.8)
     have = ~np.isnan(lo) & ~np.isnan(hi)
@@ -141,15 +151,17 @@ def _group_figure(study, opts, firsts, seconds, empty_note):
 
 GROUP_FIGURE_NOTE = ("Bars: per-group forgetting (%), mean over seeds; dotted line: the first task's average "
                      "forgetting. Error bar: the {ci} bootstrap CI of the group's gap from that average (its biased "
-                     "forgetting) drawn around the bar's end; red: the CI lies above the average, blue: below, grey: "
-                     "it includes the average (that group's gap may be noise).")
+                     "forgetting) drawn around the bar's end; red: the group forgot more than average by its "
+                     "permutation test, corrected for the chain's groups ({correction}, adjusted p < {alpha:g}), blue: "
+                     "less, grey: not significant (without the test: the CI decides).")
 
 
 def _group_note(opts):
     if opts.n_boot <= 0:
         return ("Bars: per-group forgetting (%), mean over seeds; dotted line: the first task's average forgetting "
                 "(no CIs: --n_boot 0).")
-    return GROUP_FIGURE_NOTE.format(ci=f"{100 * opts.ci:g}%")
+    return GROUP_FIGURE_NOTE.format(ci=f"{100 * opts.ci:g}%", correction=correction_name(opts.correction),
+                                    alpha=1 - opts.ci)
 
 
 def section_figure3(study, opts):

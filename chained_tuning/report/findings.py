@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ..statistics import correction_name, holm, tau_summary
 from .format import as_floats, short
 
 REPRODUCED, NOT_REPRODUCED, NOT_TESTABLE = "reproduced", "not reproduced", "not testable here"
@@ -63,50 +64,71 @@ def finding_order(study, files):
     have_ci = any(not math.isnan(_f(lo)) for lo, _ in ci.values())
     # more forgetting than the other order is not enough: the safety task has to forget at all
     verdict = REPRODUCED if more * 2 > pairs and (forgot or not have_ci) else NOT_REPRODUCED
+    test = "pairs counted (a one-sided sign test over the pairs reported beside them, not required)"
+    threshold = "more than half the pairs" + (" and a forgetting CI above zero in at least one" if have_ci else "")
     return ("Safety tasks are forgotten more than capability tasks when tuned first (Table 1, Figure 2)", verdict,
-            f"the safety task forgot more in {more} of {pairs} pairs (one-sided sign test p = {p:.3g})"
+            rule(test, "none (one claim)", pairs, threshold) + f"the safety task forgot more in {more} of {pairs} pairs (one-sided sign test p = {p:.3g})"
             + (f", and its forgetting CI lies above zero in {forgot}" if have_ci else "") + "; "
             + "; ".join(lines) + " (forgetting in points, 95% bootstrap CIs where computed).")
 
 
+def rule(test, correction, n, threshold):
+    """The one line every verdict states: its test, its correction, the number of comparisons and the threshold."""
+    return f"Rule: {test}; correction: {correction}; {n} comparison{'s' if n != 1 else ''}; threshold: {threshold}. "
+
+
+def _p_list(values):
+    return [_f(v) for v in values]
+
+
 def finding_groups(study, files, opts):
-    """Forgetting is uneven across groups: groups whose biased-forgetting CI lies above zero."""
+    """Forgetting is uneven across groups: the permutation test of the spread of per-group forgetting, one per pair,
+    Holm across the pairs; the per-group tests (corrected within each pair) are its detail."""
     claim = "Forgetting is uneven across demographic groups (Figures 3, 9, 10)"
-    fg = _csv_of(files, "forgetting_by_group.csv")
-    if fg is None or fg.empty:
+    fg, bf = _csv_of(files, "forgetting_by_group.csv"), _csv_of(files, "biased_forgetting.csv")
+    if fg is None or fg.empty or bf is None or "spread_p_value" not in bf:
         return claim, NOT_TESTABLE, "no chain with a grouped first task (ToxiGen or BBQ first) in these runs."
-    if opts.n_boot <= 0:
-        return claim, NOT_TESTABLE, "no bootstrap CIs (--n_boot 0): whether a group's gap is noise is not known."
-    lines, any_above = [], False
-    for (A, B), d in fg.groupby(["first_task", "second_task"], sort=True):
-        above = [r.group for r in d.itertuples(index=False) if _f(r.biased_forgetting_ci_low) > 0]
-        below = [r.group for r in d.itertuples(index=False) if _f(r.biased_forgetting_ci_high) < 0]
-        worst = d.iloc[int(np.nanargmax(as_floats(d.biased_forgetting)))] \
-            if np.isfinite(as_floats(d.biased_forgetting)).any() else None
-        any_above |= bool(above)
-        lines.append(f"{short(A)} -> {short(B)}: {len(above)} of {len(d)} groups forgot significantly more than "
-                     f"average ({', '.join(above) or 'none'}), {len(below)} less"
-                     + (f"; largest gap {worst.group} {_f(worst.biased_forgetting):+.2f} points"
-                        f"{_ci_text(_f(worst.biased_forgetting_ci_low), _f(worst.biased_forgetting_ci_high))}"
-                        if worst is not None else ""))
-    verdict = REPRODUCED if any_above else NOT_REPRODUCED
-    return claim, verdict, ("; ".join(lines) + f" ({100 * opts.ci:g}% paired bootstrap CIs of each group's gap "
-                            "from its task's average; a group counts when its CI excludes zero).")
+    alpha = 1 - opts.ci
+    bf = bf[[not math.isnan(p) for p in _p_list(bf.spread_p_value)]]
+    test = (f"permutation test of the variance of per-group forgetting, group labels permuted over the examples "
+            f"({opts.n_perm} permutations, seed {opts.boot_seed}, p = (k + 1) / (n + 1))")
+    if bf.empty:
+        return claim, NOT_TESTABLE, (rule(test, "Holm across pairs", 0, f"adjusted p < {alpha:g}")
+                                     + "no pair has the test (--n_perm 0, no samples files or fewer than 2 groups).")
+    adj = holm(_p_list(bf.spread_p_value))
+    lines = []
+    for r, a in zip(bf.itertuples(index=False), adj):
+        d = fg[(fg.first_task == r.first_task) & (fg.second_task == r.second_task)]
+        more = [g for g, s in zip(d.group, d.significant) if s == "more"]
+        lines.append(f"{short(r.first_task)} -> {short(r.second_task)}: variance {_f(r.group_variance_pts2):.3g} "
+                     f"points^2 (max - min {_f(r.group_range):.2f} points, {_f(r.variance_ratio):.2f} times the null "
+                     f"mean), p = {_f(r.spread_p_value):.3g}, Holm {a:.3g}; groups forgetting more than average after "
+                     f"{correction_name(opts.correction)} within the pair: {', '.join(more) or 'none'}")
+    verdict = REPRODUCED if bool(np.any(adj < alpha)) else NOT_REPRODUCED
+    return claim, verdict, (rule(test, "Holm across pairs", len(bf), f"adjusted p < {alpha:g} in at least one pair")
+                            + "; ".join(lines) + ".")
 
 
-def finding_kendall(files):
+def finding_kendall(files, alpha=0.05):
+    """Groups ranked consistently: every defined tau positive with its Holm-adjusted p below alpha; undefined taus
+    (a constant ranking) are left out and counted, and fewer than half defined is not testable."""
     claim = "Groups are ranked consistently across second tasks (Kendall's tau-b)"
     kt = _csv_of(files, "kendall_tau.csv")
     if kt is None or kt.empty:
         return claim, NOT_TESTABLE, "no first task with groups followed by two second tasks in these runs."
     rows = [(r.first_task, r.second_task_1, r.second_task_2, _f(r.tau_b), _f(r.p_value), int(_f(r.n_groups)))
             for r in kt.itertuples(index=False)]
-    ok = [t > 0 and p < 0.05 for _, _, _, t, p, _ in rows if not math.isnan(t)]
-    verdict = NOT_TESTABLE if not ok else REPRODUCED if all(ok) else NOT_REPRODUCED
-    return claim, verdict, ("; ".join(f"{short(a)}: {short(b1)} vs {short(b2)} tau = {t:.2f} (n = {n} groups, "
-                                      f"p = {p:.3g})" for a, b1, b2, t, p, n in rows)
-                            + ". Paper: ToxiGen ARC vs CSQA 0.69, ARC vs CSQA2 0.46; BBQ ARC vs CSQA2 0.72. Counted "
-                            "as consistent when tau > 0 with p < 0.05.")
+    summary = tau_summary([t for *_, t, _, _ in rows], [p for *_, p, _ in rows], "holm", alpha)
+    verdict = (NOT_TESTABLE if not summary["testable"] else REPRODUCED if summary["consistent"] else NOT_REPRODUCED)
+    shown = "; ".join(f"{short(a)}: {short(b1)} vs {short(b2)} " + (
+        f"tau = {t:.2f} (n = {n} groups, p = {p:.3g}, Holm {q:.3g})" if not math.isnan(t) else
+        f"tau undefined (n = {n} groups, a constant ranking)") for (a, b1, b2, t, p, n), q in
+        zip(rows, summary["p_adjusted"]))
+    return claim, verdict, (rule("Kendall's tau-b, two-sided", "Holm across the defined comparisons",
+                                 summary["n_defined"], f"every tau > 0 with adjusted p < {alpha:g}; at least half "
+                                 "defined")
+                            + f"{summary['n_undefined']} of {summary['n']} undefined (left out); " + shown
+                            + ". Paper: ToxiGen ARC vs CSQA 0.69, ARC vs CSQA2 0.46; BBQ ARC vs CSQA2 0.72.")
 
 
 def finding_curvature(files):
@@ -117,7 +139,8 @@ def finding_curvature(files):
         return claim, NOT_TESTABLE, f"no fit: it needs curvature and forgetting for at least 3 first tasks{why}."
     r = fit.iloc[0]
     verdict = REPRODUCED if _f(r.slope) > 0 and _f(r.p_value) <= 0.05 else NOT_REPRODUCED
-    return claim, verdict, (f"slope {_f(r.slope):.4g}, R^2 = {_f(r.r_squared):.3f}, p = {_f(r.p_value):.3g} over "
+    return claim, verdict, (rule("OLS of forgetting on rho, t test of the slope", "none (one test)", 1,
+                                 "slope > 0 with p <= 0.05") + f"slope {_f(r.slope):.4g}, R^2 = {_f(r.r_squared):.3f}, p = {_f(r.p_value):.3g} over "
                             f"{int(_f(r.n_tasks))} first tasks; paper: R^2 = 0.85, p <= 0.01 over 6 tasks. Counted as "
                             "reproduced when the slope is positive with p <= 0.05.")
 
@@ -150,11 +173,14 @@ def finding_lr(files):
                            f"forgetting with a larger lr (Spearman {r:+.2f} over {n} lrs)" for a, b, r, n in trend)
         if want == 1:
             verdict = REPRODUCED if sum(r > 0 for *_, r, _ in trend) * 2 > len(trend) else NOT_REPRODUCED
+            head = rule("sign of Spearman's rho per chain (no p)", "none", len(trend), "more than half positive")
         else:  # the paper's own pattern: less forgetting with a larger lr for BBQ and SD, more for ToxiGen
             expect = {"bbq": -1, "saferdialogues": -1, "toxigen": 1}
             judged = [np.sign(r) == expect[a] for a, _, r, _ in trend if a in expect]
             verdict = NOT_TESTABLE if not judged else REPRODUCED if all(judged) else NOT_REPRODUCED
-        claims.append((claim, verdict, detail + "."))
+            head = rule("sign of Spearman's rho per chain (no p)", "none", len(judged),
+                        "every BBQ, SaFeRDialogues and ToxiGen chain with the paper's sign")
+        claims.append((claim, verdict, head + detail + "."))
     return claims
 
 
@@ -176,7 +202,9 @@ def finding_replay(files):
         lines.append(f"{short(r.first_task)} -> {short(r.second_task)}: forgetting {_f(r.forgetting_at_0):.2f} points "
                      f"before replay, {at} (tried: {str(r.fractions).replace(';', ', ')}%)")
     verdict = NOT_TESTABLE if not ok else REPRODUCED if all(ok) else NOT_REPRODUCED
-    return claim, verdict, ("; ".join(lines) + ". Counted as reproduced when every chain that forgot more than 1 "
+    return claim, verdict, (rule("recovery read per chain (no test)", "none", len(ok),
+                                 "every chain that forgot more than 1 point back within 1 point at <= 5%")
+                            + "; ".join(lines) + ". Counted as reproduced when every chain that forgot more than 1 "
                             "point recovers at 5% or less.")
 
 
@@ -188,7 +216,7 @@ def is_smoke_test(study):
 
 def findings_section(study, opts, files):
     """report.md's first section: each claim of the paper, this run's numbers and a verdict."""
-    claims = [finding_order(study, files), finding_groups(study, files, opts), finding_kendall(files),
+    claims = [finding_order(study, files), finding_groups(study, files, opts), finding_kendall(files, 1 - opts.ci),
               finding_curvature(files), *finding_lr(files), finding_replay(files)]
     text = "## Findings: the paper's claims checked against this run\n\n"
     if is_smoke_test(study):

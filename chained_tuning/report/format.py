@@ -50,7 +50,8 @@ PERCENT_COLUMNS = {"cs_acc_cap", "cs_acc_safety", "cs_forgetting_cap", "sc_acc_c
                    "biased_forgetting", "wg_forgetting", "biased_forgetting_max", "rel_forgetting_cap",
                    "rel_forgetting_safety", "acc", "val_acc", "chance", "fraction", "fractions", "acc_a", "acc_b",
                    "forgetting_a", "change_b", "capability_forgetting", "forgetting_at_0", "recovery_fraction",
-                   "forgetting_at_recovery", "acc_tuned", "acc_after", "forgetting_xy", "forgetting_yx"}
+                   "forgetting_at_recovery", "acc_tuned", "acc_after", "forgetting_xy", "forgetting_yx",
+                   "group_range"}
 
 
 def unit_header(col):

@@ -13,6 +13,7 @@ import pandas as pd
 from ..forgetting import (CHANCE_SE, NA, align_samples, biased_forgetting, chance_flag, kendall_tau_b, mean_std,
                           paired_bootstrap_ci, worst_groups_label)
 from ..runs import load_samples
+from ..statistics import adjust, group_permutation_test, holm, is_number
 from .format import MISSING, TASK_NAMES, Section, cells, csv_text, markdown_table, rounded, short
 from .study import CAPABILITY_TASKS, SAFETY_TASKS
 
@@ -69,8 +70,11 @@ def group_rows(study, opts):
             ci, problem = chain_bootstrap(study, A, ps, opts)
             problems += [problem] if problem else []
         groups = sorted(set().union(*(p.stats["group_forgetting"] for p in ps)))
+        perm = chain_permutation(study, A, ps, opts) if groups else None
+        decided = group_decisions(perm, opts)
         for g in groups:
             gci = (ci or {}).get("groups", {}).get(g, {})
+            raw, adj, decision = decided.get(g, (float("nan"), float("nan"), NA))
             bm, bs = cells([p.stats["biased"].get(g, float("nan")) for p in ps])
             fm, fs = cells([p.stats["group_forgetting"].get(g, float("nan")) for p in ps])
             rows.append({"first_task": A, "second_task": B, "group": g,
@@ -81,7 +85,8 @@ def group_rows(study, opts):
                          "biased_forgetting": bm, "biased_forgetting_std": bs,
                          "biased_forgetting_ci_low": rounded(100 * gci.get("low", float("nan"))),
                          "biased_forgetting_ci_high": rounded(100 * gci.get("high", float("nan"))),
-                         "n_seeds": len(ps)})
+                         "n_seeds": len(ps), "p_value": rounded(raw, 6), "p_adjusted": rounded(adj, 6),
+                         "significant": decision})
         mean_vec = {g: mean_std([p.stats["biased"].get(g, float("nan")) for p in ps])[0] for g in groups}
         fci, bci = (ci or {}).get("forgetting", {}), (ci or {}).get("biased_forgetting_max", {})
         mk = MISSING if groups else NA  # no groups: not applicable, not missing
@@ -102,13 +107,13 @@ def group_rows(study, opts):
                         "biased_forgetting_max_ci_high": rounded(100 * bci.get("high", float("nan"))),
                         "k": opts.k, f"biased_forgetting_top{opts.k}": tk_m,
                         f"biased_forgetting_top{opts.k}_std": tk_s,
-                        f"worst_{opts.k}_groups": worst_groups_label(mean_vec, opts.k)})
+                        f"worst_{opts.k}_groups": worst_groups_label(mean_vec, opts.k), **spread_cells(perm)})
     return rows, summary, problems
 
 
-def bootstrap_chain(A, ps, opts):
-    """paired_bootstrap_ci over the test examples of task A shared by every seed's theta_A and theta_AB ->
-    (its result or None, the problem that stopped it or a check failed, or None)."""
+def chain_samples(A, ps):
+    """The paired 0/1 answers on the test examples of task A shared by every seed's theta_A and theta_AB ->
+    ((correct_first, correct_chained, groups) or None, the problem that stopped it or None)."""
     per_seed = []
     for p in ps:
         records_first, records_chained = load_samples(p.first), load_samples(p.chained)
@@ -127,15 +132,66 @@ def bootstrap_chain(A, ps, opts):
                       + "); no bootstrap CI over seeds (evaluate every seed with the same --limit and --seed)")
     if not ids:
         return None, f"{A}->{ps[0].B}: the samples files hold no example of {A}; no bootstrap CI"
-    correct_first = np.array([[d[i][0] for i in ids] for d in per_seed])
-    correct_chained = np.array([[d[i][1] for i in ids] for d in per_seed])
-    res = paired_bootstrap_ci(correct_first, correct_chained, [per_seed[0][i][2] for i in ids],
+    return (np.array([[d[i][0] for i in ids] for d in per_seed]), np.array([[d[i][1] for i in ids] for d in per_seed]),
+            [per_seed[0][i][2] for i in ids]), None
+
+
+def bootstrap_chain(A, ps, opts):
+    """paired_bootstrap_ci over the test examples of task A shared by every seed's theta_A and theta_AB ->
+    (its result or None, the problem that stopped it or a check failed, or None)."""
+    samples, problem = chain_samples(A, ps)
+    if samples is None:
+        return None, problem
+    correct_first, correct_chained, groups = samples
+    res = paired_bootstrap_ci(correct_first, correct_chained, groups,
                               n_resamples=opts.n_boot, seed=opts.boot_seed, level=opts.ci, k=opts.k)
     want = np.mean([p.stats["forgetting"] for p in ps])
     if abs(res["forgetting"]["estimate"] - want) > 1e-6:
         return res, (f"{A}->{ps[0].B}: the samples files give forgetting {100 * res['forgetting']['estimate']:.2f} "
                      f"but eval.json {100 * want:.2f}; re-run evaluate.py")
     return res, None
+
+
+def chain_permutation(study, A, ps, opts):
+    """group_permutation_test of the chain's examples (None without samples, groups or --n_perm), once per chain
+    and options for every section that reads it."""
+    key = ("permutation", A, ps[0].B, tuple(p.chained.run_id for p in ps), opts.n_perm, opts.boot_seed)
+    if key not in study.cache:
+        samples = chain_samples(A, ps)[0] if opts.n_perm > 0 else None
+        has_groups = samples is not None and any(g is not None for g in samples[2])
+        study.cache[key] = group_permutation_test(*samples, n_permutations=opts.n_perm, seed=opts.boot_seed) \
+            if has_groups else None
+    return study.cache[key]
+
+
+def group_decisions(perm, opts):
+    """{group: (raw p, adjusted p, decision)} of one chain: the per-group p values of the permutation test adjusted
+    within the chain by --correction; decision "more" / "less" (than the task's average) when the adjusted p is
+    below 1 - --ci, else "no"; {} without a test."""
+    if not perm:
+        return {}
+    names = sorted(perm["groups"])
+    raw = [perm["groups"][g]["p_value"] for g in names]
+    adj = adjust(raw, opts.correction)
+    alpha = 1 - opts.ci
+    return {g: (p, a, NA if np.isnan(a) else "no" if a >= alpha else "more" if perm["groups"][g]["gap"] > 0
+                else "less") for g, p, a in zip(names, raw, adj)}
+
+
+def spread_cells(perm):
+    """biased_forgetting.csv's columns of the unevenness test (percent points; variances in points squared)."""
+    if not perm:
+        return {c: NA for c in SPREAD_COLUMNS}
+    return {"n_permutations": perm["n_permutations"], "group_variance_pts2": rounded(1e4 * perm["variance"]),
+            "group_range": rounded(100 * perm["range"]),
+            "null_variance_mean_pts2": rounded(1e4 * perm["null_variance_mean"]),
+            "variance_excess_pts2": rounded(1e4 * perm["variance_excess"]),
+            "variance_ratio": rounded(perm["variance_ratio"]), "spread_p_value": rounded(perm["p_value"], 6),
+            "range_p_value": rounded(perm["p_range"], 6)}
+
+
+SPREAD_COLUMNS = ["n_permutations", "group_variance_pts2", "group_range", "null_variance_mean_pts2",
+                  "variance_excess_pts2", "variance_ratio", "spread_p_value", "range_p_value"]
 
 
 def chain_bootstrap(study, A, ps, opts):
@@ -153,11 +209,16 @@ def section_groups(study, opts):
     by_group = pd.DataFrame(rows, columns=["first_task", "second_task", "group", "n", "acc_first", "acc_chained",
                                            "forgetting", "forgetting_std", "task_forgetting",
                                            "biased_forgetting", "biased_forgetting_std",
-                                           "biased_forgetting_ci_low", "biased_forgetting_ci_high", "n_seeds"])
+                                           "biased_forgetting_ci_low", "biased_forgetting_ci_high", "n_seeds",
+                                           "p_value", "p_adjusted", "significant"])
     files["forgetting_by_group.csv"] = csv_text(by_group)
     bf = pd.DataFrame(summary)
     if bf.empty:
-        bf = pd.DataFrame(columns=["first_task", "second_task", "forgetting", "biased_forgetting_max"])
+        bf = pd.DataFrame(columns=["first_task", "second_task", "forgetting", "biased_forgetting_max",
+                                   *SPREAD_COLUMNS])
+    # the unevenness verdict reads every pair at once: Holm across the pairs with a test (family-wise)
+    spread_p = [float(v) if is_number(v) else float("nan") for v in bf["spread_p_value"]]
+    bf["spread_p_holm"] = [rounded(v, 6) for v in holm(spread_p)]
     files["biased_forgetting.csv"] = csv_text(bf)
 
     # Kendall's tau-b between the group rankings for the same first task and different second tasks
@@ -171,13 +232,17 @@ def section_groups(study, opts):
             for b2 in seconds[i + 1:]:
                 tau, pv, n = kendall_tau_b(vec[(A, b1)], vec[(A, b2)])
                 kt.append({"first_task": A, "second_task_1": b1, "second_task_2": b2, "n_groups": n,
-                           "tau_b": rounded(tau), "p_value": rounded(pv, 6)})
-    kt = pd.DataFrame(kt, columns=["first_task", "second_task_1", "second_task_2", "n_groups", "tau_b", "p_value"])
+                           "tau_b": rounded(tau), "p_value": rounded(pv, 6),
+                           "defined": "no (a constant ranking)" if np.isnan(tau) else "yes"})
+    kt = pd.DataFrame(kt, columns=["first_task", "second_task_1", "second_task_2", "n_groups", "tau_b", "p_value",
+                                   "defined"])
+    kt.insert(6, "p_holm", [rounded(v, 6) for v in holm([float(v) if is_number(v) else float("nan")
+                                                         for v in kt.p_value])])
     files["kendall_tau.csv"] = csv_text(kt)
 
     cols = ["first_task", "second_task", "n_seeds", "forgetting", "forgetting_ci_low", "forgetting_ci_high",
             "wg_forgetting", "worst_group", "biased_forgetting_max", "biased_forgetting_max_ci_low",
-            "biased_forgetting_max_ci_high", f"worst_{opts.k}_groups"]
+            "biased_forgetting_max_ci_high", f"worst_{opts.k}_groups", "spread_p_value", "spread_p_holm"]
     grouped = bf[bf["n_groups"] > 0][cols] if "n_groups" in bf else bf
     ci_note = (f"{100 * opts.ci:g}% paired bootstrap CIs over test examples ({opts.n_boot} resamples, "
                f"seed {opts.boot_seed}; columns *_ci_low/high). The max over groups is biased upward by noise, "
@@ -185,7 +250,11 @@ def section_groups(study, opts):
                "its gap is noise" if opts.n_boot else "no bootstrap (--n_boot 0)")
     text = ("## Biased forgetting\n\nPer chain of Table 1, tasks with groups (percent, mean over seeds; groups tied "
             "for a place are named together, \"a = b (tied)\"; "
-            f"{ci_note}). The whole per-group vector is in [forgetting_by_group.csv](forgetting_by_group.csv); "
+            f"{ci_note}). Whether the groups differ beyond chance: spread_p_value, a permutation test of the "
+            f"variance of per-group forgetting ({opts.n_perm} permutations of the group labels over the examples, seed "
+            f"{opts.boot_seed}; p = (k + 1) / (n + 1)), spread_p_holm that p adjusted by Holm across the pairs; "
+            "per group, p_value and p_adjusted (--correction within the pair) in forgetting_by_group.csv. "
+            "The whole per-group vector is in [forgetting_by_group.csv](forgetting_by_group.csv); "
             "every chain in [biased_forgetting.csv](biased_forgetting.csv).\n\n"
             + (markdown_table(grouped) if len(grouped) else "No chain with a grouped first task.\n")
             + "\n## Kendall's tau-b between group rankings\n\nSame first task, different second tasks, "
