@@ -85,3 +85,13 @@ def test_constant_rankings_not_testable():
     claim, verdict, detail = finding_kendall({"kendall_tau.csv": csv}, 0.05)
     assert verdict == "not testable here"
     assert "2 of 3 undefined" in detail and "Holm" in detail and "threshold" in detail
+
+
+def test_correction_flag_checked_before_any_work(tmp_path, capsys):
+    import metrics
+    with pytest.raises(SystemExit) as e:  # argparse refuses it before the runs folder is read
+        metrics.main(["--runs", str(tmp_path / "absent"), "--out", str(tmp_path / "o"), "--correction", "bonf"])
+    assert e.value.code == 2 and "--correction" in capsys.readouterr().err
+    opts = metrics.build_parser().parse_args(["--runs", "r", "--out", "o"])
+    assert opts.correction == "holm" and opts.n_perm == 2000
+    assert metrics.build_parser().parse_args(["--runs", "r", "--out", "o", "--correction", "bh"]).correction == "bh"

@@ -43,6 +43,7 @@ def finding_order(study, files):
     bf = _csv_of(files, "biased_forgetting.csv")
     ci = {} if bf is None else {(r.first_task, r.second_task): (_f(r.forgetting_ci_low), _f(r.forgetting_ci_high))
                                 for r in bf.itertuples(index=False)}
+    test = "pairs counted (a one-sided sign test over the pairs reported beside them, not required)"
     pairs, lines = 0, []
     more = forgot = 0  # pairs where the safety task forgot more; where its forgetting CI lies above zero
     for c in study.capability:
@@ -59,22 +60,24 @@ def finding_order(study, files):
                          f"vs {short(c)} -> {short(s)} {f_cs:.2f}{_ci_text(*ci.get((c, s), (math.nan,) * 2))}")
     if not pairs:
         return ("Safety tasks are forgotten more than capability tasks when tuned first (Table 1, Figure 2)",
-                NOT_TESTABLE, "no capability/safety pair has both orders in these runs.")
+                NOT_TESTABLE, rule(test, "none (one claim)", 0, "more than half the pairs")
+                + "no capability/safety pair has both orders in these runs.")
     p = stats.binomtest(more, pairs, 0.5, alternative="greater").pvalue
     have_ci = any(not math.isnan(_f(lo)) for lo, _ in ci.values())
     # more forgetting than the other order is not enough: the safety task has to forget at all
     verdict = REPRODUCED if more * 2 > pairs and (forgot or not have_ci) else NOT_REPRODUCED
-    test = "pairs counted (a one-sided sign test over the pairs reported beside them, not required)"
     threshold = "more than half the pairs" + (" and a forgetting CI above zero in at least one" if have_ci else "")
     return ("Safety tasks are forgotten more than capability tasks when tuned first (Table 1, Figure 2)", verdict,
-            rule(test, "none (one claim)", pairs, threshold) + f"the safety task forgot more in {more} of {pairs} pairs (one-sided sign test p = {p:.3g})"
+            rule(test, "none (one claim)", pairs, threshold)
+            + f"the safety task forgot more in {more} of {pairs} pairs (one-sided sign test p = {p:.3g})"
             + (f", and its forgetting CI lies above zero in {forgot}" if have_ci else "") + "; "
             + "; ".join(lines) + " (forgetting in points, 95% bootstrap CIs where computed).")
 
 
 def rule(test, correction, n, threshold):
     """The one line every verdict states: its test, its correction, the number of comparisons and the threshold."""
-    return f"Rule: {test}; correction: {correction}; {n} comparison{'s' if n != 1 else ''}; threshold: {threshold}. "
+    return (f"Rule: {test}; correction: {correction}; {n} comparison{'s' if n != 1 else ''}; threshold: {threshold}. "
+            "Evidence: ")
 
 
 def _p_list(values):
@@ -86,12 +89,13 @@ def finding_groups(study, files, opts):
     Holm across the pairs; the per-group tests (corrected within each pair) are its detail."""
     claim = "Forgetting is uneven across demographic groups (Figures 3, 9, 10)"
     fg, bf = _csv_of(files, "forgetting_by_group.csv"), _csv_of(files, "biased_forgetting.csv")
-    if fg is None or fg.empty or bf is None or "spread_p_value" not in bf:
-        return claim, NOT_TESTABLE, "no chain with a grouped first task (ToxiGen or BBQ first) in these runs."
     alpha = 1 - opts.ci
-    bf = bf[[not math.isnan(p) for p in _p_list(bf.spread_p_value)]]
     test = (f"permutation test of the variance of per-group forgetting, group labels permuted over the examples "
             f"({opts.n_perm} permutations, seed {opts.boot_seed}, p = (k + 1) / (n + 1))")
+    if fg is None or fg.empty or bf is None or "spread_p_value" not in bf:
+        return claim, NOT_TESTABLE, (rule(test, "Holm across pairs", 0, f"adjusted p < {alpha:g}")
+                                     + "no chain with a grouped first task (ToxiGen or BBQ first) in these runs.")
+    bf = bf[[not math.isnan(p) for p in _p_list(bf.spread_p_value)]]
     if bf.empty:
         return claim, NOT_TESTABLE, (rule(test, "Holm across pairs", 0, f"adjusted p < {alpha:g}")
                                      + "no pair has the test (--n_perm 0, no samples files or fewer than 2 groups).")
@@ -114,8 +118,11 @@ def finding_kendall(files, alpha=0.05):
     (a constant ranking) are left out and counted, and fewer than half defined is not testable."""
     claim = "Groups are ranked consistently across second tasks (Kendall's tau-b)"
     kt = _csv_of(files, "kendall_tau.csv")
+    test, correction = "Kendall's tau-b, two-sided", "Holm across the defined comparisons"
+    threshold = f"every tau > 0 with adjusted p < {alpha:g}; at least half defined"
     if kt is None or kt.empty:
-        return claim, NOT_TESTABLE, "no first task with groups followed by two second tasks in these runs."
+        return claim, NOT_TESTABLE, (rule(test, correction, 0, threshold)
+                                     + "no first task with groups followed by two second tasks in these runs.")
     rows = [(r.first_task, r.second_task_1, r.second_task_2, _f(r.tau_b), _f(r.p_value), int(_f(r.n_groups)))
             for r in kt.itertuples(index=False)]
     summary = tau_summary([t for *_, t, _, _ in rows], [p for *_, p, _ in rows], "holm", alpha)
@@ -124,11 +131,12 @@ def finding_kendall(files, alpha=0.05):
         f"tau = {t:.2f} (n = {n} groups, p = {p:.3g}, Holm {q:.3g})" if not math.isnan(t) else
         f"tau undefined (n = {n} groups, a constant ranking)") for (a, b1, b2, t, p, n), q in
         zip(rows, summary["p_adjusted"]))
-    return claim, verdict, (rule("Kendall's tau-b, two-sided", "Holm across the defined comparisons",
-                                 summary["n_defined"], f"every tau > 0 with adjusted p < {alpha:g}; at least half "
-                                 "defined")
+    return claim, verdict, (rule(test, correction, summary["n_defined"], threshold)
                             + f"{summary['n_undefined']} of {summary['n']} undefined (left out); " + shown
                             + ". Paper: ToxiGen ARC vs CSQA 0.69, ARC vs CSQA2 0.46; BBQ ARC vs CSQA2 0.72.")
+
+
+CURVATURE_TEST = "OLS of forgetting on rho, t test of the slope"
 
 
 def finding_curvature(files):
@@ -136,11 +144,12 @@ def finding_curvature(files):
     fit = _csv_of(files, "curvature_fit.csv")
     if fit is None or fit.empty or math.isnan(_f(fit.slope.iloc[0])):
         why = "" if fit is None or fit.empty else f" ({fit.note.iloc[0]})"
-        return claim, NOT_TESTABLE, f"no fit: it needs curvature and forgetting for at least 3 first tasks{why}."
+        return claim, NOT_TESTABLE, (rule(CURVATURE_TEST, "none (one test)", 0, "slope > 0 with p <= 0.05")
+                                     + f"no fit: it needs curvature and forgetting for at least 3 first tasks{why}.")
     r = fit.iloc[0]
     verdict = REPRODUCED if _f(r.slope) > 0 and _f(r.p_value) <= 0.05 else NOT_REPRODUCED
-    return claim, verdict, (rule("OLS of forgetting on rho, t test of the slope", "none (one test)", 1,
-                                 "slope > 0 with p <= 0.05") + f"slope {_f(r.slope):.4g}, R^2 = {_f(r.r_squared):.3f}, p = {_f(r.p_value):.3g} over "
+    return claim, verdict, (rule(CURVATURE_TEST, "none (one test)", 1, "slope > 0 with p <= 0.05")
+                            + f"slope {_f(r.slope):.4g}, R^2 = {_f(r.r_squared):.3f}, p = {_f(r.p_value):.3g} over "
                             f"{int(_f(r.n_tasks))} first tasks; paper: R^2 = 0.85, p <= 0.01 over 6 tasks. Counted as "
                             "reproduced when the slope is positive with p <= 0.05.")
 
@@ -158,6 +167,9 @@ def _lr_trend(df, which):
     return out
 
 
+LR_TEST = "sign of Spearman's rho of forgetting on lr per chain (no p)"
+
+
 def finding_lr(files):
     claims = []
     for stem, which, claim, want in (
@@ -167,28 +179,33 @@ def finding_lr(files):
         df = _csv_of(files, stem)
         trend = _lr_trend(df, which) if df is not None and len(df) else []
         if not trend:
-            claims.append((claim, NOT_TESTABLE, "no chain with forgetting at two or more learning rates."))
+            claims.append((claim, NOT_TESTABLE, rule(LR_TEST, "none", 0, "the trend's sign in the chains")
+                           + "no chain with forgetting at two or more learning rates."))
             continue
         detail = "; ".join(f"{short(a)} -> {short(b)}: {'more' if r > 0 else 'less' if r < 0 else 'no change in'} "
                            f"forgetting with a larger lr (Spearman {r:+.2f} over {n} lrs)" for a, b, r, n in trend)
         if want == 1:
             verdict = REPRODUCED if sum(r > 0 for *_, r, _ in trend) * 2 > len(trend) else NOT_REPRODUCED
-            head = rule("sign of Spearman's rho per chain (no p)", "none", len(trend), "more than half positive")
+            head = rule(LR_TEST, "none", len(trend), "more than half positive")
         else:  # the paper's own pattern: less forgetting with a larger lr for BBQ and SD, more for ToxiGen
             expect = {"bbq": -1, "saferdialogues": -1, "toxigen": 1}
             judged = [np.sign(r) == expect[a] for a, _, r, _ in trend if a in expect]
             verdict = NOT_TESTABLE if not judged else REPRODUCED if all(judged) else NOT_REPRODUCED
-            head = rule("sign of Spearman's rho per chain (no p)", "none", len(judged),
+            head = rule(LR_TEST, "none", len(judged),
                         "every BBQ, SaFeRDialogues and ToxiGen chain with the paper's sign")
         claims.append((claim, verdict, head + detail + "."))
     return claims
+
+
+REPLAY_TEST = "recovery read per chain (no test)"
+REPLAY_THRESHOLD = "every chain that forgot more than 1 point back within 1 point at <= 5%"
 
 
 def finding_replay(files):
     claim = "Replaying 5% of the safety data as a third stage recovers most of it (Figure 7)"
     rec = _csv_of(files, "replay_recovery.csv")
     if rec is None or rec.empty:
-        return claim, NOT_TESTABLE, "no replay sweep in these runs."
+        return claim, NOT_TESTABLE, (rule(REPLAY_TEST, "none", 0, REPLAY_THRESHOLD) + "no replay sweep in these runs.")
     lines, ok = [], []
     for r in rec.itertuples(index=False):  # replay_recovery.csv holds the fractions in percent
         f = _f(r.recovery_fraction)
@@ -202,8 +219,7 @@ def finding_replay(files):
         lines.append(f"{short(r.first_task)} -> {short(r.second_task)}: forgetting {_f(r.forgetting_at_0):.2f} points "
                      f"before replay, {at} (tried: {str(r.fractions).replace(';', ', ')}%)")
     verdict = NOT_TESTABLE if not ok else REPRODUCED if all(ok) else NOT_REPRODUCED
-    return claim, verdict, (rule("recovery read per chain (no test)", "none", len(ok),
-                                 "every chain that forgot more than 1 point back within 1 point at <= 5%")
+    return claim, verdict, (rule(REPLAY_TEST, "none", len(ok), REPLAY_THRESHOLD)
                             + "; ".join(lines) + ". Counted as reproduced when every chain that forgot more than 1 "
                             "point recovers at 5% or less.")
 
