@@ -98,9 +98,9 @@ def build_parser():
                                                           'second-stage lr')
     ap.add_argument("--k", type=int, default=3, help="number of worst groups (>= 1) for top-k biased forgetting")
     ap.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples (>= 0; 0: no CIs)")
-    ap.add_argument("--boot_seed", type=int, default=0, help="seed (>= 0) of the bootstrap")
+    ap.add_argument("--boot_seed", type=int, default=0, help="seed (>= 0) of the bootstrap and the permutations")
     ap.add_argument("--ci", type=float, default=0.95, help="confidence level of the bootstrap CIs, a fraction in "
-                                                          "(0, 1)")
+                                                          "(0, 1); 1 - ci: the tests' threshold")
     ap.add_argument("--n_perm", type=int, default=2000, help="permutations (>= 0; 0: no tests) of the test of uneven "
                                                             "forgetting across groups (seeded by --boot_seed)")
     ap.add_argument("--correction", default="holm", choices=CORRECTIONS,

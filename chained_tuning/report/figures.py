@@ -159,7 +159,9 @@ GROUP_FIGURE_NOTE = ("Bars: per-group forgetting (%), mean over seeds; dotted li
 def _group_note(opts):
     if opts.n_boot <= 0:
         return ("Bars: per-group forgetting (%), mean over seeds; dotted line: the first task's average forgetting "
-                "(no CIs: --n_boot 0).")
+                "(no CIs: --n_boot 0)" + (f"; red / blue: forgot more / less than average by the per-group permutation "
+                                          f"test ({correction_name(opts.correction)}, adjusted p < {1 - opts.ci:g})"
+                                          if opts.n_perm > 0 else "") + ".")
     return GROUP_FIGURE_NOTE.format(ci=f"{100 * opts.ci:g}%", correction=correction_name(opts.correction),
                                     alpha=1 - opts.ci)
 
