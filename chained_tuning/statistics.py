@@ -22,16 +22,20 @@ def _as_p(p_values):
     return np.asarray([float(p) for p in p_values], dtype=float)
 
 
+def _ranked(p_values):
+    """(p as floats, an all-nan result to fill, the indices of the non-nan p in increasing order)."""
+    p = _as_p(p_values)
+    keep = np.flatnonzero(~np.isnan(p))
+    return p, np.full(p.shape, np.nan), keep[np.argsort(p[keep], kind="stable")]
+
+
 def holm(p_values):
     """Holm's step-down adjusted p values (family-wise error control), in the input order. nan entries stay nan
     and do not count as comparisons."""
-    p = _as_p(p_values)
-    out = np.full(p.shape, np.nan)
-    keep = np.flatnonzero(~np.isnan(p))
-    m = len(keep)
+    p, out, order = _ranked(p_values)
+    m = len(order)
     if not m:
         return out
-    order = keep[np.argsort(p[keep], kind="stable")]
     # step-down: the i-th smallest is multiplied by (m - i), then made monotone so a later one never drops below
     adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
     out[order] = np.minimum(adj, 1.0)
@@ -41,13 +45,10 @@ def holm(p_values):
 def benjamini_hochberg(p_values):
     """Benjamini-Hochberg adjusted p values (false discovery rate), in the input order; nan entries stay nan.
     Equal to scipy.stats.false_discovery_control(p, method="bh") on the non-nan entries."""
-    p = _as_p(p_values)
-    out = np.full(p.shape, np.nan)
-    keep = np.flatnonzero(~np.isnan(p))
-    m = len(keep)
+    p, out, order = _ranked(p_values)
+    m = len(order)
     if not m:
         return out
-    order = keep[np.argsort(p[keep], kind="stable")]
     scaled = p[order] * m / np.arange(1, m + 1)
     # step-up: the adjusted value of the i-th smallest is the least scaled value at or above its rank
     out[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
