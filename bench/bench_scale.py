@@ -36,8 +36,11 @@ from chained_tuning.data.tasks import load_task
 
 GiB = 2 ** 30
 TRAIN_MODES = ("train_fp32", "train_autocast", "train_bf16", "train_bf16_ckpt")
+# LoRA (peft) on a frozen bf16 base: cost_model.LORA_ONE_GPU's rank and target projections
+LORA_MODES = ("train_bf16_lora", "train_bf16_lora_ckpt")
 EVAL_MODES = ("eval_bf16",)
 QUICK_MODES = ("train_bf16", "train_bf16_ckpt", "eval_bf16")
+ALL_MODES = TRAIN_MODES + LORA_MODES + EVAL_MODES
 PAPER_COUNTS = {"first_stages": 75, "chains": 192, "replay_trainings": 252, "mitigations": 54, "long_chains": 6,
                 "curvature_solves": 15, "taylor_checks": 36}
 PAPER_TASKS = ("arc", "csqa", "csqa2", "toxigen", "bbq")
@@ -148,9 +151,15 @@ def measure(device, layers, mode, batch, seq, repeats, optimizer):
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dtype = torch.float32 if mode in ("train_fp32", "train_autocast") else torch.bfloat16
     model = build_model(layers, dtype, device)
-    if mode == "train_bf16_ckpt":
-        model.gradient_checkpointing_enable()
-    if device == "cpu" and not mode.startswith("eval"):
+    if mode.endswith("_ckpt"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode in LORA_MODES:
+        from peft import LoraConfig, get_peft_model
+
+        lora = cm.LORA_ONE_GPU
+        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+                                                 target_modules=list(lora["targets"])))
+    elif device == "cpu" and not mode.startswith("eval"):
         # embedding and head frozen: keeps their 1 GiB of fp32 gradients out of RAM; they cancel in the
         # 1 -> 2 layer difference anyway
         model.model.embed_tokens.weight.requires_grad_(False)
@@ -180,7 +189,9 @@ def measure(device, layers, mode, batch, seq, repeats, optimizer):
     else:
         peak = peak_rss_bytes() - base
     n_params = sum(p.numel() for p in model.parameters())
-    return {"device": device, "layers": layers, "mode": mode, "batch": batch, "seq": seq, "tokens": batch * seq,
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"device": device, "trainable_params": trainable, "layers": layers, "mode": mode, "batch": batch,
+            "seq": seq, "tokens": batch * seq,
             "optimizer": opt is not None, "n_params": n_params, "peak_bytes_above_model": peak,
             "saved_activation_bytes": held, "seconds": statistics.median(times), "all_seconds": times,
             "s_per_token": statistics.median(times) / (batch * seq)}
@@ -215,7 +226,7 @@ def child(spec):
 
 
 def run_measurements(args):
-    modes = QUICK_MODES if args.quick else TRAIN_MODES + EVAL_MODES
+    modes = args.modes or (QUICK_MODES if args.quick else ALL_MODES)
     records = []
     for mode in modes:
         for layers in args.layers:
@@ -262,8 +273,9 @@ def per_layer_constants(records):
             continue
         lo, hi = by[(mode, ls[0])], by[(mode, ls[-1])]
         dl, tok = ls[-1] - ls[0], lo["tokens"]
-        grad_bytes = 0 if mode.startswith("eval") else (hi["n_params"] - lo["n_params"]) / dl * (
-            4 if mode in ("train_fp32", "train_autocast") else 2)
+        grad_key = "trainable_params" if mode in LORA_MODES else "n_params"  # LoRA: the adapters' fp32 gradients
+        grad_bytes = 0 if mode.startswith("eval") else (hi[grad_key] - lo[grad_key]) / dl * (
+            4 if mode in ("train_fp32", "train_autocast") + LORA_MODES else 2)
         diff = lambda key: (hi[key] - lo[key]) / dl  # noqa: E731  (per layer)
         out[mode] = {"saved_bytes_per_token_layer": diff("saved_activation_bytes") / tok,
                      "peak_bytes_per_token_layer": diff("peak_bytes_above_model") / tok,
@@ -325,6 +337,32 @@ def memory_table(tok, act, act_ckpt, gpu):
             need = "fits" if cm.fits(a, gpu) else ("checkpointing" if cm.fits(b, gpu) else "does not fit")
             print(f"  {g:4d} {label:>22s} {a / cm.GB:8.1f} {b / cm.GB:8.1f}  {need}")
             rows.append({"gpus": g, "tokens_per_gpu": tokens, "no_ckpt": a, "ckpt": b, "needs": need})
+    return rows
+
+
+def lora_table(tok, act_lora=None):
+    """LoRA on one GPU (cost_model.LORA_ONE_GPU) at Llama-2-7B and Llama-3-8B shapes, bf16 and 4-bit (nf4) bases:
+    the largest micro-batch of the batch of 16 that fits each GPU, with or without gradient checkpointing."""
+    longest = max(r["train_batch_max"] for r in tok.values())
+    lora = cm.LORA_ONE_GPU
+    if act_lora:
+        print(f"\n(LoRA activations measured in this run: {act_lora:,.0f} B per token per layer saved; the table takes "
+              f"cost_model's peak figure {cm.ACT_BYTES_PER_TOKEN_LAYER_LORA:,} B)")
+    print(f"\nLoRA on one GPU (r {lora['r']}, alpha {lora['alpha']}, {', '.join(lora['targets'])}; batch 16 of "
+          f"{longest:.0f} tokens, the longest task's padded batch; micro-batches accumulate to 16):")
+    print(f"  {'model':12s} {'base':5s} {'adapters':>10s} {'GPU':14s} {'micro x seq':>12s} {'ckpt':>5s} {'GB':>6s}")
+    rows = []
+    for name, shape in (("Llama-2-7B", cm.LLAMA2_7B), ("Llama-3-8B", cm.LLAMA3_8B)):
+        n_lora = cm.lora_params(shape, lora["r"], lora["targets"])
+        for quant in ("bf16", "nf4"):
+            for gpu in sorted(cm.GPUS, key=lambda g: -cm.GPUS[g]["memory_gb"]):
+                fit = cm.lora_fit(shape, longest, gpu, quant=quant)
+                micro, ckpt, total = fit if fit else (0, True, None)
+                mb = f"{micro} x {longest:.0f}" if fit else "-"
+                gb = f"{total / cm.GB:.1f}" if fit else "none"
+                print(f"  {name:12s} {quant:5s} {n_lora:10,d} {gpu:14s} {mb:>12s} {('yes' if ckpt else 'no'):>5s} {gb:>6s}")
+                rows.append({"model": name, "base": quant, "gpu": gpu, "adapter_params": n_lora, "micro_batch": micro,
+                             "checkpointing": ckpt, "bytes": total})
     return rows
 
 
@@ -472,12 +510,13 @@ def main(args):
                   f"validation {r['validation_n']} = {r['validation_tokens']:,}{scaled}")
         mem = memory_table(tok, act or cm.ACT_BYTES_PER_TOKEN_LAYER, act_ckpt or cm.ACT_BYTES_PER_TOKEN_LAYER_CKPT,
                            args.gpu)
+        lora_mem = lora_table(tok, consts.get("train_bf16_lora", {}).get("saved_bytes_per_token_layer"))
         kinds = stage_costs(tok, n_gpus=args.n_gpus, gpu=args.gpu, act=act, act_ckpt=act_ckpt)
         counts = {k: getattr(args, k) for k in PAPER_COUNTS}
         print("stage counts:", ", ".join(f"{k} {v}" for k, v in counts.items()))
         total = print_profile(kinds, counts, args.gpu, args.n_gpus)
         other = {g: profile_hours(stage_costs(tok, n_gpus=args.n_gpus, gpu=g, act=act, act_ckpt=act_ckpt), counts)
-                 for g in sorted(cm.GPUS) if g != args.gpu}
+                 for g in sorted(cm.GPUS) if g != args.gpu and cm.GPUS[g]["memory_gb"] >= 80}
         compute = profile_hours(stage_costs(tok, n_gpus=args.n_gpus, gpu=args.gpu, act=act, act_ckpt=act_ckpt,
                                             overheads=False), counts)
         print(f"  of which compute {compute:.0f} GPU-hours; start-up ({cm.STAGE_STARTUP_S:g} s a stage) and "
@@ -493,7 +532,7 @@ def main(args):
               f"{cm.checkpoint_bytes(cm.n_params(), 'bf16') / cm.GB:.1f} GB = {d['after_bytes'] / 1e12:.2f} TB "
               "(+ one checkpoint per running stage until its evaluation ends)")
         result = {"measurements": records, "per_token_layer": consts, "tokens": tok, "stage_kinds": kinds,
-                  "memory_table": mem, "total_gpu_hours_other_gpus": other, "compute_gpu_hours": compute,
+                  "memory_table": mem, "lora_one_gpu": lora_mem, "total_gpu_hours_other_gpus": other, "compute_gpu_hours": compute,
                   "counts": counts, "total_gpu_hours": total, "disk": d}
     print("\nassumptions:")
     for line in cm.assumptions(args.gpu):
@@ -519,6 +558,8 @@ def parse_args(argv=None):
     ap.add_argument("--big_train_layers", type=int, default=0, help="also a training step (AdamW) at this many layers")
     ap.add_argument("--big_eval_layers", type=int, default=0, help="also an evaluation forward at this many layers")
     ap.add_argument("--quick", action="store_true", help="bf16 modes only, 1 x 128 tokens")
+    ap.add_argument("--modes", default=None, help=f"comma list of the modes to measure (default: all of "
+                    f"{','.join(ALL_MODES)})")
     ap.add_argument("--no_measure", action="store_true", help="the profile from cost_model's constants only")
     ap.add_argument("--no_data", action="store_true", help="measure only, no profile")
     ap.add_argument("--data_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
@@ -542,6 +583,11 @@ def parse_args(argv=None):
         raise UserError(f"--layers {args.layers!r} is not a comma list of integers, e.g. 1,2")
     if not args.layers or args.layers[0] < 1:
         raise UserError("--layers: every value must be at least 1, e.g. 1,2")
+    if args.modes is not None:
+        args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        bad = [m for m in args.modes if m not in ALL_MODES]
+        if bad or not args.modes:
+            raise UserError(f"--modes {','.join(bad) or '(empty)'}: not a measurement; choose from {','.join(ALL_MODES)}")
     if args.quick:
         args.batch, args.seq = 1, 128
     if args.device == "cuda":

@@ -138,3 +138,54 @@ def test_import_does_not_import_torch():
     code = "import sys; from chained_tuning.study import cost_model; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_lora_parameter_count_equals_peft_on_a_tiny_llama():
+    """lora_params by the projection shapes = what peft itself creates (grouped-query attention included)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = {"hidden": 64, "intermediate": 96, "layers": 2, "heads": 8, "kv_heads": 2, "vocab": 128, "tied": False}
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    targets = cm.LORA_ONE_GPU["targets"]
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=list(targets)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert cm.lora_params(shape, 4, targets) == trainable
+    assert cm.n_params(shape) == sum(p.numel() for p in model.parameters()) - trainable
+    with pytest.raises(ValueError, match="qkv_proj"):
+        cm.lora_params(shape, 4, ("qkv_proj",))
+
+
+def test_lora_memory_by_hand():
+    """Llama-2-7B, r 16 on the 7 projections: 39,976,960 adapter parameters (32 layers x 16 x (4 x 8192 +
+    3 x 15104)); one GPU, 2,048 tokens, no checkpointing: bf16 base + 16 B an adapter parameter + measured
+    activations + logits, x1.1 + 2.5 GB."""
+    n_lora = 32 * 16 * (4 * 8192 + 3 * (4096 + 11008))
+    assert cm.lora_params() == n_lora == 39_976_960
+    m = cm.lora_one_gpu_memory(cm.LLAMA2_7B, 2048, checkpointing=False)
+    acts = 2048 * 32 * cm.ACT_BYTES_PER_TOKEN_LAYER_LORA
+    tensors = 2 * cm.n_params() + 16 * n_lora + acts + 2048 * 32000 * cm.LOGIT_BYTES_PER_VOCAB
+    assert m["total"] == pytest.approx(tensors * 1.1 + 2.5e9)
+    ck = cm.lora_one_gpu_memory(cm.LLAMA2_7B, 2048, checkpointing=True)
+    assert ck["activations"] == 2048 * (32 * 8192 + cm.ACT_BYTES_PER_TOKEN_LAYER_LORA)
+
+
+def test_a_4bit_base_quantises_only_the_layers_linear_weights():
+    sh = cm.LLAMA2_7B
+    linear = 32 * (cm.params_per_layer(sh) - 2 * 4096)
+    rest = cm.n_params(sh) - linear
+    assert cm.base_weight_bytes(sh, "nf4") == pytest.approx(linear * 4.127 / 8 + 2 * rest)
+    assert cm.base_weight_bytes(sh, "bf16") == 2 * cm.n_params(sh)
+
+
+def test_lora_fit_halves_the_micro_batch_until_it_fits():
+    """Llama-3-8B's bf16 base alone (16 GB + context) does not fit under 85% of 24 GB; Llama-2-7B does at a
+    smaller micro-batch with checkpointing; on 80 GB the whole batch fits."""
+    assert cm.lora_fit(cm.LLAMA3_8B, 245, "RTX4090-24GB") is None
+    micro, ckpt, total = cm.lora_fit(cm.LLAMA2_7B, 245, "RTX4090-24GB")
+    assert ckpt and micro < 16 and cm.fits(total, "RTX4090-24GB")
+    assert not cm.fits(cm.lora_one_gpu_memory(cm.LLAMA2_7B, 2 * micro * 245, True)["total"], "RTX4090-24GB")
+    assert cm.lora_fit(cm.LLAMA2_7B, 245, "A100-80GB")[0] == 16

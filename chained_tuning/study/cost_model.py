@@ -20,12 +20,24 @@ GB = 1e9
 LLAMA2_7B = {"hidden": 4096, "intermediate": 11008, "layers": 32, "heads": 32, "kv_heads": 32, "vocab": 32000,
              "tied": False, "dtype": "bfloat16"}
 
+# Meta-Llama-3-8B's config.json: grouped-query attention (8 key/value heads), a 128,256-token vocabulary.
+LLAMA3_8B = {"hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32, "kv_heads": 8, "vocab": 128256,
+             "tied": False, "dtype": "bfloat16"}
+
+# The one-GPU profile's LoRA: rank 16, alpha 32, on every attention and MLP projection of a Llama-layout
+# block (what bench_scale.py's LoRA modes measure and `study.py --dry_run` plans).
+LORA_ONE_GPU = {"r": 16, "alpha": 32, "targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj")}
+
 # GPUs of an 8 x 80 GB node: dense bf16 tensor-core peak (no sparsity), HBM bandwidth, NVLink bus bandwidth
 # per GPU as NCCL's all-gather / reduce-scatter reach it (vendor data sheets; bus figure: about 70% of the
 # NVLink line rate, what nccl-tests report on such nodes).
 GPUS = {
     "A100-80GB": {"bf16_tflops": 312.0, "hbm_tb_s": 2.039, "nvlink_bus_gb_s": 200.0, "memory_gb": 80.0},
     "H100-80GB": {"bf16_tflops": 989.0, "hbm_tb_s": 3.35, "nvlink_bus_gb_s": 360.0, "memory_gb": 80.0},
+    # a 24 GB card of a researcher's desk (RTX 4090: dense bf16 with fp32 accumulate; no NVLink, so the
+    # "bus" figure is NCCL over PCIe 4.0 x16, about 20 GB/s)
+    "RTX4090-24GB": {"bf16_tflops": 165.0, "hbm_tb_s": 1.008, "nvlink_bus_gb_s": 20.0, "memory_gb": 24.0},
 }
 DEFAULT_GPU = "A100-80GB"   # the slower of the two: the estimate holds on either
 MFU = 0.40                  # model-FLOPs utilisation of a 7B bf16 step (typical of FSDP trainers at 7B)
@@ -54,12 +66,28 @@ STAGE_STARTUP_S = 60.0      # torchrun start, imports, process group, data loadi
 ACT_BYTES_PER_TOKEN_LAYER = 186_504          # bf16, no gradient checkpointing
 ACT_BYTES_PER_TOKEN_LAYER_CKPT = 8_192       # bf16, gradient checkpointing: the layer input (one bf16 hidden)
 ACT_BYTES_PER_TOKEN_LAYER_FP32 = 340_104     # fp32 weights, for reference
+# LoRA (LORA_ONE_GPU: r 16 on the 7 projections, peft 0.21.2, fp32 adapters on the bf16 base), same box, by
+#   OMP_NUM_THREADS=1 python bench/bench_scale.py --no_data \
+#       --modes train_bf16,train_bf16_ckpt,train_bf16_lora,train_bf16_lora_ckpt
+# (2026-12-06, 2 min; train_bf16 gave 186,504 B again). LoRA saves more than full fine-tuning: peft casts each
+# projection's input to the adapters' fp32 (an fp32 copy of the input per target). Its peak-RSS difference less
+# the adapters' gradients is 520,808 B, twice what autograd saved (the backward's fp32 transients): the LoRA
+# memory below takes the peak, the larger of the two.
+ACT_BYTES_PER_TOKEN_LAYER_LORA_SAVED = 274_504
+ACT_BYTES_PER_TOKEN_LAYER_LORA = 520_808     # bf16 base + fp32 adapters, no gradient checkpointing (peak)
+ACT_BYTES_PER_TOKEN_LAYER_LORA_CKPT = 8_192  # with gradient checkpointing: the layer input
+# QLoRA's base: NF4 weights with double-quantised scales, 4.127 bits a parameter (Dettmers et al. 2023), on the
+# decoder layers' linear weights only (bitsandbytes leaves the embedding, the head and the norms in bf16)
+QLORA_BITS_PER_PARAM = 4.127
 # CPU seconds per token of the 2-layer model (embedding and head included), one thread on a shared box: noisy,
 # for sizing CPU runs only (the GPU hours use the FLOP model above, not these).
 CPU_TRAIN_S_PER_TOKEN_2LAYERS = 0.0321       # forward + backward, bf16 weights (fp32: 0.0749, autocast: 0.0179)
 CPU_EVAL_S_PER_TOKEN_2LAYERS = 0.0028        # no-grad forward, bf16 weights
 CPU_SAVE_BYTES_S = 189e6                     # safetensors save_file + fsync of 0.87 GiB on the box's disk
 MEASURED = "OMP_NUM_THREADS=1 python bench/bench_scale.py --no_data, 2026-12-02, 2-core shared box"
+# The first-order graph an HVP by double backward keeps, per token per decoder layer at 7B width in bf16
+# (bench/bench_curvature_scale.py, HessianOperator.graph_bytes from 1 -> 2 layers: ~0.55 MiB).
+CURV_GRAPH_BYTES_PER_TOKEN_LAYER = 580_000
 # Logits and loss per token (HF Llama: bf16 logits, their fp32 upcast for the loss, its fp32 gradient).
 LOGIT_BYTES_PER_VOCAB = 2 + 4 + 4
 
@@ -233,6 +261,100 @@ def eval_memory_per_gpu(n_params, tokens_per_batch, layers, hidden, vocab=LLAMA2
     transient = tokens_per_batch * (2 * hidden + 2 * intermediate) * per
     logits = tokens_per_batch * vocab * 4
     return (weights + kv + transient + logits) * FRAGMENTATION + CUDA_CONTEXT_BYTES
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+def projection_shapes(shape=LLAMA2_7B):
+    """(in, out) features of each projection of a Llama-layout block (k, v narrower under grouped queries)."""
+    h, i = shape["hidden"], shape["intermediate"]
+    kv = h * shape["kv_heads"] // shape["heads"]
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, i),
+            "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def lora_params(shape=LLAMA2_7B, r=LORA_ONE_GPU["r"], targets=LORA_ONE_GPU["targets"]):
+    """Adapter parameters: A (r x in) and B (out x r) on each target projection of every layer."""
+    dims = projection_shapes(shape)
+    unknown = sorted(set(targets) - set(dims))
+    if unknown:
+        raise ValueError(f"LoRA targets {', '.join(unknown)} are not projections of a Llama-layout block "
+                         f"({', '.join(dims)})")
+    return shape["layers"] * sum(r * (dims[t][0] + dims[t][1]) for t in targets)
+
+
+def lora_train_flops(tokens, n_params, n_lora, seq_len=512, shape=LLAMA2_7B, checkpointing=False):
+    """Per token: the forward (2 N + attention), the backward through the frozen weights for the inputs'
+    gradients only (2 N + 2 x attention: no weight gradients), the adapters' 6 N_lora, and with gradient
+    checkpointing the forward once more."""
+    fwd = 2 * n_params + attention_flops_per_token(seq_len, shape)
+    bwd = 2 * n_params + 2 * attention_flops_per_token(seq_len, shape)
+    return tokens * ((2 if checkpointing else 1) * fwd + bwd + 6 * n_lora)
+
+
+def base_weight_bytes(shape=LLAMA2_7B, quant="bf16"):
+    """Bytes of the frozen base: bf16 throughout, or ("nf4") QLoRA's 4-bit decoder-layer weights with the root
+    (embedding, head, final norm) and the layers' norm weights in bf16."""
+    if quant == "bf16":
+        return 2.0 * n_params(shape)
+    if quant != "nf4":
+        raise ValueError(f"quant {quant!r} is not bf16 or nf4")
+    norms = 2 * shape["hidden"]
+    linear = params_per_layer(shape) - norms
+    return shape["layers"] * (linear * QLORA_BITS_PER_PARAM / 8 + 2.0 * norms) + 2.0 * root_params(shape)
+
+
+def lora_one_gpu_memory(shape, tokens_per_micro_batch, checkpointing, quant="bf16", lora=LORA_ONE_GPU):
+    """lora_train_memory_breakdown of `shape` with the measured LoRA activations (bf16 or nf4 base)."""
+    n_lora = lora_params(shape, lora["r"], lora["targets"])
+    return lora_train_memory_breakdown(
+        base_weight_bytes(shape, quant) / 2.0, n_lora, tokens_per_micro_batch, shape["layers"], shape["hidden"],
+        ACT_BYTES_PER_TOKEN_LAYER_LORA, checkpointing, vocab=shape["vocab"],
+        bytes_per_token_per_layer_ckpt=ACT_BYTES_PER_TOKEN_LAYER_LORA_CKPT)
+
+
+def lora_fit(shape, seq_len, gpu, batch=16, quant="bf16", lora=LORA_ONE_GPU):
+    """The largest micro-batch (sequences of seq_len, a divisor of batch) that fits `gpu`, without gradient
+    checkpointing if that fits, else with it: (micro_batch, checkpointing, bytes), or None when a single
+    sequence does not fit even with checkpointing."""
+    micro = batch
+    while micro >= 1:
+        for ckpt in (False, True):
+            total = lora_one_gpu_memory(shape, micro * seq_len, ckpt, quant, lora)["total"]
+            if fits(total, gpu):
+                return micro, ckpt, total
+        micro //= 2
+    return None
+
+
+def lora_train_memory_breakdown(n_params, n_lora, tokens_per_micro_batch, layers, hidden, bytes_per_token_per_layer,
+                                checkpointing, vocab=LLAMA2_7B["vocab"], bytes_per_token_per_layer_ckpt=None):
+    """Bytes on one GPU of a LoRA step on a frozen bf16 base (every GPU of a data-parallel run holds the same):
+    base: the bf16 weights, no gradients or optimiser states. adapters: fp32 weights, gradients and AdamW's two
+    states (16 bytes a parameter). activations (measured with the adapters in place: the frozen projections keep
+    no weight-gradient inputs of their own, the adapters keep theirs) and logits as in train_memory_breakdown."""
+    base, adapters = 2.0 * n_params, 16.0 * n_lora
+    if checkpointing:
+        ckpt = bytes_per_token_per_layer_ckpt or 2 * hidden
+        acts = tokens_per_micro_batch * (layers * ckpt + bytes_per_token_per_layer)
+    else:
+        acts = tokens_per_micro_batch * layers * bytes_per_token_per_layer
+    logits = tokens_per_micro_batch * vocab * LOGIT_BYTES_PER_VOCAB
+    tensors = base + adapters + acts + logits
+    return {"base_weights": base, "adapter_states": adapters, "activations": acts, "logits": logits,
+            "overhead": tensors * (FRAGMENTATION - 1) + CUDA_CONTEXT_BYTES,
+            "total": tensors * FRAGMENTATION + CUDA_CONTEXT_BYTES}
+
+
+def lora_curvature_memory(n_params, n_lora, tokens, layers, graph_bytes=CURV_GRAPH_BYTES_PER_TOKEN_LAYER,
+                          gpu=DEFAULT_GPU):
+    """Bytes on one GPU of a curvature solve over the adapters: the bf16 weights, three fp32 Lanczos vectors over
+    the adapters, and the first-order graphs of as many of the `tokens` as fit under the headroom (the operator
+    recomputes the others at every product); returns (bytes, tokens whose graph is retained)."""
+    fixed = (2.0 * n_params + 3 * 4.0 * n_lora) * FRAGMENTATION + CUDA_CONTEXT_BYTES
+    room = MEMORY_HEADROOM * GPUS[gpu]["memory_gb"] * GB - fixed
+    per_token = layers * graph_bytes * FRAGMENTATION
+    retained = max(0, min(int(tokens), int(room // per_token)))
+    return fixed + retained * per_token, retained
 
 
 def fits(bytes_per_gpu, gpu=DEFAULT_GPU):
