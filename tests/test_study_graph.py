@@ -233,3 +233,21 @@ def test_dry_run_checks_the_data_as_tasks_check_does(tmp_path):
     assert plan["data"] == fetch.inspect(DATA, TASKS, loaders=LOADERS)  # the one check, as `tasks.py --check` prints
     assert plan["data_dir"] == DATA and f"data (python tasks.py --check {DATA}" in r.stdout
     assert {row["task"]: row["status"] for row in plan["data"]}["arc"] == "complete"
+
+
+def test_paper_plan_prints_memory_per_gpu_from_the_cost_model(paper_plan):
+    """The dry run's memory rows are cost_model's figures: the training row recomputed here from the padded batch
+    the plan states (8 GPUs, 2 sequences a GPU); every row says whether it fits, and the plan prints them."""
+    r, plan, _, _ = paper_plan
+    from chained_tuning.study import cost_model as cm
+
+    rows = {row["what"].split(",")[0]: row for row in plan["memory"]}
+    train = rows["training"]
+    seq = float(train["what"].split(" x ")[1].split()[0])
+    shape = cm.LLAMA2_7B
+    plain = cm.train_memory_per_gpu(plan["n_params"], 8, 2 * seq, shape["layers"], shape["hidden"],
+                                    cm.ACT_BYTES_PER_TOKEN_LAYER, False, vocab=shape["vocab"])
+    assert train["bytes"] == pytest.approx(plain, rel=0.01) and train["fits"] == "fits"
+    assert {"training", "evaluation", "curvature solve over all weights"} <= set(rows)
+    assert all(row["fits"] and row["gpu"] == cm.DEFAULT_GPU for row in plan["memory"])
+    assert "memory per GPU" in r.stdout and f"{plain / 1e9:.1f} GB" in r.stdout

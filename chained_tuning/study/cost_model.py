@@ -308,8 +308,8 @@ def lora_one_gpu_memory(shape, tokens_per_micro_batch, checkpointing, quant="bf1
     n_lora = lora_params(shape, lora["r"], lora["targets"])
     return lora_train_memory_breakdown(
         base_weight_bytes(shape, quant) / 2.0, n_lora, tokens_per_micro_batch, shape["layers"], shape["hidden"],
-        ACT_BYTES_PER_TOKEN_LAYER_LORA, checkpointing, vocab=shape["vocab"],
-        bytes_per_token_per_layer_ckpt=ACT_BYTES_PER_TOKEN_LAYER_LORA_CKPT)
+        ACT_BYTES_PER_TOKEN_LAYER_LORA * width_scale(shape), checkpointing, vocab=shape["vocab"],
+        bytes_per_token_per_layer_ckpt=ACT_BYTES_PER_TOKEN_LAYER_LORA_CKPT * shape["hidden"] / LLAMA2_7B["hidden"])
 
 
 def lora_fit(shape, seq_len, gpu, batch=16, quant="bf16", lora=LORA_ONE_GPU):
@@ -345,16 +345,23 @@ def lora_train_memory_breakdown(n_params, n_lora, tokens_per_micro_batch, layers
             "total": tensors * FRAGMENTATION + CUDA_CONTEXT_BYTES}
 
 
-def lora_curvature_memory(n_params, n_lora, tokens, layers, graph_bytes=CURV_GRAPH_BYTES_PER_TOKEN_LAYER,
-                          gpu=DEFAULT_GPU):
-    """Bytes on one GPU of a curvature solve over the adapters: the bf16 weights, three fp32 Lanczos vectors over
-    the adapters, and the first-order graphs of as many of the `tokens` as fit under the headroom (the operator
-    recomputes the others at every product); returns (bytes, tokens whose graph is retained)."""
-    fixed = (2.0 * n_params + 3 * 4.0 * n_lora) * FRAGMENTATION + CUDA_CONTEXT_BYTES
+def curvature_memory(weight_bytes, n_vector, tokens, layers, graph_bytes=CURV_GRAPH_BYTES_PER_TOKEN_LAYER,
+                     gpu=DEFAULT_GPU):
+    """Bytes on one GPU of a curvature solve: the weights, three fp32 Lanczos vectors of n_vector entries (the
+    adapters for LoRA, this GPU's shard otherwise) and the first-order graphs of as many of the `tokens` as fit
+    under the headroom (the operator recomputes the others at every product); returns (bytes, tokens whose
+    graph is retained)."""
+    fixed = (weight_bytes + 3 * 4.0 * n_vector) * FRAGMENTATION + CUDA_CONTEXT_BYTES
     room = MEMORY_HEADROOM * GPUS[gpu]["memory_gb"] * GB - fixed
     per_token = layers * graph_bytes * FRAGMENTATION
     retained = max(0, min(int(tokens), int(room // per_token)))
     return fixed + retained * per_token, retained
+
+
+def width_scale(shape):
+    """Per-token activations of another width, from the 7B-width measurements: in proportion to the projections'
+    output widths (4 hidden + 3 intermediate), an approximation that is exact at Llama-2-7B's shape."""
+    return (4 * shape["hidden"] + 3 * shape["intermediate"]) / (4 * LLAMA2_7B["hidden"] + 3 * LLAMA2_7B["intermediate"])
 
 
 def fits(bytes_per_gpu, gpu=DEFAULT_GPU):
@@ -400,6 +407,15 @@ def assumptions(gpu=DEFAULT_GPU):
         f"{ACT_BYTES_PER_TOKEN_LAYER_CKPT} B ({MEASURED})",
         f"tokens estimated as characters / {CHARS_PER_TOKEN:g} where no tokenizer is given (Llama-2 on the five "
         "tasks: 3.46-3.83 characters a token)",
+        f"LoRA: r {LORA_ONE_GPU['r']} on {', '.join(LORA_ONE_GPU['targets'])} (finetune.py's default, PEFT's "
+        "all-linear); frozen bf16 base (2 B/param, or NF4 at "
+        f"{QLORA_BITS_PER_PARAM} bits on the layers' linear weights), adapters 16 B/param (fp32 weights, gradient, "
+        f"AdamW m, v); activations {ACT_BYTES_PER_TOKEN_LAYER_LORA} B per token per layer (measured peak, bf16 base "
+        f"+ fp32 adapters), {ACT_BYTES_PER_TOKEN_LAYER_LORA_CKPT} B with checkpointing; FLOPs per token 4 N (+2 N "
+        "with checkpointing) + attention + 6 N_lora",
+        "other widths: per-token activations scaled by (4 hidden + 3 intermediate) relative to Llama-2-7B; a "
+        f"curvature solve's graph {CURV_GRAPH_BYTES_PER_TOKEN_LAYER} B per token per layer at 7B width "
+        "(bench_curvature_scale.py), the tokens beyond the memory recomputed per product",
         f"checkpoint I/O: write {DISK_WRITE_BYTES_S / GB:g} GB/s, read {DISK_READ_BYTES_S / GB:g} GB/s (assumed "
         f"shared filesystem), {STAGE_STARTUP_S:g} s start-up per stage",
     ]

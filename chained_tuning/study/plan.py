@@ -10,6 +10,7 @@ import glob
 import heapq
 import json
 import os
+import random
 import shlex
 
 from ..common import UserError
@@ -78,6 +79,22 @@ class TokenCounter:
         return self.cache[key]
 
 
+    def padded(self, task, batch=16):
+        """Mean length of the longest of `batch` training examples (a padded batch), over 200 seeded draws."""
+        key = (task, "padded", batch)
+        if key not in self.cache:
+            try:
+                exs = load_task(task, "train", self.c.data_dir or None).examples
+            except UserError:
+                self.cache[key] = 0.0
+                return 0.0
+            sample = exs[:: max(1, len(exs) // 400)]
+            lens = self.count([e.prompt + e.options[e.label] if e.options else e.prompt for e in sample])
+            rng = random.Random(0)
+            self.cache[key] = sum(max(rng.choices(lens, k=batch)) for _ in range(200)) / 200
+        return self.cache[key]
+
+
 GENERATED_TOKENS = 64  # new tokens a SaFeRDialogues response gets (evaluate.py --max_new_tokens), for the plan
 
 
@@ -122,6 +139,53 @@ def stage_gpu_seconds(st, train_tokens, scored_tokens, generated_tokens, n_param
     if generated_tokens:
         secs += cost_model.stage_gpu_seconds("generate", generated_tokens, n_params, gpus, shape=shape)
     return secs
+
+
+def memory_plan(c, shape, n_params, tc, methods=("full",), gpus=(cost_model.DEFAULT_GPU,), batch=16):
+    """Bytes per GPU of the study's largest steps on each of `gpus`: a training step (full fine-tuning under FSDP2
+    over GPUS_PER_STAGE GPUs; LoRA on one GPU, the largest micro-batch that fits), an evaluation batch and a
+    curvature solve (over the adapters for LoRA); each row says whether it fits under cost_model's headroom."""
+    tasks = c.cap + c.safe
+    seq = max([tc.padded(t, batch) for t in tasks] + [1.0])
+    scored = max([tc.stats(t, "test")[2] for t in tasks] + [1.0])
+    curv_tokens = int(c.curv_samples) * max([tc.stats(t, "train")[1] for t in tasks] + [1.0])
+    g = max(1, c.gpus_per_stage)
+    act = cost_model.ACT_BYTES_PER_TOKEN_LAYER * cost_model.width_scale(shape)
+    act_ckpt = cost_model.ACT_BYTES_PER_TOKEN_LAYER_CKPT * shape["hidden"] / cost_model.LLAMA2_7B["hidden"]
+    graph = cost_model.CURV_GRAPH_BYTES_PER_TOKEN_LAYER * cost_model.width_scale(shape)
+    rows = []
+    for gpu in gpus:
+        for method in methods:
+            if method == "full":
+                kw = dict(n_params=n_params, n_gpus=g, tokens_per_micro_batch=batch // g * seq, layers=shape["layers"],
+                          hidden=shape["hidden"], bytes_per_token_per_layer=act, vocab=shape["vocab"])
+                plain = cost_model.train_memory_per_gpu(checkpointing=False, **kw)
+                ckpt = cost_model.train_memory_per_gpu(checkpointing=True, bytes_per_token_per_layer_ckpt=act_ckpt,
+                                                       **kw)
+                fit = cost_model.fits(plain, gpu) and "fits" or cost_model.fits(ckpt, gpu) and \
+                    "fits with --gradient_checkpointing" or "does not fit"
+                where = f"training, FSDP2 over {g} GPUs" if g > 1 else "training on one GPU"
+                rows.append({"gpu": gpu, "method": method, "what": f"{where}, {batch // g} x {seq:.0f} tokens a GPU",
+                             "bytes": plain if fit == "fits" else ckpt, "fits": fit})
+                vec = n_params / g
+            else:
+                best = cost_model.lora_fit(shape, seq, gpu, batch)
+                fit = ("does not fit" if best is None else
+                       f"fits, micro-batch {best[0]}" + (" with --gradient_checkpointing" if best[1] else ""))
+                rows.append({"gpu": gpu, "method": method, "what": f"training, LoRA on one GPU, batch {batch} x "
+                             f"{seq:.0f} tokens", "bytes": best[2] if best else None, "fits": fit})
+                vec = cost_model.lora_params(shape)
+            ev = cost_model.eval_memory_per_gpu(n_params, batch * scored, shape["layers"], shape["hidden"],
+                                                vocab=shape["vocab"], intermediate=shape["intermediate"])
+            rows.append({"gpu": gpu, "method": method, "what": f"evaluation, {batch} examples of {scored:.0f} tokens",
+                         "bytes": ev, "fits": "fits" if cost_model.fits(ev, gpu) else "does not fit"})
+            cb, kept = cost_model.curvature_memory(2.0 * n_params, vec, curv_tokens, shape["layers"], graph, gpu)
+            fit = ("does not fit" if kept == 0 else "fits" if kept >= int(curv_tokens) else
+                   f"fits, {kept:,} of {curv_tokens:,.0f} tokens' graphs kept (the rest recomputed per product)")
+            rows.append({"gpu": gpu, "method": method, "what": "curvature solve over " + (
+                "all weights" if method == "full" else "the adapters") + f", {c.curv_samples} samples",
+                "bytes": cb, "fits": fit})
+    return rows
 
 
 def checkpoint_bytes(n_params, dtype):
@@ -230,6 +294,7 @@ def plan(c):
             "tokens": round(costs.tokens), "tokens_how": tc.how, "cost_assumptions": list(cost_model.ASSUMPTIONS) + [
                 f"a curvature solve: {CURVATURE_PRODUCTS} HVPs over its samples (+1 a Taylor check)",
             f"a SaFeRDialogues evaluation: {GENERATED_TOKENS} new tokens a test example (decoding, memory-bound)"],
+            "memory": memory_plan(c, shape, n_params, tc),
             "checkpoint_bytes": ckpt, "keep_weights": c.keep_weights,
             "data_dir": c.data_dir or None, "data": data_check(c),
             "stages": with_choices(planned, rows) + [
@@ -264,6 +329,11 @@ def print_plan(p):
         print(f"  wall hours on {where}: {h:,}")
     print(f"  disk: {t['disk_bytes'] / 1e9:,.1f} GB (checkpoints of {p['checkpoint_bytes'] / 1e9:.2f} GB; "
           f"KEEP_WEIGHTS={p['keep_weights']})")
+    print("  memory per GPU (cost_model.py; fits: under "
+          f"{cost_model.MEMORY_HEADROOM:.0%} of the GPU's memory):")
+    for r in p["memory"]:
+        gb = "-" if r["bytes"] is None else f"{r['bytes'] / 1e9:.1f} GB"
+        print(f"    {r['gpu']:13s} {r['method']:4s} {r['what']}: {gb}, {r['fits']}")
     if p.get("data"):
         print(f"  data (python tasks.py --check {p['data_dir']}; python tasks.py --fetch {p['data_dir']} fetches "
               f"what is missing):")
