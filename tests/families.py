@@ -76,3 +76,36 @@ def build_family(name, root, tokenizer_dir=None, seed=0):
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
     os.replace(tmp, out)
     return out
+
+
+def key_bias(name, key, t):
+    """The elements of tensor `key` that are key-projection biases: a key bias adds q . b_k to every score of a
+    query's row, which the softmax cancels, so their gradient is zero in exact arithmetic. Adam turns the
+    rounding noise left there into steps of about lr whose signs follow the summation order (one process or
+    two), so those elements are held to Adam's bound instead (GPT-2 and Pythia fuse q, k, v in one bias)."""
+    mask = torch.zeros(t.shape, dtype=torch.bool)
+    if key.endswith("k_proj.bias"):
+        mask[:] = True
+    elif name == "gpt2" and key.endswith("attn.c_attn.bias"):
+        mask[HIDDEN:2 * HIDDEN] = True
+    elif name == "gpt_neox" and key.endswith("attention.query_key_value.bias"):
+        mask.view(HEADS, 3, -1)[:, 1] = True  # per head [q | k | v]
+    return mask
+
+
+def weight_mismatches(name, a, b, lr, steps, rel=1e-5):
+    """The tensors of checkpoint folders a and b (the same family's) that differ: beyond rel of a's in norm
+    (tests/test_distributed.py's rule), or, for key-bias elements (key_bias), beyond Adam's bound of 2 lr a step.
+    A differing set of names is one mismatch, named "names"."""
+    from safetensors.torch import load_file
+    wa, wb = ({k: v for f in sorted(os.listdir(d)) if f.endswith(".safetensors")
+               for k, v in load_file(os.path.join(d, f)).items()} for d in (a, b))
+    if wa.keys() != wb.keys() or not wa:
+        return ["names"]
+    bad = []
+    for k in wa:
+        m = key_bias(name, k, wa[k])
+        d = wa[k] - wb[k]
+        if float(d[~m].norm()) > rel * float(wa[k][~m].norm()) or (m.any() and float(d[m].abs().max()) > 2 * lr * steps):
+            bad.append(k)
+    return bad
