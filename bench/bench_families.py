@@ -2,7 +2,8 @@
 Mistral, Qwen2, Gemma, Phi-3, OLMo-2, GPT-NeoX, GPT-2, OPT) through finetune (with L2, EWC and replay mixing),
 evaluate (scored and generated tasks), curvature, and a 2-process FSDP2 finetune (all nine in one torchrun
 launch) compared with the one-process weights; the curvature fast paths each family takes are read from its
-curvature.json. Prints a markdown table (docs/scale.md's), the seconds of each cell beside its outcome.
+curvature.json. Prints a markdown table (docs/scale.md's): each cell's outcome and seconds; the details (losses,
+accuracies, rho, the tensors that differ) go to bench/results/families.json.
 
     OMP_NUM_THREADS=1 python bench/bench_families.py                  # about a minute on 2 cores
     OMP_NUM_THREADS=1 python bench/bench_families.py --families gpt2,opt --steps 5
@@ -70,17 +71,13 @@ def one_family(name, folder, work, args):
 
 
 def fast_paths(name, folder, work):
-    """What curvature.json recorded (cross-entropy, last layer, attention) and whether layer-wise HVPs apply."""
+    """[last layer, attention] as curvature.json recorded them, and whether layer-wise HVPs take the family."""
     curv = os.path.join(work, "one", name, "curvature.json")
-    if not os.path.isfile(curv):
-        return "-"
-    b = json.load(open(curv))["backend"]
+    b = json.load(open(curv))["backend"] if os.path.isfile(curv) else {}
     from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    layerwise = "layerwise" if unsupported(model) is None else "no layerwise"
-    ce = b["cross_entropy"].replace("fused_", "")
-    return f"{ce}, last layer {b['last_layer']}, attention {b['attention']}, {layerwise}"
+    return [b.get("last_layer", "-"), b.get("attention", "-"), "yes" if unsupported(model) is None else "no"]
 
 
 def two_processes(names, folders, work, args):
@@ -134,11 +131,12 @@ def main(args):
             rows.append({"family": n, "blocks": BLOCKS[n], **{k: [v[0], round(v[1], 2)] for k, v in c.items()},
                          "fast paths": fast_paths(n, folders[n], work)})
     cols = ["finetune", "evaluate", "curvature", "fsdp2 == 1 proc"]
-    lines = ["| family | FSDP2 block | " + " | ".join(cols) + " | curvature paths |",
-             "|---|---|" + "---|" * len(cols) + "---|"]
-    for r in rows:
+    lines = ["| family | FSDP2 block | finetune | evaluate | curvature | 2 proc = 1 | last layer | attention | "
+             "layer-wise |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:  # the outcome's first word and its seconds (the details are in families.json)
         lines.append(f"| {r['family']} | {r['blocks']} | "
-                     + " | ".join(f"{r[c][0]} ({r[c][1]:.1f} s)" for c in cols) + f" | {r['fast paths']} |")
+                     + " | ".join(f"{str(r[c][0]).split()[0].rstrip(',')} {r[c][1]:.1f} s" for c in cols)
+                     + " | " + " | ".join(r["fast paths"]) + " |")
     table = "\n".join(lines)
     print(table)
     print(f"(one torchrun launch of 2 processes for the {len(names)} FSDP2 stages: {launch:.1f} s; "

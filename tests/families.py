@@ -106,6 +106,7 @@ def weight_mismatches(name, a, b, lr, steps, rel=1e-5):
     for k in wa:
         m = key_bias(name, k, wa[k])
         d = wa[k] - wb[k]
-        if float(d[~m].norm()) > rel * float(wa[k][~m].norm()) or (m.any() and float(d[m].abs().max()) > 2 * lr * steps):
+        noise = float(d[m].abs().max()) if m.any() else 0.0
+        if float(d[~m].norm()) > rel * float(wa[k][~m].norm()) or noise > 2 * lr * steps:
             bad.append(k)
     return bad
