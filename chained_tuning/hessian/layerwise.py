@@ -22,8 +22,9 @@ values per token per layer) and rebuilds one layer at a time, with torch.func (f
 The loss is answer_loss.batch_answer_loss_sum's with autograd's cross-entropy (answer rows only), over the
 same total_tokens. A product costs about 12 forward passes' matmuls against 9 for a rebuilt graph (each
 layer's forward runs twice); its memory is one layer's working set plus the stored inputs. For HF decoder
-stacks laid out like Llama (Llama, Mistral, Qwen2: model.model.{embed_tokens, layers, norm, rotary_emb} and a
-bias-free linear model.lm_head); unsupported(model) names what another model lacks.
+stacks laid out like Llama (Llama, Mistral, Qwen2, Gemma, Phi-3, OLMo-2: model.model.{embed_tokens, layers, norm,
+rotary_emb} and a bias-free linear model.lm_head; tests/test_families.py); unsupported(model) names what another
+model lacks (GPT-2, GPT-NeoX, OPT), and its family.
 """
 from __future__ import annotations
 
