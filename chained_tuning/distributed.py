@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from .checkpoint import load_model  # process 0's host copy: the only process that opens the weight files
 from .common import DEFAULT_TIMEOUT_MIN  # noqa: F401  (finetune.py --dist_timeout_min's default)
+from .families import decoder_blocks
 from .scorer import is_sharded  # noqa: F401  (one definition: the scorer's, a copy unit, needs it alone)
 
 
@@ -45,6 +46,14 @@ def _copy_buffers(model, source):
         dist.broadcast(buf, src=0)
 
 
+def _keep_weight_names(model, source):
+    """Process 0's model saves its weights under the names of the files it read, as a loaded one does:
+    transformers renames some on load (Pythia's embed_out -> lm_head) and reverts them on save_pretrained only for
+    a model that from_pretrained built (its _weight_conversions), not for one built on the meta device."""
+    if source is not None and hasattr(source, "_weight_conversions"):
+        model._weight_conversions = source._weight_conversions
+
+
 def load_replicated(path, device, dtype):
     """Every process gets the whole model on `device` (evaluation): process 0 reads it, the others receive each
     tensor by broadcast. Host memory: one copy, on process 0."""
@@ -67,10 +76,11 @@ def mixed_precision(bf16):
 
 
 def shard(model, bf16):
-    """fully_shard each decoder block, then the root (embeddings, final norm, head)."""
+    """fully_shard each decoder block (the classes the model names in _no_split_modules: families.py), then the
+    root (embeddings, final norm, head). A model with no block class is refused, naming its family."""
     from torch.distributed.fsdp import fully_shard
     policy = mixed_precision(bf16)
-    for layer in model.model.layers:
+    for layer in decoder_blocks(model, "FSDP2 sharding (torchrun with more than one process)"):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
@@ -92,6 +102,7 @@ def load_sharded(path, device, bf16, prepare=None):
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     with torch.no_grad():
         _copy_buffers(model, source)
+    _keep_weight_names(model, source)
     del full, source
     return model
 

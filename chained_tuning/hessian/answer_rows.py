@@ -12,11 +12,13 @@ layer computes keys and values at every position and everything else at the answ
 about one layer's worth less its k/v projections: a fifth of the tiny 4-layer Llama's HVP on bbq (4.3 s ->
 3.5 s), about 1/32 of Llama-2-7B's.
 
-For HF decoders laid out like Llama (Llama, Mistral, Qwen2: embed_tokens, layers, norm, rotary_emb; each layer
-input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp). HessianOperator (operator.py) uses it
-only after finding it equal to the decoder's own forward on a probe batch (answer_loss._last_layer_rows), so that a
-model that differs in a way this file does not know (embedding scale, soft-capping, a sliding window shorter
-than the batch, q/k norms) keeps the full forward. Imports nothing of the project's.
+For HF decoders laid out like Llama (Llama, Mistral, Qwen2, Gemma: embed_tokens, layers, norm, rotary_emb; each
+layer input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp). build() gives None for the
+others, which keep the full forward (tests/test_families.py): Phi-3 (one fused qkv_proj), OLMo-2 (q/k norms),
+GPT-2, GPT-NeoX and OPT (their blocks elsewhere, learned or partial-rotary positions). HessianOperator
+(operator.py) uses it only after finding it equal to the decoder's own forward on a probe batch
+(answer_loss._last_layer_rows), so that a model that differs in a way this file does not know (soft-capping, a
+sliding window shorter than the batch) keeps the full forward too. Imports nothing of the project's.
 """
 from __future__ import annotations
 

@@ -17,13 +17,14 @@ values per token per layer) and rebuilds one layer at a time, with torch.func (f
     forward   (x_{l+1}, dx_{l+1}) = jvp(layer_l)  at (x_l, theta_l)  along (dx_l, v_l);  x_0 = E[ids], dx_0 = V_E[ids]
     head      (g_L, dg_L), head's share of H v = jvp(grad(answer-token loss))  at (x_L, theta_head)
     backward  (g_l, dg_l), layer l's share = jvp(vjp(layer_l))  at (x_l, theta_l, g_{l+1})  along (dx_l, v_l, dg_{l+1})
-    embedding its share = dg_0 scattered over the ids
+    embedding its share = vjp(embedding)(dg_0), the embedding module's own (dx_0 through its forward too)
 
 The loss is answer_loss.batch_answer_loss_sum's with autograd's cross-entropy (answer rows only), over the
 same total_tokens. A product costs about 12 forward passes' matmuls against 9 for a rebuilt graph (each
 layer's forward runs twice); its memory is one layer's working set plus the stored inputs. For HF decoder
-stacks laid out like Llama (Llama, Mistral, Qwen2: model.model.{embed_tokens, layers, norm, rotary_emb} and a
-bias-free linear model.lm_head); unsupported(model) names what another model lacks.
+stacks laid out like Llama (Llama, Mistral, Qwen2, Gemma, Phi-3, OLMo-2: model.model.{embed_tokens, layers, norm,
+rotary_emb} and a bias-free linear model.lm_head; tests/test_families.py); unsupported(model) names what another
+model lacks (GPT-2, GPT-NeoX, OPT), and its family.
 """
 from __future__ import annotations
 
@@ -41,33 +42,37 @@ class _SiLU(torch.nn.Module):
 
 @contextlib.contextmanager
 def _forward_ad_activations(layers):
-    """Swap SiLU activations for _SiLU while a product runs (the same function, the same parameters)."""
+    """Swap SiLU activations for _SiLU while a product runs (the same function, the same parameters), whatever
+    the family calls the attribute (Llama's act_fn, Phi-3's activation_fn)."""
     swapped = []
     for layer in layers:
-        for m in layer.modules():
-            act = getattr(m, "act_fn", None)
-            if isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU"):
-                swapped.append((m, act))
-                m.act_fn = _SiLU()
+        for m in list(layer.modules()):
+            for name, act in list(m.named_children()):
+                if isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU"):
+                    swapped.append((m, name, act))
+                    setattr(m, name, _SiLU())
     try:
         yield
     finally:
-        for m, act in swapped:
-            m.act_fn = act
+        for m, name, act in swapped:
+            setattr(m, name, act)
 
 
 def unsupported(model) -> str | None:
-    """Why `model` cannot take the layer-wise product (None when it can)."""
+    """Why `model` cannot take the layer-wise product (None when it can), naming its family (config.model_type):
+    GPT-2, GPT-NeoX and OPT keep their blocks elsewhere (transformer.h, gpt_neox.layers, model.decoder.layers)
+    and add positions or biases this file does not rebuild; the caller keeps whole graphs for them."""
+    name = f"the {getattr(getattr(model, 'config', None), 'model_type', None) or '?'} family ({type(model).__name__})"
     inner = getattr(model, "model", None)
     missing = [n for n in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(inner, n)]
     if inner is None or missing:
         lacks = ", ".join(missing) or "all"
-        return f"{type(model).__name__} is not laid out like an HF Llama (model.model lacks {lacks})"
+        return f"{name} is not laid out like an HF Llama (model.model lacks {lacks})"
     head = getattr(model, "lm_head", None)
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        return f"{type(model).__name__} has no bias-free nn.Linear lm_head"
+        return f"{name} has no bias-free nn.Linear lm_head"
     if not isinstance(inner.embed_tokens, torch.nn.Embedding):
-        return f"{type(model).__name__}'s embed_tokens is not an nn.Embedding"
+        return f"{name}: its embed_tokens is not an nn.Embedding"
     try:
         from transformers.masking_utils import create_causal_mask  # noqa: F401
     except ImportError:
@@ -92,6 +97,11 @@ class LayerwiseHVP:
         self.norm, self.head = self._slots(self.inner.norm), self._slots(model.lm_head)
         self.emb = self.index.get(id(self.inner.embed_tokens.weight))
         self.padding_idx = self.inner.embed_tokens.padding_idx
+
+    def _embed(self, ids, weight):
+        """The embedding module's own forward with `weight` (linear in it): a family's scale comes with it
+        (Gemma's sqrt(hidden)), which a bare F.embedding of the tangent would drop."""
+        return functional_call(self.inner.embed_tokens, {"weight": weight}, (ids,))
 
     def _slots(self, module):
         """(module, local names, positions in params) of the module's trainable parameters."""
@@ -151,7 +161,7 @@ class LayerwiseHVP:
                 if self.padding_idx is not None:  # autograd's embedding backward skips that row: so does its tangent
                     ve = ve.clone()
                     ve[self.padding_idx] = 0
-                dx = torch.nn.functional.embedding(ids, ve)
+                dx = self._embed(ids, ve)
             else:
                 dx = torch.zeros_like(x)
             saved = []
@@ -180,11 +190,8 @@ class LayerwiseHVP:
                 for i, t in zip(slots[2], hv):
                     add(i, t)
             if self.emb is not None:
-                flat = dg.reshape(-1, dg.shape[-1])
-                scat = torch.zeros_like(p[self.emb]).index_add_(0, ids.reshape(-1), flat.to(p[self.emb].dtype))
-                if self.padding_idx is not None:
-                    scat[self.padding_idx] = 0
-                add(self.emb, scat)
+                # the embedding's own backward: its scale included, the padding row skipped
+                add(self.emb, vjp(lambda w: self._embed(ids, w), p[self.emb])[1](dg.to(p[self.emb].dtype))[0])
         return out
 
     def loss(self, batch):
