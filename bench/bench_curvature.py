@@ -1,26 +1,46 @@
 """Benchmarks of curvature.py on this machine (CPU), rerunnable; prints the figures and writes JSON + CSV.
 
     OMP_NUM_THREADS=1 python bench/bench_curvature.py --data_dir ../shared/data [--tasks toxigen,arc]
-        [--samples 50] [--repeats 1] [--skip speed,cost,memory] [--out bench/results]
-    python -m pip install pyhessian==0.1; python -m pip install --pre hessian-eigenthings==1.0.0a5  # the peers
+        [--attn sdpa,eager] [--samples 50] [--repeats 1] [--skip speed,cost,memory] [--out bench/results]
+    python -m pip install pyhessian==0.1 curvlinops-for-pytorch==3.0.1; \
+        python -m pip install --pre hessian-eigenthings==1.0.0a5                                     # the peers
+    # the full speed table (issue 28: every task x both kernels, median of 3; hours on 2 shared cores):
+    OMP_NUM_THREADS=1 python bench/bench_curvature.py --data_dir ../shared/data --tasks arc,csqa,csqa2,toxigen,bbq \
+        --attn sdpa,eager --samples 50 --repeats 3 --skip cost,memory
 
 1. speed -- time to rho within 1e-3 (relative) of an ARPACK truth (scipy eigsh, tol 1e-9, on the same retained-
-   graph HVP), per task, on a tiny checkpoint tuned on that task's real data (finetune.py --data_dir, built once
-   into --out; without --data_dir or when the folder lacks a task's data the task is skipped with a message)
-   and `--samples` answer-token samples (curvature.build_batches). Side by side in one process, each method on
-   the same operator (the answer-token NLL over the samples' answer tokens):
+   graph HVP), per cell (task x attention kernel), on a tiny checkpoint tuned on that task's real data
+   (finetune.py --data_dir, built once into --out; without --data_dir or when the folder lacks a task's data the
+   task is skipped with a message) loaded with attn_implementation=<kernel> (--attn: sdpa, eager) for every
+   method of the cell, and `--samples` answer-token samples (curvature.build_batches). Side by side in one
+   process, each method on the same operator (the answer-token NLL over the samples' answer tokens):
    - ours: curvature.hessian_spectrum defaults (Lanczos, --rtol 1e-3 certified, subsample warm start,
      retained graph, extension if it loads, attention in causal blocks with the fused softmax double backward);
      the time is its own stop (no oracle), clock started before the graph build; and the same with the model's
-     own attention (block_attention=False), what attention_hvp.py saves;
+     own attention (block_attention=False), what attention_hvp.py saves. The blocks replace
+     F.scaled_dot_product_attention only: with eager attention nothing is routed, the operator's check finds it
+     so and runs the model's attention ("ours' attention: model"), both rows are then the same solve. A third,
+     diagnostic row (not in the ratio): start="gradient+random", what the subsample warm start buys;
    - PyHessian 0.1 `hessian(...).eigenvalues()` power iteration on one batch of all samples (its retained-graph
      mode; full logits, padded to the longest sample), torch.randn start;
    - hessian-eigenthings 1.0.0a5 `lanczos` (k=1, which=LM; every product re-runs the forward pass and first
-     gradient of every micro-batch) and `power_iteration_one`, on the same micro-batches.
+     gradient of every micro-batch) and `power_iteration_one`, on the same micro-batches;
+   - curvlinops-for-pytorch 3.0.1 HessianLinearOperator (forward-over-reverse: jvp of jacrev of the functional
+     model, re-running every micro-batch per product; no determinism probe, num_data given) on the same
+     micro-batches and loss, (a) through its to_scipy() adapter into scipy eigsh(k=1, which="LM") and (b) its own
+     Lanczos, papyan2020traces.fast_lanczos (no reorthogonalisation). Forward-mode AD has no rule for
+     silu_backward, so for these runs only the MLPs' act_fn is x * sigmoid(x) (silu_as_x_sigmoid, restored
+     after). Before timing, its H v is checked against ours on a seeded random vector, on a float64 copy of the
+     model (float32 rounding alone is 2e-5..5e-5): within 1e-5 relative, asserted (printed: ~1e-7).
    The peers get the oracle budget: each runs once with a large budget and the time of the first product after
    which its estimate is within 1e-3 is taken (for Lanczos the m-step run equals the first m steps of a longer
-   one; the time to that product is what max_iter=m costs). Each method runs --repeats times (medians).
-   A peer not installed is skipped with a message.
+   one; the time to that product is what max_iter=m / ncv=m costs). eigsh has an answer only when ARPACK stops,
+   so its budget is a grid: on the first repeat every ncv of (5, 10, 20) with tol 1e-2, 1e-3, 1e-4 (loosest
+   first, up to the first within 1e-3); the fastest is its budget and the later repeats run that one.
+   Each method runs --repeats times, interleaved (medians). A peer not installed is skipped with a message.
+   Printed per cell: the table, ours / the fastest peer, and where one of our solves (the median one) spends its
+   time: graph build (forwards + first gradients with create_graph), subsample warm start (its sub-HVPs), each
+   solve iteration (one HVP + the vector updates; mean), other. At the end the task x kernel table (< 3x marked).
 2. cost -- one HVP on the retained graph over one gradient (forward + backward, no create_graph) of the
    same loss with the same cross-entropy, per backend, with and without attention_hvp.py's blocks.
    Interleaved repetitions, minimum of each.
@@ -382,7 +402,7 @@ def curvlinops_eigsh(model, batches, seed=0, ncv=20, tol=1e-3):
     _clear_grads(model)
     t = time.perf_counter() - t0
     return {"rho": rho, "hvp_count": count[0], "wall_time_s": t, "trace": [(t, rho)] if rho == rho else [],
-            "ncv": ncv, "tol": tol}
+            "trace_hvps": [count[0]], "ncv": ncv, "tol": tol}
 
 
 def curvlinops_eigsh_oracle(model, batches, seed, truth, chosen):
@@ -468,6 +488,7 @@ def summarize(name, runs, ref, own_stop=False):
         err_at = None
         if k is not None:
             err_at = abs(r["trace"][k - 1][1] - ref) / ref
+            k = r.get("trace_hvps", range(1, len(r["trace"]) + 1))[k - 1]  # eigsh: one point after all its products
         rows.append({"first_within_s": first, "stays_within_s": stay, "hvps_to_first": k,
                      "stop_s": r["wall_time_s"], "hvps_to_stop": r["hvp_count"],
                      "final_rel_error": abs(r["rho"] - ref) / ref, "error_at_first": err_at,
@@ -497,16 +518,18 @@ def breakdown(r):
     warm = (r.get("warm_start") or {}).get("seconds", 0.0)
     steps = [b - a for a, b in zip([r["setup_time_s"] + warm] + times[:-1], times)]
     solve = sum(steps)
-    return {"total_s": r["wall_time_s"], "graph_build_s": r["setup_time_s"], "warm_start_s": warm,
+    return {"total_s": r["wall_time_s"], "solver_loop": r["backend"]["solver_loop"],
+            "graph_build_s": r["setup_time_s"], "warm_start_s": warm,
             "warm_start_sub_hvps": r.get("sub_hvp_count"), "solve_s": solve, "hvps": len(steps),
             "hvp_mean_s": solve / len(steps) if steps else None,
             "other_s": r["wall_time_s"] - r["setup_time_s"] - warm - solve}
 
 
 def say_breakdown(cell, b):
-    print(f"[{cell}] one solve of ours, {b['total_s']:.2f} s: graph build {b['graph_build_s']:.2f} s, warm start "
+    print(f"[{cell}] one solve, {b['total_s']:.2f} s: graph build {b['graph_build_s']:.2f} s, warm start "
           f"{b['warm_start_s']:.2f} s ({b['warm_start_sub_hvps']} sub-HVPs), {b['hvps']} HVPs x "
-          f"{fmt(b['hvp_mean_s'], 3)} s = {b['solve_s']:.2f} s, other {b['other_s']:.2f} s", flush=True)
+          f"{fmt(b['hvp_mean_s'], 3)} s = {b['solve_s']:.2f} s ({b['solver_loop']} loop), other {b['other_s']:.2f} s",
+          flush=True)
 
 
 OURS = "ours (hessian_spectrum defaults)"
@@ -525,7 +548,11 @@ def speed_on_task(task, attn, args, backend):
           f"padded tokens; ARPACK rho {rho:.8g} ({truth['matvecs']} HVPs, {truth['seconds']:.1f} s)", flush=True)
     methods = {OURS: lambda rep: ours(model, batches, backend, seed=args.seed + rep),
                "ours, the model's own attention": lambda rep: ours(model, batches, backend, seed=args.seed + rep,
-                                                                    block_attention=False)}
+                                                                    block_attention=False),
+               # what the subsample warm start buys here (a diagnostic row; not in the ratio)
+               "ours, no warm start (gradient+random)": lambda rep: ours(model, batches, backend,
+                                                                         seed=args.seed + rep,
+                                                                         start="gradient+random")}
     if _peer_available("pyhessian"):
         methods["PyHessian 0.1 power (one batch, retained graph)"] = \
             lambda rep: pyhessian_power(model, batches, seed=args.seed + rep, truth=rho)
@@ -559,10 +586,11 @@ def speed_on_task(task, attn, args, backend):
     # a peer that never came within 1e-3 in its budget took longer than its whole run: a lower bound
     peers = {k: m["time_to_1e-3_s"] or m["stop_s"] for k, m in sm.items() if not k.startswith("ours")}
     fastest = min(peers, key=peers.get) if peers else None
-    # the breakdown of the solve whose time is the median (the middle repeat by time)
-    mid = sorted(runs[OURS], key=lambda r: r["wall_time_s"])[len(runs[OURS]) // 2]
+    # each of our rows: the breakdown of the solve whose time is the median (the middle repeat by time)
+    mids = {k: sorted(v, key=lambda r: r["wall_time_s"])[len(v) // 2] for k, v in runs.items() if k.startswith("ours")}
     out = {"task": task, "attn": attn, "model": model_dir, "arpack": truth, "methods": sm,
-           "ours_attention": mid["backend"]["attention"], "breakdown": breakdown(mid),
+           "ours_attention": mids[OURS]["backend"]["attention"], "breakdown": breakdown(mids[OURS]),
+           "breakdowns": {k: breakdown(r) for k, r in mids.items()},
            "curvlinops_agreement_f64": agree, "eigsh_budget": eigsh_budget or None,
            "fastest_peer": fastest, "speedup_vs_fastest_peer": (peers[fastest] / mine) if fastest and mine else None,
            "traces": {k: [r["trace"] for r in v] for k, v in runs.items()}}
@@ -575,7 +603,8 @@ def speed_on_task(task, attn, args, backend):
     if eigsh_budget:
         print(f"[{cell}] eigsh's oracle budget: ncv {eigsh_budget['ncv']}, tol {eigsh_budget['tol']:g}")
     print(f"[{cell}] ours' attention: {out['ours_attention']}")
-    say_breakdown(cell, out["breakdown"])
+    for k, b in out["breakdowns"].items():
+        say_breakdown(f"{cell}] [{k}", b)
     if out["speedup_vs_fastest_peer"]:
         print(f"[{cell}] ours vs the fastest peer ({fastest}): {out['speedup_vs_fastest_peer']:.2f}x", flush=True)
     return out
