@@ -42,6 +42,16 @@
    Printed per cell: the table, ours / the fastest peer, and where one of our solves (the median one) spends its
    time: graph build (forwards + first gradients with create_graph), subsample warm start (its sub-HVPs), each
    solve iteration (one HVP + the vector updates; mean), other. At the end the task x kernel table (< 3x marked).
+   Measured (2 cores shared with 4 other jobs, load average 5-8, so only indicative), toxigen, --samples 8
+   --repeats 2 --skip cost,memory: ours / the fastest peer (PyHessian) 1.21x sdpa, 1.13x eager; none >= 3x.
+   One solve of ours, sdpa 1.99 s = graph build 0.24 + warm start 0.57 (4 sub-HVPs) + 3 x 0.39 s HVP steps;
+   eager 2.10 s = 0.28 + 0.79 + 3 x 0.34 s; without the warm start (diagnostic row) 1.40 s / 1.21 s with 4
+   HVPs. Why: on short answers the dominant eigenvalue stands so far apart that an oracle-budget power
+   iteration is within 1e-3 after 3-5 products, about what a certified Lanczos needs too, so the ratio is
+   bounded by the cost of a product (ours 0.3-0.4 s, the peers' 0.4-0.55 s), while a sub-HVP on a quarter of
+   the samples costs about half a full one (per-op overhead, not FLOPs): the warm start costs ~2 HVPs to save
+   at most one. With eager attention the blocks do not apply (nothing is routed). --samples 20, eager: 1.12x
+   (every method within 1e-3 after 3 products; the warm start saved none).
 2. cost -- one HVP on the retained graph over one gradient (forward + backward, no create_graph) of the
    same loss with the same cross-entropy, per backend, with and without attention_hvp.py's blocks.
    Interleaved repetitions, minimum of each.
