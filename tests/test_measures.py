@@ -149,6 +149,26 @@ def test_bad_names_and_settings():
             spectral_measures(None, ["trace"], MeasureOptions(**kw))  # refused before any HVP
 
 
+def test_cli_measures(tmp_path):
+    """curvature.py --measures: a bad name or setting is one error line, exit 2, nothing written; a good list
+    adds each measure's record (rho's too) to curvature.json."""
+    from test_curvature import run_cli
+    out = tmp_path / "c.json"
+    for flags, word in ((["--measures", "rho,curv"], "--measures"), (["--trace_products", "10"], "--trace_products"),
+                        (["--slq_probes", "1"], "--slq_probes")):
+        p = run_cli("--model", "tiny", "--task", "arc", "--out", str(out), *flags)
+        assert p.returncode == 2 and p.stderr.startswith("error: " + word) and p.stderr.count("\n") == 1, p.stderr
+        assert not out.exists()
+    args = C.build_parser().parse_args(["--model", "tiny", "--task", "arc", "--samples", "2", "--max_iter", "10",
+                                        "--backend", "torch", "--out", str(out), "--measures", "trace,rho",
+                                        "--trace_products", "6"])
+    r = C.run_cli(args)
+    m = json.loads(out.read_text())["measures"]
+    assert list(m) == ["rho", "trace"] and m == json.loads(json.dumps(r["measures"]))
+    assert m["rho"]["hvp_count"] == r["hvp_count"] and 0 < m["trace"]["hvp_count"] <= 6
+    assert m["trace"]["settings"] == {"trace_products": 6, "seed": 0}
+
+
 # ----------------------------------------------------------------------------------- two processes
 DIST = MeasureOptions(trace_products=12, slq_probes=2, slq_steps=8, topk=2, max_steps=80, rtol=1e-6, seed=1)
 
