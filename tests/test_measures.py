@@ -169,6 +169,52 @@ def test_cli_measures(tmp_path):
     assert m["trace"]["settings"] == {"trace_products": 6, "seed": 0}
 
 
+def test_report_fits_each_measure_and_names_the_best(tmp_path):
+    """metrics.py on test_metrics.py's runs folder, its curvature.json files given measures records: the trace
+    makes forgetting exactly linear (R^2 = 1), topk a constant-plus-noise scalar; curvature_fit.csv holds a row
+    per measure after rho's (R^2 and p as ols_fit gives them by hand), the density figure one curve per
+    theta_A, and the Findings name the trace."""
+    import pandas as pd
+    import test_metrics as T
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    T.build_runs(str(runs))
+    T.build_curvature(str(runs))
+    forgetting = {"arc": 0.0, "csqa": 10.0, "toxigen": 32.5, "bbq": 30.0}  # Figure 4b's, see test_metrics.py
+    wobble = {"arc": 1.0, "csqa": 3.0, "toxigen": 2.0, "bbq": 2.5}
+    for path in runs.rglob("curvature.json"):
+        d = json.loads(path.read_text())
+        if d["task"] not in forgetting:
+            continue
+        d["measures"] = {"rho": {"rho": d["rho"], "hvp_count": 13, "seconds": 1.0},
+                         "trace": {"trace": 2 * forgetting[d["task"]] + 1, "hvp_count": 30, "seconds": 2.0},
+                         "topk": {"largest": [wobble[d["task"]], 0.0], "hvp_count": 40, "seconds": 4.0},
+                         "density": {"nodes": [[-1.0, 0.5, d["rho"]]], "weights": [[0.2, 0.5, 0.3]],
+                                     "moments": [0.0, 1.0], "hvp_count": 90, "seconds": 3.0}}
+        path.write_text(json.dumps(d))
+    r = T.run_cli("--runs", str(runs), "--out", str(out), "--n_boot", "0")
+    assert r.returncode == 0, r.stderr
+    fit = pd.read_csv(out / "curvature_fit.csv").set_index("measure")
+    assert list(fit.index) == ["rho", "trace", "density", "topk"]
+    x, y = np.array([2 * f + 1 for f in forgetting.values()]), np.array(list(forgetting.values()))
+    assert fit.loc["trace", "r_squared"] == pytest.approx(1.0) and fit.loc["trace", "slope"] == pytest.approx(0.5)
+    from chained_tuning.report.curvature import ols_fit  # checked by hand in test_metrics.py
+    topk = ols_fit([wobble[t] for t in forgetting], y)
+    assert fit.loc["topk", "r_squared"] == pytest.approx(topk["r_squared"])
+    assert fit.loc["topk", "p_value"] == pytest.approx(topk["p_value"])
+    assert fit.loc["topk", "mean_hvp_count"] == 40 and fit.loc["trace", "mean_seconds"] == 2.0
+    assert fit.loc["trace", "n_tasks"] == len(x)
+    dens = pd.read_csv(out / "figure_density.csv")
+    assert (out / "figure_density.png").stat().st_size > 1000
+    assert dens.groupby(["first_task", "seed"]).ngroups == 7  # the theta_A models with a curvature.json
+    for _, g in dens.groupby(["first_task", "seed"]):  # each curve integrates to the weights' sum, 1
+        assert np.trapezoid(g.density, g.eigenvalue) == pytest.approx(1.0, abs=1e-3)
+    findings = pd.read_csv(out / "findings.csv")
+    line = findings[findings.claim.str.startswith("Sharper first-task minima")].evidence.iloc[0]
+    assert "trace explains forgetting best in this run (R^2 = 1.000" in line
+    rep = (out / "report.md").read_text()
+    assert "### Curvature measures beyond rho" in rep and "figure_density.png" in rep
+
+
 # ----------------------------------------------------------------------------------- two processes
 DIST = MeasureOptions(trace_products=12, slq_probes=2, slq_steps=8, topk=2, max_steps=80, rtol=1e-6, seed=1)
 

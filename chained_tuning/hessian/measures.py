@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import CurvatureError
-from .solvers import DEFAULT_RTOL, _normalize, lanczos_full
+from .solvers import DEFAULT_RTOL, lanczos_full
 
 MEASURES = ("rho", "trace", "density", "topk", "blocks")
 MOMENTS = 4  # the density's moments recorded (1/n tr H^p, p = 1..MOMENTS); SLQ is exact per probe to 2 steps - 1
