@@ -154,11 +154,14 @@ def test_cli_measures(tmp_path):
     adds each measure's record (rho's too) to curvature.json."""
     from test_curvature import run_cli
     out = tmp_path / "c.json"
-    for flags, word in ((["--measures", "rho,curv"], "--measures"), (["--trace_products", "10"], "--trace_products"),
-                        (["--slq_probes", "1"], "--slq_probes")):
-        p = run_cli("--model", "tiny", "--task", "arc", "--out", str(out), *flags)
-        assert p.returncode == 2 and p.stderr.startswith("error: " + word) and p.stderr.count("\n") == 1, p.stderr
-        assert not out.exists()
+    p = run_cli("--model", "tiny", "--task", "arc", "--out", str(out), "--measures", "rho,curv")
+    assert p.returncode == 2 and p.stderr.startswith("error: --measures") and p.stderr.count("\n") == 1, p.stderr
+    for flags, word in ((["--trace_products", "10"], "--trace_products"), (["--slq_probes", "1"], "--slq_probes"),
+                        (["--slq_steps", "2"], "--slq_steps"), (["--topk", "0"], "--topk")):
+        args = C.build_parser().parse_args(["--model", "tiny", "--task", "arc", "--out", str(out), *flags])
+        with pytest.raises(C.CommandLineError, match="^" + word):  # main() prints it as one line, exit 2
+            C.run_cli(args)
+    assert not out.exists()
     args = C.build_parser().parse_args(["--model", "tiny", "--task", "arc", "--samples", "2", "--max_iter", "10",
                                         "--backend", "torch", "--out", str(out), "--measures", "trace,rho",
                                         "--trace_products", "6"])
