@@ -17,6 +17,7 @@ Modules, one concern each:
     solvers.py      Lanczos (also with full reorthogonalisation) and power iteration, the certified bounds and
                     stop rules, the start vectors
     measures.py     beyond rho: Hutch++ trace, SLQ density, top-k at both ends, per-block extremes
+    measure_names.py  their names and the check of a list of them (torch-free: the study checks CURV_MEASURES)
     sharded.py      several processes (torchrun): samples split across ranks, solver vectors sharded
     ops.py          the C++/CUDA op library: loading, typed wrappers, fake kernels and autograd formulas
     reference.py    the plain-PyTorch references of the ops (the fallback)

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from .errors import CurvatureError
+from .measure_names import MEASURES, parse_measures  # noqa: F401  (parse_measures: the measures' own names)
 from .solvers import DEFAULT_RTOL, lanczos_full
 
-MEASURES = ("rho", "trace", "density", "topk", "blocks")
 MOMENTS = 4  # the density's moments recorded (1/n tr H^p, p = 1..MOMENTS); SLQ is exact per probe to 2 steps - 1
 # probe seeds: op.random(PROBE_SEED_BASE * (seed + 1) + TAG * PROBE_SEED_TAG + i), apart from the solver's seed
 PROBE_SEED_BASE, PROBE_SEED_TAG = 7919, 1000
@@ -51,16 +51,6 @@ class MeasureOptions:
     max_steps: int = 100
     rtol: float = DEFAULT_RTOL
     seed: int = 0
-
-
-def parse_measures(text):
-    """'rho,trace,...' -> the measures in MEASURES order (rho always: the solve every record has)."""
-    names = [t.strip() for t in str(text).split(",") if t.strip()]
-    bad = [n for n in names if n not in MEASURES]
-    if bad or not names:
-        raise CurvatureError(f"--measures {text!r}: {'unknown ' + ', '.join(bad) if bad else 'empty'}; give a "
-                             f"comma-separated list of {', '.join(MEASURES)}")
-    return tuple(m for m in MEASURES if m in names or m == "rho")
 
 
 def check_options(opt: MeasureOptions):
