@@ -49,6 +49,7 @@ from chained_tuning.hessian.solvers import (DEFAULT_RTOL, DOMINANT_MARGIN, RANDO
                                             WARM_STEPS, WARM_VECTORS, _check_start, _lanczos_python, _normalize,
                                             _power_python, _start_vector, ritz_bounds, ritz_extremes)
 from chained_tuning.hessian.spectrum import OperatorOptions, SolveOptions, hessian_spectrum
+from chained_tuning.hessian import measures as M
 
 __all__ = [  # the command line's, then the Hessian library's names, re-exported (`from curvature import ...`)
     "build_parser", "main", "run_cli", "build_batches", "reference_check", "spectrum_from_file", "CommandLineError",
@@ -127,6 +128,14 @@ def build_parser():
                     help="dtype the model and its HVPs are computed in (the solver's vectors stay float32)")
     ap.add_argument("--backend", choices=["auto", "extension", "torch"], default="auto",
                     help="auto: the C++ extension if it loads, else plain PyTorch")
+    d = M.MeasureOptions()
+    ap.add_argument("--measures", default="rho", help=f"comma-separated, of {','.join(M.MEASURES)} (rho is always "
+                    "solved); topk and blocks stop on --rtol within --max_iter steps")
+    ap.add_argument("--trace_products", type=int, default=d.trace_products, help="HVPs of the Hutch++ trace "
+                    "(a multiple of 3, >= 6)")
+    ap.add_argument("--slq_probes", type=int, default=d.slq_probes, help="probes of the density (SLQ, >= 2)")
+    ap.add_argument("--slq_steps", type=int, default=d.slq_steps, help="Lanczos steps per density probe (>= 3)")
+    ap.add_argument("--topk", type=int, default=d.topk, help="eigenvalues at each end for topk (>= 1)")
     return ap
 
 
@@ -185,7 +194,17 @@ def check_flags(args):
                              "into each --reference dir), together with --reference")
     if args.tol is not None:
         args.rtol = args.tol
+    M.parse_measures(args.measures)
+    try:
+        M.check_options(_measure_options(args))
+    except CurvatureError as e:
+        raise CurvatureError(f"--{e}") from None
     return refs
+
+
+def _measure_options(args):
+    return M.MeasureOptions(args.trace_products, args.slq_probes, args.slq_steps, args.topk, args.max_iter,
+                            args.rtol, args.seed)
 
 
 # -------------------------------------------------------------------------------------------- the run
@@ -224,6 +243,12 @@ def run(args, model_path, refs, device):
         print(f"curvature: rho {res['rho']:.6g} after {res['iterations']} iterations ({res['hvp_count']} HVPs, "
               f"{res['backend']['solver_loop']} loop, {'converged' if res['converged'] else 'NOT converged'}) in "
               f"{res['wall_time_s']:.1f}s", flush=True)
+    names = M.parse_measures(args.measures)
+    if len(names) > 1:
+        print(f"curvature: measures {', '.join(names[1:])}", flush=True)
+        res["measures"] = {"rho": {"rho": res["rho"], "hvp_count": res["hvp_count"],
+                                   "seconds": res.get("wall_time_s"), "settings": res.get("settings")},
+                           **M.spectral_measures(op, names, _measure_options(args), model)}
     checks = []
     for r in refs:
         print(f"curvature: Taylor check against {r}", flush=True)

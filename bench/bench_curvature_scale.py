@@ -1,6 +1,7 @@
 """curvature.py at Llama-2-7B scale: the HVP graph per token per layer and the fused cross-entropy's workspace,
 measured on 1-2 randomly initialised layers of 7B width, extrapolated to 32 layers as a per-GPU memory plan
-(8 x 80 GB, 50 samples of the real tasks' lengths) and minutes per solve at a stated GPU throughput.
+(8 x 80 GB, 50 samples of the real tasks' lengths) and minutes per solve at a stated GPU throughput; and for each
+of curvature.py's --measures its HVP count, minutes and Lanczos basis per GPU (measures_plan).
 
     OMP_NUM_THREADS=1 python bench/bench_curvature_scale.py --data_dir ../shared/data     # CPU, < 5 GiB
     python bench/bench_curvature_scale.py --device cuda --quick --data_dir ../shared/data  # one GPU: one HVP
@@ -251,6 +252,32 @@ def minutes_per_solve(lengths, ratios, plans, args):
     return out
 
 
+def measures_plan(minutes, args):
+    """curvature.py --measures at 7B per task: each measure's HVPs at its defaults (MeasureOptions; topk and
+    blocks: at most max_steps Lanczos steps, each block capped at max_steps too), the minutes those HVPs take
+    on the rho solve's operator (its graphs already built: minutes_per_solve's hvp_s each), and the fp32 Lanczos
+    basis each rank holds (full reorthogonalisation: steps + 1 shards of 1/gpus of the vector; a block's basis
+    is the block's size, the largest block a decoder layer)."""
+    from chained_tuning.hessian.measures import MeasureOptions
+    d = MeasureOptions()
+    shard = 4 * PARAMS_7B / args.gpus
+    layer_shard = 4 * PARAMS_PER_LAYER / args.gpus
+    blocks = N_LAYERS_7B + 2  # each decoder layer, the embeddings, the head
+    rows = {"rho": (args.hvps, 3 * shard, f"--hvps {args.hvps} (the assumed solve)"),
+            "trace": (d.trace_products, (d.trace_products // 3 + 2) * shard,
+                      f"Hutch++ {d.trace_products} HVPs; holds its m/3 basis Q"),
+            "density": (d.slq_probes * d.slq_steps, (d.slq_steps + 1) * shard,
+                        f"SLQ {d.slq_probes} probes x {d.slq_steps} steps"),
+            "topk": (d.max_steps, (d.max_steps + 1) * shard, f"at most {d.max_steps} steps (top/bottom {d.topk})"),
+            "blocks": (blocks * d.max_steps, (d.max_steps + 1) * layer_shard,
+                       f"at most {d.max_steps} steps for each of {blocks} blocks")}
+    out = {}
+    for task, m in minutes.items():
+        out[task] = {name: {"hvp_count": n, "minutes": n * m["hvp_s"] / 60, "basis_gb_per_gpu": b / 1e9,
+                            "note": note} for name, (n, b, note) in rows.items()}
+    return out
+
+
 def _best_time(fn, sync, reps=3):
     best = float("inf")
     for _ in range(reps):
@@ -421,6 +448,7 @@ def main():
         res["plan"] = plan(g, lengths, args)
         res["longest_micro_batch"] = longest_micro_batch(g, ck, res["plan"], args)
         res["minutes"] = minutes_per_solve(lengths, ratios, res["plan"], args)
+        res["measures"] = measures_plan(res["minutes"], args)
         print(f"\nper-GPU plan, Llama-2-7B ({PARAMS_7B / 1e9:.2f}B parameters), {args.samples} samples on {args.gpus}"
               f" x {args.gpu_gb:.0f} GB (assumptions: {json.dumps(res['assumptions'])})")
         for task, row in res["plan"].items():
@@ -439,6 +467,9 @@ def main():
             print(f"    longest micro-batch one HVP can recompute beside the rest: {lm['rebuilt_tokens']} tokens with the "
                   f"graph rebuilt ({lm['rebuilt_bytes_per_token'] / 2**20:.1f} MiB/token), {lm['layerwise_tokens']} "
                   f"layer-wise (--gradient_checkpointing on, {lm['layerwise_bytes_per_token'] / 2**20:.2f} MiB/token)")
+            for name, mm in res["measures"][task].items():  # beside the plan's parts: the Lanczos basis
+                print(f"    --measures {name:8s} {mm['hvp_count']:5d} HVPs {mm['minutes']:8.2f} min, Lanczos basis "
+                      f"{mm['basis_gb_per_gpu']:6.1f} GB per GPU ({mm['note']})")
     with open(os.path.join(args.out, "bench_curvature_scale.json"), "w") as f:
         json.dump(res, f, indent=2)
     print(f"wrote {args.out}/bench_curvature_scale.json")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 from {pkg}.spectrum import hessian_spectrum
+from {pkg}.measures import MeasureOptions, spectral_measures
 
 VOCAB = 11
 
@@ -67,11 +68,13 @@ def loss(x):
 
 
 dense = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))
-r = hessian_spectrum(model, batches, rtol=1e-9, max_iter=200, stop="both")
+r, op = hessian_spectrum(model, batches, rtol=1e-9, max_iter=200, stop="both", return_operator=True)
+top = spectral_measures(op, ["topk"], MeasureOptions(topk=2, max_steps=200, rtol=1e-10))["topk"]
 print(json.dumps({{"rho": r["rho"], "lambda_max": r["lambda_max"], "lambda_min": r["lambda_min"],
                   "dense_rho": float(dense.abs().max()), "dense_max": float(dense[-1]), "dense_min": float(dense[0]),
                   "converged": r["converged"], "backend": r["backend"], "hvp_count": r["hvp_count"],
-                  "iterations": r["iterations"],
+                  "iterations": r["iterations"], "top": [top["largest"], top["smallest"]],
+                  "dense_top": [dense.flip(0)[:2].tolist(), dense[:2].tolist()],
                   "project": sorted(m for m in sys.modules if m.split(".")[0] in ("chained_tuning", "transformers"))}}))
 """
 
@@ -103,6 +106,8 @@ def test_the_folder_alone_gives_the_dense_spectral_radius(tmp_path, name):
     assert abs(out["rho"] - out["dense_rho"]) <= 1e-7 * out["dense_rho"]
     assert abs(out["lambda_max"] - out["dense_max"]) <= 1e-7 * out["dense_rho"]
     assert abs(out["lambda_min"] - out["dense_min"]) <= 1e-7 * out["dense_rho"]
+    for got, want in zip(out["top"], out["dense_top"]):  # measures.py travels with the folder
+        assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-7 * out["dense_rho"]
     # no csrc/ beside the copy: plain PyTorch, recorded as such
     assert out["backend"]["extension"] == "none" and out["backend"]["step"] == "torch"
     assert out["backend"]["extension_detail"].startswith("plain PyTorch fallback")

@@ -2,6 +2,7 @@
 learning rates, 3 steps a stage): every stage runs, the tables come out, a second run skips every
 stage, --status shows them done, a stage killed midway is redone alone, and failed stages are named with a
 non-zero exit."""
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,8 @@ from conftest import ROOT
 MICRO = {"CAP": "arc", "SAFE": "toxigen", "LRS": "1e-3 2e-3", "MAIN_LR": "1e-3", "STEPS": "3", "EVAL_LIMIT": "30",
          "VAL_LIMIT": "20", "CURV_SAMPLES": "4", "FIRST_LR_CHAINS": "toxigen-arc", "SECOND_LR_CHAINS": "arc-toxigen",
          "REPLAY_CHAINS": "toxigen-arc", "REPLAY_FRACTIONS": "0,0.05,1", "REPLAY_STEPS": "0,2", "MITIGATION_CHAINS": "toxigen-arc",
-         "MITIGATIONS": "mix0.25 l2_0.01 ewc_10", "CHAINS": "toxigen-arc-csqa2"}
+         "MITIGATIONS": "mix0.25 l2_0.01 ewc_10", "CHAINS": "toxigen-arc-csqa2",
+         "CURV_MEASURES": "trace"}  # the tiny profile's five cost minutes; one shows the study passes them on
 
 
 def run_all(runs, **env):
@@ -55,6 +57,8 @@ def test_micro_study_runs_every_stage(study):
     assert (runs / "longchain" / "toxigen-arc-csqa2" / "seed0" / "3-csqa2" / "eval.json").is_file()
     for t in ("arc", "toxigen"):
         assert len(list((runs / "curvature" / t).glob("lr*/seed0/curvature.json"))) == 1
+        curv = json.loads(next((runs / "curvature" / t).glob("lr*/seed0/curvature.json")).read_text())
+        assert list(curv["measures"]) == ["rho", "trace"] and curv["measures"]["trace"]["hvp_count"] > 0
     assert len(list((runs / "stage2").glob("*/*/seed0/taylor.json"))) == 2
     assert (runs / "results" / "order.json").is_file()
     for f in ("replay.csv", "replay_recovery.csv", "figure7.png", "mitigation.csv", "chain_forgetting.csv",

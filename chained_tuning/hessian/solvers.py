@@ -141,19 +141,7 @@ def _subsample_start_vector(op, seed, steps=WARM_STEPS):
     dot = op.dot
     r = op.random(seed)
     q0, _ = _mixed_start_vector(op, seed, r)  # the subsample's graph sits inside g: the same lean
-    basis, alphas, betas = [_normalize(q0, dot)], [], []
-    for j in range(steps):
-        w = op.hvp_first(basis[-1])
-        alphas.append(dot(w, basis[-1]))
-        for _ in range(2):  # twice is enough (Kahan)
-            for q in basis:
-                c = dot(w, q)
-                w = [a - c * b for a, b in zip(w, q)]
-        b = _norm(w, dot)
-        betas.append(b)
-        if j == steps - 1 or not b > 1e-12 * max(abs(a) for a in alphas):
-            break
-        basis.append([t / b for t in w])
+    alphas, betas, basis = lanczos_full(op.hvp_first, dot, q0, steps)
     k = len(alphas)
     tridiag = np.diag(alphas) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
     theta, eigvecs = np.linalg.eigh(tridiag)
@@ -163,6 +151,30 @@ def _subsample_start_vector(op, seed, steps=WARM_STEPS):
     v0 = [a + (WARM_RANDOM / _norm(r, dot)) * b for a, b in zip(y, r)]
     return v0, {"steps": k, "samples": None, "answer_tokens": None,
                 "subsample_ritz": [float(theta[0]), float(theta[-1])]}
+
+
+def lanczos_full(matvec, dot, v0, steps, stop=None):
+    """Lanczos with a stored basis and full reorthogonalisation (modified Gram-Schmidt, twice): no ghost copies,
+    so that every Ritz value of T_k, not only the extreme ones, approximates a distinct eigenvalue, and the
+    quadrature T_k gives (its nodes, the squared first components of its eigenvectors) is exact for the
+    moments up to 2k - 1. matvec(v) -> H v, dot(a, b) the (all-reduced) inner product; v0 need not be
+    normalised. Stops after `steps` steps, at an invariant subspace (beta_k <= 1e-12 max |alpha|) or where
+    stop(alphas, betas) is true. Returns (alphas, betas, basis): k + 1 parameter-sized vectors are held at once
+    (a sharded operator: k + 1 shards per rank)."""
+    basis, alphas, betas = [_normalize(v0, dot)], [], []
+    for j in range(steps):
+        w = matvec(basis[-1])
+        alphas.append(dot(w, basis[-1]))
+        for _ in range(2):  # twice is enough (Kahan)
+            for q in basis:
+                c = dot(w, q)
+                w = [a - c * b for a, b in zip(w, q)]
+        b = _norm(w, dot)
+        betas.append(b)
+        if j == steps - 1 or not b > 1e-12 * max(abs(a) for a in alphas) or (stop and stop(alphas, betas)):
+            break
+        basis.append([t / b for t in w])
+    return alphas, betas, basis
 
 
 def _check_start(start, checkpointing, start_name="start", ckpt_name="gradient_checkpointing"):

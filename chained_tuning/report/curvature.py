@@ -4,6 +4,7 @@ curvature.json and taylor.json, read once by build_study; they pair with runs by
 
 Part of chained_tuning/report (metrics.py's report; docs/metrics.md).
 """
+import io
 import math
 import warnings
 from collections import Counter, defaultdict
@@ -414,7 +415,139 @@ def curvature_figures(study, curv_by_id, every_result):
     files.update(more)
     pts, fit, more = figure4b(rows_b)
     files.update(more)
-    return curvature_text(da, pts, fit, not_conv, every_result, missing) + "\n", files, problems
+    text = curvature_text(da, pts, fit, not_conv, every_result, missing) + "\n"
+    more_text, more = measures_section(study, curv_by_id, rows_b)
+    if more:
+        rho_fit = pd.read_csv(io.StringIO(files["curvature_fit.csv"]), keep_default_na=False, dtype=str)
+        rho_fit["measure"] = "rho"
+        files["curvature_fit.csv"] = csv_text(pd.concat([rho_fit, more.pop("fits")], ignore_index=True))
+        files.update(more)
+    return text + more_text, files, problems
+
+
+# ------------------------------------------------------------------------- the measures beyond rho
+def _mean(xs):
+    xs = [number(x) for x in xs or []]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+# measure -> (the scalar of a curvature.json's measures record that the fit takes, its name in the report)
+MEASURE_SCALARS = {
+    "rho": (lambda m: number(m.get("rho")), "rho = max abs(lambda)"),
+    "trace": (lambda m: number(m.get("trace")), "trace (Hutch++)"),
+    "density": (lambda m: number((m.get("moments") or [None, None])[1]),
+                "mean squared eigenvalue (SLQ, ||H||_F^2 / n)"),
+    "topk": (lambda m: _mean(m.get("largest")), "mean of the top-k eigenvalues"),
+    "blocks": (lambda m: max([number(b.get("rho")) for b in m.get("blocks") or []] or [float("nan")]),
+               "largest per-block rho"),
+}
+DENSITY_SIGMA = 0.01  # the density's Gaussian broadening: this share of the nodes' range (all curves alike)
+
+
+def measure_value(data, name):
+    """The fit's scalar of measure `name` in one curvature.json (nan where it was not computed)."""
+    if name == "rho":
+        return number(data.get("rho"))
+    rec = (data.get("measures") or {}).get(name)
+    return MEASURE_SCALARS[name][0](rec) if isinstance(rec, dict) else float("nan")
+
+
+def measure_fits(study, curv_by_id, rows_b):
+    """Per measure present: the OLS fit of the first tasks' mean downstream forgetting (Figure 4b's) on the
+    measure's scalar (MEASURE_SCALARS), averaged like rho (the models of a task and seed, then the seeds)."""
+    models = first_task_models(study, curv_by_id)
+    present = [m for m in MEASURE_SCALARS if m != "rho" and any(
+        m in (c.data.get("measures") or {}) for c in curv_by_id.values())]
+    if not present:
+        return []
+    forgetting = {r["first_task"]: r["forgetting"] for r in rows_b if r["in_fit"]}
+    out = []
+    for name in ["rho"] + present:
+        xs, ys, tasks = [], [], []
+        for A, f in forgetting.items():
+            per_seed = []
+            for key, rs in models.items():
+                v = [measure_value(curv_by_id[r.run_id].data, name) for r in rs if key[0] == A and
+                     r.run_id in curv_by_id]
+                v = [x for x in v if math.isfinite(x)]  # a model solved without this measure: left out
+                if v:
+                    per_seed.append(float(np.mean(v)))
+            x = float(np.mean(per_seed)) if per_seed else float("nan")
+            if math.isfinite(x):
+                xs.append(x), ys.append(float(f)), tasks.append(A)
+        hvps = [number((c.data.get("measures") or {}).get(name, {}).get("hvp_count")) for c in curv_by_id.values()
+                if name in (c.data.get("measures") or {})]
+        secs = [number((c.data.get("measures") or {}).get(name, {}).get("seconds")) for c in curv_by_id.values()
+                if name in (c.data.get("measures") or {})]
+        out.append({"measure": name, "x": MEASURE_SCALARS[name][1], "tasks": tasks,
+                    "mean_hvp_count": _mean(hvps), "mean_seconds": _mean(secs), **ols_fit(xs, ys)})
+    return out
+
+
+def density_figure(study, curv_by_id):
+    """figure_density: the SLQ density of each first-task minimum (one curve per chain's first stage: the
+    theta_A models of Figure 4), the nodes broadened by a Gaussian of DENSITY_SIGMA of their range, on a log
+    scale -> files, or {} when no model has one."""
+    curves = []
+    for (A, seed), rs in sorted(first_task_models(study, curv_by_id).items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        for r in rs:
+            c = curv_by_id.get(r.run_id)
+            d = ((c.data.get("measures") or {}).get("density") if c else None) or {}
+            if d.get("nodes"):
+                nodes = np.concatenate([np.asarray(x, float) for x in d["nodes"]])
+                weights = np.concatenate([np.asarray(w, float) for w in d["weights"]]) / len(d["nodes"])
+                curves.append((A, seed, r.run_id, nodes, weights))
+    if not curves:
+        return {}
+    lo = min(float(c[3].min()) for c in curves)
+    hi = max(float(c[3].max()) for c in curves)
+    sigma = DENSITY_SIGMA * max(hi - lo, 1e-12)
+    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 400)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    rows = []
+    for A, seed, rid, nodes, weights in curves:
+        dens = (weights[None, :] * np.exp(-0.5 * ((grid[:, None] - nodes[None, :]) / sigma) ** 2)).sum(1) \
+            / (sigma * math.sqrt(2 * math.pi))
+        ax.plot(grid, np.maximum(dens, 1e-12), linewidth=1, label=f"{short(A)} seed {seed}")
+        rows += [{"first_task": A, "seed": seed, "run_id": rid, "eigenvalue": exact(float(x)),
+                  "density": exact(float(y)), "sigma": exact(sigma)} for x, y in zip(grid, dens)]
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=1e-6)
+    ax.set_xlabel("eigenvalue of H")
+    ax.set_ylabel("spectral density (SLQ)")
+    ax.set_title("Hessian spectral density at each first-task minimum")
+    ax.legend(fontsize=7)
+    return figure_files(fig, pd.DataFrame(rows), "figure_density")
+
+
+def measures_section(study, curv_by_id, rows_b):
+    """The fits of forgetting on each measure present beside rho's (R^2 and p side by side) and the density
+    figure -> (text, files with "fits": the rows added to curvature_fit.csv); ("", {}) without measures."""
+    fits = measure_fits(study, curv_by_id, rows_b)
+    if not fits:
+        return "", {}
+    tab = pd.DataFrame([{"measure": f["measure"], "x": f["x"], "n_tasks": f["n"], "r_squared": f["r_squared"],
+                         "p_value": f["p_value"], "slope": f["slope"], "mean_hvp_count": f["mean_hvp_count"],
+                         "mean_seconds": f["mean_seconds"]} for f in fits])
+    rows = pd.DataFrame([{"x": f"{f['x']} (mean over seeds)", "y": "mean downstream forgetting (%)",
+                          "n_tasks": f["n"], "tasks": ";".join(f["tasks"]) or NA, "slope": exact(f["slope"]),
+                          "intercept": exact(f["intercept"]), "r": exact(f["r"]), "r_squared": exact(f["r_squared"]),
+                          "p_value": exact(f["p_value"]), "slope_stderr": exact(f["slope_stderr"]),
+                          "note": f["note"] or NA, "measure": f["measure"],
+                          "mean_hvp_count": exact(f["mean_hvp_count"]), "mean_seconds": exact(f["mean_seconds"])}
+                         for f in fits[1:]])
+    text = ("### Curvature measures beyond rho\n\nMean downstream forgetting against each measure curvature.py "
+            "--measures computed (per first task, averaged like rho), OLS fit of each; R^2 and p side by side, "
+            "with each measure's mean HVP count and seconds per solve (rows after rho's in "
+            "[curvature_fit.csv](curvature_fit.csv)):\n\n" + markdown_table(significant(tab)))
+    files = {"fits": rows}
+    dens = density_figure(study, curv_by_id)
+    if dens:
+        files.update(dens)
+        text += ("\n![density](figure_density.png)\n\nThe SLQ spectral density at each first-task minimum (nodes "
+                 f"broadened by a Gaussian of {DENSITY_SIGMA:g} of their range; "
+                 "[figure_density.csv](figure_density.csv)).\n")
+    return text + "\n", files
 
 
 TAYLOR_COLUMNS = ["first_task", "second_task", "seed", "lr_a", "lr_b", "delta_sq_norm", "loss_A_at_A", "loss_A_at_AB",

@@ -328,8 +328,9 @@ def add_curvature(builder, t, s, d):
                     refs.append(r)
     out = f"{builder.r}/curvature/{t}/lr{lr}/seed{s}/curvature.json"
     taylor = ["--reference", *refs, "--taylor_out", "taylor.json"] if refs else []
+    measures = ["--measures", c.curv_measures] if c.curv_measures != "rho" else []  # CURV_MEASURES
     cmd = [c.py, "curvature.py", "--model", d, "--task", t, "--samples", c.curv_samples, "--seed", s, "--out", out,
-           *data_args(c), *taylor]
+           *data_args(c), *measures, *taylor]
     builder.g.add(Stage(f"curvature-{t}-lr{lr}-seed{s}", "curvature", out, cmd, waits, [d] + refs,
                         1 if c.gpus_per_stage else 0, also=also, pending_choice=builder.pending(t, s),
                         cost={"task": t, "samples": int(c.curv_samples), "refs": len(refs)}))

@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass
 
 from ..common import UserError
+from ..hessian.errors import CurvatureError
+from ..hessian.measure_names import parse_measures
 
 
 class Settings(dict):
@@ -46,6 +48,7 @@ VARIABLES = (
     ("MITIGATIONS", "mitigations", "list"), ("CAP", "cap", "words"), ("SAFE", "safe", "words"),
     ("RUNS", "runs", "text"), ("REDO", "redo", "text"), ("CURVATURE", "curvature", "text"),
     ("TEST_SET", "test_set", "text"), ("FIRST_STAGE", "first_stage", "text"), ("EXECUTOR", "executor", "text"),
+    ("CURV_MEASURES", "curv_measures", "text"),
 )
 
 
@@ -62,13 +65,13 @@ class Profile:
 COMMON = {"JOBS": 1, "REPLAY_FRACTIONS": "0,0.01,0.05,0.1,0.2,0.4,0.6,0.8,1", "REPLAY_STEPS": "0,5,10,20,40,60,80,100",
           "MITIGATIONS": "mix0.05 l2_0.01 ewc_100", "CAP": "arc csqa csqa2", "SAFE": "toxigen bbq saferdialogues",
           "RUNS": lambda env, c: f"runs/{c.profile}", "CURVATURE": "best", "TEST_SET": "fraction",
-          "FIRST_STAGE": "best", "EXECUTOR": "local"}
+          "FIRST_STAGE": "best", "EXECUTOR": "local", "CURV_MEASURES": "rho"}
 
 TINY = {"MODEL": "tiny", "EVAL_LIMIT": "200", "SEEDS": "0", "LRS": "1e-3 2e-3", "MAIN_LR": "1e-3", "STEPS": "100",
         "VAL_LIMIT": "100", "CURV_SAMPLES": "50", "FIRST_LR_CHAINS": "toxigen-arc",
         "SECOND_LR_CHAINS": "toxigen-arc arc-toxigen", "REPLAY_FRACTIONS": "0,0.01,0.05,1", "REPLAY_STEPS": "0,5,100",
         "JOBS": 2, "GPUS_PER_STAGE": 0, "REPLAY_CHAINS": "toxigen-arc", "MITIGATION_CHAINS": "toxigen-arc",
-        "CHAINS": "toxigen-arc-csqa2", "KEEP_WEIGHTS": "all"}
+        "CHAINS": "toxigen-arc-csqa2", "KEEP_WEIGHTS": "all", "CURV_MEASURES": "rho,trace,density,topk,blocks"}
 
 PAPER_CHAINS = "toxigen-arc toxigen-csqa toxigen-csqa2 bbq-arc bbq-csqa bbq-csqa2"
 PAPER_REPLAY_CHAINS = PAPER_CHAINS + " saferdialogues-arc saferdialogues-csqa saferdialogues-csqa2"
@@ -146,6 +149,10 @@ def check_choices(c):
                         "later stage reads, once evaluated)")
     if c.executor not in ("local", "slurm"):
         raise UserError(f"EXECUTOR='{c.executor}' is not allowed; use local (a pool on this machine) or slurm")
+    try:  # curvature.py --measures, checked here so that a bad name fails before the first stage
+        c.curv_measures = ",".join(parse_measures(c.curv_measures, "CURV_MEASURES", "="))
+    except CurvatureError as e:
+        raise UserError(str(e)) from None
     for name in ("jobs",):
         if c[name] < 1:
             raise UserError(f"JOBS must be at least 1, got {c[name]}")
