@@ -318,7 +318,7 @@ def costs_in_forwards(dtype, device, width=1):
             raise RuntimeError(f"the {key} HVP did not take its path (recompute {len(other.recompute)}, "
                                f"layer-wise {len(other.layerwise)})")
         other.hvp(v)
-        t[key] = _best_time(lambda: other.hvp(v), sync)
+        t[key] = _best_time(lambda o=other: o.hvp(v), sync)
         del other
     return {k: t[k] / t["forward"] for k in ("build", "retained", "rebuilt", "layerwise")}, t
 
