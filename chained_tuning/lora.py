@@ -17,12 +17,15 @@ base that was retrained, replaced or edited in place is refused by name on load,
 given as a hub id (no local files) is checked by its id alone. The tiny base is found again through "tiny" when
 its cache folder moved (its sha256 still has to match).
 """
+import contextlib
 import glob
 import hashlib
 import os
+import warnings
 
 from .checkpoint import check_tokenizer_matches, load_model, load_tokenizer, read_meta, resolve_model_path
 from .common import UserError, read_json, write_json_atomic
+from .data.tiny_base import tiny_base_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -32,6 +35,14 @@ CHAIN_MODES = ("merge", "continue")
 # v_proj for Llama; pass --lora_targets q_proj,v_proj for that.)
 ALL_LINEAR = "all-linear"
 HASH_CHUNK = 1 << 24
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT asks transformers' deprecated is_gradient_checkpointing: a FutureWarning on every wrap, not ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def is_adapter_dir(path):
@@ -81,7 +92,8 @@ def verified_base(adapter_dir, flag="--model"):
         raise UserError(f"{flag} {adapter_dir}: its {ADAPTER_CONFIG} names no base_model_name_or_path; pass an "
                         f"adapter folder saved by finetune.py --lora_r or PEFT's save_pretrained")
     path = named
-    if not os.path.isdir(path) and recorded.get("given") == "tiny":  # the tiny base's cache moved: found by name
+    if (not os.path.isdir(path) and recorded.get("given") == "tiny"
+            and os.path.basename(path) == os.path.basename(tiny_base_path())):  # the same tiny base, cached elsewhere
         path = resolve_model_path("tiny")
     if not os.path.isdir(path):
         if os.path.isabs(path) or path.startswith("."):
@@ -113,7 +125,8 @@ def load_adapter_model(adapter_dir, dtype=None, trainable=False, merge=False, fl
     base = verified_base(adapter_dir, flag)
     model = (load_adapter_model(base, dtype, merge=True, flag=flag) if is_adapter_dir(base)
              else load_model(base, dtype))
-    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    with quiet_peft():
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     return model.merge_and_unload() if merge else model
 
 
@@ -171,7 +184,8 @@ def wrap(model, r, alpha, dropout, targets, seed):
     torch.manual_seed(seed)  # lora_A's Kaiming draw: the same adapter for the same seed
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
                         target_modules=targets or ALL_LINEAR)
-    return get_peft_model(model, config)
+    with quiet_peft():
+        return get_peft_model(model, config)
 
 
 def adapter_settings(model):
@@ -190,7 +204,9 @@ def save_adapter(folder, model, base):
     """PEFT's adapter files into `folder` (an atomic_dir being written), base_model_name_or_path set to the base
     recorded (base_record), so that the folder loads with PEFT alone too."""
     model.peft_config[model.active_adapter].base_model_name_or_path = base["path"]
-    model.save_pretrained(folder, safe_serialization=True)
+    # save_embedding_layers=False: no embedding is ever adapted (and "auto" looks for a config.json the base
+    # of a merge chain, an adapter folder, does not have)
+    model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
     readme = os.path.join(folder, "README.md")  # PEFT's model-card stub: nothing of ours is in it
     if os.path.isfile(readme):
         os.remove(readme)
