@@ -154,6 +154,10 @@ def run_cli(args):
         model_path = lora.resolve(args.model)
         if args.params is None:  # recorded in the result's config as the one used
             args.params = "trainable" if lora.is_adapter_dir(model_path) else "all"
+        for r in refs if lora.is_adapter_dir(model_path) else []:  # delta must be in the adapter's coordinates
+            if not lora.applied_to_same_base(model_path, r):
+                raise CurvatureError(f"--reference {r}: not an adapter on --model's base (a --lora_chain continue "
+                                     f"stage of it); the Taylor check of an adapter folder compares its own weights")
         common.check_out(args.out, args.overwrite, example="curvature.json")
         for r in refs if args.taylor_out else []:
             common.check_out(os.path.join(r, args.taylor_out), args.overwrite, flag="--taylor_out")
@@ -405,7 +409,9 @@ def reference_check(op, rho, ref_dir, batches, common=common):
     op: the HessianOperator (or ShardedOperator) of the spectrum; delta lives in its vector layout."""
     local = getattr(op, "op", op)
     model = local.model
-    ref_model, _ = lora.load_model_and_tokenizer(ref_dir, dtype=local.params[0].dtype, merge=False)
+    # an adapter model: the reference's adapter on top (its base checked to be the model's); else merged weights
+    ref_model, _ = lora.load_model_and_tokenizer(ref_dir, dtype=local.params[0].dtype,
+                                                 merge=not hasattr(model, "peft_config"))
     ref_model.to(local.params[0].device)
     _prepare_model(ref_model)
     delta = _delta(op, model, ref_model, ref_dir)

@@ -250,3 +250,11 @@ def start_model(resolved, cfg):
         alpha = LoraConfig.__dataclass_fields__["lora_alpha"].default  # PEFT's own default
     return wrap(model, cfg["lora_r"], alpha, cfg["lora_dropout"], check_targets(cfg["lora_targets"], resolved),
                 cfg["seed"])
+
+
+def applied_to_same_base(a, b):
+    """Whether two adapter folders are applied to the same base (same recorded path and weights): the second a
+    --lora_chain continue stage of the first, so their adapters' weights are comparable one for one."""
+    ra, rb = (read_meta(x).get("lora_base") or {} for x in (a, b))
+    return is_adapter_dir(a) and is_adapter_dir(b) and bool(ra) and (ra.get("path"), ra.get("sha256")) == (
+        rb.get("path"), rb.get("sha256"))
