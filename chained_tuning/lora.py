@@ -243,6 +243,8 @@ def start_model(resolved, cfg):
         return load_adapter_model(resolved, trainable=True)
     model = load_adapter_model(resolved, merge=True) if is_adapter_dir(resolved) else load_model(resolved)
     if cfg.get("lora_r") is None:
+        for p in model.parameters():  # PEFT froze the base it merged into: a full stage trains every weight
+            p.requires_grad_(True)
         return model
     alpha = cfg["lora_alpha"]
     if alpha is None:

@@ -242,3 +242,39 @@ def test_bad_input(stage_a, tiny_path, tmp_path):
     assert other in line and "differs from the one it was trained on" in line
     line = one_error(run_script("evaluate.py", "--model", moved, "--tasks", "arc", "--out", out), out)
     assert "differs from the one it was trained on" in line
+
+
+def test_full_stage_from_an_adapter_starts_from_its_merge(stage_a, tmp_path):
+    """No LoRA flags on an adapter --model: a full fine-tuning stage from the merged weights, chained as usual."""
+    out = str(tmp_path / "full")
+    rec = train_stage({"model": stage_a, "task": "arc", "out": out, **STAGE})
+    assert "lora" not in rec and os.path.isfile(os.path.join(out, "model.safetensors"))
+    assert rec["parent_run_id"] == read(stage_a)["run_id"] and rec["chain"] == ["toxigen", "arc"]
+    assert rec["parameters"]["trainable"] == rec["parameters"]["total"] == sum(
+        p.numel() for p in load_model(out).parameters())
+
+
+def test_replay_and_taylor_check_of_a_lora_chain(stage_a, tmp_path):
+    import curvature
+    import replay
+    cont = str(tmp_path / "cont")
+    train_stage({"model": stage_a, "task": "arc", "out": cont, "lora_chain": "continue", **STAGE})
+    summary = replay.main(replay.build_parser().parse_args(
+        ["--model", cont, "--task", "toxigen", "--out", str(tmp_path / "replay"), "--fractions", "0.5", "--steps",
+         "2", "--batch_size", "8", "--train_size", "48", "--max_length", "128", "--eval_limit", "8",
+         "--save_checkpoints"]))
+    point = read(tmp_path / "replay" / "fraction0.5", "point.json")
+    assert point["settings"]["lora"] == {"chain": "merge", "r": 4, "alpha": 16, "dropout": 0.0,
+                                         "targets": read(stage_a)["lora"]["targets"]}
+    stage_run = read(tmp_path / "replay" / "fraction0.5")
+    assert stage_run["lora"]["base"]["path"] == os.path.abspath(cont) and summary
+    # Taylor check: theta_AB continues theta_A's adapter, so the delta is in the adapter's coordinates
+    args = ["--model", stage_a, "--task", "toxigen", "--samples", "4", "--max_iter", "30", "--backend", "torch"]
+    res = curvature.run_cli(curvature.build_parser().parse_args(args + ["--reference", cont, "--out",
+                                                                        str(tmp_path / "t.json")]))
+    assert res["params"] == "trainable" and res["reference"]["delta_sq_norm"] > 0
+    assert res["reference"]["quadratic_le_bound"]
+    merged = str(tmp_path / "replay" / "fraction0.5")
+    with pytest.raises(curvature.CommandLineError, match="not an adapter on --model's base"):
+        curvature.run_cli(curvature.build_parser().parse_args(args + ["--reference", cont, merged, "--taylor_out",
+                                                                      "t.json", "--out", str(tmp_path / "u.json")]))
