@@ -59,12 +59,22 @@ def resolve(path, flag="--model"):
     return resolve_model_path(path, flag)
 
 
+_HASHED = {}  # {(file, size, mtime) of every file: sha256}: a 13 GB base is read once a process, not per check
+
+
 def weights_sha256(folder):
     """sha256 over a folder's safetensors files (name and bytes, in name order): the identity of its weights."""
-    h = hashlib.sha256()
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         return None
+    key = tuple((os.path.abspath(fn), os.stat(fn).st_size, os.stat(fn).st_mtime_ns) for fn in files)
+    if key not in _HASHED:
+        _HASHED[key] = _sha256_files(files)
+    return _HASHED[key]
+
+
+def _sha256_files(files):
+    h = hashlib.sha256()
     for fn in files:
         h.update(os.path.basename(fn).encode() + b"\0")
         with open(fn, "rb") as f:
@@ -99,8 +109,7 @@ def verified_base(adapter_dir, flag="--model"):
         if os.path.isabs(path) or path.startswith("."):
             raise UserError(f"{flag} {adapter_dir}: its base {named} ({ADAPTER_CONFIG} base_model_name_or_path) is "
                             f"missing; put that folder back, or pass a checkpoint of its own")
-        path = resolve_model_path(path, f"{flag} {adapter_dir}: its base")  # a hub id
-        return path
+        return resolve_model_path(path, f"{flag} {adapter_dir}: its base")  # a hub id: checked by its id alone
     want = recorded.get("sha256")
     if want is not None:
         got = weights_sha256(path)

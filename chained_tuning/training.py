@@ -82,6 +82,9 @@ def check_lora(cfg, world):
         return
     if world > 1:
         raise UserError("a LoRA stage (--lora_r, --lora_chain) runs in one process for now; run it without torchrun")
+    if cfg["save_dtype"] not in ("auto", "float32"):
+        raise UserError(f"--save_dtype {cfg['save_dtype']}: a LoRA stage saves its adapter alone, in float32 (the "
+                        f"base's weights are not written); drop --save_dtype")
     model_path = lora.resolve(cfg["model"])
     adapter = lora.is_adapter_dir(model_path)
     if mode is not None and not adapter:
@@ -251,9 +254,8 @@ def run_record(cfg, inputs, log, losses, mitigations, world, started):
     id_fields = {"config": config_for_id(cfg), "lr": inputs.lr, "parent": parent_id, "data": data.info["ids_sha256"]}
     for mitigation in mitigations:
         id_fields.update(mitigation.id_fields())
-    if inputs.lora:  # the resolved settings (the default targets named), the chain mode and the base's weights
-        id_fields["lora"] = {k: v for k, v in inputs.lora.items() if k != "base"}
-        id_fields["lora"]["base_sha256"] = inputs.lora["base"]["sha256"]
+    if inputs.lora:  # the resolved settings (the default targets named) and the chain mode; the base is --model
+        id_fields["lora"] = {k: v for k, v in inputs.lora.items() if k != "base"}  # and the parent, as for full runs
     if inputs.save_dtype != "float32":  # rounded weights are other weights (float32: every run before the option)
         id_fields["save_dtype"] = inputs.save_dtype
     run_id = hashlib.sha256(json.dumps(id_fields, sort_keys=True).encode()).hexdigest()[:16]

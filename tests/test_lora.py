@@ -279,3 +279,18 @@ def test_replay_and_taylor_check_of_a_lora_chain(stage_a, tmp_path):
     with pytest.raises(curvature.CommandLineError, match="not an adapter on --model's base"):
         curvature.run_cli(curvature.build_parser().parse_args(args + ["--reference", cont, merged, "--taylor_out",
                                                                       "t.json", "--out", str(tmp_path / "u.json")]))
+
+
+def test_option_checks(tiny_path):
+    from chained_tuning.common import UserError
+    from chained_tuning.stage_config import default_config
+    from chained_tuning.training import check_options
+    ok = {**default_config(), "task": "arc", "lora_r": 2}
+    check_options(dict(ok), 1)
+    for bad, world, msg in [({"lora_r": 2.5}, 1, "whole number"), ({"lora_alpha": 0.0}, 1, "--lora_alpha must be > 0"),
+                            ({"lora_dropout": 1.0}, 1, r"--lora_dropout must be in \[0, 1\)"),
+                            ({"lora_r": None, "lora_alpha": 4.0}, 1, "--lora_alpha needs --lora_r"),
+                            ({"save_dtype": "bfloat16"}, 1, "in float32"), ({}, 2, "one process"),
+                            ({"lora_chain": "fork"}, 1, "choose from merge, continue")]:
+        with pytest.raises(UserError, match=msg):
+            check_options({**ok, **bad}, world)
