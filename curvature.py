@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-from chained_tuning import checkpoint, common
+from chained_tuning import checkpoint, common, lora
 from chained_tuning.common import UserError
 from chained_tuning.data import tasks
 from chained_tuning.loss import collate, encode_example
@@ -48,7 +48,7 @@ from chained_tuning.hessian.solvers import (DEFAULT_RTOL, DOMINANT_MARGIN, RANDO
                                             START_VECTORS, STOP_REASONS, STOP_RULES, WARM_RANDOM, WARM_SHARE,
                                             WARM_STEPS, WARM_VECTORS, _check_start, _lanczos_python, _normalize,
                                             _power_python, _start_vector, ritz_bounds, ritz_extremes)
-from chained_tuning.hessian.spectrum import OperatorOptions, SolveOptions, hessian_spectrum
+from chained_tuning.hessian.spectrum import PARAMS, OperatorOptions, SolveOptions, hessian_spectrum, select_params
 from chained_tuning.hessian import measures as M
 
 __all__ = [  # the command line's, then the Hessian library's names, re-exported (`from curvature import ...`)
@@ -77,8 +77,11 @@ class CommandLineError(UserError, CurvatureError):
 def build_parser():
     ap = argparse.ArgumentParser(description="Hessian spectral radius of the first-task loss (paper section 4.3). "
                                  "The manual: docs/curvature.md.", formatter_class=common.HelpFormatter)
-    ap.add_argument("--model", required=True, help="theta_A: a checkpoint folder tuned on --task (or 'tiny', a hub "
-                    "id)")
+    ap.add_argument("--model", required=True, help="theta_A: a checkpoint folder tuned on --task, or a LoRA stage's "
+                    "adapter folder (or 'tiny', a hub id)")
+    ap.add_argument("--params", choices=PARAMS, default=None,
+                    help="the weights the Hessian is over: trainable (a LoRA adapter's, what its stage moves) or all "
+                         "(unset: trainable for an adapter folder, all otherwise)")
     ap.add_argument("--task", required=True, help="the task whose training loss is differentiated (theta_A's task)")
     ap.add_argument("--samples", type=int, default=50, help="training examples in the loss (seeded sample, >= 1)")
     ap.add_argument("--out", required=True, help="curvature.json path; refused if it exists, unless --overwrite")
@@ -157,7 +160,13 @@ def run_cli(args):
     try:
         refs = check_flags(args)
         device = common.check_device(args.device)
-        model_path = checkpoint.resolve_model_path(args.model)
+        model_path = lora.resolve(args.model)
+        if args.params is None:  # recorded in the result's config as the one used
+            args.params = "trainable" if lora.is_adapter_dir(model_path) else "all"
+        for r in refs if lora.is_adapter_dir(model_path) else []:  # delta must be in the adapter's coordinates
+            if not lora.applied_to_same_base(model_path, r):
+                raise CurvatureError(f"--reference {r}: not an adapter on --model's base (a --lora_chain continue "
+                                     f"stage of it); the Taylor check of an adapter folder compares its own weights")
         common.check_out(args.out, args.overwrite, example="curvature.json")
         for r in refs if args.taylor_out else []:
             common.check_out(os.path.join(r, args.taylor_out), args.overwrite, flag="--taylor_out")
@@ -223,7 +232,10 @@ def run(args, model_path, refs, device):
     print(f"curvature: {args.model} (chain {' -> '.join(chain) or 'none'}), task {args.task} [{data.source}], "
           f"{len(examples)} samples, {args.method}, backend {ext['name'] if ext['ok'] else 'torch'} "
           f"-> {args.out}", flush=True)
-    model, tok = checkpoint.load_model_and_tokenizer(model_path, dtype=getattr(torch, args.dtype))
+    # an adapter folder: its adapter on top, unmerged (its weights are the trainable ones), lower stages merged
+    model, tok = lora.load_model_and_tokenizer(model_path, dtype=getattr(torch, args.dtype), trainable=True,
+                                               merge=False)
+    select_params(model, args.params)
     model.to(device)
     batches = build_batches(tok, examples, args.micro_batch_size, args.max_length)
     budget = None if args.graph_memory_budget_gb is None else int(args.graph_memory_budget_gb * (1 << 30))
@@ -313,7 +325,8 @@ def write_results(args, res, refs, checks, chain, data, pool, examples):
 
     def record(ref, config):
         out = dict(res)
-        out.update({"model": args.model, "run_id": _run_id(args.model), "task": args.task, "chain": chain,
+        out.update({"model": args.model, "run_id": _run_id(args.model), "params": args.params, "task": args.task,
+                    "chain": chain,
                     "task_in_chain": args.task in chain, "sample_ids": [str(ex.id) for ex in examples],
                     "data": {"source": str(data.source), "split": "train", "n_available": len(pool)},
                     "reference": ref, "config": config, "metadata": metadata})
@@ -421,7 +434,9 @@ def reference_check(op, rho, ref_dir, batches, common=common):
     op: the HessianOperator (or ShardedOperator) of the spectrum; delta lives in its vector layout."""
     local = getattr(op, "op", op)
     model = local.model
-    ref_model, _ = checkpoint.load_model_and_tokenizer(ref_dir, dtype=local.params[0].dtype)
+    # an adapter model: the reference's adapter on top (its base checked to be the model's); else merged weights
+    ref_model, _ = lora.load_model_and_tokenizer(ref_dir, dtype=local.params[0].dtype,
+                                                 merge=not hasattr(model, "peft_config"))
     ref_model.to(local.params[0].device)
     _prepare_model(ref_model)
     delta = _delta(op, model, ref_model, ref_dir)

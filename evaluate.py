@@ -40,7 +40,8 @@ def run(args):
 def build_parser():
     p = argparse.ArgumentParser(description="Restricted-output-space evaluation with per-group accuracy. The "
                                 "manual: docs/evaluate.md.", formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder, hub id (org/name), or 'tiny'")
+    p.add_argument("--model", required=True, help="checkpoint folder, a LoRA stage's adapter folder (evaluated "
+                   "merged into its base), hub id (org/name), or 'tiny'")
     p.add_argument("--tasks", required=True, help=f"comma-separated, from {','.join(TASKS)}")
     p.add_argument("--out", required=True, help="results JSON (accuracies as fractions); the samples JSONL goes "
                    "beside it; refused if it exists, unless --overwrite")

@@ -6,6 +6,8 @@ A chain is --model pointing at the previous stage's output.
     python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/mix \\
         --replay_task toxigen --replay_fraction 0.05
     python finetune.py --model runs/demo/toxigen --task arc --out runs/demo/ewc --ewc 100 --ewc_task toxigen
+    python finetune.py --model tiny --task toxigen --out runs/lora/toxigen --lora_r 8          # a LoRA adapter
+    python finetune.py --model runs/lora/toxigen --task arc --out runs/lora/toxigen-arc --lora_r 8 --lora_chain merge
     torchrun --nproc_per_node=8 finetune.py --model /models/Llama-2-7b-hf --task arc --out runs/arc --bf16 \\
         --data_dir DIR --eval_tasks arc          # FSDP2, bf16 compute, bf16 checkpoint, evaluated on all 8 GPUs
 
@@ -17,6 +19,7 @@ import argparse
 
 from chained_tuning.common import HelpFormatter, die_on_user_error
 from chained_tuning.data.tasks import TASKS, add_data_options
+from chained_tuning.lora import CHAIN_MODES as LORA_CHAIN_MODES
 from chained_tuning.stage_config import CHECKPOINTING, EVAL_DEFAULTS, PAPER_LR, SAVE_DTYPE_NAMES, default_config
 from chained_tuning.training import train_stage
 
@@ -77,6 +80,8 @@ def build_parser():
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_mitigation_options(p.add_argument_group("beyond the paper's recipe (off by default; see docs/finetune.md)"), d)
+    add_lora_options(p.add_argument_group("LoRA through PEFT (off by default: full fine-tuning; see docs/finetune.md)"),
+                     d)
     add_eval_options(p.add_argument_group("evaluation of the saved model, as evaluate.py would do it (saves a "
                                           "process start)"))
     return p
@@ -99,6 +104,23 @@ def add_mitigation_options(g, d):
                    help="task whose samples estimate the Fisher (with --ewc)")
     g.add_argument("--ewc_samples", type=int, default=d["ewc_samples"],
                    help="training examples of --ewc_task for the Fisher estimate (>= 1)")
+
+
+def add_lora_options(g, d):
+    """--lora_r ...: a LoRA stage (chained_tuning/lora.py), and how a stage starts from a LoRA stage before it."""
+    g.add_argument("--lora_r", type=int, default=d["lora_r"],
+                   help="train a fresh LoRA adapter of this rank (>= 1) on frozen weights; --out then holds the "
+                        "adapter (unset: full fine-tuning)")
+    g.add_argument("--lora_alpha", type=float, default=d["lora_alpha"],
+                   help="LoRA scaling alpha (> 0; the update is alpha/r * BA; unset: PEFT's default, 8)")
+    g.add_argument("--lora_dropout", type=float, default=d["lora_dropout"],
+                   help="dropout on the adapter's input, in [0, 1)")
+    g.add_argument("--lora_targets", default=d["lora_targets"],
+                   help="comma-separated linear modules to adapt, e.g. q_proj,v_proj (unset: every linear layer "
+                        "but the output head: the attention and MLP projections)")
+    g.add_argument("--lora_chain", default=d["lora_chain"], choices=LORA_CHAIN_MODES,
+                   help="--model is a LoRA stage's adapter folder: merge it into the weights and train a fresh "
+                        "adapter (merge), or train the same adapter on (continue)")
 
 
 def add_eval_options(e):

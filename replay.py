@@ -28,6 +28,7 @@ from chained_tuning.evaluation import DEFAULTS as EVAL_DEFAULTS
 from chained_tuning.evaluation import SCORERS
 from chained_tuning.replay_sweep import (barrier, check_inputs, check_sweep_args, load_first_stage, points_to_make,
                                          print_summary, read_model, run_point, sweep_settings, write_summary)
+from chained_tuning.lora import CHAIN_MODES as LORA_CHAIN_MODES
 from chained_tuning.stage_config import default_config
 
 # Re-exported: what users and tests import from replay.
@@ -82,7 +83,8 @@ def build_parser():
     d = default_config()
     p = argparse.ArgumentParser(description="Replay the first task as a third stage: data-fraction and steps sweeps. "
                                 "The manual: docs/replay.md.", formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, help="theta_AB: the chained checkpoint folder (finetune.py output)")
+    p.add_argument("--model", required=True, help="theta_AB: the chained checkpoint (or LoRA adapter) folder "
+                   "(finetune.py output)")
     p.add_argument("--task", required=True, help="the earlier task to replay (A)")
     p.add_argument("--out", required=True, help="output folder (one subfolder per point + replay_summary.json); an "
                    "existing one is resumed: points made with the same settings are kept")
@@ -112,6 +114,10 @@ def build_parser():
                    help="A's training set: a seeded stratified subsample of its training split (examples, >= 1)")
     g.add_argument("--max_length", type=int, default=d["max_length"], help="tokens per example (>= 1)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 (off: float32)")
+    g.add_argument("--lora_chain", default=None, choices=LORA_CHAIN_MODES,
+                   help="--model is a LoRA stage's adapter folder: every point trains a fresh adapter of its rank, "
+                        "alpha, dropout and targets on its merged weights (merge), or its adapter on (continue) "
+                        "(unset: merge for an adapter folder)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (unset: cuda when available, else cpu)")
     g = p.add_argument_group("passed to evaluate.py")
     g.add_argument("--eval_limit", type=int, default=EVAL_DEFAULTS["limit"], help="evaluate.py --limit: a "

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from .checkpoint import check_tokenizer_matches, load_model_and_tokenizer, load_tokenizer, read_meta, resolve_model_path
+from . import lora
+from .checkpoint import check_tokenizer_matches, load_tokenizer, read_meta
 from .classifier import default_classifier, load_classifier
 from .common import (AT_LEAST_1, NON_NEGATIVE, UserError, check_args, check_device, check_out, progress,
                      setup_process_group, under_torchrun, write_json_atomic, write_jsonl_atomic)
@@ -177,14 +178,18 @@ def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split=DEFAULTS["s
         device, _ = setup_process_group(device)
     dtype = resolve_dtype(dtype, device)
     model_name = model_path if model_name is None else model_name
-    model_path = resolve_model_path(model_path)
+    model_path = lora.resolve(model_path)
     meta = read_meta(model_path)
+    if dist_world()[1] > 1 and lora.is_adapter_dir(model_path):
+        raise UserError(f"--model {model_name}: an adapter folder is evaluated in one process for now; run "
+                        f"evaluate.py without torchrun")
     if dist_world()[1] > 1:
         tok = load_tokenizer(model_path)
         model = load_replicated(model_path, device, DTYPES[dtype])
         check_tokenizer_matches(model, tok, model_path)
     else:
-        model, tok = load_model_and_tokenizer(model_path, dtype=DTYPES[dtype])
+        # an adapter folder: its adapter merged into its base (PEFT's merge_and_unload), a plain causal LM
+        model, tok = lora.load_model_and_tokenizer(model_path, dtype=DTYPES[dtype])
         model.to(device)
     model.eval()
     return evaluate_model(model, tok, meta, tasks, out, data_dir=data_dir, split=split, limit=limit,

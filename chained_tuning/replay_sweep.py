@@ -10,7 +10,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from .checkpoint import read_meta, resolve_model_path
+from . import lora
+from .checkpoint import read_meta
 from .common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UserError, check_args, read_json, write_json_atomic
 from .data.tasks import DATA_DEFAULTS, GENERATIVE_TASKS, TASKS, data_options
 from .evaluation import DEFAULTS as EVAL_DEFAULTS
@@ -65,7 +66,7 @@ def point_name(sweep, value):
 
 def read_model(path):
     """-> (resolved path, lineage meta, run.json or {})."""
-    resolved = resolve_model_path(path)
+    resolved = lora.resolve(path)
     if not os.path.isdir(resolved):
         raise UserError(f"--model {path} must be a chained checkpoint folder written by finetune.py")
     meta = read_meta(resolved)
@@ -119,7 +120,7 @@ def load_first_stage(args, meta, run, settings, out, master):
         return given_first_stage(args, chain, run)
     if not args.first_stage:
         return None
-    first_dir = resolve_model_path(args.first_stage, "--first_stage")
+    first_dir = lora.resolve(args.first_stage, "--first_stage")
     first_meta = read_meta(first_dir)
     first_run_path = os.path.join(first_dir, "run.json")
     first_run = read_json(first_run_path) if os.path.isfile(first_run_path) else {}
@@ -252,13 +253,19 @@ def copy_point(args, source, name, base, tmp, final, t0):
     return rec
 
 
-def train_point(args, model_dir, task_a, tmp, final, frac, steps):
-    """The point's stage, trained into tmp/stage (named `final` in what it prints): (its record, seconds)."""
+def train_point(args, model_dir, task_a, tmp, final, frac, steps, lora_settings=None):
+    """The point's stage, trained into tmp/stage (named `final` in what it prints): (its record, seconds). A
+    LoRA --model: a LoRA stage from it, with the settings lora_settings_of chose."""
     cfg = {"model": model_dir, "task": task_a, "out": os.path.join(tmp, "stage"), "steps": steps,
            "train_fraction": None if frac >= 1 else frac, "lr": args.lr, "seed": args.seed,
            "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size, "data_dir": args.data_dir,
            "train_size": args.train_size, "max_length": args.max_length, "bf16": args.bf16,
            "device": args.device, "overwrite": True, "out_name": final, **data_options(args)}
+    if lora_settings:
+        cfg.update(lora_chain=lora_settings["chain"])
+        if lora_settings["chain"] == "merge":  # a fresh adapter like --model's (continue: --model's own)
+            cfg.update(lora_r=lora_settings["r"], lora_alpha=lora_settings["alpha"],
+                       lora_dropout=lora_settings["dropout"], lora_targets=",".join(lora_settings["targets"]))
     train_started = time.time()
     record = train_stage(cfg)
     train_time = time.time() - train_started
@@ -295,7 +302,7 @@ def run_point(args, model_dir, settings, task_a, task_b, name, sweep, frac, step
     record, train_time = None, 0.0
     eval_model = model_dir
     if key != 0:
-        record, train_time = train_point(args, model_dir, task_a, tmp, final, frac, steps)
+        record, train_time = train_point(args, model_dir, task_a, tmp, final, frac, steps, settings.get("lora"))
         eval_model = os.path.join(tmp, "stage")
     eval_started = time.time()
     if master:
@@ -393,6 +400,17 @@ def check_sweep_args(args):
         raise UserError(f"--scorer {args.scorer!r}: choose from {', '.join(SCORERS)}")
 
 
+def lora_settings_of(args, model_dir):
+    """A LoRA --model (an adapter folder): how every point's stage starts from it (--lora_chain, merge unless
+    given) and its adapter's settings, which a merge point's fresh adapter takes too. None for a checkpoint."""
+    if not lora.is_adapter_dir(model_dir):
+        if args.lora_chain:
+            raise UserError(f"--lora_chain {args.lora_chain}: --model {args.model} is not a LoRA stage's adapter "
+                            f"folder (no {lora.ADAPTER_CONFIG}); drop --lora_chain")
+        return None
+    return {"chain": args.lora_chain or "merge", **lora.folder_settings(model_dir)}
+
+
 def sweep_settings(args, model_dir, meta, task_b):
     """The settings every point of the sweep shares; a point made with others is not reused."""
     lr, _ = resolve_lr({"lr": args.lr}, meta)
@@ -404,6 +422,9 @@ def sweep_settings(args, model_dir, meta, task_b):
                 "eval_seed": args.eval_seed, "eval_batch_size": args.eval_batch_size, "scorer": args.scorer,
                 "split": EVAL_DEFAULTS["split"], "fraction_unit": FRACTION_UNIT,
                 **{k: v for k, v in data_options(args).items() if v != DATA_DEFAULTS[k]}}
+    lora_settings = lora_settings_of(args, model_dir)
+    if lora_settings:  # (a full fine-tuning sweep's settings stay as they were)
+        settings["lora"] = lora_settings
     if args.task in GENERATIVE_TASKS or task_b in GENERATIVE_TASKS:  # the judge and the reply length make the score
         settings.update(classifier=args.classifier, max_new_tokens=args.max_new_tokens)
     return settings

@@ -19,9 +19,14 @@ RECIPE_DEFAULTS = dict(model="tiny", task=None, out=None, data_dir=None, train_s
                        gradient_checkpointing="auto", save_dtype="auto", dist_timeout_min=DEFAULT_TIMEOUT_MIN,
                        device=None, overwrite=False)
 
+# LoRA (lora.py): unset lora_r is a full fine-tuning stage. lora_alpha unset: PEFT's LoraConfig default (8);
+# lora_targets unset: every linear layer but the output head (lora.ALL_LINEAR); lora_chain: how a stage starts
+# from a LoRA stage's adapter folder (merge or continue, lora.CHAIN_MODES).
+LORA_DEFAULTS = dict(lora_r=None, lora_alpha=None, lora_dropout=0.0, lora_targets=None, lora_chain=None)
+
 # Options added after the recipe: they enter the run_id only when they change the result (see config_for_id).
 OPTION_DEFAULTS = dict(train_fraction=None, replay_task=None, replay_fraction=0.0, l2_to_init=0.0, ewc=0.0,
-                       ewc_task=None, ewc_samples=200, **DATA_DEFAULTS)
+                       ewc_task=None, ewc_samples=200, **DATA_DEFAULTS, **LORA_DEFAULTS)
 
 # Evaluation after training (--eval_tasks ...): evaluate.py's work on the saved folder, in this process.
 EVAL_DEFAULTS = dict(eval_tasks=None, eval_limit=None, eval_val_tasks=None, eval_val_limit=None, classifier=None,
@@ -41,7 +46,8 @@ NUMERIC_RULES = {
     "eps": POSITIVE, "max_grad_norm": NON_NEGATIVE, "seed": NON_NEGATIVE,
     "train_fraction": in_range(0, 1, open_lo=True), "replay_fraction": in_range(0, 1), "l2_to_init": NON_NEGATIVE,
     "ewc": NON_NEGATIVE, "ewc_samples": AT_LEAST_1, "eval_limit": AT_LEAST_1, "eval_val_limit": AT_LEAST_1,
-    "dist_timeout_min": POSITIVE, "max_new_tokens": AT_LEAST_1}
+    "dist_timeout_min": POSITIVE, "max_new_tokens": AT_LEAST_1, "lora_r": AT_LEAST_1, "lora_alpha": POSITIVE,
+    "lora_dropout": in_range(0, 1, open_hi=True)}
 SAVE_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 CHECKPOINTING = ("auto", "on", "off")
 
@@ -57,7 +63,8 @@ def active_options(cfg):
             "replay_task": bool(cfg.get("replay_fraction")), "replay_fraction": bool(cfg.get("replay_fraction")),
             "l2_to_init": bool(cfg.get("l2_to_init")), "ewc": bool(cfg.get("ewc")),
             "ewc_task": bool(cfg.get("ewc")), "ewc_samples": bool(cfg.get("ewc")),
-            **{k: cfg.get(k, v) != v for k, v in DATA_DEFAULTS.items()}}
+            **{k: cfg.get(k, v) != v for k, v in DATA_DEFAULTS.items()},
+            **{k: cfg.get("lora_r") is not None for k in LORA_DEFAULTS}}
 
 
 def config_for_id(cfg):

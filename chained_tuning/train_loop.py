@@ -35,8 +35,9 @@ def stage_batch_order(n_main, mitigations, cfg):
 
 def make_optimizer(model, lr, cfg):
     """AdamW with the recipe's betas and weight decay (not on norm weights), linear decay to zero."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # a LoRA stage: its adapter's alone
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"])

@@ -17,8 +17,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import distributed
-from .checkpoint import check_tokenizer_matches, load_model, load_tokenizer, read_meta, resolve_model_path, write_meta
+from . import distributed, lora
+from .checkpoint import check_tokenizer_matches, read_meta, write_meta
 from .common import (UserError, atomic_dir, check_args, check_device, check_out, exact, ids_sha256, read_json,
                      round_half_up, run_metadata, seed_everything, seeded_samples, setup_process_group,
                      torchrun_rank_world, under_torchrun, write_json_atomic, write_jsonl_atomic)
@@ -56,10 +56,61 @@ def check_options(cfg, world):
     if cfg["gradient_checkpointing"] not in CHECKPOINTING:
         raise UserError(f"--gradient_checkpointing {cfg['gradient_checkpointing']!r}: choose from "
                         f"{', '.join(CHECKPOINTING)}")
+    check_lora(cfg, world)
     for tasks_key, limit_key in (("eval_tasks", "eval_limit"), ("eval_val_tasks", "eval_val_limit")):
         evaluated = parse_tasks(cfg[tasks_key], f"--{tasks_key}")  # checked before training, not after it
         if cfg[limit_key] is not None and not evaluated:
             raise UserError(f"--{limit_key} {cfg[limit_key]} needs --{tasks_key}")
+
+
+def check_lora(cfg, world):
+    """The LoRA flags against --model (resolved, an adapter's base verified, the targets looked up on the meta
+    device: nothing loaded). --lora_chain continue fills the adapter's own settings into cfg; giving others is
+    refused. --model an adapter folder without LoRA flags: a full fine-tuning stage from its merged weights."""
+    if cfg["lora_r"] is not None and (isinstance(cfg["lora_r"], bool) or not isinstance(cfg["lora_r"], int)):
+        raise UserError(f"--lora_r must be a whole number, at least 1, got {cfg['lora_r']!r}")
+    mode = cfg["lora_chain"]
+    if mode is not None and mode not in lora.CHAIN_MODES:
+        raise UserError(f"--lora_chain {mode!r}: choose from {', '.join(lora.CHAIN_MODES)}")
+    given = [f"--{k}" for k in ("lora_alpha", "lora_targets") if cfg[k] is not None]
+    if cfg["lora_r"] is None and mode is None:
+        if given or cfg["lora_dropout"]:
+            raise UserError(f"{given[0] if given else '--lora_dropout'} needs --lora_r (a LoRA stage)")
+        if world > 1 and lora.is_adapter_dir(os.path.expanduser(cfg["model"])):
+            raise UserError(f"--model {cfg['model']} is a LoRA adapter folder; under torchrun a stage starts from a "
+                            f"checkpoint only for now: run this stage in one process")
+        return
+    if world > 1:
+        raise UserError("a LoRA stage (--lora_r, --lora_chain) runs in one process for now; run it without torchrun")
+    if cfg["save_dtype"] not in ("auto", "float32"):
+        raise UserError(f"--save_dtype {cfg['save_dtype']}: a LoRA stage saves its adapter alone, in float32 (the "
+                        f"base's weights are not written); drop --save_dtype")
+    model_path = lora.resolve(cfg["model"])
+    adapter = lora.is_adapter_dir(model_path)
+    if mode is not None and not adapter:
+        raise UserError(f"--lora_chain {mode}: --model {cfg['model']} is not a LoRA stage's adapter folder (no "
+                        f"{lora.ADAPTER_CONFIG}); --lora_chain says how a stage starts from a LoRA model before it: "
+                        f"drop it, or pass that stage's --out")
+    if adapter and mode is None:
+        raise UserError(f"--model {cfg['model']} is a LoRA adapter folder: say how this stage starts from it, "
+                        f"--lora_chain merge (its adapter merged into the weights, a fresh one trained) or "
+                        f"--lora_chain continue (the same adapter trained on)")
+    if mode == "continue":
+        own = lora.folder_settings(model_path)
+        for key, flag in (("r", "lora_r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"),
+                          ("targets", "lora_targets")):
+            value = cfg[flag]
+            if flag == "lora_targets" and value is not None:
+                value = sorted(lora.check_targets(value, model_path))
+            if value is not None and value != own[key] and not (flag == "lora_dropout" and not value):
+                raise UserError(f"--lora_chain continue trains {cfg['model']}'s own adapter ({key} {own[key]}); "
+                                f"--{flag} {cfg[flag]} differs: drop it, or use --lora_chain merge for a new adapter")
+        cfg.update(lora_r=own["r"], lora_alpha=own["alpha"], lora_dropout=own["dropout"],
+                   lora_targets=",".join(own["targets"]))
+        return
+    if cfg["lora_r"] is None:
+        raise UserError(f"--lora_chain {mode} starts a fresh adapter: give its rank, --lora_r R")
+    lora.check_targets(cfg["lora_targets"], model_path)
 
 
 def check_stage(cfg, world):
@@ -95,6 +146,8 @@ class StageInputs:
     save_dtype: str = "float32"
     checkpointing: bool = False
     checkpointing_note: str = ""
+    parameters: dict = None  # {"trainable", "total"}
+    lora: dict = None  # a LoRA stage: its settings, how it chained and the base its adapter is applied to
 
 
 def fraction_subset(data, fraction, seed):
@@ -111,10 +164,10 @@ def fraction_subset(data, fraction, seed):
 def load_stage_inputs(cfg, device, micro, world, mitigations=()):
     """-> (the starting model on `device`, FSDP2-sharded under torchrun; StageInputs). The tokenizer and data
     come first: the choice of gradient checkpointing needs the longest micro-batch."""
-    model_path = resolve_model_path(cfg["model"])
+    model_path = lora.resolve(cfg["model"])
     meta = read_meta(model_path)
     lr, lr_note = resolve_lr(cfg, meta)
-    tok = load_tokenizer(model_path)
+    tok = lora.load_tokenizer_of(model_path)
     data = load_task(cfg["task"], "train", cfg["data_dir"], cfg["train_size"], cfg["seed"], **data_options(cfg))
     if cfg["train_fraction"] is not None:
         data = fraction_subset(data, cfg["train_fraction"], cfg["seed"])
@@ -123,10 +176,15 @@ def load_stage_inputs(cfg, device, micro, world, mitigations=()):
     inputs.items = list(inputs.encoded)
     for mitigation in mitigations:
         inputs.items += mitigation.load(tok, len(inputs.items))
-    inputs.save_dtype = resolve_save_dtype(cfg, model_path)
-    inputs.checkpointing, inputs.checkpointing_note = choose_checkpointing(cfg, model_path, inputs, micro, world,
-                                                                           device)
-    return load_start_model(model_path, tok, cfg, inputs.checkpointing, world, device), inputs
+    inputs.save_dtype = "float32" if cfg["lora_r"] is not None else resolve_save_dtype(cfg, lora.root_base(model_path))
+    inputs.checkpointing, inputs.checkpointing_note = choose_checkpointing(cfg, lora.root_base(model_path), inputs,
+                                                                           micro, world, device)
+    model = load_start_model(model_path, tok, cfg, inputs.checkpointing, world, device)
+    inputs.parameters = lora.parameter_counts(model)
+    if cfg["lora_r"] is not None:
+        inputs.lora = {"chain": cfg["lora_chain"], **lora.adapter_settings(model),
+                       "base": lora.stage_base(cfg["model"], model_path, cfg["lora_chain"])}
+    return model, inputs
 
 
 def load_start_model(model_path, tok, cfg, checkpointing, world, device):
@@ -135,12 +193,14 @@ def load_start_model(model_path, tok, cfg, checkpointing, world, device):
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        if cfg["lora_r"] is not None and checkpointing:
+            model.enable_input_require_grads()  # the frozen embedding's output must carry a grad through it
 
     if world > 1:
         model = distributed.load_sharded(model_path, device, cfg["bf16"], prepare)
         check_tokenizer_matches(model, tok, model_path)
     else:
-        model = load_model(model_path)
+        model = lora.start_model(model_path, cfg)
         check_tokenizer_matches(model, tok, model_path)
         prepare(model)
         model.to(device)
@@ -194,6 +254,8 @@ def run_record(cfg, inputs, log, losses, mitigations, world, started):
     id_fields = {"config": config_for_id(cfg), "lr": inputs.lr, "parent": parent_id, "data": data.info["ids_sha256"]}
     for mitigation in mitigations:
         id_fields.update(mitigation.id_fields())
+    if inputs.lora:  # the resolved settings (the default targets named) and the chain mode; the base is --model
+        id_fields["lora"] = {k: v for k, v in inputs.lora.items() if k != "base"}  # and the parent, as for full runs
     if inputs.save_dtype != "float32":  # rounded weights are other weights (float32: every run before the option)
         id_fields["save_dtype"] = inputs.save_dtype
     run_id = hashlib.sha256(json.dumps(id_fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -211,7 +273,9 @@ def run_record(cfg, inputs, log, losses, mitigations, world, started):
               "data": {"source": data.source, "n_train": len(inputs.encoded), "train_info": data.info,
                        "truncated_examples": sum(e["truncated"] for e in inputs.encoded),
                        "answer_tokens": sum(answer_tokens(e) for e in inputs.encoded)},
-              "final_loss": losses[-1] if losses else None, "losses": losses}
+              "parameters": inputs.parameters, "final_loss": losses[-1] if losses else None, "losses": losses}
+    if inputs.lora:
+        record["lora"] = inputs.lora
     for mitigation in mitigations:
         record.update(mitigation.record(log))
     record["wall_time_s"] = round(time.time() - started, 2)
@@ -221,12 +285,17 @@ def run_record(cfg, inputs, log, losses, mitigations, world, started):
 
 def save_stage(folder, model, state, tok, record, log):
     """The checkpoint (sharded safetensors + tokenizer), its lineage file, train_log.jsonl and run.json."""
-    model.save_pretrained(folder, state_dict=state, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
-    config_path = os.path.join(folder, "config.json")  # save_pretrained names the float32 master weights' dtype
-    write_json_atomic(config_path, {**read_json(config_path), "dtype": record["save_dtype"]})
+    lineage = {"run_id": record["run_id"], "chain": record["chain"], "base_model": record["base_model"],
+               "tiny": record["tiny"], "task": record["task"], "data_source": record["data"]["source"]}
+    if record.get("lora"):  # the adapter alone (PEFT's files), its base recorded for lora.verified_base
+        lora.save_adapter(folder, model, record["lora"]["base"])
+        lineage["lora_base"] = record["lora"]["base"]
+    else:
+        model.save_pretrained(folder, state_dict=state, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
+        config_path = os.path.join(folder, "config.json")  # save_pretrained names the float32 master weights' dtype
+        write_json_atomic(config_path, {**read_json(config_path), "dtype": record["save_dtype"]})
     tok.save_pretrained(folder)
-    write_meta(folder, {"run_id": record["run_id"], "chain": record["chain"], "base_model": record["base_model"],
-                        "tiny": record["tiny"], "task": record["task"], "data_source": record["data"]["source"]})
+    write_meta(folder, lineage)
     write_jsonl_atomic(os.path.join(folder, "train_log.jsonl"), log)
     write_json_atomic(os.path.join(folder, "run.json"), record)
 
@@ -269,7 +338,8 @@ def _train_stage(cfg, rank, world, micro, device, shown_out):
     log, losses = train_loop(model, opt, sched, order, inputs, cfg, rank, world, micro, device, mitigations)
     record = run_record(cfg, inputs, log, losses, mitigations, world, started)
     del opt, mitigations  # the anchor's copy of the weights goes before the full state dict comes
-    state = distributed.full_state_dict(model, SAVE_DTYPES[inputs.save_dtype])  # every process takes part
+    # every process takes part; a LoRA stage saves its adapter alone (one process)
+    state = None if inputs.lora else distributed.full_state_dict(model, SAVE_DTYPES[inputs.save_dtype])
     if rank == 0:
         with atomic_dir(cfg["out"], overwrite=cfg["overwrite"]) as tmp:
             save_stage(tmp, model, state, inputs.tok, record, log)

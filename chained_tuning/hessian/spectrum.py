@@ -60,6 +60,24 @@ class OperatorOptions:
     block_attention: bool = True
 
 
+PARAMS = ("trainable", "all")
+
+
+def select_params(model, which):
+    """The parameters the Hessian is taken over, as the operator takes them (those that require grad):
+    "trainable" leaves the model's choice (a LoRA model: its adapter's, frozen base aside), "all" makes every
+    weight require grad. -> their number."""
+    if which not in PARAMS:
+        raise CurvatureError(f"params {which!r}: choose from {', '.join(PARAMS)}")
+    if which == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n == 0:
+        raise CurvatureError("the model has no trainable parameters; take the Hessian over all of them")
+    return n
+
+
 def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_iter=100, seed=0, *, backend="auto",
                      stop="dominant", start=None, cross_entropy="auto", graph_memory_budget=None,
                      v0=None, return_operator=False, progress=None, tol=None, gradient_checkpointing="auto",
