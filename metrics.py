@@ -3,6 +3,7 @@
     python metrics.py --runs runs/tiny --out runs/tiny/results      # tables, figures, results/report.md
     python metrics.py --runs runs --out results --lr 1e-5 --k 3 --n_boot 2000
     python metrics.py --runs runs --out results --n_boot 0          # no bootstrap (fastest)
+    python metrics.py --methods full=runs/tiny/full,lora=runs/tiny/lora --out runs/tiny/results  # LoRA vs full
 
     import metrics                                   # the equations: fractions in, fractions out
     metrics.forgetting(0.80, 0.70)                   # Acc_A(theta_A) - Acc_A(theta_AB) = 0.10
@@ -20,6 +21,7 @@ whose choose_first_stage is the one first-stage choice rule of the study and of 
 The manual (the definitions, every output and its columns): docs/metrics.md.
 """
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -57,6 +59,7 @@ from chained_tuning.report.findings import (NOT_REPRODUCED, NOT_TESTABLE, REPROD
                                             findings_section, is_smoke_test)
 from chained_tuning.report.deviations import deviations, deviations_section
 from chained_tuning.report.write import SECTIONS, run_sections, write_report
+from chained_tuning.report import methods
 
 # every public name metrics.py had before its split into the package: what `from metrics import *` gives
 __all__ = ["CHANCE_SE", "NA", "TIE_TOL", "align_samples", "biased_forgetting", "biased_forgetting_vector",
@@ -89,7 +92,10 @@ NUMERIC_RULES = {"lr": POSITIVE, "k": AT_LEAST_1, "n_boot": NON_NEGATIVE, "boot_
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                  epilog="The manual: docs/metrics.md")
-    ap.add_argument("--runs", required=True, help="folder written by run_all.sh (searched for run.json files)")
+    ap.add_argument("--runs", default=None, help="folder written by run_all.sh (searched for run.json files)")
+    ap.add_argument("--methods", default=None, metavar="full=DIR,lora=DIR",
+                    help="instead of --runs: compare the studies METHOD=both wrote (each DIR a runs folder with its "
+                         "results/): does LoRA forget less, and less unevenly (methods.md)")
     ap.add_argument("--out", required=True, help="folder for the tables, figures and report.md (percent)")
     ap.add_argument("--profile", default=None, help='profile named in report.md; unset: study.json "profile", '
                                                     'else "unknown"')
@@ -109,31 +115,50 @@ def build_parser():
     return ap
 
 
+@contextlib.contextmanager
+def output_folder(out_dir):
+    """A temporary folder beside out_dir whose files move into out_dir when the block ends without an error, so a
+    user error at any point leaves out_dir as it was."""
+    out = os.path.abspath(out_dir)
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".tmp-{os.path.basename(out)}-")
+    except OSError as e:
+        raise UserError(f"cannot create --out {out_dir} ({e}); pass a writable folder") from None
+    try:
+        yield tmp
+        os.makedirs(out, exist_ok=True)
+        for f in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, f), os.path.join(out, f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run(opts):
     """metrics.py's work for parsed arguments: every output made in a temporary folder beside --out, then moved
     into it, so a user error at any point leaves --out as it was. Returns the exit code (0)."""
     check_args(vars(opts), NUMERIC_RULES)
+    if (opts.runs is None) == (opts.methods is None):
+        raise UserError("give --runs RUNS_DIR (a study's report) or --methods full=DIR,lora=DIR (the comparison)")
     if os.path.exists(opts.out) and not os.path.isdir(opts.out):
         raise UserError(f"--out {opts.out} is a file; give a folder")
+    if opts.methods is not None:
+        folders = methods.parse_methods(opts.methods)
+        with output_folder(opts.out) as tmp:
+            findings = methods.write_comparison(folders, tmp, alpha=1 - opts.ci, n_perm=opts.n_perm,
+                                                seed=opts.boot_seed)
+        for f in findings.itertuples(index=False):
+            print(f"metrics: {f.claim}: {f.verdict}")
+        print(f"metrics: LoRA against full fine-tuning -> {opts.out}/methods.md")
+        return 0
     study = build_study(opts.runs, opts.lr, exclude=opts.out)
     empty = nothing_to_report(study)
     if empty:
         raise UserError(empty)
     if opts.profile is None:
         opts.profile = str(study.study_json.get("profile", "unknown"))
-    out = os.path.abspath(opts.out)
-    try:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".tmp-{os.path.basename(out)}-")
-    except OSError as e:
-        raise UserError(f"cannot create --out {opts.out} ({e}); pass a writable folder") from None
-    try:
+    with output_folder(opts.out) as tmp:
         probs, refused = write_report(study, tmp, opts)
-        os.makedirs(out, exist_ok=True)
-        for f in sorted(os.listdir(tmp)):
-            os.replace(os.path.join(tmp, f), os.path.join(out, f))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"metrics: {len(study.pairs)} chained pairs from {opts.runs} -> {opts.out}/report.md (percent)")
     if refused:
         print(f"metrics: {len(refused)} refused, their evaluations cannot be compared (also in report.md):")

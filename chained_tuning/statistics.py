@@ -7,6 +7,7 @@ Copy unit: numpy and scipy only (nothing else of the project), like chained_tuni
     statistics.holm([0.01, 0.04, 0.03])                        # [0.03, 0.06, 0.06]
     statistics.adjust([0.01, 0.04, 0.03], "bh")                # [0.03, 0.04, 0.04]
     statistics.group_permutation_test([1, 1, 0, 0], [0, 0, 0, 0], ["a", "a", "b", "b"], n_permutations=200)
+    statistics.paired_sign_flip_test([-3.0, -1.5, -2.0, 0.5])  # mean < 0? exact over the 16 sign patterns
 
 The rules, and how metrics.py reports them: docs/metrics.md.
 """
@@ -172,6 +173,28 @@ def tau_summary(taus, p_values, method="holm", alpha=0.05):
     consistent = testable and bool(np.all((taus[defined] > 0) & (adj[defined] < alpha)))
     return {"n": n, "n_defined": n_defined, "n_undefined": n - n_defined, "p_adjusted": adj,
             "testable": testable, "consistent": consistent}
+
+
+def paired_sign_flip_test(differences, n_permutations=20000, seed=0, exact_up_to=16):
+    """Is the mean of paired differences below zero beyond chance? The sign-flip permutation test (one-sided,
+    alternative: mean < 0): under the null each difference is as likely negative as positive. Exact (all 2^n
+    sign patterns) for n <= exact_up_to, else `n_permutations` seeded draws with p = (k + 1) / (n + 1).
+    nan differences are left out. Returns {"n", "mean", "p_value", "exact"}; p is nan with fewer than 2."""
+    d = _as_p(differences)
+    d = d[~np.isnan(d)]
+    n = len(d)
+    if n < 2:
+        return {"n": n, "mean": float(d.mean()) if n else float("nan"), "p_value": float("nan"), "exact": True}
+    observed = d.mean()
+    if n <= exact_up_to:
+        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)   # every pattern, the observed one too
+        null = (signs * np.abs(d)).mean(axis=1)
+        p = float(np.mean(null <= observed + 1e-12 * max(1.0, abs(observed))))
+        return {"n": n, "mean": float(observed), "p_value": p, "exact": True}
+    rng = np.random.default_rng(seed)
+    null = (rng.choice([-1.0, 1.0], size=(n_permutations, n)) * np.abs(d)).mean(axis=1)
+    k = int(np.sum(null <= observed + 1e-12 * max(1.0, abs(observed))))
+    return {"n": n, "mean": float(observed), "p_value": (k + 1) / (n_permutations + 1), "exact": False}
 
 
 def is_number(x):
