@@ -39,7 +39,8 @@ from chained_tuning.study.graph import (KINDS, TRAINING, Builder, Graph, Stage, 
 from chained_tuning.study.plan import (CURVATURE_PRODUCTS, GENERATED_TOKENS, TokenCounter, checkpoint_bytes,
                                        makespan, model_shape, plan, print_plan, stage_gpu_seconds, stage_tokens,
                                        state_of, status)
-from chained_tuning.study.profiles import PROFILES, Settings, check_mitigations, settings, visible_gpus
+from chained_tuning.study.profiles import (PROFILES, Settings, check_mitigations, method_settings, settings,
+                                           visible_gpus)
 
 __all__ = [  # what `import study` has always offered, wherever it lives now
     "ROOT", "LocalPool", "SlurmPool", "StageJob", "free_port", "log_path", "make_executor", "remove_stale_tmp", "say",
@@ -241,7 +242,8 @@ def write_study_json(c):
         "units": "replay_fractions: fractions of the first task's training set",
         "settings_records": "logs/<stage>.settings.json: the settings each stage's output was made with",
         "first_stage": c.first_stage, "replay_batch_size": int(c.replay_batch) if c.replay_batch else None,
-        "keep_weights": c.keep_weights, "test_set": c.test_set})
+        "keep_weights": c.keep_weights, "test_set": c.test_set, "method": c.method,
+        "lora": " ".join(c.lora_args) or None})
 
 
 def summary_step(c, name, cmd, out_line):
@@ -334,6 +336,26 @@ def run_study(c):
     return 0
 
 
+def run_methods(c):
+    """METHOD=both: the study with full fine-tuning in $RUNS/full, with LoRA in $RUNS/lora, then their comparison
+    (metrics.py --methods -> $RUNS/results/methods.md); one method: the study in $RUNS."""
+    if c.method != "both":
+        return run_study(c)
+    halves = method_settings(c)
+    rcs = [run_study(cm) for _, cm in halves]
+    if max(rcs) in (2, 130):
+        return max(rcs)
+    os.makedirs(f"{c.runs}/logs", exist_ok=True)
+    spec = ",".join(f"{m}={cm.runs}" for m, cm in halves)
+    rc, log = summary_step(c, "methods", [c.py, "metrics.py", "--methods", spec, "--out", f"{c.runs}/results"],
+                           f"LoRA against full fine-tuning -> {c.runs}/results/methods.md")
+    if rc:
+        say(f"FAILED: the comparison of the methods (log: {log})")
+        for line in tail(log):
+            print(f"    {line}", flush=True)
+    return max(rcs + [1 if rc else 0])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -345,15 +367,17 @@ def main(argv=None):
 
     def go():
         c = settings(os.environ, args.profile)
+        halves = [cm for _, cm in method_settings(c)] if c.method == "both" else [c]
         if args.dry_run:
-            pl = plan(c)
-            os.makedirs(c.runs, exist_ok=True)
-            write_json_atomic(f"{c.runs}/plan.json", pl)
-            print_plan(pl)
+            for cm in halves:
+                pl = plan(cm)
+                os.makedirs(cm.runs, exist_ok=True)
+                write_json_atomic(f"{cm.runs}/plan.json", pl)
+                print_plan(pl)
             return 0
         if args.status:
-            return status(c)
-        return run_study(c)
+            return max(status(cm) for cm in halves)
+        return run_methods(c)
     return die_on_user_error(go)
 
 

@@ -170,26 +170,32 @@ def hvp_flops(tokens, n_params, seq_len=512, shape=LLAMA2_7B):
 STAGE_KINDS = ("train", "eval_forward", "generate", "hvp")
 
 
-def stage_gpu_seconds(kind, tokens, n_params, n_gpus, seq_len=512, batch=16, gpu=DEFAULT_GPU, shape=LLAMA2_7B):
+def stage_gpu_seconds(kind, tokens, n_params, n_gpus, seq_len=512, batch=16, gpu=DEFAULT_GPU, shape=LLAMA2_7B,
+                      n_lora=0):
     """GPU-seconds (summed over the n_gpus GPUs) of `tokens` tokens of one stage kind on `gpu`.
 
     train / eval_forward / hvp: compute-bound at MFU of the bf16 peak, per-token FLOPs as above; train also
     pays the FSDP2 traffic of each optimiser step (bf16 all-gather twice, fp32 reduce-scatter once) at the
     NVLink bus rate where it exceeds the compute (steps = tokens / (batch * seq_len)). generate: `tokens` new
     tokens decoded `batch` sequences at a time, each step reading all bf16 weights once (memory-bound).
-    Wall-clock seconds are this divided by n_gpus.
+    Wall-clock seconds are this divided by n_gpus. n_lora > 0: a LoRA stage (lora_train_flops; under FSDP2 the
+    frozen weights' two bf16 all-gathers move, the adapters' gradients are negligible); its HVPs are over the
+    adapters, HVP_FACTOR x its training FLOPs.
     """
     g = GPUS[gpu]
     peak = g["bf16_tflops"] * 1e12 * MFU * n_gpus
+    flops = (lambda t: lora_train_flops(t, n_params, n_lora, seq_len, shape)) if n_lora else (
+        lambda t: train_flops(t, n_params, seq_len, shape))
     if kind == "train":
-        compute = train_flops(tokens, n_params, seq_len, shape) / peak
+        compute = flops(tokens) / peak
         steps = tokens / float(batch * seq_len)
-        comm = steps * fsdp_step_bytes(n_params, n_gpus) / (g["nvlink_bus_gb_s"] * GB) if n_gpus > 1 else 0.0
+        moved = fsdp_step_bytes(n_params, n_gpus) * (0.5 if n_lora else 1.0)  # LoRA: bf16 gathers, no fp32 reduce
+        comm = steps * moved / (g["nvlink_bus_gb_s"] * GB) if n_gpus > 1 else 0.0
         wall = max(compute, comm)   # FSDP2 overlaps the collectives with compute
     elif kind == "eval_forward":
         wall = forward_flops(tokens, n_params, seq_len, shape) / peak
     elif kind == "hvp":
-        wall = hvp_flops(tokens, n_params, seq_len, shape) / peak
+        wall = HVP_FACTOR * flops(tokens) / peak
     elif kind == "generate":
         steps = tokens / float(batch)
         # tensor-parallel decode would split the weight reads; the study decodes data-parallel, so each

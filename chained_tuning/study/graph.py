@@ -178,6 +178,8 @@ class Builder:
         cmd = launcher(c, c.gpus_per_stage) + [
             "finetune.py", "--model", parent, "--task", task, "--lr", lr, "--seed", s, "--steps", c.steps,
             "--out", out, *data_args(c), *c.extra, *extra]
+        if c.get("lora_args"):  # METHOD=lora: a LoRA stage; from a study stage, that adapter merged first
+            cmd += c.lora_args + (["--lora_chain", "merge"] if parent.startswith(self.r) else [])
         if val:
             cmd += ["--eval_val_tasks", task] + (["--eval_val_limit", c.val_limit] if c.val_limit else [])
         cmd += ["--eval_tasks", eval_tasks] + (["--eval_limit", c.eval_limit] if c.eval_limit else [])
@@ -316,7 +318,9 @@ def add_curvature(builder, t, s, d):
     if builder.missing(d, deps):
         return
     refs, also, waits = [], [], [f"choose-{t}-seed{s}"] + deps
-    if d == builder.best.get((t, s)):
+    # a LoRA chain merges A's adapter and trains a fresh one: its move lies outside the adapter's parameters that
+    # the Hessian is taken over, so no Taylor check (curvature.py refuses one)
+    if d == builder.best.get((t, s)) and not c.get("lora_args"):
         for other in c.cap + c.safe:
             if other == t:
                 continue
@@ -392,7 +396,7 @@ def add_taylor(builder, a, b, s):
     """The Taylor check of main chain a-b that a resumed study lacks while a's curvature is already there."""
     c = builder.c
     parent = builder.best.get((a, s))
-    if not parent or builder.pending(a, s):
+    if not parent or builder.pending(a, s) or c.get("lora_args"):
         return
     d = builder.main_chain_dir(a, b, s)
     curv = f"{builder.r}/curvature/{a}/lr{lr_of(parent)}/seed{s}/curvature.json"

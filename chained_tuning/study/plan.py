@@ -20,6 +20,7 @@ from ..data.tasks import LOADERS, load_task
 from . import cost_model, stage_check
 from .cost_model import CURVATURE_MAX_HVPS
 from .graph import TRAINING, Builder
+from .profiles import PROFILES
 
 def model_shape(c):
     """(cost_model shape dict, n_params, where from) from the model's config.json; no weights are read."""
@@ -121,7 +122,7 @@ def stage_tokens(st, tc, batch=16):
 CURVATURE_PRODUCTS = CURVATURE_MAX_HVPS
 
 
-def stage_gpu_seconds(st, train_tokens, scored_tokens, generated_tokens, n_params, shape, dtype):
+def stage_gpu_seconds(st, train_tokens, scored_tokens, generated_tokens, n_params, shape, dtype, n_lora=0):
     """GPU-seconds of one stage from cost_model.py (its ASSUMPTIONS are printed with the plan): start-up,
     the checkpoint read, training, the new checkpoint written, the scored tokens; a curvature solve as
     CURVATURE_PRODUCTS HVPs over its samples plus one per Taylor check, a Taylor check alone as one."""
@@ -129,9 +130,10 @@ def stage_gpu_seconds(st, train_tokens, scored_tokens, generated_tokens, n_param
     secs = (cost_model.STAGE_STARTUP_S + cost_model.io_seconds(n_params, dtype, write=False)) * gpus
     if st.kind in ("curvature", "taylor"):
         products = (0 if st.cost.get("hvp_only") else CURVATURE_PRODUCTS) + st.cost.get("refs", 0)
-        return secs + cost_model.stage_gpu_seconds("hvp", scored_tokens * max(1, products), n_params, gpus, shape=shape)
+        return secs + cost_model.stage_gpu_seconds("hvp", scored_tokens * max(1, products), n_params, gpus, shape=shape,
+                                                   n_lora=n_lora)
     if train_tokens:
-        secs += cost_model.stage_gpu_seconds("train", train_tokens, n_params, gpus, shape=shape)
+        secs += cost_model.stage_gpu_seconds("train", train_tokens, n_params, gpus, shape=shape, n_lora=n_lora)
         if st.kind != "replay":  # replay points keep no checkpoint
             secs += cost_model.io_seconds(n_params, dtype, write=True) * gpus
     if scored_tokens:
@@ -169,12 +171,13 @@ def memory_plan(c, shape, n_params, tc, methods=("full",), gpus=(cost_model.DEFA
                              "bytes": plain if fit == "fits" else ckpt, "fits": fit})
                 vec = n_params / g
             else:
-                best = cost_model.lora_fit(shape, seq, gpu, batch)
+                lora = lora_of(c, shape) or cost_model.LORA_ONE_GPU
+                best = cost_model.lora_fit(shape, seq, gpu, batch, lora=lora)
                 fit = ("does not fit" if best is None else
                        f"fits, micro-batch {best[0]}" + (" with --gradient_checkpointing" if best[1] else ""))
                 rows.append({"gpu": gpu, "method": method, "what": f"training, LoRA on one GPU, batch {batch} x "
                              f"{seq:.0f} tokens", "bytes": best[2] if best else None, "fits": fit})
-                vec = cost_model.lora_params(shape)
+                vec = cost_model.lora_params(shape, lora["r"], lora["targets"])
             ev = cost_model.eval_memory_per_gpu(n_params, batch * scored, shape["layers"], shape["hidden"],
                                                 vocab=shape["vocab"], intermediate=shape["intermediate"])
             rows.append({"gpu": gpu, "method": method, "what": f"evaluation, {batch} examples of {scored:.0f} tokens",
@@ -186,6 +189,23 @@ def memory_plan(c, shape, n_params, tc, methods=("full",), gpus=(cost_model.DEFA
                 "all weights" if method == "full" else "the adapters") + f", {c.curv_samples} samples",
                 "bytes": cb, "fits": fit})
     return rows
+
+
+def lora_of(c, shape):
+    """The study's LoRA as cost_model counts it ({"r", "targets"}; None for full fine-tuning): LORA_TARGETS, else
+    every projection (finetune.py's default); names cost_model does not know (another family's) count as all."""
+    if not c.get("lora_args"):
+        return None
+    targets = tuple(c.lora_targets.split(",")) if c.get("lora_targets") else cost_model.LORA_ONE_GPU["targets"]
+    if set(targets) - set(cost_model.projection_shapes(shape)):
+        targets = cost_model.LORA_ONE_GPU["targets"]
+    return {"r": int(c.lora_r), "targets": targets}
+
+
+def lora_params_of(c, shape):
+    """Adapter parameters of the study's LoRA stages, 0 for full fine-tuning."""
+    lora = lora_of(c, shape)
+    return cost_model.lora_params(shape, lora["r"], lora["targets"]) if lora else 0
 
 
 def checkpoint_bytes(n_params, dtype):
@@ -245,7 +265,7 @@ def stage_rows(c, stages, tc, model, costs):
         k["stages"] += 1
         k["done"] += state == "done"
         train, scored, generated = stage_tokens(st, tc)
-        secs = stage_gpu_seconds(st, train, scored, generated, n_params, shape, dtype)
+        secs = stage_gpu_seconds(st, train, scored, generated, n_params, shape, dtype, lora_params_of(c, shape))
         costs.hours[st.name] = 0.0 if state == "done" else secs / 3600 / max(1, st.gpus)  # wall hours on its GPUs
         costs.tokens += train + scored + generated
         if st.kind in TRAINING and st.kind != "replay" and (c.keep_weights == "all" or st.out in read):
@@ -282,11 +302,12 @@ def plan(c):
     tc = TokenCounter(c)
     costs = Costs()
     dtype = "bfloat16" if "--bf16" in c.extra else "float32"
-    ckpt = checkpoint_bytes(n_params, dtype)
+    n_lora = lora_params_of(c, shape)
+    ckpt = checkpoint_bytes(n_lora, "float32") if n_lora else checkpoint_bytes(n_params, dtype)  # LoRA: the adapter
     rows = stage_rows(c, stages, tc, (shape, n_params, dtype, ckpt), costs)
     disk = costs.disk + ckpt * c.jobs  # checkpoints of the stages running at once, before their weights are dropped
     gpu_hours = sum(costs.hours[st.name] * max(1, st.gpus) for st in stages)  # still to run
-    n_local = len(c.gpus) or 8
+    n_local = len(c.gpus) or PROFILES[c.profile].plan_gpus
     choices = {st.name: st.after for st in g.stages.values() if st.kind == "choice"}
     local_wall = makespan(stages, costs.hours, n_local, choices)
     slurm_wall = makespan(stages, costs.hours, c.slurm.nodes * c.slurm.gpus_per_node, choices)
@@ -294,7 +315,9 @@ def plan(c):
             "tokens": round(costs.tokens), "tokens_how": tc.how, "cost_assumptions": list(cost_model.ASSUMPTIONS) + [
                 f"a curvature solve: {CURVATURE_PRODUCTS} HVPs over its samples (+1 a Taylor check)",
             f"a SaFeRDialogues evaluation: {GENERATED_TOKENS} new tokens a test example (decoding, memory-bound)"],
-            "memory": memory_plan(c, shape, n_params, tc),
+            "method": c.get("method", "full"), "lora": " ".join(c.get("lora_args") or []) or None,
+            "memory": memory_plan(c, shape, n_params, tc, methods=(c.get("method", "full"),),
+                                  gpus=(cost_model.DEFAULT_GPU,) + (("RTX4090-24GB",) if c.get("lora_args") else ())),
             "checkpoint_bytes": ckpt, "keep_weights": c.keep_weights,
             "data_dir": c.data_dir or None, "data": data_check(c),
             "stages": with_choices(planned, rows) + [
@@ -321,6 +344,8 @@ def print_plan(p):
     t = p["totals"]
     print(f"plan of profile {p['profile']} -> {p['runs']}/plan.json")
     print(f"  model {p['model']}: {p['n_params'] or 0:,} parameters ({p['model_config']}); tokens {p['tokens_how']}")
+    print(f"  method: {p['method']}" + (f" ({p['lora']}; every stage a LoRA adapter, chains merge the one before)"
+                                          if p["lora"] else " fine-tuning"))
     for k, n in t["stages"].items():
         print(f"  {k:12s} {n:5d} stages, {t['done'][k]:5d} done")
     print(f"  tokens: {p['tokens']:,}")

@@ -48,8 +48,11 @@ VARIABLES = (
     ("MITIGATIONS", "mitigations", "list"), ("CAP", "cap", "words"), ("SAFE", "safe", "words"),
     ("RUNS", "runs", "text"), ("REDO", "redo", "text"), ("CURVATURE", "curvature", "text"),
     ("TEST_SET", "test_set", "text"), ("FIRST_STAGE", "first_stage", "text"), ("EXECUTOR", "executor", "text"),
-    ("CURV_MEASURES", "curv_measures", "text"),
+    ("CURV_MEASURES", "curv_measures", "text"), ("METHOD", "method", "text"), ("LORA_R", "lora_r", "text"),
+    ("LORA_ALPHA", "lora_alpha", "text"), ("LORA_TARGETS", "lora_targets", "text"), ("LORA_LRS", "lora_lrs", "words"),
+    ("LORA_MAIN_LR", "lora_main_lr", "text"),
 )
+METHODS = ("full", "lora", "both")
 
 
 @dataclass(frozen=True)
@@ -59,13 +62,14 @@ class Profile:
     required: tuple = ()           # variables it cannot do without ...
     required_hint: str = ""        # ... and the line that asks for them
     jobs_from_gpus: bool = False   # JOBS unset: as many stages side by side as the GPUs hold
+    plan_gpus: int = 8             # the local pool a --dry_run plans for when no GPU is visible
 
 
 # What every profile shares unless its row says otherwise
 COMMON = {"JOBS": 1, "REPLAY_FRACTIONS": "0,0.01,0.05,0.1,0.2,0.4,0.6,0.8,1", "REPLAY_STEPS": "0,5,10,20,40,60,80,100",
           "MITIGATIONS": "mix0.05 l2_0.01 ewc_100", "CAP": "arc csqa csqa2", "SAFE": "toxigen bbq saferdialogues",
           "RUNS": lambda env, c: f"runs/{c.profile}", "CURVATURE": "best", "TEST_SET": "fraction",
-          "FIRST_STAGE": "best", "EXECUTOR": "local", "CURV_MEASURES": "rho"}
+          "FIRST_STAGE": "best", "EXECUTOR": "local", "CURV_MEASURES": "rho", "METHOD": "full", "LORA_R": "8"}
 
 TINY = {"MODEL": "tiny", "EVAL_LIMIT": "200", "SEEDS": "0", "LRS": "1e-3 2e-3", "MAIN_LR": "1e-3", "STEPS": "100",
         "VAL_LIMIT": "100", "CURV_SAMPLES": "50", "FIRST_LR_CHAINS": "toxigen-arc",
@@ -75,6 +79,17 @@ TINY = {"MODEL": "tiny", "EVAL_LIMIT": "200", "SEEDS": "0", "LRS": "1e-3 2e-3", 
 
 PAPER_CHAINS = "toxigen-arc toxigen-csqa toxigen-csqa2 bbq-arc bbq-csqa bbq-csqa2"
 PAPER_REPLAY_CHAINS = PAPER_CHAINS + " saferdialogues-arc saferdialogues-csqa saferdialogues-csqa2"
+# The paper's study at 7B-8B (real data, 3 seeds, every chain), each of its rows for one kind of machine
+PAPER = {"SEEDS": "0 1 2", "LRS": "1e-6 5e-6 1e-5 1.5e-5 2e-5", "MAIN_LR": "1e-5", "STEPS": "100", "CURV_SAMPLES": "50",
+         "FIRST_LR_CHAINS": PAPER_CHAINS + " arc-toxigen",  # arc-toxigen: Figure 8a
+         "SECOND_LR_CHAINS": PAPER_CHAINS + " arc-toxigen", "EXTRA": "--bf16",
+         "REPLAY_CHAINS": PAPER_REPLAY_CHAINS, "MITIGATION_CHAINS": lambda env, c: " ".join(c.replay_chains),
+         "CHAINS": "toxigen-arc-csqa2 arc-toxigen-csqa", "KEEP_WEIGHTS": "needed",
+         # "batch size of 16, global batch size of 128" (section 3.3): REPLAY_BATCH=16 for a batch of 16
+         "REPLAY_BATCH": "128",
+         # tasks without official splits (ToxiGen, BBQ): the paper's test set is every example not used for
+         # training or validation (tasks.py --test_set rest); the small profiles keep the seeded 30% split
+         "TEST_SET": "rest"}
 
 PROFILES = {
     "tiny": Profile(  # the synthetic tasks, the tiny Llama
@@ -85,21 +100,19 @@ PROFILES = {
         lr_note="learning rates scaled for the tiny model on the real datasets (paper: 1e-6..2e-5 for "
                 "Llama-2-7B); evaluation on stratified subsets of {eval_limit} test examples per task"),
     "paper": Profile(  # Llama-2-7B on the real datasets, as the paper ran it
-        {"SEEDS": "0 1 2", "LRS": "1e-6 5e-6 1e-5 1.5e-5 2e-5", "MAIN_LR": "1e-5", "STEPS": "100", "CURV_SAMPLES": "50",
-         "FIRST_LR_CHAINS": PAPER_CHAINS + " arc-toxigen",  # arc-toxigen: Figure 8a
-         "SECOND_LR_CHAINS": PAPER_CHAINS + " arc-toxigen", "EXTRA": "--bf16",
-         "GPUS_PER_STAGE": lambda env, c: _int(env, "NPROC", 8),  # NPROC: what run_all.sh once took
-         "REPLAY_CHAINS": PAPER_REPLAY_CHAINS, "MITIGATION_CHAINS": lambda env, c: " ".join(c.replay_chains),
-         "CHAINS": "toxigen-arc-csqa2 arc-toxigen-csqa", "KEEP_WEIGHTS": "needed",
-         # "batch size of 16, global batch size of 128" (section 3.3): REPLAY_BATCH=16 for a batch of 16
-         "REPLAY_BATCH": "128",
-         # tasks without official splits (ToxiGen, BBQ): the paper's test set is every example not used for
-         # training or validation (tasks.py --test_set rest); the small profiles keep the seeded 30% split
-         "TEST_SET": "rest"},
+        dict(PAPER, GPUS_PER_STAGE=lambda env, c: _int(env, "NPROC", 8)),  # NPROC: what run_all.sh once took
         lr_note="the paper's learning rates",
         required=("MODEL", "DATA_DIR"), jobs_from_gpus=True,
         required_hint="PROFILE=paper: set MODEL to a Llama-2-7B checkpoint folder and DATA_DIR to the datasets "
                       "folder (e.g. MODEL=/models/Llama-2-7b-hf DATA_DIR=/data)"),
+    "one-gpu": Profile(  # the paper's study with LoRA on one GPU: adapters on a bf16 base, one stage at a time
+        dict(PAPER, METHOD="lora", LORA_R="16", LORA_ALPHA="32", LORA_LRS="5e-5 1e-4 2e-4 3e-4 5e-4",
+             LORA_MAIN_LR="2e-4", GPUS_PER_STAGE="1", JOBS="1"),
+        lr_note="LoRA learning rates around 2e-4 (the paper's 1e-6..2e-5 are for full fine-tuning); METHOD=both "
+                "also runs full fine-tuning, which needs GPUS_PER_STAGE=4 or more at 7B",
+        required=("MODEL", "DATA_DIR"), jobs_from_gpus=True, plan_gpus=1,
+        required_hint="PROFILE=one-gpu: set MODEL to a 7B-8B checkpoint folder (Llama-2-7B, Llama-3-8B, ...) and "
+                      "DATA_DIR to the datasets folder (e.g. MODEL=/models/Meta-Llama-3-8B DATA_DIR=/data)"),
 }
 
 
@@ -153,11 +166,56 @@ def check_choices(c):
         c.curv_measures = ",".join(parse_measures(c.curv_measures, "CURV_MEASURES", "="))
     except CurvatureError as e:
         raise UserError(str(e)) from None
+    check_lora(c)
     for name in ("jobs",):
         if c[name] < 1:
             raise UserError(f"JOBS must be at least 1, got {c[name]}")
     if c.gpus_per_stage < 0:
         raise UserError(f"GPUS_PER_STAGE must be >= 0, got {c.gpus_per_stage}")
+
+
+def _positive(value):
+    try:
+        return float(value) > 0
+    except ValueError:
+        return False
+
+
+def check_lora(c):
+    """METHOD and the LoRA variables: checked here, before the first stage, as finetune.py would check them."""
+    if c.method not in METHODS:
+        raise UserError(f"METHOD='{c.method}' is not allowed; use full (full fine-tuning), lora (LoRA stages through "
+                        "PEFT) or both (the study twice, $RUNS/full and $RUNS/lora, and their comparison)")
+    if not (c.lora_r.isdigit() and int(c.lora_r) >= 1):
+        raise UserError(f"LORA_R={c.lora_r!r} is not a whole number >= 1 (the LoRA rank, e.g. LORA_R=16)")
+    if c.lora_alpha and not _positive(c.lora_alpha):
+        raise UserError(f"LORA_ALPHA={c.lora_alpha!r} is not a number > 0 (unset: twice LORA_R)")
+    for v in c.lora_lrs + ([c.lora_main_lr] if c.lora_main_lr else []):
+        if not _positive(v):
+            raise UserError(f"LORA_LRS / LORA_MAIN_LR: {v!r} is not a learning rate > 0")
+    if c.lora_lrs and not c.lora_main_lr:
+        raise UserError("LORA_LRS is set but LORA_MAIN_LR is not: give the LoRA chains' learning rate too")
+    if c.lora_main_lr and c.first_stage == "main" and c.lora_main_lr not in (c.lora_lrs or c.lrs):
+        raise UserError(f"FIRST_STAGE=main needs LORA_MAIN_LR={c.lora_main_lr} among LORA_LRS "
+                        f"({' '.join(c.lora_lrs or c.lrs)})")
+
+
+def method_settings(c):
+    """[(method, its settings)]: METHOD=full or lora, the study itself in $RUNS; both, the two studies in
+    $RUNS/full and $RUNS/lora. A LoRA study trains every stage as a LoRA adapter (finetune.py --lora_r ...; a stage
+    after another merges it first, --lora_chain merge) at LORA_LRS / LORA_MAIN_LR (default LRS / MAIN_LR)."""
+    out = []
+    for m in (("full", "lora") if c.method == "both" else (c.method,)):
+        cm = Settings(c)
+        cm.method, cm.lora_args = m, []
+        if c.method == "both":
+            cm.runs = f"{c.runs}/{m}"
+        if m == "lora":
+            cm.lrs, cm.main_lr = c.lora_lrs or c.lrs, c.lora_main_lr or c.main_lr
+            cm.lora_args = ["--lora_r", c.lora_r, "--lora_alpha", c.lora_alpha or str(2 * int(c.lora_r))] + (
+                ["--lora_targets", c.lora_targets] if c.lora_targets else [])
+        out.append((m, cm))
+    return out
 
 
 def read_devices(env, c, profile):
@@ -187,7 +245,7 @@ def settings(env, profile=None):
     (NAME unset or empty -> default, except the chain lists, where an empty value means none)."""
     name = env.get("PROFILE") or profile or "tiny"
     if name not in PROFILES:
-        raise UserError(f"unknown PROFILE '{name}'; use tiny, real-tiny or paper")
+        raise UserError(f"unknown PROFILE '{name}'; use {', '.join(PROFILES)}")
     row = PROFILES[name]
     if any(not env.get(v) for v in row.required):
         raise UserError(row.required_hint)
@@ -200,6 +258,9 @@ def settings(env, profile=None):
     c.py = env.get("PY") or sys.executable
     c.slurm = read_slurm(env)
     c.sd_args = _words(env.get("SD_EVAL_ARGS") or "")  # e.g. "--classifier PATH --max_new_tokens 64" for evaluate.py
+    c.lora_args = []
+    if c.method != "both":  # one method: the study itself (METHOD=both: study.py runs method_settings' two)
+        c.update(method_settings(c)[0][1])
     return c
 
 
