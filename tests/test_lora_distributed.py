@@ -2,7 +2,8 @@
 built-in evaluation, one anchored by L2 + EWC over the adapter, a --lora_chain merge stage and a --lora_chain
 continue stage on it, and evaluate.py on the merge chain's adapter folder, all in ONE torchrun launch. Compared:
 the losses per step, the run_id, PEFT's adapter files (the same tensor names, values within float tolerance, the
-same adapter_config.json and lineage), and the evaluation files; only process 0 opens a weight file.
+same adapter_config.json and lineage), and the evaluation files; only process 0 opens a weight file. (replay.py
+from a LoRA stage takes the same path: its points are these stages and evaluations.)
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_lora_distributed.py   (about 60 s on 2 cores)
 """
@@ -22,7 +23,9 @@ STAGES = {
     "fresh": ({"eval_tasks": "toxigen,arc", "eval_limit": 24}, None),
     "anchored": ({"l2_to_init": 5.0, "ewc": 50.0, "ewc_task": "arc", "ewc_samples": 8}, None),
     "merge": ({"task": "arc", "lora_r": 2, "lora_chain": "merge", "eval_tasks": "arc", "eval_limit": 24}, "fresh"),
-    "continue": ({"task": "arc", "lora_r": None, "lora_alpha": None, "lora_chain": "continue"}, "fresh"),
+    # with gradient checkpointing: PEFT's input-grad hook and the checkpointing set on the meta-built modules
+    "continue": ({"task": "arc", "lora_r": None, "lora_alpha": None, "lora_chain": "continue",
+                  "gradient_checkpointing": "on"}, "fresh"),
 }
 EVAL = ["--tasks", "toxigen,bbq", "--limit", "30", "--batch_size", "4"]
 
