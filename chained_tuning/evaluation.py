@@ -183,8 +183,8 @@ def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split=DEFAULTS["s
     meta = read_meta(model_path)
     if dist_world()[1] > 1:  # an adapter folder: process 0 merges it (below), the others receive the merged model
         tok = lora.load_tokenizer_of(model_path)
-        merged = (lambda: lora.load_adapter_model(model_path, DTYPES[dtype], merge=True)) if lora.is_adapter_dir(
-            model_path) else None
+        adapter = lora.is_adapter_dir(model_path)
+        merged = (lambda: lora.load_adapter_model(model_path, DTYPES[dtype], merge=True)) if adapter else None
         model = load_replicated(lora.root_base(model_path), device, DTYPES[dtype], load=merged)
         check_tokenizer_matches(model, tok, model_path)
     else:

@@ -185,8 +185,8 @@ def load_stage_inputs(cfg, device, micro, world, mitigations=()):
 
 def load_start_model(model_path, tok, cfg, checkpointing, world, device):
     """The stage's starting weights on `device`: FSDP2-sharded under torchrun, the whole model otherwise. Under
-    torchrun process 0 builds lora.start_model (a fresh adapter drawn from --seed as in one process, or a merged
-    chain) and the others receive it into the same modules built on the meta device."""
+    torchrun process 0 builds lora.start_model (a fresh adapter drawn from --seed as in one process, a merged
+    chain, or the adapter continued) and the others receive it into the same modules built on the meta device."""
     def prepare(model):
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -370,10 +370,10 @@ def eval_jobs(cfg):
 
 
 def evaluate_saved(folder, cfg):
-    """--eval_tasks / --eval_val_tasks in one process: write eval.json / eval_val.json (and their samples) into
-    the saved checkpoint folder, exactly as `evaluate.py --model <out> --tasks ... --out <out>/eval.json [--split
-    validation] [--limit N]` would (same loading, scorer defaults and subset seed 0); saves that process's
-    start-up."""
+    """--eval_tasks / --eval_val_tasks in one process (and a LoRA stage's under torchrun, each process holding the
+    whole merged model): write eval.json / eval_val.json (and their samples) into the saved checkpoint folder,
+    exactly as `evaluate.py --model <out> --tasks ... --out <out>/eval.json [--split validation] [--limit N]` would
+    (same loading, scorer defaults and subset seed 0); saves that process's start-up."""
     shown = cfg.get("out_name") or cfg["out"]
     for tasks, split, limit, name in eval_jobs(cfg):
         evaluate_checkpoint(folder, tasks, os.path.join(folder, name), data_dir=cfg["data_dir"], split=split,
