@@ -1,9 +1,9 @@
 """LoRA stages under 2-process FSDP2 (gloo) equal one process: a fresh adapter (lora_A drawn from --seed) with its
-built-in evaluation, one anchored by L2 + EWC over the adapter, a --lora_chain merge stage and a --lora_chain
-continue stage on it, and evaluate.py on the merge chain's adapter folder, all in ONE torchrun launch. Compared:
-the losses per step, the run_id, PEFT's adapter files (the same tensor names, values within float tolerance, the
-same adapter_config.json and lineage), and the evaluation files; only process 0 opens a weight file. (replay.py
-from a LoRA stage takes the same path: its points are these stages and evaluations.)
+built-in evaluation, one anchored by L2 + EWC over the adapter, a --lora_chain merge stage, a --lora_chain continue
+stage and a full fine-tuning stage on it, and evaluate.py on the merge chain's adapter folder, all in ONE torchrun
+launch. Compared: the losses per step, the run_id, PEFT's adapter files (the same tensor names, values within
+float tolerance, the same adapter_config.json and lineage), and the evaluation files; only process 0 opens a weight
+file. (replay.py from a LoRA stage takes the same path: its points are these stages and evaluations.)
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_lora_distributed.py   (about 60 s on 2 cores)
 """
@@ -26,7 +26,10 @@ STAGES = {
     # with gradient checkpointing: PEFT's input-grad hook and the checkpointing set on the meta-built modules
     "continue": ({"task": "arc", "lora_r": None, "lora_alpha": None, "lora_chain": "continue",
                   "gradient_checkpointing": "on"}, "fresh"),
+    # no LoRA flag: full fine-tuning from the adapter folder merged (a checkpoint folder comes out)
+    "full": ({"task": "arc", "lora_r": None, "lora_alpha": None}, "fresh"),
 }
+ADAPTER_STAGES = [name for name in STAGES if name != "full"]
 EVAL = ["--tasks", "toxigen,bbq", "--limit", "30", "--batch_size", "4"]
 
 
@@ -54,7 +57,7 @@ def runs(tiny_path, tmp_path_factory):
     return tmp, one, two
 
 
-@pytest.mark.parametrize("name", list(STAGES))
+@pytest.mark.parametrize("name", ADAPTER_STAGES)
 def test_lora_stage_two_processes_equal_one(runs, name):
     _, one, two = runs
     ra, rb = (json.load(open(d / name / "run.json")) for d in (one, two))
@@ -70,7 +73,7 @@ def test_lora_stage_two_processes_equal_one(runs, name):
     assert_same_weights(one / name, two / name, rel=1e-4)
     wa = weights(one / name)
     assert all(".lora_A." in k or ".lora_B." in k for k in wa) and all(t.dtype == torch.float32 for t in wa.values())
-    if name != "continue":  # lora_B starts at zero: trained, it is not; the adapter moved in both runs alike
+    if name != "continue":  # a fresh lora_B starts at zero: nonzero now, the adapter was trained
         assert all(float(t.abs().max()) > 0 for k, t in wa.items() if ".lora_B." in k)
     if name == "anchored":
         ga, gb = ra["regularisation"], rb["regularisation"]
@@ -78,6 +81,16 @@ def test_lora_stage_two_processes_equal_one(runs, name):
         assert ga["fisher"]["fisher_sum"] == pytest.approx(gb["fisher"]["fisher_sum"], rel=1e-5)
     if name in ("fresh", "merge"):  # the built-in evaluation: the adapter merged, a whole copy per process
         assert_same_eval(str(one / name / "eval.json"), str(two / name / "eval.json"))
+
+
+def test_full_stage_from_an_adapter_two_processes_equal_one(runs):
+    _, one, two = runs
+    ra, rb = (json.load(open(d / "full" / "run.json")) for d in (one, two))
+    assert ra["run_id"] == rb["run_id"] and "lora" not in ra and "lora" not in rb
+    assert ra["losses"] == pytest.approx(rb["losses"], rel=1e-5)
+    assert ra["parameters"]["trainable"] == ra["parameters"]["total"] == rb["parameters"]["trainable"]
+    assert not (two / "full" / "adapter_config.json").exists()
+    assert_same_weights(one / "full", two / "full")  # the whole model's weights: test_distributed's rule
 
 
 def test_fresh_adapter_is_drawn_from_the_seed(runs, tiny_path):
