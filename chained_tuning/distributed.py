@@ -54,16 +54,19 @@ def _keep_weight_names(model, source):
         model._weight_conversions = source._weight_conversions
 
 
-def load_replicated(path, device, dtype):
-    """Every process gets the whole model on `device` (evaluation): process 0 reads it, the others receive each
-    tensor by broadcast. Host memory: one copy, on process 0."""
+def load_replicated(path, device, dtype, load=None):
+    """Every process gets the whole model on `device` (evaluation): process 0 reads it (load(): its own loader,
+    an adapter folder merged into its base; default path's checkpoint), the others build path's model on the meta
+    device and receive each tensor by broadcast, name by name. Host memory: one copy, on process 0."""
     rank, _ = world()
     if rank == 0:
-        model = load_model(path, dtype).to(device)
+        model = (load() if load is not None else load_model(path, dtype)).to(device)
     else:
         model = build_on_meta(path, dtype).to_empty(device=device)
-    for t in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(t.data, src=0)
+    # by name, in name order: a merged model's modules need not be in the order from_config builds them
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name in sorted(tensors):
+        dist.broadcast(tensors[name].data, src=0)
     return model
 
 
@@ -86,18 +89,22 @@ def shard(model, bf16):
     return model
 
 
-def load_sharded(path, device, bf16, prepare=None):
+def load_sharded(path, device, bf16, prepare=None, build=None, load=None):
     """The FSDP2 training model: built on the meta device on every process, sharded, given storage on `device`,
     then filled from process 0's host copy (each process receives its own shards only). Master weights fp32.
-    prepare(model): called before sharding (gradient checkpointing, use_cache)."""
+    prepare(model): called before sharding (gradient checkpointing, use_cache). build() / load(): the model on
+    the meta device / process 0's host copy, with the same parameter names (a LoRA stage: the base wrapped by
+    PEFT, lora.py); default path's checkpoint."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     rank, _ = world()
-    model = build_on_meta(path, torch.float32)
+    model = build() if build is not None else build_on_meta(path, torch.float32)
     if prepare is not None:
         prepare(model)
     shard(model, bf16)
     model.to_empty(device=device)
-    source = load_model(path, torch.float32) if rank == 0 else None
+    source = None
+    if rank == 0:
+        source = load() if load is not None else load_model(path, torch.float32)
     full = source.state_dict() if source is not None else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     with torch.no_grad():
@@ -112,12 +119,15 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def full_state_dict(model, dtype):
+def full_state_dict(model, dtype, names=None):
     """The model's full state dict in `dtype` on process 0's host, gathered one tensor at a time (no GPU holds a
-    second full copy); None on the other processes. Without a process group: the model's own tensors, cast."""
+    second full copy); None on the other processes. Without a process group: the model's own tensors, cast.
+    names: only these entries (a LoRA stage's adapter: the frozen base is never gathered)."""
     rank, _ = world()
     state = {}
     for name, t in model.state_dict().items():
+        if names is not None and name not in names:
+            continue
         full = t.full_tensor() if hasattr(t, "full_tensor") else t
         if rank == 0:
             state[name] = full.detach().to("cpu", dtype)

@@ -15,7 +15,7 @@ import time
 import torch
 
 from . import lora
-from .checkpoint import check_tokenizer_matches, load_tokenizer, read_meta
+from .checkpoint import check_tokenizer_matches, read_meta
 from .classifier import default_classifier, load_classifier
 from .common import (AT_LEAST_1, NON_NEGATIVE, UserError, check_args, check_device, check_out, progress,
                      setup_process_group, under_torchrun, write_json_atomic, write_jsonl_atomic)
@@ -170,8 +170,9 @@ def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split=DEFAULTS["s
     with its samples JSONL beside it; returns the report. The one entry every caller uses. An existing `out` is
     refused unless overwrite. model_name / out_name: what the report and the printed lines call the model and
     `out` (default model_path, out), so a caller that evaluates a folder before moving it into place names the
-    final ones. Under a process group (torchrun): process 0 reads the weights, every process holds the model and
-    scores its share of the batches, process 0 writes exactly the files one process writes."""
+    final ones. Under a process group (torchrun): process 0 reads the weights (an adapter folder: merged into its
+    base), every process holds the whole model and scores its share of the batches, process 0 writes exactly the
+    files one process writes."""
     tasks = check_request(tasks, out, split, limit, batch_size, scorer, seed, overwrite, max_new_tokens)
     device = check_device(device)
     if under_torchrun() and dist_world()[1] == 1:
@@ -180,12 +181,11 @@ def evaluate_checkpoint(model_path, tasks, out, data_dir=None, split=DEFAULTS["s
     model_name = model_path if model_name is None else model_name
     model_path = lora.resolve(model_path)
     meta = read_meta(model_path)
-    if dist_world()[1] > 1 and lora.is_adapter_dir(model_path):
-        raise UserError(f"--model {model_name}: an adapter folder is evaluated in one process for now; run "
-                        f"evaluate.py without torchrun")
-    if dist_world()[1] > 1:
-        tok = load_tokenizer(model_path)
-        model = load_replicated(model_path, device, DTYPES[dtype])
+    if dist_world()[1] > 1:  # an adapter folder: process 0 merges it (below), the others receive the merged model
+        tok = lora.load_tokenizer_of(model_path)
+        adapter = lora.is_adapter_dir(model_path)
+        merged = (lambda: lora.load_adapter_model(model_path, DTYPES[dtype], merge=True)) if adapter else None
+        model = load_replicated(lora.root_base(model_path), device, DTYPES[dtype], load=merged)
         check_tokenizer_matches(model, tok, model_path)
     else:
         # an adapter folder: its adapter merged into its base (PEFT's merge_and_unload), a plain causal LM

@@ -209,18 +209,22 @@ def parameter_counts(model):
             "total": sum(p.numel() for p in model.parameters())}
 
 
-def save_adapter(folder, model, base):
+def save_adapter(folder, model, base, state=None):
     """PEFT's adapter files into `folder` (an atomic_dir being written), base_model_name_or_path set to the base
-    recorded (base_record), so that the folder loads with PEFT alone too."""
+    recorded (base_record), so that the folder loads with PEFT alone too. state: the adapter's full tensors by
+    state-dict name (under FSDP2 the model holds shards: distributed.full_state_dict gathers them)."""
     model.peft_config[model.active_adapter].base_model_name_or_path = base["path"]
     # save_embedding_layers=False: no embedding is ever adapted (and "auto" looks for a config.json the base
     # of a merge chain, an adapter folder, does not have)
-    model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+    model.save_pretrained(folder, state_dict=state, safe_serialization=True, save_embedding_layers=False)
     readme = os.path.join(folder, "README.md")  # PEFT's model-card stub: nothing of ours is in it
     if os.path.isfile(readme):
         os.remove(readme)
     config_path = os.path.join(folder, ADAPTER_CONFIG)
-    write_json_atomic(config_path, {**read_json(config_path), "base_model_name_or_path": base["path"]})
+    config = {**read_json(config_path), "base_model_name_or_path": base["path"]}
+    if isinstance(config.get("target_modules"), list):  # PEFT writes its set in hash order: one order per run
+        config["target_modules"] = sorted(config["target_modules"])
+    write_json_atomic(config_path, config)
 
 
 def folder_settings(adapter_dir):
@@ -251,6 +255,26 @@ def start_model(resolved, cfg):
     if cfg.get("lora_chain") == "continue":
         return load_adapter_model(resolved, trainable=True)
     model = load_adapter_model(resolved, merge=True) if is_adapter_dir(resolved) else load_model(resolved)
+    return _stage_adapter(model, resolved, cfg)
+
+
+def start_model_on_meta(resolved, cfg):
+    """start_model's modules, parameter names and requires_grad on the meta device, nothing read but configs:
+    what the processes other than 0 build under torchrun before receiving process 0's start_model."""
+    import torch
+    from . import distributed
+    model = distributed.build_on_meta(root_base(resolved), torch.float32)
+    if cfg.get("lora_chain") != "continue":
+        return _stage_adapter(model, resolved, cfg)
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig.from_pretrained(resolved)  # the adapter's own settings, as PeftModel.from_pretrained uses
+    config.inference_mode = False
+    with quiet_peft():
+        return get_peft_model(model, config)
+
+
+def _stage_adapter(model, resolved, cfg):
+    """A fresh stage's model on its (merged) base: every weight trainable for a full stage, else a fresh adapter."""
     if cfg.get("lora_r") is None:
         for p in model.parameters():  # PEFT froze the base it merged into: a full stage trains every weight
             p.requires_grad_(True)
@@ -261,6 +285,11 @@ def start_model(resolved, cfg):
         alpha = LoraConfig.__dataclass_fields__["lora_alpha"].default  # PEFT's own default
     return wrap(model, cfg["lora_r"], alpha, cfg["lora_dropout"], check_targets(cfg["lora_targets"], resolved),
                 cfg["seed"])
+
+
+def trainable_names(model):
+    """The state-dict names of the parameters a stage trains (a LoRA stage's: its adapter's, all PEFT saves)."""
+    return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
 def applied_to_same_base(a, b):

@@ -46,7 +46,8 @@ MAX_SHARD_SIZE = "5GB"  # a 7B model in bf16: three files, as the hub's Llama-2 
 
 
 def check_options(cfg, world):
-    """The settings' own checks: the numeric rules, the mitigations', the choices, the evaluation's pairs."""
+    """The settings' own checks: the numeric rules, the mitigations', the choices, the evaluation's pairs. (world,
+    the number of processes: every option runs under torchrun as in one process, LoRA's too; callers pass it.)"""
     check_args(cfg, NUMERIC_RULES)
     check_mitigations(cfg)
     if cfg["save_dtype"] != "auto" and cfg["save_dtype"] not in SAVE_DTYPES:
@@ -56,14 +57,14 @@ def check_options(cfg, world):
     if cfg["gradient_checkpointing"] not in CHECKPOINTING:
         raise UserError(f"--gradient_checkpointing {cfg['gradient_checkpointing']!r}: choose from "
                         f"{', '.join(CHECKPOINTING)}")
-    check_lora(cfg, world)
+    check_lora(cfg)
     for tasks_key, limit_key in (("eval_tasks", "eval_limit"), ("eval_val_tasks", "eval_val_limit")):
         evaluated = parse_tasks(cfg[tasks_key], f"--{tasks_key}")  # checked before training, not after it
         if cfg[limit_key] is not None and not evaluated:
             raise UserError(f"--{limit_key} {cfg[limit_key]} needs --{tasks_key}")
 
 
-def check_lora(cfg, world):
+def check_lora(cfg):
     """The LoRA flags against --model (resolved, an adapter's base verified, the targets looked up on the meta
     device: nothing loaded). --lora_chain continue fills the adapter's own settings into cfg; giving others is
     refused. --model an adapter folder without LoRA flags: a full fine-tuning stage from its merged weights."""
@@ -76,12 +77,7 @@ def check_lora(cfg, world):
     if cfg["lora_r"] is None and mode is None:
         if given or cfg["lora_dropout"]:
             raise UserError(f"{given[0] if given else '--lora_dropout'} needs --lora_r (a LoRA stage)")
-        if world > 1 and lora.is_adapter_dir(os.path.expanduser(cfg["model"])):
-            raise UserError(f"--model {cfg['model']} is a LoRA adapter folder; under torchrun a stage starts from a "
-                            f"checkpoint only for now: run this stage in one process")
         return
-    if world > 1:
-        raise UserError("a LoRA stage (--lora_r, --lora_chain) runs in one process for now; run it without torchrun")
     if cfg["save_dtype"] not in ("auto", "float32"):
         raise UserError(f"--save_dtype {cfg['save_dtype']}: a LoRA stage saves its adapter alone, in float32 (the "
                         f"base's weights are not written); drop --save_dtype")
@@ -188,7 +184,9 @@ def load_stage_inputs(cfg, device, micro, world, mitigations=()):
 
 
 def load_start_model(model_path, tok, cfg, checkpointing, world, device):
-    """The stage's starting weights on `device`: FSDP2-sharded under torchrun, the whole model otherwise."""
+    """The stage's starting weights on `device`: FSDP2-sharded under torchrun, the whole model otherwise. Under
+    torchrun process 0 builds lora.start_model (a fresh adapter drawn from --seed as in one process, a merged
+    chain, or the adapter continued) and the others receive it into the same modules built on the meta device."""
     def prepare(model):
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -197,7 +195,9 @@ def load_start_model(model_path, tok, cfg, checkpointing, world, device):
             model.enable_input_require_grads()  # the frozen embedding's output must carry a grad through it
 
     if world > 1:
-        model = distributed.load_sharded(model_path, device, cfg["bf16"], prepare)
+        model = distributed.load_sharded(lora.root_base(model_path), device, cfg["bf16"], prepare,
+                                         build=lambda: lora.start_model_on_meta(model_path, cfg),
+                                         load=lambda: lora.start_model(model_path, cfg))
         check_tokenizer_matches(model, tok, model_path)
     else:
         model = lora.start_model(model_path, cfg)
@@ -288,7 +288,7 @@ def save_stage(folder, model, state, tok, record, log):
     lineage = {"run_id": record["run_id"], "chain": record["chain"], "base_model": record["base_model"],
                "tiny": record["tiny"], "task": record["task"], "data_source": record["data"]["source"]}
     if record.get("lora"):  # the adapter alone (PEFT's files), its base recorded for lora.verified_base
-        lora.save_adapter(folder, model, record["lora"]["base"])
+        lora.save_adapter(folder, model, record["lora"]["base"], state)
         lineage["lora_base"] = record["lora"]["base"]
     else:
         model.save_pretrained(folder, state_dict=state, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
@@ -338,8 +338,9 @@ def _train_stage(cfg, rank, world, micro, device, shown_out):
     log, losses = train_loop(model, opt, sched, order, inputs, cfg, rank, world, micro, device, mitigations)
     record = run_record(cfg, inputs, log, losses, mitigations, world, started)
     del opt, mitigations  # the anchor's copy of the weights goes before the full state dict comes
-    # every process takes part; a LoRA stage saves its adapter alone (one process)
-    state = None if inputs.lora else distributed.full_state_dict(model, SAVE_DTYPES[inputs.save_dtype])
+    # every process takes part; a LoRA stage gathers and saves its adapter alone
+    state = distributed.full_state_dict(model, SAVE_DTYPES[inputs.save_dtype],
+                                        lora.trainable_names(model) if inputs.lora else None)
     if rank == 0:
         with atomic_dir(cfg["out"], overwrite=cfg["overwrite"]) as tmp:
             save_stage(tmp, model, state, inputs.tok, record, log)
@@ -348,8 +349,9 @@ def _train_stage(cfg, rank, world, micro, device, shown_out):
     del state
     if world > 1:
         dist.barrier()  # the checkpoint is in place before any process evaluates
+    if world > 1 and not inputs.lora:
         evaluate_held(model, inputs.tok, record, cfg, device)
-    else:
+    else:  # a LoRA stage as evaluate.py scores its folder: the adapter merged, a whole copy in each process
         del model
         evaluate_saved(cfg["out"], cfg)
     return record
@@ -368,10 +370,10 @@ def eval_jobs(cfg):
 
 
 def evaluate_saved(folder, cfg):
-    """--eval_tasks / --eval_val_tasks in one process: write eval.json / eval_val.json (and their samples) into
-    the saved checkpoint folder, exactly as `evaluate.py --model <out> --tasks ... --out <out>/eval.json [--split
-    validation] [--limit N]` would (same loading, scorer defaults and subset seed 0); saves that process's
-    start-up."""
+    """--eval_tasks / --eval_val_tasks in one process (and a LoRA stage's under torchrun, each process holding the
+    whole merged model): write eval.json / eval_val.json (and their samples) into the saved checkpoint folder,
+    exactly as `evaluate.py --model <out> --tasks ... --out <out>/eval.json [--split validation] [--limit N]` would
+    (same loading, scorer defaults and subset seed 0); saves that process's start-up."""
     shown = cfg.get("out_name") or cfg["out"]
     for tasks, split, limit, name in eval_jobs(cfg):
         evaluate_checkpoint(folder, tasks, os.path.join(folder, name), data_dir=cfg["data_dir"], split=split,

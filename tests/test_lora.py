@@ -287,10 +287,11 @@ def test_option_checks(tiny_path):
     from chained_tuning.training import check_options
     ok = {**default_config(), "task": "arc", "lora_r": 2}
     check_options(dict(ok), 1)
+    check_options(dict(ok), 2)  # under torchrun too (tests/test_lora_distributed.py)
     for bad, world, msg in [({"lora_r": 2.5}, 1, "whole number"), ({"lora_alpha": 0.0}, 1, "--lora_alpha must be > 0"),
                             ({"lora_dropout": 1.0}, 1, r"--lora_dropout must be in \[0, 1\)"),
                             ({"lora_r": None, "lora_alpha": 4.0}, 1, "--lora_alpha needs --lora_r"),
-                            ({"save_dtype": "bfloat16"}, 1, "in float32"), ({}, 2, "one process"),
+                            ({"save_dtype": "bfloat16"}, 1, "in float32"), ({"save_dtype": "bfloat16"}, 2, "in float32"),
                             ({"lora_chain": "fork"}, 1, "choose from merge, continue")]:
         with pytest.raises(UserError, match=msg):
             check_options({**ok, **bad}, world)

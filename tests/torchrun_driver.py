@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_distributed.py: records every weight file each process opens, then either
 runs a script as its command line would (`driver.py SCRIPT ARGS...`) or a list of finetune.train_stage configs
-(`driver.py --stages CONFIGS.json`) in one process group, as replay.py holds one across its points."""
+(`driver.py --stages CONFIGS.json`) in one process group, as replay.py holds one across its points; an entry
+{"script": [SCRIPT, ARGS...]} in that list runs a script's command line there."""
 import json
 import os
 import runpy
@@ -29,6 +30,11 @@ if sys.argv[1] == "--stages":
     from chained_tuning.common import setup_process_group
     setup_process_group(torch.device("cpu"))
     for cfg in json.load(open(sys.argv[2])):
+        if "script" in cfg:  # a script's command line in the same launch (evaluate.py ends the group: last)
+            script = os.path.join(ROOT, cfg["script"][0])
+            sys.argv = [script, *cfg["script"][1:]]
+            runpy.run_path(script, run_name="__main__")
+            continue
         finetune.train_stage(cfg)
 else:
     script = os.path.join(ROOT, sys.argv[1])
