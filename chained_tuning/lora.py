@@ -248,13 +248,15 @@ def stage_base(given, resolved, chain):
     return base_record(base, base)
 
 
-def start_model(resolved, cfg):
+def start_model(resolved, cfg, base_dtype=None):
     """A stage's starting model from a resolved --model (checked by training.check_lora): a checkpoint, or an
     adapter folder merged, for a full fine-tuning stage; with --lora_r a fresh adapter on that (seeded by
-    --seed); with --lora_chain continue the adapter itself, trainable."""
+    --seed); with --lora_chain continue the adapter itself, trainable. base_dtype: the dtype the (merged) base
+    is loaded in (PEFT keeps the adapters in float32 on a bf16 base)."""
     if cfg.get("lora_chain") == "continue":
-        return load_adapter_model(resolved, trainable=True)
-    model = load_adapter_model(resolved, merge=True) if is_adapter_dir(resolved) else load_model(resolved)
+        return load_adapter_model(resolved, dtype=base_dtype, trainable=True)
+    model = (load_adapter_model(resolved, dtype=base_dtype, merge=True) if is_adapter_dir(resolved)
+             else load_model(resolved, base_dtype))
     return _stage_adapter(model, resolved, cfg)
 
 

@@ -179,7 +179,8 @@ def load_stage_inputs(cfg, device, micro, world, mitigations=()):
     inputs.parameters = lora.parameter_counts(model)
     if cfg["lora_r"] is not None:
         inputs.lora = {"chain": cfg["lora_chain"], **lora.adapter_settings(model),
-                       "base": lora.stage_base(cfg["model"], model_path, cfg["lora_chain"])}
+                       "base": lora.stage_base(cfg["model"], model_path, cfg["lora_chain"]),
+                       "base_dtype": "bfloat16" if cfg["bf16"] and world == 1 else "float32"}
     return model, inputs
 
 
@@ -200,7 +201,10 @@ def load_start_model(model_path, tok, cfg, checkpointing, world, device):
                                          load=lambda: lora.start_model(model_path, cfg))
         check_tokenizer_matches(model, tok, model_path)
     else:
-        model = lora.start_model(model_path, cfg)
+        # one process, a LoRA stage under --bf16: the frozen base in bfloat16 (half the memory; what the one-gpu
+        # profile plans), the adapters in float32; a full stage keeps float32 master weights under autocast
+        base_dtype = torch.bfloat16 if cfg["bf16"] and cfg["lora_r"] is not None else None
+        model = lora.start_model(model_path, cfg, base_dtype)
         check_tokenizer_matches(model, tok, model_path)
         prepare(model)
         model.to(device)

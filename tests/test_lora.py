@@ -295,3 +295,17 @@ def test_option_checks(tiny_path):
                             ({"lora_chain": "fork"}, 1, "choose from merge, continue")]:
         with pytest.raises(UserError, match=msg):
             check_options({**ok, **bad}, world)
+
+
+def test_bf16_stage_keeps_the_base_in_bfloat16_and_the_adapter_in_float32(tmp_path):
+    """One process, --bf16: the frozen base is loaded in bfloat16 (what the one-gpu profile's memory plans), the
+    adapter trains and is saved in float32, and run.json says so."""
+    out = str(tmp_path / "bf16")
+    model = lora.start_model(lora.resolve("tiny"), {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                                                     "lora_targets": None, "seed": 0}, torch.bfloat16)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    train_stage({"model": "tiny", "task": "toxigen", "out": out, "lora_r": 4, "bf16": True, **STAGE})
+    run = read(out)
+    assert run["lora"]["base_dtype"] == "bfloat16" and run["final_loss"] > 0
+    assert {t.dtype for t in load_file(os.path.join(out, "adapter_model.safetensors")).values()} == {torch.float32}
