@@ -121,6 +121,9 @@ def add_lora_options(g, d):
     g.add_argument("--lora_chain", default=d["lora_chain"], choices=LORA_CHAIN_MODES,
                    help="--model is a LoRA stage's adapter folder: merge it into the weights and train a fresh "
                         "adapter (merge), or train the same adapter on (continue)")
+    g.add_argument("--lora_base_4bit", action="store_true", default=d["lora_base_4bit"],
+                   help="QLoRA: the frozen base quantised to 4-bit NF4 (double quantisation, bf16 compute) by "
+                        "bitsandbytes; one process on a CUDA GPU, bitsandbytes installed")
 
 
 def add_eval_options(e):

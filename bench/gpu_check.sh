@@ -2,8 +2,9 @@
 # The GPU check of the 7B scale work, in one run (under 10 minutes on one H100/H200): builds the CUDA
 # extension, runs the CUDA tests, measures on a randomly initialised Llama of Llama-2-7B's shape in bf16 a
 # training step (AdamW, as many layers as fit), evaluation throughput and peak memory
-# (bench/bench_scale.py --device cuda), then the curvature HVP and a solve (bench/bench_curvature_scale.py,
-# when it exists); prints a summary block and exits non-zero if a check failed.
+# (bench/bench_scale.py --device cuda, LoRA's modes too), then the curvature HVP and a solve
+# (bench/bench_curvature_scale.py, when it exists), a LoRA stage on a bf16 base and QLoRA (when bitsandbytes is
+# installed); prints a summary block and exits non-zero if a check failed.
 #
 #   bash bench/gpu_check.sh                       # from the repo root; prepares .venv (scripts/setup_env.sh)
 #   SKIP_SETUP=1 PY=python bash bench/gpu_check.sh    # an already-prepared environment (offline nodes)
@@ -91,6 +92,20 @@ if [ -f bench/bench_curvature_scale.py ]; then
 else
   say "skipped: bench/bench_curvature_scale.py does not exist (curvature HVP and solve not measured)"
   SUMMARY+=("$(printf '%-22s %s' curvature_scale 'skipped (no bench/bench_curvature_scale.py)')")
+fi
+
+# 5. LoRA on the device (bench_scale above measured its activations at 7B width: the train_bf16_lora modes): a
+#    LoRA stage of the tiny base on a bf16 base, then QLoRA (a 4-bit NF4 base) where bitsandbytes is installed.
+if [ "$DEVICE" = cuda ]; then
+  check lora_bf16 300 "$PY" finetune.py --model tiny --task toxigen --out "$OUTDIR/lora_bf16" --overwrite \
+    --lora_r 8 --bf16 --steps 20 --eval_tasks toxigen --eval_limit 100
+  if "$PY" -c 'import bitsandbytes' 2>/dev/null; then
+    check qlora 300 "$PY" finetune.py --model tiny --task toxigen --out "$OUTDIR/qlora" --overwrite \
+      --lora_r 8 --lora_base_4bit --steps 20 --eval_tasks toxigen --eval_limit 100
+  else
+    say "skipped: QLoRA (bitsandbytes is not installed: python -m pip install bitsandbytes)"
+    SUMMARY+=("$(printf '%-22s %s' qlora 'skipped (no bitsandbytes)')")
+  fi
 fi
 
 # Summary: the checks, then the figures of bench_scale's JSON.

@@ -35,6 +35,7 @@ CHAIN_MODES = ("merge", "continue")
 # v_proj for Llama; pass --lora_targets q_proj,v_proj for that.)
 ALL_LINEAR = "all-linear"
 HASH_CHUNK = 1 << 24
+NF4 = "nf4"   # a base_dtype: QLoRA's 4-bit base (bitsandbytes)
 
 
 @contextlib.contextmanager
@@ -127,13 +128,43 @@ def root_base(path):
     return path
 
 
+def check_4bit(world):
+    """--lora_base_4bit's needs, refused by name before anything is loaded: one process, a CUDA GPU, bitsandbytes."""
+    import importlib.util
+    import torch
+    if world > 1:
+        raise UserError("--lora_base_4bit runs in one process: FSDP2 does not shard bitsandbytes' 4-bit weights; "
+                        "drop it under torchrun, or run the stage with python on one GPU")
+    if not torch.cuda.is_available():
+        raise UserError("--lora_base_4bit needs a CUDA GPU (bitsandbytes' 4-bit kernels); drop it on this machine "
+                        "(--bf16 keeps the base in bfloat16 instead)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--lora_base_4bit needs bitsandbytes: python -m pip install bitsandbytes (optional, not in "
+                        "requirements.txt)")
+
+
+def load_base(path, dtype=None):
+    """The (root) base of a stage: checkpoint.load_model in `dtype`, or (NF4) quantised to 4 bits on the GPU with
+    bf16 compute, prepared for training by PEFT (its norms and head in float32)."""
+    if dtype != NF4:
+        return load_model(path, dtype)
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                 use_safetensors=True, device_map={"": torch.cuda.current_device()})
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def load_adapter_model(adapter_dir, dtype=None, trainable=False, merge=False, flag="--model"):
     """The model of an adapter folder: its base (itself an adapter merged on load, for a merge chain), then
     this adapter through PeftModel.from_pretrained; merge: PEFT's merge_and_unload, a plain causal LM."""
     from peft import PeftModel
     base = verified_base(adapter_dir, flag)
     model = (load_adapter_model(base, dtype, merge=True, flag=flag) if is_adapter_dir(base)
-             else load_model(base, dtype))
+             else load_base(base, dtype))
     with quiet_peft():
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     return model.merge_and_unload() if merge else model
@@ -256,7 +287,7 @@ def start_model(resolved, cfg, base_dtype=None):
     if cfg.get("lora_chain") == "continue":
         return load_adapter_model(resolved, dtype=base_dtype, trainable=True)
     model = (load_adapter_model(resolved, dtype=base_dtype, merge=True) if is_adapter_dir(resolved)
-             else load_model(resolved, base_dtype))
+             else load_base(resolved, base_dtype))
     return _stage_adapter(model, resolved, cfg)
 
 

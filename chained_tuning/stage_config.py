@@ -21,8 +21,10 @@ RECIPE_DEFAULTS = dict(model="tiny", task=None, out=None, data_dir=None, train_s
 
 # LoRA (lora.py): unset lora_r is a full fine-tuning stage. lora_alpha unset: PEFT's LoraConfig default (8);
 # lora_targets unset: every linear layer but the output head (lora.ALL_LINEAR); lora_chain: how a stage starts
-# from a LoRA stage's adapter folder (merge or continue, lora.CHAIN_MODES).
-LORA_DEFAULTS = dict(lora_r=None, lora_alpha=None, lora_dropout=0.0, lora_targets=None, lora_chain=None)
+# from a LoRA stage's adapter folder (merge or continue, lora.CHAIN_MODES); lora_base_4bit: the frozen base
+# quantised to NF4 by bitsandbytes (QLoRA; one CUDA GPU).
+LORA_DEFAULTS = dict(lora_r=None, lora_alpha=None, lora_dropout=0.0, lora_targets=None, lora_chain=None,
+                     lora_base_4bit=False)
 
 # Options added after the recipe: they enter the run_id only when they change the result (see config_for_id).
 OPTION_DEFAULTS = dict(train_fraction=None, replay_task=None, replay_fraction=0.0, l2_to_init=0.0, ewc=0.0,

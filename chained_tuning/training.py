@@ -57,14 +57,14 @@ def check_options(cfg, world):
     if cfg["gradient_checkpointing"] not in CHECKPOINTING:
         raise UserError(f"--gradient_checkpointing {cfg['gradient_checkpointing']!r}: choose from "
                         f"{', '.join(CHECKPOINTING)}")
-    check_lora(cfg)
+    check_lora(cfg, world)
     for tasks_key, limit_key in (("eval_tasks", "eval_limit"), ("eval_val_tasks", "eval_val_limit")):
         evaluated = parse_tasks(cfg[tasks_key], f"--{tasks_key}")  # checked before training, not after it
         if cfg[limit_key] is not None and not evaluated:
             raise UserError(f"--{limit_key} {cfg[limit_key]} needs --{tasks_key}")
 
 
-def check_lora(cfg):
+def check_lora(cfg, world=1):
     """The LoRA flags against --model (resolved, an adapter's base verified, the targets looked up on the meta
     device: nothing loaded). --lora_chain continue fills the adapter's own settings into cfg; giving others is
     refused. --model an adapter folder without LoRA flags: a full fine-tuning stage from its merged weights."""
@@ -75,9 +75,12 @@ def check_lora(cfg):
         raise UserError(f"--lora_chain {mode!r}: choose from {', '.join(lora.CHAIN_MODES)}")
     given = [f"--{k}" for k in ("lora_alpha", "lora_targets") if cfg[k] is not None]
     if cfg["lora_r"] is None and mode is None:
-        if given or cfg["lora_dropout"]:
-            raise UserError(f"{given[0] if given else '--lora_dropout'} needs --lora_r (a LoRA stage)")
+        if given or cfg["lora_dropout"] or cfg.get("lora_base_4bit"):
+            flag = given[0] if given else "--lora_dropout" if cfg["lora_dropout"] else "--lora_base_4bit"
+            raise UserError(f"{flag} needs --lora_r (a LoRA stage)")
         return
+    if cfg.get("lora_base_4bit"):
+        lora.check_4bit(world)
     if cfg["save_dtype"] not in ("auto", "float32"):
         raise UserError(f"--save_dtype {cfg['save_dtype']}: a LoRA stage saves its adapter alone, in float32 (the "
                         f"base's weights are not written); drop --save_dtype")
@@ -180,7 +183,8 @@ def load_stage_inputs(cfg, device, micro, world, mitigations=()):
     if cfg["lora_r"] is not None:
         inputs.lora = {"chain": cfg["lora_chain"], **lora.adapter_settings(model),
                        "base": lora.stage_base(cfg["model"], model_path, cfg["lora_chain"]),
-                       "base_dtype": "bfloat16" if cfg["bf16"] and world == 1 else "float32"}
+                       "base_dtype": ("nf4" if cfg.get("lora_base_4bit") else
+                                      "bfloat16" if cfg["bf16"] and world == 1 else "float32")}
     return model, inputs
 
 
@@ -203,11 +207,13 @@ def load_start_model(model_path, tok, cfg, checkpointing, world, device):
     else:
         # one process, a LoRA stage under --bf16: the frozen base in bfloat16 (half the memory; what the one-gpu
         # profile plans), the adapters in float32; a full stage keeps float32 master weights under autocast
-        base_dtype = torch.bfloat16 if cfg["bf16"] and cfg["lora_r"] is not None else None
+        base_dtype = (lora.NF4 if cfg.get("lora_base_4bit") else
+                      torch.bfloat16 if cfg["bf16"] and cfg["lora_r"] is not None else None)
         model = lora.start_model(model_path, cfg, base_dtype)
         check_tokenizer_matches(model, tok, model_path)
         prepare(model)
-        model.to(device)
+        if base_dtype != lora.NF4:  # a 4-bit base was placed on the GPU as it loaded (bitsandbytes has no .to)
+            model.to(device)
     return model
 
 

@@ -309,3 +309,20 @@ def test_bf16_stage_keeps_the_base_in_bfloat16_and_the_adapter_in_float32(tmp_pa
     run = read(out)
     assert run["lora"]["base_dtype"] == "bfloat16" and run["final_loss"] > 0
     assert {t.dtype for t in load_file(os.path.join(out, "adapter_model.safetensors")).values()} == {torch.float32}
+
+
+def test_a_4bit_base_is_refused_by_name_where_it_cannot_run(tmp_path):
+    """QLoRA (--lora_base_4bit) needs bitsandbytes on a CUDA GPU, in one process: on this CPU machine it is refused
+    with one line before anything is loaded or written (bench/gpu_check.sh runs it where a GPU is)."""
+    import importlib.util
+    out = str(tmp_path / "never")
+    args = ["finetune.py", "--task", "arc", "--out", out, "--steps", "1", "--model", "tiny"]
+    line = one_error(run_script(*args, "--lora_base_4bit"), out)
+    assert "--lora_base_4bit needs --lora_r" in line
+    missing = ("a CUDA GPU" if not torch.cuda.is_available() else
+               "bitsandbytes" if importlib.util.find_spec("bitsandbytes") is None else None)
+    if missing:  # (where both are there, gpu_check.sh trains a 4-bit stage)
+        line = one_error(run_script(*args, "--lora_r", "2", "--lora_base_4bit"), out)
+        assert f"--lora_base_4bit needs {missing}" in line
+    with pytest.raises(lora.UserError, match="runs in one process"):
+        lora.check_4bit(world=2)
