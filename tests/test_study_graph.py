@@ -251,3 +251,22 @@ def test_paper_plan_prints_memory_per_gpu_from_the_cost_model(paper_plan):
     assert {"training", "evaluation", "curvature solve over all weights"} <= set(rows)
     assert all(row["fits"] and row["gpu"] == cm.DEFAULT_GPU for row in plan["memory"])
     assert "memory per GPU" in r.stdout and f"{plain / 1e9:.1f} GB" in r.stdout
+
+
+def test_curvature_measures_count_in_the_plan():
+    """A curvature stage with CURV_MEASURES costs its measures' HVPs at their defaults on top of rho's solve: trace
+    30, density 4 x 30, topk and each block at most 100 (blocks: the layers, the embeddings and the head)."""
+    from chained_tuning.hessian.measure_names import worst_case_hvps
+    from chained_tuning.study import cost_model as cm
+
+    assert worst_case_hvps(["rho", "trace", "density"], 34) == 150
+    assert worst_case_hvps(["topk", "blocks"], 34) == 100 + 34 * 100
+    shape, n = cm.LLAMA2_7B, cm.n_params()
+
+    def secs(measures):
+        st = study.Stage("curvature-arc", "curvature", "x", ["curvature.py"], gpus=8,
+                         cost={"task": "arc", "samples": 50, "refs": 0, "measures": measures})
+        return study.stage_gpu_seconds(st, 0, 1000.0, 0, n, shape, "bfloat16")
+
+    one_hvp = cm.stage_gpu_seconds("hvp", 1000.0, n, 8, shape=shape)
+    assert secs(["rho", "trace"]) - secs(["rho"]) == pytest.approx(30 * one_hvp, rel=1e-9)

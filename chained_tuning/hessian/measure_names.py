@@ -3,6 +3,16 @@ its CURV_MEASURES before any work without importing torch (measures.py computes 
 from .errors import CurvatureError
 
 MEASURES = ("rho", "trace", "density", "topk", "blocks")
+# The measures' default settings (measures.MeasureOptions takes them from here; the study's plan counts with them)
+DEFAULTS = {"trace_products": 30, "slq_probes": 4, "slq_steps": 30, "topk": 5, "max_steps": 100}
+
+
+def worst_case_hvps(names, n_blocks, d=DEFAULTS):
+    """HVPs the measures other than rho take at most at the default settings: Hutch++'s products, SLQ's probes x
+    steps, topk's and each of n_blocks blocks' Lanczos capped at max_steps (rho's own solve is counted apart)."""
+    per = {"rho": 0, "trace": d["trace_products"], "density": d["slq_probes"] * d["slq_steps"],
+           "topk": d["max_steps"], "blocks": n_blocks * d["max_steps"]}
+    return sum(per[n] for n in names)
 
 
 def parse_measures(text, name="--measures", sep=" "):

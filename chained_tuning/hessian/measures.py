@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import CurvatureError
-from .measure_names import MEASURES, parse_measures  # noqa: F401  (parse_measures: the measures' own names)
+from .measure_names import DEFAULTS, MEASURES, parse_measures  # noqa: F401  (parse_measures: the measures' own names)
 from .solvers import DEFAULT_RTOL, lanczos_full
 
 MOMENTS = 4  # the density's moments recorded (1/n tr H^p, p = 1..MOMENTS); SLQ is exact per probe to 2 steps - 1
@@ -44,11 +44,11 @@ class MeasureOptions:
     a third sketch, a third the sketch's range, a third residual probes); slq_probes x slq_steps for the
     density; topk eigenvalues at each end; Lanczos (topk, blocks) stops where every wanted Ritz value has
     residual <= rtol * max |Ritz value| or after max_steps steps; seed of the probes and start vectors."""
-    trace_products: int = 30
-    slq_probes: int = 4
-    slq_steps: int = 30
-    topk: int = 5
-    max_steps: int = 100
+    trace_products: int = DEFAULTS["trace_products"]
+    slq_probes: int = DEFAULTS["slq_probes"]
+    slq_steps: int = DEFAULTS["slq_steps"]
+    topk: int = DEFAULTS["topk"]
+    max_steps: int = DEFAULTS["max_steps"]
     rtol: float = DEFAULT_RTOL
     seed: int = 0
 

@@ -337,7 +337,8 @@ def add_curvature(builder, t, s, d):
            *data_args(c), *measures, *taylor]
     builder.g.add(Stage(f"curvature-{t}-lr{lr}-seed{s}", "curvature", out, cmd, waits, [d] + refs,
                         1 if c.gpus_per_stage else 0, also=also, pending_choice=builder.pending(t, s),
-                        cost={"task": t, "samples": int(c.curv_samples), "refs": len(refs)}))
+                        cost={"task": t, "samples": int(c.curv_samples), "refs": len(refs),
+                              "measures": c.curv_measures.split(",")}))
 
 
 def add_mitigation(builder, a, b, m, s):

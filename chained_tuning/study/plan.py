@@ -19,6 +19,7 @@ from ..data import fetch
 from ..data.tasks import LOADERS, load_task
 from . import cost_model, stage_check
 from .cost_model import CURVATURE_MAX_HVPS
+from ..hessian.measure_names import worst_case_hvps
 from .graph import TRAINING, Builder
 from .profiles import PROFILES
 
@@ -129,7 +130,8 @@ def stage_gpu_seconds(st, train_tokens, scored_tokens, generated_tokens, n_param
     gpus = max(1, st.gpus)
     secs = (cost_model.STAGE_STARTUP_S + cost_model.io_seconds(n_params, dtype, write=False)) * gpus
     if st.kind in ("curvature", "taylor"):
-        products = (0 if st.cost.get("hvp_only") else CURVATURE_PRODUCTS) + st.cost.get("refs", 0)
+        products = (0 if st.cost.get("hvp_only") else CURVATURE_PRODUCTS) + st.cost.get("refs", 0) + \
+            worst_case_hvps(st.cost.get("measures", ()), shape["layers"] + 2)  # blocks: layers, embeddings, head
         return secs + cost_model.stage_gpu_seconds("hvp", scored_tokens * max(1, products), n_params, gpus, shape=shape,
                                                    n_lora=n_lora)
     if train_tokens:
