@@ -89,6 +89,7 @@ class Builder:
     def build(self):
         c = self.c
         tasks = c.cap + c.safe
+        add_base_eval(self)  # 0. the base model, evaluated once for every chain
         for t in tasks:  # 1. first-stage models
             for lr in c.lrs:
                 for s in c.seeds:
@@ -218,6 +219,21 @@ class Builder:
 
 
 # --- the stages of each kind ---------------------------------------------------------------------------------
+
+def base_tasks(c):
+    """Every task the study evaluates a model on: its capability and safety tasks, then the tasks of its long
+    chains (CHAINS may name others, e.g. csqa2 in a study of arc and toxigen)."""
+    extra = [t for spec in c.chains for t in spec.split("-")]
+    return list(dict.fromkeys(c.cap + c.safe + extra))
+
+
+def add_base_eval(builder):
+    """The base model theta_0 (MODEL) evaluated once per study on every task, with the options of every other
+    evaluation (the same examples): the accuracy path's first point and the long chains' forward transfer
+    (metrics.py finds <runs>/base/eval.json). One node, whatever the number of chains and seeds."""
+    builder.evaluate("eval-base", builder.c.model, ",".join(base_tasks(builder.c)), f"{builder.r}/base/eval.json",
+                     builder.eval_limit(), [])
+
 
 def add_choice(builder, t, s):
     """The choice node: decided once every first-stage stage of (t, s) has finished."""
