@@ -133,7 +133,7 @@ def test_continual_section_by_hand(tmp_path):
     assert a.tasks == "toxigen;arc;bbq"
     assert float(a["ACC (%)"]) == approx(100 * (0.4 + 0.6 + 1.0) / 3, abs=1e-4)
     assert float(a["BWT (%)"]) == approx(100 * ((0.4 - 0.9) + (0.6 - 0.8)) / 2)          # -35
-    assert float(a["FWT (%)"]) == approx(100 * ((0.5 - 0.3) + (0.5 - 0.3)) / 2)          # R[1][2]-b_arc, R[2][3]-b_bbq: 20
+    assert float(a["FWT (%)"]) == approx(100 * ((0.5 - 0.3) + (0.5 - 0.3)) / 2)  # R12 - b_arc, R23 - b_bbq: 20
     asian = t.loc["asian"]                                   # toxigen only: tuned first, so no FWT term
     assert asian.tasks == "toxigen" and float(asian["ACC (%)"]) == approx(50.0)
     assert float(asian["BWT (%)"]) == approx(50.0 - 100.0) and asian["FWT (%)"] == "n/a" and asian.n_fwt == "0"
@@ -234,3 +234,20 @@ def test_group_heatmap_csv_and_caption_follow_the_decision(tmp_path, monkeypatch
     df = pd.read_csv(io.StringIO(figures.section_group_heatmap(study, opts).files[
         "figure_group_heatmap.csv"]), dtype=str, keep_default_na=False)
     assert set(df.star) == {"True"}
+
+
+def test_accuracy_path_starts_at_the_base_evaluation(tmp_path):
+    runs = str(tmp_path / "runs")
+    build_runs(runs)
+    opts = metrics.build_parser().parse_args(["--runs", runs, "--out", "o"])
+    before = figures.section_accuracy_path(metrics.build_study(runs), opts)
+    assert "theta_0 was not evaluated" in before.text
+    os.makedirs(os.path.join(runs, "base"))
+    write_eval(os.path.join(runs, "base"), {"toxigen": [1, 1, 0], "arc": [4]})     # 20%, 40%
+    s = figures.section_accuracy_path(metrics.build_study(runs), opts)
+    df = pd.read_csv(io.StringIO(s.files["figure_accuracy_path.csv"]), dtype=str, keep_default_na=False)
+    row = df[(df.first_task == "toxigen") & (df.second_task == "arc")].set_index("task")
+    assert float(row.loc["toxigen", "acc_theta0"]) == approx(20.0)
+    assert float(row.loc["arc", "acc_theta0"]) == approx(40.0)
+    assert set(df[df.task == "bbq"].acc_theta0) == {"missing"}                      # bbq not in the base's eval.json
+    assert "theta_0 was not evaluated" not in s.text
