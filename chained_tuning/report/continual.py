@@ -118,9 +118,11 @@ def chain_matrix(stages, base):
     model's accuracy per task and bg per group (None without a usable base evaluation; fwt_note then says why
     FWT is not available). Refused as accuracy_matrix, and when two evaluations of a task (each stage's and the
     stage that tuned it) were made on other examples (runs.incomparable)."""
-    if any(r is not None and not r.eval for r in stages):
-        r = next(r for r in stages if r is not None and not r.eval)
-        raise Refused(f"{r.name} has no eval.json; run evaluate.py --model {r.name} --out {r.name}/eval.json")
+    for r in stages:
+        if r is not None and not r.eval:
+            raise Refused(f"{r.name} has no eval.json; run evaluate.py --model {r.name} --out {r.name}/eval.json")
+        if r is not None and r.problem:
+            raise Refused(f"{r.name}: {r.problem}")
     tasks, R, G = accuracy_matrix([stage_eval(r) for r in stages])
     for j, t in enumerate(tasks):
         for r in stages:  # every row against the stage that tuned t (the diagonal BWT subtracts)
@@ -134,8 +136,8 @@ def chain_matrix(stages, base):
     if lacking:
         return tasks, R, G, None, None, (f"not available (the base evaluation {base.name} has no result for "
                                          f"{', '.join(lacking)})")
-    for j, t in enumerate(tasks[1:], 1):  # FWT compares theta_0 with the stage before j on the same examples
-        why = incomparable(t, base, evaluation(stages[j - 1]))
+    for t in tasks:  # theta_0's row on the examples of every other row (those agree with stage 1's, checked above)
+        why = incomparable(t, base, evaluation(stages[0]))
         if why:
             return tasks, R, G, None, None, f"not available (base evaluation incomparable: {why})"
     blocks = base.eval["tasks"]

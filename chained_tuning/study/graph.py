@@ -89,12 +89,14 @@ class Builder:
     def build(self):
         c = self.c
         tasks = c.cap + c.safe
-        add_base_eval(self)  # 0. the base model, evaluated once for every chain
         for t in tasks:  # 1. first-stage models
             for lr in c.lrs:
                 for s in c.seeds:
                     d = self.s1_dir(t, lr, s)
                     self.finetune("first_stage", f"stage1-{t}-lr{lr}-seed{s}", c.model, t, lr, s, d, t, val=True)
+        # the base model, evaluated once for every chain; after the first stages (which every later stage waits
+        # for) in the order ready stages start, since only the report reads it
+        add_base_eval(self)
         for t in tasks:
             for s in c.seeds:
                 add_choice(self, t, s)
