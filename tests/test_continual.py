@@ -98,9 +98,20 @@ STAGES = [("toxigen", {"toxigen": [4, 3, 2], "arc": [5], "bbq": [3, 2, 1]}),    
 BASE = {"toxigen": [2, 2, 1], "arc": [3], "bbq": [2, 1, 0]}                      # 0.5, 0.3, 0.3
 
 
-def build_chain(root, base=True):
+def _edit_eval(folder, edit):
+    p = os.path.join(folder, "eval.json")
+    with open(p) as f:
+        ev = json.load(f)
+    edit(ev)
+    with open(p, "w") as f:
+        json.dump(ev, f)
+
+
+def build_chain(root, base=True, shared=False):
     """runs/longchain/toxigen-arc-bbq/seed0/{1-toxigen,2-arc,3-bbq} (run.json, eval.json, samples) and, with base,
-    runs/base/eval.json (a folder without run.json named base) -> the stage folders."""
+    runs/base/eval.json (a folder without run.json named base) -> the stage folders. shared: as the study makes
+    them, stages 1 and 2 evaluated on their own tasks only, their scores on the later tasks in folders without
+    run.json (evalchain-*: eval.json with the stage's run_id)."""
     runs = os.path.join(root, "runs")
     lc = os.path.join(runs, "longchain", "toxigen-arc-bbq", "seed0")
     parent, chain, folders = None, [], []
@@ -108,7 +119,13 @@ def build_chain(root, base=True):
         chain.append(task)
         d = os.path.join(lc, f"{k}-{task}")
         parent = write_run(d, list(chain), LR, 0, parent)
-        write_eval(d, counts)
+        own = {t: c for t, c in counts.items() if t in chain} if shared else counts
+        write_eval(d, own)
+        if shared and len(own) < len(counts):
+            later = os.path.join(runs, "evalchain", f"{k}-{task}")
+            os.makedirs(later)
+            write_eval(later, {t: c for t, c in counts.items() if t not in own})
+            _edit_eval(later, lambda ev, rid=parent: ev.update(run_id=rid))
         folders.append(d)
     if base:
         os.makedirs(os.path.join(runs, "base"))
@@ -150,6 +167,20 @@ def test_continual_section_by_hand(tmp_path):
     assert "| SES | BBQ | 1 | 100.00 | n/a | n/a | n/a | 25.00 | n/a |" in s.text   # no BWT term: n/a
 
 
+def test_shared_stages_scored_on_later_tasks_are_paired_by_run_id(tmp_path):
+    runs, _ = build_chain(tmp_path, shared=True)
+    s, read = section(runs)
+    assert s.refused == []
+    a = read("continual_metrics.csv").set_index("group").loc["all"]
+    assert (float(a["BWT (%)"]), float(a["FWT (%)"])) == (approx(-35.0), approx(20.0))   # as test_..._by_hand
+    m = read("continual_accuracy_matrix.csv").set_index(["group", "after_stage", "task"])["acc (%)"].astype(float)
+    assert m[("all", "1", "bbq")] == approx(60.0) and m[("SES", "2", "bbq")] == approx(50.0)
+    # the same scores recorded for another checkpoint: they are no evaluation of stage 2, whose bbq is missing
+    _edit_eval(os.path.join(runs, "evalchain", "2-arc"), lambda ev: ev.update(run_id="0123456789ab"))
+    s, _ = section(runs)
+    assert len(s.refused) == 1 and "2-arc/eval.json has no result for bbq" in s.refused[0]
+
+
 def test_without_base_fwt_is_not_available_never_invented(tmp_path):
     runs, _ = build_chain(tmp_path, base=False)
     s, read = section(runs)
@@ -158,15 +189,6 @@ def test_without_base_fwt_is_not_available_never_invented(tmp_path):
     assert float(t.loc["all", "BWT (%)"]) == approx(-35.0)              # ACC and BWT need no base
     assert "0" not in set(read("continual_accuracy_matrix.csv").after_stage)
     assert NO_BASE in s.text
-
-
-def _edit_eval(folder, edit):
-    p = os.path.join(folder, "eval.json")
-    with open(p) as f:
-        ev = json.load(f)
-    edit(ev)
-    with open(p, "w") as f:
-        json.dump(ev, f)
 
 
 def test_base_on_other_examples_gives_no_fwt(tmp_path):
@@ -205,6 +227,15 @@ def test_base_model_is_evaluated_once_per_study(tmp_path):
     assert cmd[cmd.index("--tasks") + 1] == "arc,toxigen,csqa2,csqa"    # the study's tasks and its chains'
     assert cmd[cmd.index("--out") + 1] == str(tmp_path / "runs" / "base" / "eval.json")
     assert cmd[cmd.index("--model") + 1] == "tiny" and cmd[cmd.index("--limit") + 1] == "30"
+    # a long chain's stages shared with the study (stage 1; stage 2 = the Table-1 chain) scored on its later tasks
+    later = {st.name: st.cmd[st.cmd.index("--tasks") + 1] for st in g.stages.values()
+             if st.name.startswith("evalchain")}
+    assert len(later) == 2 * 2 * 2
+    assert later["evalchain-toxigen-arc-csqa2-1-toxigen-seed1"] == "arc,csqa2"
+    assert later["evalchain-toxigen-arc-csqa2-2-arc-seed1"] == "csqa2"
+    st = g.stages["evalchain-arc-toxigen-csqa-2-toxigen-seed0"]
+    assert st.after == ["stage2-arc-toxigen-lrA1e-3-lrB1e-3-seed0"] and st.out.endswith(
+        os.path.join("longchain", "arc-toxigen-csqa", "seed0", "2-toxigen", "eval.json"))
 
 
 # ---------------------------------------------------------------------------------------------- the group heatmap

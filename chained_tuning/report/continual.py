@@ -101,32 +101,47 @@ def continual_metrics(R, base=None):
     return out
 
 
-def stage_eval(run):
-    """A Run (runs.Run, with its eval.json) -> StageEval; None for a stage not found."""
+def stage_sources(run, more):
+    """{task: runs.Evaluation} of one stage: its own eval.json, then the other evaluations of its checkpoint
+    (more: {run_id: [Evaluation]}, e.g. the study's scores of a shared stage on the long chain's later tasks) for
+    the tasks its own lacks."""
+    src = {t: evaluation(run) for t in (run.eval.get("tasks") or {})}
+    for e in sorted((more or {}).get(run.run_id, []), key=lambda e: e.name):
+        for t in e.eval.get("tasks") or {}:
+            src.setdefault(t, e)
+    return src
+
+
+def stage_eval(run, src):
+    """A Run (runs.Run) and its {task: Evaluation} (stage_sources) -> StageEval; None for a stage not found. Its
+    evaluated_run_id is its own eval.json's, or the first other evaluation's that differs (there should be none)."""
     if run is None:
         return None
-    tasks = (run.eval or {}).get("tasks") or {}
+    blocks = {t: e.eval["tasks"][t] for t, e in src.items()}
+    seen = [e.eval.get("run_id") for e in src.values() if e.eval.get("run_id") is not None]
     return StageEval(run.name, run.run_id, run.parent_run_id, run.task,
-                     {t: b.get("acc") for t, b in tasks.items()},
-                     {t: {g: v.get("acc") for g, v in (b.get("groups") or {}).items()} for t, b in tasks.items()},
-                     (run.eval or {}).get("run_id"))
+                     {t: b.get("acc") for t, b in blocks.items()},
+                     {t: {g: v.get("acc") for g, v in (b.get("groups") or {}).items()} for t, b in blocks.items()},
+                     next((i for i in seen if i != run.run_id), seen[0] if seen else None))
 
 
-def chain_matrix(stages, base):
-    """A long chain's stages (runs.Run, stage 1 first; None where missing) and the base model's evaluation
-    (runs.Evaluation or None) -> (tasks, R, G, b, bg, fwt_note): the matrices of accuracy_matrix, b the base
-    model's accuracy per task and bg per group (None without a usable base evaluation; fwt_note then says why
-    FWT is not available). Refused as accuracy_matrix, and when two evaluations of a task (each stage's and the
-    stage that tuned it) were made on other examples (runs.incomparable)."""
+def chain_matrix(stages, base, more=None):
+    """A long chain's stages (runs.Run, stage 1 first; None where missing), the base model's evaluation
+    (runs.Evaluation or None) and the other evaluations of the stages' checkpoints (more, {run_id: [Evaluation]})
+    -> (tasks, R, G, b, bg, fwt_note): the matrices of accuracy_matrix, b the base model's accuracy per task and bg
+    per group (None without a usable base evaluation; fwt_note then says why FWT is not available). Refused as
+    accuracy_matrix, and when two evaluations of a task (each stage's and the stage that tuned it) were made on
+    other examples (runs.incomparable)."""
     for r in stages:
         if r is not None and not r.eval:
             raise Refused(f"{r.name} has no eval.json; run evaluate.py --model {r.name} --out {r.name}/eval.json")
         if r is not None and r.problem:
             raise Refused(f"{r.name}: {r.problem}")
-    tasks, R, G = accuracy_matrix([stage_eval(r) for r in stages])
+    sources = [stage_sources(r, more) if r is not None else {} for r in stages]
+    tasks, R, G = accuracy_matrix([stage_eval(r, src) for r, src in zip(stages, sources)])
     for j, t in enumerate(tasks):
-        for r in stages:  # every row against the stage that tuned t (the diagonal BWT subtracts)
-            why = incomparable(t, evaluation(stages[j]), evaluation(r))
+        for src in sources:  # every row against the stage that tuned t (the diagonal BWT subtracts)
+            why = incomparable(t, sources[j][t], src[t])
             if why:
                 raise Refused(why)
     if base is None:
@@ -137,7 +152,7 @@ def chain_matrix(stages, base):
         return tasks, R, G, None, None, (f"not available (the base evaluation {base.name} has no result for "
                                          f"{', '.join(lacking)})")
     for t in tasks:  # theta_0's row on the examples of every other row (those agree with stage 1's, checked above)
-        why = incomparable(t, base, evaluation(stages[0]))
+        why = incomparable(t, base, sources[0][t])
         if why:
             return tasks, R, G, None, None, f"not available (base evaluation incomparable: {why})"
     blocks = base.eval["tasks"]

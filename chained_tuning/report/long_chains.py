@@ -120,7 +120,7 @@ CONTINUAL_COLUMNS = ["chain", "seed", "lrs", "group", "tasks", "ACC (%)", "BWT (
 ALL = "all"  # the group column of the task-level rows
 
 
-def continual_rows(long_chains, base):
+def continual_rows(long_chains, base, more=None):
     """For every long chain and seed: its accuracy matrix (long format, fractions; after_stage 0: the base model)
     and ACC / BWT / FWT, overall (group "all") and per group -> (matrix rows, metric rows, refused lines). A
     chain whose evaluations do not belong together (continual.Refused) gives no row, only its refusal line;
@@ -129,7 +129,7 @@ def continual_rows(long_chains, base):
     for lc in long_chains:
         name, lrs = chain_name(lc.chain), chain_lrs(lc.stages)
         try:
-            tasks, R, G, b, bg, fwt_note = chain_matrix(lc.stages, base)
+            tasks, R, G, b, bg, fwt_note = chain_matrix(lc.stages, base, more)
         except Refused as e:
             refused.append(f"long chain {name} seed {lc.seed}: accuracy matrix, ACC, BWT and FWT left out: {e}")
             continue
@@ -158,7 +158,7 @@ def section_continual(study, opts):
     head = "## Continual-learning metrics of the long chains\n\n"
     if not study.long_chains:
         return Section(head + "No long chains: nothing to compute.\n")
-    mrows, rows, refused = continual_rows(study.long_chains, study.base)
+    mrows, rows, refused = continual_rows(study.long_chains, study.base, study.more_evals)
     matrix = pd.DataFrame([dict(r, acc=rounded(100 * r["acc"])) for r in mrows],
                           columns=CONTINUAL_MATRIX_COLUMNS).rename(columns={"acc": "acc (%)"})
     table = pd.DataFrame([{**{k: r[k] for k in ("chain", "seed", "lrs", "group", "tasks")},

@@ -386,14 +386,17 @@ def add_long_chain(builder, spec, s):
         builder.skip(f"longchain-{spec}-seed{s}", "longchain", None, f"longchain-{spec}-seed{s}")
         return
     deps = [f"choose-{tasks[0]}-seed{s}"]
+    add_chain_eval(builder, spec, s, 1, parent, deps)
     for k, t in enumerate(tasks[1:], start=2):
         if k == 2:
             d, nodes = builder.main_chain(tasks[0], t, s)
             if nodes and not builder.is_finished(nodes) or builder.plan and nodes:
                 parent, deps = d, nodes  # the Table 1 chain is this chain's stage 2
+                add_chain_eval(builder, spec, s, 2, parent, deps)
                 continue
             if os.path.isdir(d):
                 parent = d
+                add_chain_eval(builder, spec, s, 2, parent, [])
                 continue
         d = f"{builder.r}/longchain/{spec}/seed{s}/{k}-{t}"
         names = builder.finetune("longchain", f"longchain-{spec}-{k}-{t}-seed{s}", parent, t, c.main_lr, s, d,
@@ -403,6 +406,19 @@ def add_long_chain(builder, spec, s):
         if builder.failed(names[0]):
             return
         parent, deps = d, names[:1]
+
+
+def add_chain_eval(builder, spec, s, k, model_dir, after):
+    """A stage a long chain shares with the study (stage 1, and stage 2 when it is the Table-1 chain) was evaluated
+    on its own tasks only: evaluate.py scores it on the chain's later tasks too, into the long chain's folder (no
+    run.json there: metrics.py pairs it with the stage by the run_id eval.json records), so the accuracy matrix has
+    R[k][j] for j > k (forward transfer needs R[j-1][j])."""
+    tasks = spec.split("-")
+    later = [t for t in dict.fromkeys(tasks[k:]) if t not in tasks[:k]]
+    if later:
+        builder.evaluate(f"evalchain-{spec}-{k}-{tasks[k - 1]}-seed{s}", model_dir, ",".join(later),
+                         f"{builder.r}/longchain/{spec}/seed{s}/{k}-{tasks[k - 1]}/eval.json", builder.eval_limit(),
+                         list(after))
 
 
 def add_taylor(builder, a, b, s):
