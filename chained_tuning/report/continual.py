@@ -9,7 +9,8 @@ stage i (i, j = 1..T), and from it
 overall, and per group on the groups' accuracies (a group's averages run over the tasks that have it).
 
 accuracy_matrix and continual_metrics are pure (plain numbers in, plain numbers out); chain_matrix builds their
-inputs from a long chain's run.json / eval.json and the base model's evaluation, and refuses (Refused, naming
+inputs from a long chain's run.json / eval.json (plus the other evaluations of its stages' checkpoints, paired by
+the run_id eval.json records) and the base model's evaluation, and refuses (Refused, naming
 the files) a matrix whose evaluations do not belong together: a stage missing, a stage not tuned from the one
 before it, an eval.json of another checkpoint, a task without a result, or two evaluations of a task on other
 examples. No silent wrong result: a refused matrix gives no number.
