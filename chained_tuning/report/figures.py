@@ -380,7 +380,7 @@ def heatmap_note(opts):
 
 
 def base_evaluations(study):
-    """{task: accuracy} of the base model theta_0 (study.base, report/study.py's base_evaluation); {} when the
+    """{task: accuracy} of the base model theta_0 (study.base, report/study.py's loose_evaluations); {} when the
     study did not evaluate it."""
     tasks = study.base.eval["tasks"] if study.base else {}
     return {t: float(b["acc"]) for t, b in tasks.items()
