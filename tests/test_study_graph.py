@@ -39,9 +39,10 @@ def test_paper_plan_counts_the_stages_of_every_kind(paper_plan):
     r, plan, _, _ = paper_plan
     # 6 tasks x 5 lrs x 3 seeds; per seed 18 main chains + 7 first-lr and 7 second-lr sweep chains x 4 lrs
     # that are no main chain; 9 replay chains x 2 sweeps; 9 x 3 mitigations; 2 three-task chains (stage 3 only);
-    # curvature of each task's chosen model (its Taylor checks inside)
+    # curvature of each task's chosen model (its Taylor checks inside); the base model evaluated once, and the
+    # 2 stages each three-task chain shares with the study evaluated on its later tasks
     assert plan["totals"]["stages"] == {"first_stage": 90, "chain": 3 * (18 + 28 + 28), "replay": 54,
-                                        "curvature": 18, "mitigation": 81, "longchain": 6}
+                                        "curvature": 18, "mitigation": 81, "longchain": 6, "evaluate": 1 + 3 * 2 * 2}
     assert not any(s["done"] for s in plan["stages"])
     assert plan["n_params"] == 6_738_415_616 and plan["checkpoint_bytes"] == 2 * 6_738_415_616
     assert plan["totals"]["gpu_hours"] > 0 and plan["totals"]["disk_bytes"] > 100 * plan["checkpoint_bytes"]
@@ -122,9 +123,9 @@ def test_status_prints_every_stage_with_its_state(paper_plan):
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
-    assert sum(line.startswith("ready") for line in lines) == 90  # the first stages wait for nothing
+    assert sum(line.startswith("ready") for line in lines) == 91  # the first stages and eval-base wait for nothing
     assert any(line.startswith("waiting") and "stage2-toxigen-arc-lrA1e-5-lrB1e-5-seed0" in line for line in lines)
-    assert lines[-1].startswith("states: ready 90, waiting ")
+    assert lines[-1].startswith("states: ready 91, waiting ")
 
 
 def write_val(runs, task, lr, acc):

@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 from ..forgetting import NA
-from ..runs import EVAL_FIX, find_json_files
 from ..statistics import correction_name
 from .format import MISSING, Section, as_floats, cells, exact, rounded, short
 from .plot import MARKERS, chain_colours, figure_files, plt
@@ -335,7 +334,8 @@ def section_group_heatmap(study, opts):
                 lo, hi = r.biased_forgetting_ci_low, r.biased_forgetting_ci_high
                 label = "n/a" if math.isnan(v) else f"{v:.1f}"
                 if not isinstance(lo, str) and not isinstance(hi, str):
-                    label += f"\n[{lo:.1f}, {hi:.1f}]" + ("*" if lo > 0 or hi < 0 else "")
+                    label += f"\n[{lo:.1f}, {hi:.1f}]"
+                label += "*" if heatmap_star(r.significant, lo, hi) else ""
                 labels[(groups.index(r.group), seconds.index(r.second_task))] = (label, v)
             lim = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
             for (i, j), (label, v) in labels.items():  # white text on the dark end of the colour map
@@ -346,28 +346,45 @@ def section_group_heatmap(study, opts):
             ax.set_yticks(range(len(groups)), groups, fontsize=7)
             ax.set_title(f"{short(A)} -> B: biased forgetting (%)", fontsize=9)
         fig.tight_layout()
-    ci = (f"{100 * opts.ci:g}% bootstrap CI in brackets; * marks a CI that excludes 0" if opts.n_boot > 0
-          else "no CIs (--n_boot 0)")
+    df.insert(len(df.columns), "star", [heatmap_star(r.significant, r.biased_forgetting_ci_low,
+                                                     r.biased_forgetting_ci_high) for r in df.itertuples()])
     return Section("## Biased forgetting per group and chain\n\n![group heatmap](figure_group_heatmap.png)\n\n"
                    "Each cell: a group's forgetting minus its task's average (percent, mean over seeds; red: forgot "
-                   f"more than average), {ci} ([figure_group_heatmap.csv](figure_group_heatmap.csv)).\n",
+                   f"more than average), {heatmap_note(opts)} ([figure_group_heatmap.csv](figure_group_heatmap.csv): "
+                   "its significant column is the corrected decision, star the mark drawn).\n",
                    figure_files(fig, df, "figure_group_heatmap"))
 
 
+def heatmap_star(decision, lo, hi):
+    """Whether a group-heatmap cell gets its *: the corrected per-group decision of forgetting_by_group.csv
+    (more / less than the task's average; many groups per chain, so raw CIs alone flag some by chance); only
+    where no test was run (--n_perm 0, no samples: decision n/a) does the bootstrap CI excluding 0 decide."""
+    if decision in ("more", "less"):
+        return True
+    if decision == "no":
+        return False
+    return not isinstance(lo, str) and not isinstance(hi, str) and (lo > 0 or hi < 0)
+
+
+def heatmap_note(opts):
+    """The caption's words on the brackets and the * of figure_group_heatmap (the rule heatmap_star applies)."""
+    ci = f"{100 * opts.ci:g}% bootstrap CI in brackets" if opts.n_boot > 0 else "no CIs (--n_boot 0)"
+    if opts.n_perm > 0:
+        rule = (f"* marks a group whose per-group permutation test, corrected for the chain's groups "
+                f"({correction_name(opts.correction)}, adjusted p < {1 - opts.ci:g}), says it forgot more or less "
+                "than average (the significant column of forgetting_by_group.csv)"
+                + ("; where no test could run, a CI that excludes 0" if opts.n_boot > 0 else ""))
+    else:
+        rule = "* marks a CI that excludes 0 (no permutation test: --n_perm 0)" if opts.n_boot > 0 else "no * marks"
+    return f"{ci}; {rule}"
+
+
 def base_evaluations(study):
-    """{task: accuracy} of the base model theta_0: an eval.json in a folder without run.json whose "model" is the
-    runs' base model (or whose folder is named "base"); {} when the study did not evaluate it."""
-    bases = {str(r.meta.get("base_model")) for r in study.runs if r.meta.get("base_model")}
-    out = {}
-    for rel, ev in find_json_files(study.runs_dir, "eval.json", EVAL_FIX):
-        folder = os.path.join(study.runs_dir, os.path.dirname(rel))
-        if os.path.isfile(os.path.join(folder, "run.json")) or not isinstance(ev.get("tasks"), dict):
-            continue
-        if str(ev.get("model")) in bases or os.path.basename(folder) == "base":
-            for t, block in ev["tasks"].items():
-                if isinstance(block, dict) and isinstance(block.get("acc"), (int, float)):
-                    out.setdefault(t, float(block["acc"]))
-    return out
+    """{task: accuracy} of the base model theta_0 (study.base, report/study.py's loose_evaluations); {} when the
+    study did not evaluate it."""
+    tasks = study.base.eval["tasks"] if study.base else {}
+    return {t: float(b["acc"]) for t, b in tasks.items()
+            if isinstance(b, dict) and isinstance(b.get("acc"), (int, float))}
 
 
 def section_accuracy_path(study, opts):

@@ -9,9 +9,9 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from ..runs import (CURV_FIX, REPLAY_FIX, TAYLOR_FIX, choose_first_stage, copy_preference, duplicate_error,
-                    find_json_files, find_runs, is_measured_chain, is_replay_point, long_chain_lineages,
-                    mitigation_of, pair_runs, read_json, stage_of)
+from ..runs import (CURV_FIX, EVAL_FIX, REPLAY_FIX, TAYLOR_FIX, Evaluation, check_eval_json, choose_first_stage,
+                    copy_preference, duplicate_error, find_json_files, find_runs, is_measured_chain, is_replay_point,
+                    long_chain_lineages, mitigation_of, pair_runs, read_json, stage_of)
 from ..data.registry import CAPABILITY_TASKS, SAFETY_TASKS
 from .format import FAILED, INCOMPARABLE, MISSING
 
@@ -41,6 +41,8 @@ class Study:
     refused_pairs: list = field(default_factory=list)  # Pairs whose evaluations cannot be compared
     refused: list = field(default_factory=list)        # their refusal lines (each section adds its own)
     cache: dict = field(default_factory=dict)          # results shared by sections (bootstrap CIs), keyed by inputs
+    base: Evaluation = None   # the base model theta_0's eval.json (loose_evaluations), None when not evaluated
+    more_evals: dict = field(default_factory=dict)  # run_id -> [Evaluation] of its checkpoint beyond its eval.json
 
 
 def read_study_json(runs_dir):
@@ -160,6 +162,29 @@ def table1_selection(all_pairs, runs, capability, safety, seeds, main_lr, study_
     return table1, marker
 
 
+def loose_evaluations(runs_dir, runs, exclude=None):
+    """The eval.json files in folders without run.json -> (base, more): base the base model theta_0's evaluation
+    (runs.Evaluation; None when the study did not evaluate it): "model" is the runs' base model (run.json
+    base_model) or the folder is named "base" (run_all.sh's <runs>/base/eval.json), the first by path when
+    several are; more {run_id: [Evaluation]}: the other evaluations of a run's checkpoint (the run_id eval.json
+    records), e.g. a long chain's shared stages scored on its later tasks. One base serves every chain: the
+    accuracy path's theta_0 and the long chains' forward transfer."""
+    bases = {str(r.meta.get("base_model")) for r in runs if r.meta.get("base_model")}
+    ids = {r.run_id for r in runs}
+    base, more = None, defaultdict(list)
+    for rel, ev in find_json_files(runs_dir, "eval.json", EVAL_FIX, exclude):
+        folder = os.path.join(runs_dir, os.path.dirname(rel))
+        if os.path.isfile(os.path.join(folder, "run.json")) or not isinstance(ev.get("tasks"), dict):
+            continue
+        e = Evaluation(os.path.dirname(rel) or ".", folder, ev)
+        if ev.get("run_id") in ids:
+            check_eval_json(os.path.join(folder, "eval.json"), ev)
+            more[ev["run_id"]].append(e)
+        elif base is None and (str(ev.get("model")) in bases or os.path.basename(folder) == "base"):
+            base = e
+    return base, dict(more)
+
+
 def build_study(runs_dir, main_lr=None, exclude=None):
     """Read a runs folder: runs, chained pairs, the main lr, the Table-1 selection, the replay summaries and
     curvature files, and every problem."""
@@ -183,10 +208,12 @@ def build_study(runs_dir, main_lr=None, exclude=None):
     # read here, once: the curvature sections and the check for an empty folder all use them
     curvature_files = find_json_files(runs_dir, "curvature.json", CURV_FIX, exclude)
     taylor_files = find_json_files(runs_dir, "taylor.json", TAYLOR_FIX, exclude)
+    base, more = loose_evaluations(runs_dir, all_runs, exclude)
     return Study(runs_dir, runs, pairs, problems, main_lr, lr_from, table1, marker,
                  capability, safety, seeds, study_json, all_runs=all_runs, replay=replay, replay_ids=replay_ids,
                  long_chains=long_chains, copies=dict(copies), curvature_files=curvature_files,
-                 taylor_files=taylor_files, refused_pairs=refused_pairs, refused=[p.refused for p in refused_pairs])
+                 taylor_files=taylor_files, refused_pairs=refused_pairs, refused=[p.refused for p in refused_pairs],
+                 base=base, more_evals=more)
 
 
 def nothing_to_report(study):

@@ -15,7 +15,7 @@ from .figures import (section_accuracy_path, section_figure2, section_figure3, s
                       section_forgetting_heatmap, section_group_heatmap, section_loss_curves, section_lr_figures)
 from .findings import findings_section
 from .format import TASK_NAMES, short, write_file
-from .long_chains import section_long_chains
+from .long_chains import section_continual, section_long_chains
 from .mitigation import section_mitigation
 from .order import section_order
 from .replay import section_replay
@@ -26,7 +26,7 @@ from .tables import section_chance, section_first_task_acc, section_groups, sect
 SECTIONS = [section_table1, section_forgetting_heatmap, section_table2, section_groups, section_group_heatmap,
             section_chance, section_figure2, section_figure3, section_figures_9_10, section_accuracy_path,
             section_loss_curves, section_lr_figures, section_first_task_acc, section_curvature, section_replay,
-            section_mitigation, section_long_chains, section_order]
+            section_mitigation, section_long_chains, section_continual, section_order]
 
 
 def run_sections(study, opts):

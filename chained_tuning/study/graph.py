@@ -94,6 +94,9 @@ class Builder:
                 for s in c.seeds:
                     d = self.s1_dir(t, lr, s)
                     self.finetune("first_stage", f"stage1-{t}-lr{lr}-seed{s}", c.model, t, lr, s, d, t, val=True)
+        # the base model, evaluated once for every chain; after the first stages (which every later stage waits
+        # for) in the order ready stages start, since only the report reads it
+        add_base_eval(self)
         for t in tasks:
             for s in c.seeds:
                 add_choice(self, t, s)
@@ -220,6 +223,21 @@ class Builder:
 
 
 # --- the stages of each kind ---------------------------------------------------------------------------------
+
+def base_tasks(c):
+    """Every task the study evaluates a model on: its capability and safety tasks, then the tasks of its long
+    chains (CHAINS may name others, e.g. csqa2 in a study of arc and toxigen)."""
+    extra = [t for spec in c.chains for t in spec.split("-")]
+    return list(dict.fromkeys(c.cap + c.safe + extra))
+
+
+def add_base_eval(builder):
+    """The base model theta_0 (MODEL) evaluated once per study on every task, with the options of every other
+    evaluation (the same examples): the accuracy path's first point and the long chains' forward transfer
+    (metrics.py finds <runs>/base/eval.json). One node, whatever the number of chains and seeds."""
+    builder.evaluate("eval-base", builder.c.model, ",".join(base_tasks(builder.c)), f"{builder.r}/base/eval.json",
+                     builder.eval_limit(), [])
+
 
 def add_choice(builder, t, s):
     """The choice node: decided once every first-stage stage of (t, s) has finished."""
@@ -374,14 +392,17 @@ def add_long_chain(builder, spec, s):
         builder.skip(f"longchain-{spec}-seed{s}", "longchain", None, f"longchain-{spec}-seed{s}")
         return
     deps = [f"choose-{tasks[0]}-seed{s}"]
+    add_chain_eval(builder, spec, s, 1, parent, deps)
     for k, t in enumerate(tasks[1:], start=2):
         if k == 2:
             d, nodes = builder.main_chain(tasks[0], t, s)
             if nodes and not builder.is_finished(nodes) or builder.plan and nodes:
                 parent, deps = d, nodes  # the Table 1 chain is this chain's stage 2
+                add_chain_eval(builder, spec, s, 2, parent, deps)
                 continue
             if os.path.isdir(d):
                 parent = d
+                add_chain_eval(builder, spec, s, 2, parent, [])
                 continue
         d = f"{builder.r}/longchain/{spec}/seed{s}/{k}-{t}"
         names = builder.finetune("longchain", f"longchain-{spec}-{k}-{t}-seed{s}", parent, t, c.main_lr, s, d,
@@ -391,6 +412,19 @@ def add_long_chain(builder, spec, s):
         if builder.failed(names[0]):
             return
         parent, deps = d, names[:1]
+
+
+def add_chain_eval(builder, spec, s, k, model_dir, after):
+    """A stage a long chain shares with the study (stage 1, and stage 2 when it is the Table-1 chain) was evaluated
+    on its own tasks only: evaluate.py scores it on the chain's later tasks too, into the long chain's folder (no
+    run.json there: metrics.py pairs it with the stage by the run_id eval.json records), so the accuracy matrix has
+    R[k][j] for j > k (forward transfer needs R[j-1][j])."""
+    tasks = spec.split("-")
+    later = [t for t in dict.fromkeys(tasks[k:]) if t not in tasks[:k]]
+    if later:
+        builder.evaluate(f"evalchain-{spec}-{k}-{tasks[k - 1]}-seed{s}", model_dir, ",".join(later),
+                         f"{builder.r}/longchain/{spec}/seed{s}/{k}-{tasks[k - 1]}/eval.json", builder.eval_limit(),
+                         list(after))
 
 
 def add_taylor(builder, a, b, s):
