@@ -271,3 +271,22 @@ def test_curvature_measures_count_in_the_plan():
 
     one_hvp = cm.stage_gpu_seconds("hvp", 1000.0, n, 8, shape=shape)
     assert secs(["rho", "trace"]) - secs(["rho"]) == pytest.approx(30 * one_hvp, rel=1e-9)
+
+
+def test_curvature_measure_settings_are_passed_on_and_checked_before_anything(tmp_path):
+    """CURV_MEASURE_ARGS (the tiny profile: a third of the default products) reaches every curvature stage; a bad
+    one is refused with one line naming the variable, before any stage."""
+    env = {**os.environ, "PROFILE": "tiny", "RUNS": str(tmp_path / "runs")}
+    r = subprocess.run([sys.executable, "study.py", "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    plan = json.loads((tmp_path / "runs" / "plan.json").read_text())
+    curv = [s["cmd"] for s in plan["stages"] if s["kind"] == "curvature"]
+    assert curv and all("--measures rho,trace,density,topk,blocks --trace_products 12 --slq_probes 2 "
+                        "--slq_steps 16 --topk 3" in c for c in curv)
+    for bad, said in (("--slq_probes 1", "--slq_probes must be at least 2"), ("--rtol 1", "'--rtol' is not one of"),
+                      ("--topk x", "--topk 'x' is not a whole number")):
+        r = subprocess.run([sys.executable, "study.py", "--dry_run"], cwd=ROOT, capture_output=True, text=True,
+                           env={**env, "CURV_MEASURE_ARGS": bad, "RUNS": str(tmp_path / "bad")}, timeout=300)
+        assert r.returncode == 2 and "CURV_MEASURE_ARGS: " in r.stderr and said in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "bad").exists()

@@ -7,6 +7,37 @@ MEASURES = ("rho", "trace", "density", "topk", "blocks")
 DEFAULTS = {"trace_products": 30, "slq_probes": 4, "slq_steps": 30, "topk": 5, "max_steps": 100}
 
 
+MOMENTS = 4  # the density's moments recorded (1/n tr H^p, p = 1..MOMENTS); SLQ is exact per probe to 2 steps - 1
+# the rule each measure setting must meet (a predicate and the words an error gives)
+RULES = {"trace_products": (lambda v: v >= 6 and v % 3 == 0, "a multiple of 3, at least 6 (sketch, its range and "
+                                                              "residual probes, two of each at least)"),
+         "slq_probes": (lambda v: v >= 2, "at least 2 (the standard error needs two probes)"),
+         "slq_steps": (lambda v: v >= 3, f"at least 3 (moments up to {MOMENTS} exact per probe)"),
+         "topk": (lambda v: v >= 1, "at least 1"), "max_steps": (lambda v: v >= 1, "at least 1")}
+
+
+def parse_measure_args(words, name="CURV_MEASURE_ARGS"):
+    """curvature.py's measure settings as words ('--trace_products 12 --slq_probes 2 ...') -> {setting: int},
+    each checked by RULES; CurvatureError naming `name` otherwise."""
+    out, words = {}, list(words)
+    flags = [k for k in RULES if k != "max_steps"]
+    while words:
+        flag = words.pop(0)
+        key = flag[2:] if flag.startswith("--") else None
+        if key not in flags or not words:
+            raise CurvatureError(f"{name}: {flag!r} is not one of --{', --'.join(flags)} followed by its value")
+        raw = words.pop(0)
+        try:
+            value = int(raw)
+        except ValueError:
+            raise CurvatureError(f"{name}: {flag} {raw!r} is not a whole number") from None
+        ok, need = RULES[key]
+        if not ok(value):
+            raise CurvatureError(f"{name}: {flag} must be {need}, got {value}")
+        out[key] = value
+    return out
+
+
 def worst_case_hvps(names, n_blocks, d=DEFAULTS):
     """HVPs the measures other than rho take at most at the default settings: Hutch++'s products, SLQ's probes x
     steps, topk's and each of n_blocks blocks' Lanczos capped at max_steps (rho's own solve is counted apart)."""

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from .errors import CurvatureError
-from .measure_names import DEFAULTS, MEASURES, parse_measures  # noqa: F401  (parse_measures: the measures' own names)
+# parse_measures: re-exported, the measures' own names
+from .measure_names import DEFAULTS, MEASURES, MOMENTS, RULES, parse_measures  # noqa: F401
 from .solvers import DEFAULT_RTOL, lanczos_full
 
-MOMENTS = 4  # the density's moments recorded (1/n tr H^p, p = 1..MOMENTS); SLQ is exact per probe to 2 steps - 1
 # probe seeds: op.random(PROBE_SEED_BASE * (seed + 1) + TAG * PROBE_SEED_TAG + i), apart from the solver's seed
 PROBE_SEED_BASE, PROBE_SEED_TAG = 7919, 1000
 TAGS = {"trace_sketch": 1, "trace_residual": 2, "density": 3, "topk": 4, "blocks": 5}
@@ -55,12 +55,8 @@ class MeasureOptions:
 
 def check_options(opt: MeasureOptions):
     """Every setting checked before any HVP (CurvatureError naming the setting and the fix)."""
-    rules = (("trace_products", opt.trace_products >= 6 and opt.trace_products % 3 == 0,
-              "a multiple of 3, at least 6 (sketch, its range and residual probes, two of each at least)"),
-             ("slq_probes", opt.slq_probes >= 2, "at least 2 (the standard error needs two probes)"),
-             ("slq_steps", opt.slq_steps >= 3, f"at least 3 (moments up to {MOMENTS} exact per probe)"),
-             ("topk", opt.topk >= 1, "at least 1"), ("max_steps", opt.max_steps >= 1, "at least 1"),
-             ("rtol", opt.rtol > 0, "> 0"), ("seed", opt.seed >= 0, ">= 0"))
+    rules = tuple((k, ok(getattr(opt, k)), need) for k, (ok, need) in RULES.items()) + (
+        ("rtol", opt.rtol > 0, "> 0"), ("seed", opt.seed >= 0, ">= 0"))
     for name, ok, need in rules:
         if not ok:
             raise CurvatureError(f"{name} must be {need}, got {getattr(opt, name)!r}")

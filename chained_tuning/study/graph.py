@@ -350,7 +350,8 @@ def add_curvature(builder, t, s, d):
                     refs.append(r)
     out = f"{builder.r}/curvature/{t}/lr{lr}/seed{s}/curvature.json"
     taylor = ["--reference", *refs, "--taylor_out", "taylor.json"] if refs else []
-    measures = ["--measures", c.curv_measures] if c.curv_measures != "rho" else []  # CURV_MEASURES
+    measures = (["--measures", c.curv_measures, *c.curv_measure_args] if c.curv_measures != "rho"
+                else [])  # CURV_MEASURES, CURV_MEASURE_ARGS
     cmd = [c.py, "curvature.py", "--model", d, "--task", t, "--samples", c.curv_samples, "--seed", s, "--out", out,
            *data_args(c), *measures, *taylor]
     builder.g.add(Stage(f"curvature-{t}-lr{lr}-seed{s}", "curvature", out, cmd, waits, [d] + refs,
