@@ -279,6 +279,21 @@ def stage_base(given, resolved, chain):
     return base_record(base, base)
 
 
+def base_dtype_of(cfg, world):
+    """The dtype a stage loads its frozen base in: NF4 under --lora_base_4bit; bfloat16 for a LoRA stage under
+    --bf16 in one process (half the memory; the adapters stay float32); else None, float32 (a full stage keeps
+    float32 master weights, and under torchrun FSDP2's policy casts)."""
+    import torch
+    if cfg.get("lora_base_4bit"):
+        return NF4
+    return torch.bfloat16 if cfg.get("bf16") and cfg.get("lora_r") is not None and world == 1 else None
+
+
+def dtype_name(dtype):
+    """base_dtype_of's answer as run.json records it."""
+    return "float32" if dtype is None else dtype if dtype == NF4 else str(dtype).replace("torch.", "")
+
+
 def start_model(resolved, cfg, base_dtype=None):
     """A stage's starting model from a resolved --model (checked by training.check_lora): a checkpoint, or an
     adapter folder merged, for a full fine-tuning stage; with --lora_r a fresh adapter on that (seeded by

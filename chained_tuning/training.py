@@ -183,8 +183,7 @@ def load_stage_inputs(cfg, device, micro, world, mitigations=()):
     if cfg["lora_r"] is not None:
         inputs.lora = {"chain": cfg["lora_chain"], **lora.adapter_settings(model),
                        "base": lora.stage_base(cfg["model"], model_path, cfg["lora_chain"]),
-                       "base_dtype": ("nf4" if cfg.get("lora_base_4bit") else
-                                      "bfloat16" if cfg["bf16"] and world == 1 else "float32")}
+                       "base_dtype": lora.dtype_name(lora.base_dtype_of(cfg, world))}
     return model, inputs
 
 
@@ -205,10 +204,7 @@ def load_start_model(model_path, tok, cfg, checkpointing, world, device):
                                          load=lambda: lora.start_model(model_path, cfg))
         check_tokenizer_matches(model, tok, model_path)
     else:
-        # one process, a LoRA stage under --bf16: the frozen base in bfloat16 (half the memory; what the one-gpu
-        # profile plans), the adapters in float32; a full stage keeps float32 master weights under autocast
-        base_dtype = (lora.NF4 if cfg.get("lora_base_4bit") else
-                      torch.bfloat16 if cfg["bf16"] and cfg["lora_r"] is not None else None)
+        base_dtype = lora.base_dtype_of(cfg, world)
         model = lora.start_model(model_path, cfg, base_dtype)
         check_tokenizer_matches(model, tok, model_path)
         prepare(model)

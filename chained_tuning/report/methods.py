@@ -16,7 +16,7 @@ import pandas as pd
 from ..common import UserError, read_json
 from ..statistics import paired_sign_flip_test
 from .findings import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, rule
-from .format import csv_text, markdown_table, short
+from .format import as_floats, csv_text, markdown_table, short
 from .plot import figure_files, plt
 
 METHODS = ("full", "lora")
@@ -70,29 +70,17 @@ def check_shared(settings):
                         "one of them with the other's settings)")
 
 
-def _num(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
 def chain_rows(tables):
     """One row per chain both methods ran: forgetting and the variance of per-group forgetting of each, and the
     differences LoRA - full (points; points^2)."""
-    f, l = tables["full"], tables["lora"]
-    both = f.merge(l, on=CHAIN, suffixes=("_full", "_lora"))
-    rows = []
-    for r in both.to_dict("records"):
-        ff, fl = _num(r["forgetting_full"]), _num(r["forgetting_lora"])
-        vf, vl = _num(r.get("group_variance_pts2_full")), _num(r.get("group_variance_pts2_lora"))
-        rows.append({"first_task": r["first_task"], "second_task": r["second_task"],
-                     "forgetting_full (%)": ff, "forgetting_lora (%)": fl, "forgetting_difference (%)": fl - ff,
-                     "group_variance_full_pts2": vf, "group_variance_lora_pts2": vl,
-                     "group_variance_difference_pts2": vl - vf})
-    return pd.DataFrame(rows, columns=["first_task", "second_task", "forgetting_full (%)", "forgetting_lora (%)",
-                                       "forgetting_difference (%)", "group_variance_full_pts2",
-                                       "group_variance_lora_pts2", "group_variance_difference_pts2"])
+    both = tables["full"].merge(tables["lora"], on=CHAIN, suffixes=("_full", "_lora"))
+    col = lambda name: as_floats(both[name]) if name in both else np.full(len(both), np.nan)  # noqa: E731
+    ff, fl = col("forgetting_full"), col("forgetting_lora")
+    vf, vl = col("group_variance_pts2_full"), col("group_variance_pts2_lora")
+    return pd.DataFrame({"first_task": both["first_task"], "second_task": both["second_task"],
+                         "forgetting_full (%)": ff, "forgetting_lora (%)": fl, "forgetting_difference (%)": fl - ff,
+                         "group_variance_full_pts2": vf, "group_variance_lora_pts2": vl,
+                         "group_variance_difference_pts2": vl - vf})
 
 
 def _verdict(claim, differences, what, unit, alpha, n_perm, seed):

@@ -237,14 +237,24 @@ def train_memory_breakdown(n_params, n_gpus, tokens_per_micro_batch, layers, hid
     root = n_params - layers * layer_params
     sharded = 16.0 * n_params / n_gpus
     gathered = gathered_layers * layer_params * (2 + 2 + 4) + root * 2
+    return _step_memory({"sharded_states": sharded, "gathered_params_grads": gathered}, tokens_per_micro_batch,
+                        layers, hidden, bytes_per_token_per_layer, checkpointing, vocab,
+                        bytes_per_token_per_layer_ckpt)
+
+
+def _step_memory(states, tokens, layers, hidden, bytes_per_token_per_layer, checkpointing, vocab,
+                 bytes_per_token_per_layer_ckpt=None):
+    """A training step's bytes by part: `states` (weights, gradients, optimiser) plus the activations (with
+    checkpointing: every layer's input and one layer's full activations while it is recomputed) and the logits,
+    then the allocator's fragmentation and the CUDA context."""
     if checkpointing:
         ckpt = bytes_per_token_per_layer_ckpt or 2 * hidden
-        acts = tokens_per_micro_batch * (layers * ckpt + bytes_per_token_per_layer)
+        acts = tokens * (layers * ckpt + bytes_per_token_per_layer)
     else:
-        acts = tokens_per_micro_batch * layers * bytes_per_token_per_layer
-    logits = tokens_per_micro_batch * vocab * LOGIT_BYTES_PER_VOCAB
-    tensors = sharded + gathered + acts + logits
-    return {"sharded_states": sharded, "gathered_params_grads": gathered, "activations": acts, "logits": logits,
+        acts = tokens * layers * bytes_per_token_per_layer
+    logits = tokens * vocab * LOGIT_BYTES_PER_VOCAB
+    tensors = sum(states.values()) + acts + logits
+    return {**states, "activations": acts, "logits": logits,
             "overhead": tensors * (FRAGMENTATION - 1) + CUDA_CONTEXT_BYTES,
             "total": tensors * FRAGMENTATION + CUDA_CONTEXT_BYTES}
 
@@ -338,17 +348,9 @@ def lora_train_memory_breakdown(n_params, n_lora, tokens_per_micro_batch, layers
     base: the bf16 weights, no gradients or optimiser states. adapters: fp32 weights, gradients and AdamW's two
     states (16 bytes a parameter). activations (measured with the adapters in place: the frozen projections keep
     no weight-gradient inputs of their own, the adapters keep theirs) and logits as in train_memory_breakdown."""
-    base, adapters = 2.0 * n_params, 16.0 * n_lora
-    if checkpointing:
-        ckpt = bytes_per_token_per_layer_ckpt or 2 * hidden
-        acts = tokens_per_micro_batch * (layers * ckpt + bytes_per_token_per_layer)
-    else:
-        acts = tokens_per_micro_batch * layers * bytes_per_token_per_layer
-    logits = tokens_per_micro_batch * vocab * LOGIT_BYTES_PER_VOCAB
-    tensors = base + adapters + acts + logits
-    return {"base_weights": base, "adapter_states": adapters, "activations": acts, "logits": logits,
-            "overhead": tensors * (FRAGMENTATION - 1) + CUDA_CONTEXT_BYTES,
-            "total": tensors * FRAGMENTATION + CUDA_CONTEXT_BYTES}
+    return _step_memory({"base_weights": 2.0 * n_params, "adapter_states": 16.0 * n_lora}, tokens_per_micro_batch,
+                        layers, hidden, bytes_per_token_per_layer, checkpointing, vocab,
+                        bytes_per_token_per_layer_ckpt)
 
 
 def curvature_memory(weight_bytes, n_vector, tokens, layers, graph_bytes=CURV_GRAPH_BYTES_PER_TOKEN_LAYER,

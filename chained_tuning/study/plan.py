@@ -166,8 +166,8 @@ def memory_plan(c, shape, n_params, tc, methods=("full",), gpus=(cost_model.DEFA
                 plain = cost_model.train_memory_per_gpu(checkpointing=False, **kw)
                 ckpt = cost_model.train_memory_per_gpu(checkpointing=True, bytes_per_token_per_layer_ckpt=act_ckpt,
                                                        **kw)
-                fit = cost_model.fits(plain, gpu) and "fits" or cost_model.fits(ckpt, gpu) and \
-                    "fits with --gradient_checkpointing" or "does not fit"
+                fit = ("fits" if cost_model.fits(plain, gpu) else "fits with --gradient_checkpointing"
+                       if cost_model.fits(ckpt, gpu) else "does not fit")
                 where = f"training, FSDP2 over {g} GPUs" if g > 1 else "training on one GPU"
                 rows.append({"gpu": gpu, "method": method, "what": f"{where}, {batch // g} x {seq:.0f} tokens a GPU",
                              "bytes": plain if fit == "fits" else ckpt, "fits": fit})
