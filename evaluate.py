@@ -27,11 +27,16 @@ from chained_tuning.scorer import score_kv, score_naive, score_packed, split_sha
 def run(args):
     """evaluate.py's work for its parsed command line."""
     try:
-        return evaluate_checkpoint(args.model, args.tasks, args.out, data_dir=args.data_dir, split=args.split,
-                                   limit=args.limit, batch_size=args.batch_size, scorer=args.scorer, seed=args.seed,
-                                   dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-                                   data_opts=data_options(args), classifier=args.classifier,
-                                   max_new_tokens=args.max_new_tokens)
+        out = evaluate_checkpoint(args.model, args.tasks, args.out, data_dir=args.data_dir, split=args.split,
+                                  limit=args.limit, batch_size=args.batch_size, scorer=args.scorer, seed=args.seed,
+                                  dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+                                  data_opts=data_options(args), classifier=args.classifier,
+                                  max_new_tokens=args.max_new_tokens)
+        if dist.is_initialized():
+            # both processes at the end before either tears gloo down: process 0 writing the files while the
+            # other destroyed its group aborted at exit ("terminate called without an active exception")
+            dist.barrier()
+        return out
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
