@@ -175,11 +175,24 @@ def test_operator_with_blocks_equals_the_models_attention(ce):
         assert float((a - b).abs().max()) <= 1e-12 * max(float(b.abs().max()), 1e-6)
 
 
-def test_eager_attention_keeps_the_models_own():
-    model = sdpa_llama(attn="eager")
+def test_eager_attention_runs_as_sdpa_in_the_blocks():
+    """A float32 model loaded with eager attention: the operator switches it to SDPA inside its forwards (the same
+    function and arithmetic), routes that into the blocks, and gives the model back as it was; its H v matches
+    the model's own to float32 rounding. A float64 model keeps eager (its softmax rounds in float32, SDPA's
+    would not)."""
+    model = sdpa_llama(attn="eager").float()
     C._prepare_model(model)
     op = C.HessianOperator(model, long_batches()[:1], fused_ce="torch")
-    assert op.attention == "model"
+    ref = C.HessianOperator(model, long_batches()[:1], fused_ce="torch", block_attention=False)
+    assert op.attention == "blocks" and ref.attention == "model"
+    assert model.config._attn_implementation == "eager"
+    assert abs(op.loss_value - ref.loss_value) <= 1e-5 * abs(ref.loss_value)
+    v = op.random(5)
+    a, b = (torch.cat([t.reshape(-1) for t in x.hvp(v)]) for x in (op, ref))
+    assert float((a - b).norm() / b.norm()) <= 1e-4
+    wide = sdpa_llama(attn="eager")
+    C._prepare_model(wide)
+    assert C.HessianOperator(wide, long_batches()[:1], fused_ce="torch").attention == "model"
 
 
 @pytest.mark.parametrize("backend", ["torch"] + (["extension"] if EXT else []))

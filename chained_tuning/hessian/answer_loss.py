@@ -15,7 +15,7 @@ import functools
 import torch
 
 from . import attention as attention_hvp
-from . import ops
+from . import ops, shared_prefix
 from .answer_rows import AnswerRows
 from .errors import CurvatureError
 
@@ -89,14 +89,19 @@ def _answer_positions(batch, dev):
     return ids, am, keep, targets
 
 
-def _answer_logits(model, ids, am, keep, answer_logits_only=True):
+def _answer_logits(model, ids, am, keep, answer_logits_only=True, prefix=0):
+    """The model's logits at keep's rows (prefix: the first `prefix` positions run once for all rows,
+    shared_prefix.py)."""
     with _math_sdpa():
+        past = shared_prefix.prefix_cache(model, ids, prefix) if prefix else None
+        ids, keep = shared_prefix.suffix(ids, keep, prefix)
         try:
             if not answer_logits_only:
                 raise TypeError
-            out = model(input_ids=ids, attention_mask=am, logits_to_keep=keep, use_cache=False)
-        except TypeError:
-            out = model(input_ids=ids, attention_mask=am)
+            out = model(input_ids=ids, attention_mask=am, logits_to_keep=keep, past_key_values=past,
+                        use_cache=past is not None)
+        except TypeError:  # a model without logits_to_keep (or without a cache: then no prefix is shared)
+            out = model(input_ids=ids, attention_mask=am, **({} if past is None else {"past_key_values": past}))
     logits = out.logits if hasattr(out, "logits") else out[0]
     del out
     if logits.dim() == 3:
@@ -104,13 +109,16 @@ def _answer_logits(model, ids, am, keep, answer_logits_only=True):
     return logits
 
 
-def _answer_hidden(dec, ids, am, keep, last_rows=None):
+def _answer_hidden(dec, ids, am, keep, last_rows=None, prefix=0):
     """dec's last hidden state at keep's rows; last_rows: an answer_rows.AnswerRows that runs dec's last layer
-    at those rows only (verified by _last_layer_rows)."""
+    at those rows only (verified by _last_layer_rows); prefix: the first `prefix` positions run once for all rows
+    (shared_prefix.py; verified by _shared_prefix)."""
     with _math_sdpa():
+        past = shared_prefix.prefix_cache(dec, ids, prefix) if prefix else None
+        ids, keep = shared_prefix.suffix(ids, keep, prefix)
         if last_rows is not None and bool(keep.any()):
-            return last_rows(dec, ids, am, keep)
-        out = dec(input_ids=ids, attention_mask=am, use_cache=False)
+            return last_rows(dec, ids, am, keep, past)
+        out = dec(input_ids=ids, attention_mask=am, past_key_values=past, use_cache=past is not None)
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return h[keep]
 
@@ -130,7 +138,8 @@ def _last_layer_rows(model, batch):
     return rows if ok else None
 
 
-def batch_answer_loss_sum(model, batch, fused=False, answer_logits_only: bool = True, last_rows=None):
+def batch_answer_loss_sum(model, batch, fused=False, answer_logits_only: bool = True, last_rows=None,
+                          share_prefix: bool = False):
     """Sum of answer-token NLL of one batch; logits are only projected at positions that predict an answer
     token (HF `logits_to_keep` boolean mask), falling back to full logits for models without it.
 
@@ -138,18 +147,20 @@ def batch_answer_loss_sum(model, batch, fused=False, answer_logits_only: bool = 
     answer-row hidden states through hessian::linear_xent with the LM head's weight; only for models where
     linear_head() holds -- HessianOperator verifies it). answer_logits_only=False projects every position
     (finetune.answer_loss_sum's way; benchmarks only). last_rows (linear_xent): the decoder's last layer run at
-    the answer rows only (_last_layer_rows; HessianOperator verifies it)."""
+    the answer rows only (_last_layer_rows; HessianOperator verifies it). share_prefix: the tokens every row
+    begins with run once (shared_prefix.py; HessianOperator verifies it with _shared_prefix)."""
     mode = _ce_mode(fused)
     dev = next(model.parameters()).device
     ids, am, keep, targets = _answer_positions(batch, dev)
+    prefix = shared_prefix.shared_prefix_length(ids, am, keep) if share_prefix else 0
     if mode == "linear_xent":
         parts = linear_head(model)
         if parts is None:
             raise CurvatureError("linear_xent needs an HF causal LM with an nn.Linear LM head without bias")
-        rows = _answer_hidden(parts[0], ids, am, keep, last_rows)
+        rows = _answer_hidden(parts[0], ids, am, keep, last_rows, prefix)
         losses, _ = ops.linear_xent(rows, parts[1].weight, targets, IGNORE_INDEX)
         return losses.sum()
-    logits = _answer_logits(model, ids, am, keep, answer_logits_only)
+    logits = _answer_logits(model, ids, am, keep, answer_logits_only, prefix)
     if logits is None or logits.shape[0] != targets.shape[0]:
         raise RuntimeError("model output does not line up with the labels (expected [batch, seq, vocab] logits)")
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -197,25 +208,96 @@ def verify_linear_head(model, batch) -> bool:
                          lambda: parts[1](_answer_hidden(parts[0], ids, am, keep)))
 
 
+def _shared_prefix(model, batch, ce, last_rows, attention) -> bool:
+    """True where running the first two rows' shared prefix once (shared_prefix.py) gives the answer-row
+    outputs the loss reads (ce "linear_xent": the decoder's hidden states, through last_rows where set; else the
+    logits) as the whole rows do, under `attention` (the operator's attention context); False where the probe
+    rows share no prefix or the model's cache does not continue them exactly."""
+    ids, am, keep = _probe(model, batch)
+    P = shared_prefix.shared_prefix_length(ids, am, keep, min_saved=1)
+    if not P or not bool(keep.any()):
+        return False
+
+    def forward(prefix):
+        with attention():
+            if ce == "linear_xent":
+                return _answer_hidden(linear_head(model)[0], ids, am, keep, last_rows, prefix)
+            return _answer_logits(model, ids, am, keep, prefix=prefix)
+    return _same_forward(lambda: forward(0), lambda: forward(P))
+
+
+def _eager_as_sdpa(model) -> bool:
+    """Whether the operator runs a model loaded with eager attention through SDPA: HF's eager attention is SDPA's
+    function with its softmax in float32, so the same arithmetic except in a float64 model (kept as it is)."""
+    cfg = getattr(model, "config", None)
+    return (getattr(cfg, "_attn_implementation", None) == "eager" and hasattr(model, "set_attn_implementation")
+            and next(model.parameters()).dtype != torch.float64)
+
+
+@contextlib.contextmanager
+def _routed_attention(model, fused, eager_as_sdpa=False, min_block=None):
+    """attention_hvp.block_attention; eager_as_sdpa: the model's eager attention switched to SDPA inside (only SDPA
+    calls can be routed to the blocks) and back after."""
+    if eager_as_sdpa:
+        model.set_attn_implementation("sdpa")
+    try:
+        with attention_hvp.block_attention(min_block=min_block, fused=fused) as mode:
+            yield mode
+    finally:
+        if eager_as_sdpa:
+            model.set_attn_implementation("eager")
+
+
 def _block_attention(model, batch, fused):
     """("blocks_fused" | "blocks", context) where attention_hvp.block_attention (fused: its softmax double
     backward from the extension) gives the model's answer-row logits on two rows of `batch` as the model does
-    (blocks of 4 rows, so that short probes use them too) and took over the model's attention; else ("model",
-    nullcontext): the model's own attention, as before."""
+    (blocks of 4 rows, so that short probes use them too) and took over the model's attention (a float32 or
+    half-precision model loaded with eager attention runs SDPA inside, _eager_as_sdpa); else ("model", nullcontext): the model's own
+    attention, as before."""
     ids, am, keep = _probe(model, batch)
     if not bool(keep.any()):
         return "model", contextlib.nullcontext
     fused = bool(fused) and attention_hvp.fused_softmax_available()
-    routed = []
+    routed, switch = [], _eager_as_sdpa(model)
 
     def mine():
-        with attention_hvp.block_attention(min_block=4, fused=fused) as mode:
+        with _routed_attention(model, fused, switch, min_block=4) as mode:
             out = _answer_logits(model, ids, am, keep)
         routed.append(mode.routed)
         return out
     if not _same_forward(lambda: _answer_logits(model, ids, am, keep), mine) or not any(routed):
         return "model", contextlib.nullcontext
-    return ("blocks_fused" if fused else "blocks"), functools.partial(attention_hvp.block_attention, fused=fused)
+    return ("blocks_fused" if fused else "blocks"), functools.partial(_routed_attention, model, fused, switch)
+
+
+def _every_shortcut(model, batch, fused, last_layer_rows, block_attention, share_prefix):
+    """The usual case checked once: the fused LM head + cross-entropy with, as asked, the last layer at the answer
+    rows, attention in blocks (CPU) and the shared prefix, all at once against the model's own answer-row logits
+    on two rows of `batch` (one pair of forwards instead of one per shortcut). -> (last_rows, attention name,
+    attention context, share_prefix) where the whole path holds, else None: the caller checks each alone."""
+    parts = linear_head(model)
+    if parts is None:
+        return None
+    rows = AnswerRows.build(parts[0]) if last_layer_rows else None
+    ids, am, keep = _probe(model, batch)
+    P = shared_prefix.shared_prefix_length(ids, am, keep, min_saved=1) if share_prefix else 0
+    if (last_layer_rows and rows is None) or (share_prefix and not P) or not bool(keep.any()):
+        return None
+    blocks = block_attention and next(model.parameters()).device.type == "cpu"
+    fused = bool(fused) and attention_hvp.fused_softmax_available()
+    switch, routed = _eager_as_sdpa(model), []
+
+    def mine():
+        with (_routed_attention(model, fused, switch, min_block=4) if blocks else contextlib.nullcontext()) as mode:
+            out = parts[1](_answer_hidden(parts[0], ids, am, keep, rows, P))
+        routed.append(mode.routed if blocks else 0)
+        return out
+    if not _same_forward(lambda: _answer_logits(model, ids, am, keep), mine) or (blocks and not any(routed)):
+        return None
+    if not blocks:
+        return rows, "model", contextlib.nullcontext, bool(P)
+    return (rows, "blocks_fused" if fused else "blocks", functools.partial(_routed_attention, model, fused, switch),
+            bool(P))
 
 
 def _checkpointing(model) -> bool:

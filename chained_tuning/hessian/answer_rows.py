@@ -54,27 +54,29 @@ class AnswerRows:
         rope = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
         return cls(rope) if callable(rope) else None
 
-    def __call__(self, dec, ids, am, keep):
-        """dec's last hidden state (after the final norm) at keep's rows, row-major: decoder(...)[keep]."""
+    def __call__(self, dec, ids, am, keep, past=None):
+        """dec's last hidden state (after the final norm) at keep's rows, row-major: decoder(...)[keep]. past: the
+        keys and values of a prefix that ids continue (shared_prefix.prefix_cache; am then covers both)."""
         from transformers.masking_utils import create_causal_mask
 
         B, T = ids.shape
+        P = 0 if past is None else int(past.get_seq_length())
         window = getattr(dec.config, "sliding_window", None)
-        if window is not None and getattr(dec.config, "use_sliding_window", True) and T > int(window):
-            raise ValueError(f"a sliding window of {window} tokens is shorter than the batch ({T})")
+        if window is not None and getattr(dec.config, "use_sliding_window", True) and P + T > int(window):
+            raise ValueError(f"a sliding window of {window} tokens is shorter than the batch ({P + T})")
         x = dec.embed_tokens(ids)
-        pos = torch.arange(T, device=ids.device).unsqueeze(0)
-        mask = create_causal_mask(config=dec.config, inputs_embeds=x, attention_mask=am, past_key_values=None,
+        pos = torch.arange(P, P + T, device=ids.device).unsqueeze(0)
+        mask = create_causal_mask(config=dec.config, inputs_embeds=x, attention_mask=am, past_key_values=past,
                                   position_ids=pos)
         pe = dec.rotary_emb(x, position_ids=pos)
         layers = dec.layers[: dec.config.num_hidden_layers]
         for layer in layers[:-1]:
-            out = layer(x, attention_mask=mask, position_ids=pos, past_key_values=None, use_cache=False,
+            out = layer(x, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=past is not None,
                         position_embeddings=pe)
             x = out[0] if isinstance(out, tuple) else out
-        return dec.norm(self._last_layer(layers[-1], x, am, keep, pe))
+        return dec.norm(self._last_layer(layers[-1], x, am, keep, pe, past))
 
-    def _last_layer(self, layer, x, am, keep, pe):
+    def _last_layer(self, layer, x, am, keep, pe, past=None):
         B, T, _ = x.shape
         b_idx, t_idx = keep.nonzero(as_tuple=True)  # row-major, the order of h[keep]
         counts = keep.sum(1)
@@ -96,12 +98,15 @@ class AnswerRows:
         cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
         q = self.rope(q, q, cos[rows, qpos], sin[rows, qpos])[0]
         kv = self.rope(kv, kv, cos, sin)[0]
+        if past is not None:  # the prefix's keys and values ahead of these
+            kv, vv = past.update(kv, vv, attn.layer_idx)
+        P = kv.shape[2] - T
         groups = q.shape[1] // kv.shape[1]
         if groups > 1:
             kv, vv = kv.repeat_interleave(groups, dim=1), vv.repeat_interleave(groups, dim=1)
-        key = torch.arange(T, device=x.device)
-        allowed = (key.view(1, 1, T) <= qpos.unsqueeze(2)) & am.bool().unsqueeze(1)
-        allowed |= (~valid).unsqueeze(2) & (key == 0).view(1, 1, T)  # a filler slot: any one key, dropped after
+        key = torch.arange(P + T, device=x.device)
+        allowed = (key.view(1, 1, P + T) <= (qpos + P).unsqueeze(2)) & am.bool().unsqueeze(1)
+        allowed |= (~valid).unsqueeze(2) & (key == 0).view(1, 1, P + T)  # a filler slot: any one key, dropped after
         if getattr(attn.config, "_attn_implementation", None) == "eager":  # its softmax rounds in float32: so here
             scores = (q @ kv.transpose(2, 3)) * attn.scaling
             scores = scores.masked_fill(~allowed.unsqueeze(1), torch.finfo(scores.dtype).min)

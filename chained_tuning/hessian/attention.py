@@ -76,17 +76,19 @@ class _Softmax(torch.autograd.Function):
 def causal_edges(mask, L, S, blocks=None, min_block=None):
     """Row edges [0, e_1, ..., L] of the query blocks (at most `blocks`, of at least `min_block` rows; default
     BLOCKS, MIN_BLOCK) where `mask` (additive, -inf masked; [..., L, S]) masks every key at or past each block's
-    end, else None (the attention runs whole)."""
+    end, else None (the attention runs whole). With S > L the queries continue S - L keys of a shared prefix
+    (shared_prefix.py): block [a, b) then sees keys < S - L + b."""
     blocks = BLOCKS if blocks is None else blocks
     min_block = MIN_BLOCK if min_block is None else min_block
-    if mask is None or L != S or mask.dim() < 2 or mask.shape[-2] != L or mask.shape[-1] != S:
+    if mask is None or L > S or mask.dim() < 2 or mask.shape[-2] != L or mask.shape[-1] != S:
         return None
     n = min(int(blocks), L // max(int(min_block), 1))
     if n < 2:
         return None
+    off = S - L
     edges = [round(L * i / n) for i in range(n + 1)]
     for a, b in zip(edges[:-1], edges[1:-1]):
-        if not bool(torch.isneginf(mask[..., a:b, b:]).all()):
+        if not bool(torch.isneginf(mask[..., a:b, off + b:]).all()):
             return None
     return edges
 
@@ -124,9 +126,10 @@ def block_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     if edges is None:
         scores = q @ kt
         return softmax(scores if attn_mask is None else scores + attn_mask) @ value
-    out = []
+    out, off = [], S - L
     for a, b in zip(edges[:-1], edges[1:]):
-        out.append(softmax(q[..., a:b, :] @ kt[..., :b] + attn_mask[..., a:b, :b]) @ value[..., :b, :])
+        e = off + b
+        out.append(softmax(q[..., a:b, :] @ kt[..., :e] + attn_mask[..., a:b, :e]) @ value[..., :e, :])
     return torch.cat(out, dim=-2)
 
 

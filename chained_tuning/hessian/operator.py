@@ -7,8 +7,9 @@ import contextlib
 
 import torch
 
-from .answer_loss import (_answer_positions, _block_attention, _ce_mode, _count_answer_tokens, _last_layer_rows,
-                          _math_sdpa, batch_answer_loss_sum, verify_linear_head)
+from . import shared_prefix
+from .answer_loss import (_answer_positions, _block_attention, _ce_mode, _count_answer_tokens, _every_shortcut,
+                          _last_layer_rows, _math_sdpa, _shared_prefix, batch_answer_loss_sum, verify_linear_head)
 from .errors import CurvatureError
 from .layerwise import LayerwiseHVP, unsupported
 from .ops import load_extension
@@ -49,7 +50,7 @@ class HessianOperator:
     def __init__(self, model, batches, fused_ce=False, graph_memory_budget: int | None = None,
                  answer_logits_only: bool = True, keep_first: int = 0, first_batch=None, subsample=False,
                  total_tokens: int | None = None, gradient_checkpointing: str = "auto", last_layer_rows: bool = True,
-                 block_attention: bool = True):
+                 block_attention: bool = True, share_prefix: bool = True):
         """fused_ce: False/"torch" (autograd cross-entropy), "softmax_xent" (fused op on the logits),
         "linear_xent" (fused LM head + cross-entropy, required), True/"auto" (linear_xent where
         verify_linear_head() holds on the first batch, else softmax_xent). Needs the extension unless "torch".
@@ -62,15 +63,20 @@ class HessianOperator:
         its other positions feed no answer token), where that equals the decoder's forward on the first batch.
         block_attention (CPU): the graphs' SDPA attention in causal blocks with the softmax's double backward
         fused (attention.py), where the model's forward is the same with it on the first batch; `attention`
-        says which ran ("blocks_fused", "blocks" without the extension, or "model")."""
+        says which ran ("blocks_fused", "blocks" without the extension, or "model"); a model loaded with eager
+        attention runs SDPA inside them.
+        share_prefix: the tokens every row of a micro-batch begins with (the task's instruction) run once for all
+        its rows (shared_prefix.py), where that equals the whole rows' forward on the first batch;
+        `prefix_tokens_saved` counts the positions the retained and rebuilt graphs do not hold."""
         self.answer_logits_only = answer_logits_only
         self.model = model
         self._take_params(model)
         first_batch = self._take_batches(batches, keep_first, first_batch, subsample)
         self._count_tokens(total_tokens)
         probe = next((b for b in self.batches if _count_answer_tokens(b) > 0), None)
-        self._choose_cross_entropy(fused_ce, probe)
-        self._choose_forwards(probe, last_layer_rows, block_attention)
+        if not self._take_every_shortcut(fused_ce, probe, last_layer_rows, block_attention, share_prefix):
+            self._choose_cross_entropy(fused_ce, probe)
+            self._choose_forwards(probe, last_layer_rows, block_attention, share_prefix)
         dev = self.params[0].device
         self.budget = int(graph_memory_budget) if graph_memory_budget is not None else _default_budget(dev)
         self._choose_checkpointing(gradient_checkpointing)
@@ -105,6 +111,18 @@ class HessianOperator:
         if self.total_tokens == 0:
             raise CurvatureError("the batches contain no answer tokens (every label is -100)")
 
+    def _take_every_shortcut(self, fused_ce, probe, last_layer_rows, block_attention, share_prefix) -> bool:
+        """linear_xent and every shortcut asked for, where they hold together on the probe (answer_loss.
+        _every_shortcut: one check); False leaves each to be chosen and checked alone."""
+        if fused_ce not in (True, "auto", "linear_xent") or probe is None or not load_extension()["ok"]:
+            return False
+        found = _every_shortcut(self.model, probe, True, last_layer_rows, block_attention, share_prefix)
+        if found is None:
+            return False
+        self.ce, self.fused = "linear_xent", True
+        self.last_rows, self.attention, self._attn, self.share_prefix = found
+        return True
+
     def _choose_cross_entropy(self, fused_ce, probe):
         """self.ce: "torch", "softmax_xent" or "linear_xent" (the last only where verified on the probe)."""
         if fused_ce not in (False, None, "torch") and not load_extension()["ok"]:
@@ -121,14 +139,17 @@ class HessianOperator:
                                      "lm_head(decoder hidden states) (or it has no plain linear LM head)")
         self.fused = self.ce != "torch"
 
-    def _choose_forwards(self, probe, last_layer_rows, block_attention):
-        """The last layer at the answer rows only, and attention in causal blocks, each where verified."""
+    def _choose_forwards(self, probe, last_layer_rows, block_attention, share_prefix):
+        """The last layer at the answer rows only, attention in causal blocks and the shared prefix run once,
+        each where verified."""
         self.last_rows = None
         if self.ce == "linear_xent" and last_layer_rows and probe is not None:
             self.last_rows = _last_layer_rows(self.model, probe)
         self.attention, self._attn = "model", contextlib.nullcontext
         if block_attention and probe is not None and self.params[0].device.type == "cpu":
             self.attention, self._attn = _block_attention(self.model, probe, fused=self.fused)
+        self.share_prefix = bool(share_prefix and probe is not None and
+                                 _shared_prefix(self.model, probe, self.ce, self.last_rows, self._attn))
 
     def _choose_checkpointing(self, gradient_checkpointing):
         if gradient_checkpointing not in CHECKPOINTING:
@@ -249,8 +270,22 @@ class HessianOperator:
 
     def _loss(self, b):
         with self._attn():
-            loss = batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only, self.last_rows)
+            loss = batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only, self.last_rows,
+                                         self.share_prefix)
         return loss / self.total_tokens
+
+    @property
+    def prefix_tokens_saved(self) -> int:
+        """Positions the shared prefixes spare each HVP (the micro-batches taken layer-wise keep whole rows)."""
+        if not self.share_prefix:
+            return 0
+        whole = {id(b) for b in self.layerwise}
+        saved = 0
+        for b in self.batches:
+            if id(b) not in whole:
+                ids, am, keep, _ = _answer_positions(b, self.params[0].device)
+                saved += (ids.shape[0] - 1) * shared_prefix.shared_prefix_length(ids, am, keep)
+        return saved
 
     @property
     def retained_count(self):

@@ -58,6 +58,7 @@ class OperatorOptions:
     gradient_checkpointing: str = "auto"
     last_layer_rows: bool = True
     block_attention: bool = True
+    share_prefix: bool = True
 
 
 PARAMS = ("trainable", "all")
@@ -81,7 +82,7 @@ def select_params(model, which):
 def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_iter=100, seed=0, *, backend="auto",
                      stop="dominant", start=None, cross_entropy="auto", graph_memory_budget=None,
                      v0=None, return_operator=False, progress=None, tol=None, gradient_checkpointing="auto",
-                     last_layer_rows=True, block_attention=True):
+                     last_layer_rows=True, block_attention=True, share_prefix=True):
     """Extreme eigenvalues of the Hessian of the answer-token loss over `batches` (see HessianOperator).
 
     rtol: the tolerance on the eigenvalue itself (lanczos): stop once the certified bound (ritz_bounds: the
@@ -107,13 +108,15 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
         result's backend.last_layer says which ran.
     block_attention: on CPU, the SDPA attention of the graphs in causal blocks with the softmax's double backward
         fused, where verified (HessianOperator, attention.py); the result's backend.attention says which ran.
+    share_prefix: the tokens all rows of a micro-batch begin with run once, where verified (HessianOperator,
+        shared_prefix.py); the result's backend.shared_prefix says whether it ran and the positions it saved.
     progress: called as progress(iteration, running rho) after every iteration of the Python solver loops
         (the C++ loop runs the whole solve in one call and reports nothing until it returns).
     Returns the result dict; with return_operator=True, (dict, operator).
     """
     solve = SolveOptions(method, rtol if tol is None else tol, max_iter, seed, stop, start, v0, progress)
     build = OperatorOptions(backend, cross_entropy, graph_memory_budget, gradient_checkpointing, last_layer_rows,
-                            block_attention)
+                            block_attention, share_prefix)
     res, op = _spectrum(model, batches, solve, build)
     return (res, op) if return_operator else res
 
@@ -184,7 +187,8 @@ def _check_options(batches, solve, build):
     if build.gradient_checkpointing not in CHECKPOINTING:
         raise CurvatureError(f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
                              f"got {build.gradient_checkpointing!r}")
-    for name, flag in (("last_layer_rows", build.last_layer_rows), ("block_attention", build.block_attention)):
+    for name, flag in (("last_layer_rows", build.last_layer_rows), ("block_attention", build.block_attention),
+                       ("share_prefix", build.share_prefix)):
         if not isinstance(flag, bool):
             raise CurvatureError(f"{name} must be True or False, got {flag!r}")
     if not batches:
@@ -241,7 +245,7 @@ def _build_operator(model, batches, ce, build, total_tokens, warm_rows, dist):
     """(this process's HessianOperator, the operator the solver uses, whether the warm start's graph is kept)."""
     kw = {"fused_ce": ce, "graph_memory_budget": build.graph_memory_budget,
           "gradient_checkpointing": build.gradient_checkpointing, "last_layer_rows": build.last_layer_rows,
-          "block_attention": build.block_attention}
+          "block_attention": build.block_attention, "share_prefix": build.share_prefix}
     if dist is None:
         op = HessianOperator(model, batches, keep_first=warm_rows, **kw)
         return op, op, op.first_out is not None
@@ -352,7 +356,8 @@ def _backend_record(ext, use_ext, build, cpp_loop, local):
             "solver_loop": "cpp" if cpp_loop else "python", "step": "fused_op" if use_ext else "torch",
             "cross_entropy": CE_NAMES[local.ce],
             "last_layer": "answer_rows" if local.last_rows is not None else "full",
-            "attention": local.attention}
+            "attention": local.attention,
+            "shared_prefix": {"on": local.share_prefix, "positions_saved": int(local.prefix_tokens_saved)}}
 
 
 def _distributed_record(op, local, dist):
