@@ -14,7 +14,7 @@ import argparse
 
 import torch.distributed as dist
 
-from chained_tuning.common import HelpFormatter, die_on_user_error
+from chained_tuning.common import HelpFormatter, die_on_user_error, end_process_group
 from chained_tuning.data.tasks import SPLITS, TASKS, add_data_options, data_options
 from chained_tuning.evaluation import DEFAULTS, DTYPES, SCORERS, evaluate_checkpoint
 
@@ -26,20 +26,17 @@ from chained_tuning.scorer import score_kv, score_naive, score_packed, split_sha
 
 def run(args):
     """evaluate.py's work for its parsed command line."""
+    finished = False
     try:
         out = evaluate_checkpoint(args.model, args.tasks, args.out, data_dir=args.data_dir, split=args.split,
                                   limit=args.limit, batch_size=args.batch_size, scorer=args.scorer, seed=args.seed,
                                   dtype=args.dtype, device=args.device, overwrite=args.overwrite,
                                   data_opts=data_options(args), classifier=args.classifier,
                                   max_new_tokens=args.max_new_tokens)
-        if dist.is_initialized():
-            # both processes at the end before either tears gloo down: process 0 writing the files while the
-            # other destroyed its group aborted at exit ("terminate called without an active exception")
-            dist.barrier()
+        finished = True
         return out
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group(dist.is_initialized(), finished)  # the group evaluate_checkpoint set up under torchrun
 
 
 def build_parser():

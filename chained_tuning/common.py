@@ -242,6 +242,19 @@ def setup_process_group(device, timeout=None):
     return device, True
 
 
+def end_process_group(owned, finished):
+    """Tear down a process group this stage set up (owned). finished: the stage ran to its end here, so every
+    process first waits for the others (one process destroying gloo while another still wrote its files aborted
+    at exit: "terminate called without an active exception"); after an error none waits (the others may never
+    come)."""
+    import torch.distributed as dist
+    if not owned or not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def git_commit():
     here = os.path.dirname(os.path.abspath(__file__))
     try:

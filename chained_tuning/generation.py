@@ -19,12 +19,12 @@ import argparse
 import time
 
 import torch
-import torch.distributed as dist
 
 from .checkpoint import load_model_and_tokenizer
 from .classifier import default_classifier, load_classifier
 from .common import (AT_LEAST_1, HelpFormatter, UserError, check_args, check_device, check_out, die_on_user_error,
-                     setup_process_group, torchrun_rank_world, under_torchrun, write_json_atomic)
+                     end_process_group, setup_process_group, torchrun_rank_world, under_torchrun,
+                     write_json_atomic)
 from .data.tasks import GENERATIVE_TASKS, encode_pair, load_task
 from .scorer import acc_block
 
@@ -291,7 +291,7 @@ def run(args):
         check_out(args.out, args.overwrite)
     device = check_device(args.device)
     rank, world = torchrun_rank_world()
-    own_group = False
+    own_group, finished = False, False
     if under_torchrun():
         device, own_group = setup_process_group(device)
     try:
@@ -311,9 +311,9 @@ def run(args):
                   f"{res['mean_toxicity']:.3f}  loss {res['loss']:.4f}  [{res['classifier']}]")
             if args.out is not None:
                 write_json_atomic(args.out, {"model": args.model, "world_size": world, "results": res, "records": recs})
+        finished = True
     finally:
-        if own_group:
-            dist.destroy_process_group()
+        end_process_group(own_group, finished)
     return res, recs
 
 

@@ -99,11 +99,13 @@ def one_error(r, text):
 
 
 def test_cli_checks_first(tmp_path):
-    r = run_script("-m", "chained_tuning.classifier", "--data_dir", DATA, "--out", tmp_path / "c", "--steps", "0")
+    data = tmp_path / "data"  # the checks come before any data is read: an empty folder (the real one may be absent)
+    data.mkdir()
+    r = run_script("-m", "chained_tuning.classifier", "--data_dir", data, "--out", tmp_path / "c", "--steps", "0")
     assert one_error(r, "--steps must be at least 1, got 0")
-    r = run_script("-m", "chained_tuning.classifier", "--data_dir", DATA)
+    r = run_script("-m", "chained_tuning.classifier", "--data_dir", data)
     assert one_error(r, "--data_dir needs --out")
     (tmp_path / "c").mkdir()
-    r = run_script("-m", "chained_tuning.classifier", "--data_dir", DATA, "--out", tmp_path / "c")
+    r = run_script("-m", "chained_tuning.classifier", "--data_dir", data, "--out", tmp_path / "c")
     assert one_error(r, "already exists; pass --overwrite")
-    assert os.listdir(tmp_path) == ["c"] and not os.listdir(tmp_path / "c")
+    assert sorted(os.listdir(tmp_path)) == ["c", "data"] and not os.listdir(tmp_path / "c")
