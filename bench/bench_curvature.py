@@ -15,12 +15,12 @@
    method of the cell, and `--samples` answer-token samples (curvature.build_batches). Side by side in one
    process, each method on the same operator (the answer-token NLL over the samples' answer tokens):
    - ours: curvature.hessian_spectrum defaults (Lanczos, --rtol 1e-3 certified, subsample warm start,
-     retained graph, extension if it loads, attention in causal blocks with the fused softmax double backward);
-     the time is its own stop (no oracle), clock started before the graph build; and the same with the model's
-     own attention (block_attention=False), what attention_hvp.py saves. The blocks replace
-     F.scaled_dot_product_attention only: with eager attention nothing is routed, the operator's check finds it
-     so and runs the model's attention ("ours' attention: model"), both rows are then the same solve. A third,
-     diagnostic row (not in the ratio): start="gradient+random", what the subsample warm start buys;
+     retained graph, extension if it loads, attention in causal blocks with the fused softmax double backward,
+     the shared prompt prefix run once); the time is its own stop (no oracle), clock started before the graph
+     build. Diagnostic rows (not in the ratio): the model's own attention (block_attention=False: what
+     attention.py saves; an eager float32 model runs SDPA inside the operator so the blocks apply to it too),
+     whole rows (share_prefix=False: what shared_prefix.py saves) and start="gradient+random" (what the
+     subsample warm start buys);
    - PyHessian 0.1 `hessian(...).eigenvalues()` power iteration on one batch of all samples (its retained-graph
      mode; full logits, padded to the longest sample), torch.randn start;
    - hessian-eigenthings 1.0.0a5 `lanczos` (k=1, which=LM; every product re-runs the forward pass and first
@@ -44,16 +44,15 @@
    Printed per cell: the table, ours / the fastest peer, and where one of our solves (the median one) spends its
    time: graph build (forwards + first gradients with create_graph), subsample warm start (its sub-HVPs), each
    solve iteration (one HVP + the vector updates; mean), other. At the end the task x kernel table (< 3x marked).
-   Measured (2 cores shared with 4 other jobs, load average 5-8, so only indicative), toxigen, --samples 8
-   --repeats 2 --skip cost,memory: ours / the fastest peer (PyHessian) 1.21x sdpa, 1.13x eager; none >= 3x.
-   One solve of ours, sdpa 1.99 s = graph build 0.24 + warm start 0.57 (4 sub-HVPs) + 3 x 0.39 s HVP steps;
-   eager 2.10 s = 0.28 + 0.79 + 3 x 0.34 s; without the warm start (diagnostic row) 1.40 s / 1.21 s with 4
-   HVPs. Why: on short answers the dominant eigenvalue stands so far apart that an oracle-budget power
-   iteration is within 1e-3 after 3-5 products, about what a certified Lanczos needs too, so the ratio is
-   bounded by the cost of a product (ours 0.3-0.4 s, the peers' 0.4-0.55 s), while a sub-HVP on a quarter of
-   the samples costs about half a full one (per-op overhead, not FLOPs): the warm start costs ~2 HVPs to save
-   at most one. With eager attention the blocks do not apply (nothing is routed). --samples 20, eager: 1.12x
-   (every method within 1e-3 after 3 products; the warm start saved none).
+   Measured (this machine, one thread, nothing else running; --samples 50 --repeats 3 --skip cost,memory, the
+   command above; the BBQ cells were not reached in the hour), ours / the fastest peer (eigenthings Lanczos or
+   power, oracle budget): toxigen 2.26x sdpa / 2.42x eager, csqa2 2.30x / 2.10x, csqa 3.05x / 3.25x, arc
+   3.78x / 4.04x. One solve on toxigen/sdpa: 3.45 s = graph build 0.60 + warm start 0.56 (4 sub-HVPs) + 3 x
+   0.77 s HVPs (last round's code, repeats 1: 4.02 s = 0.64 + 0.57 + 3 x 0.94, 1.64x). Where the top eigenvalue
+   stands apart (toxigen, csqa2) the oracle peers are within 1e-3 after 3-4 products and a certified Lanczos
+   needs 2-3: the ratio is one product's cost, a fresh forward + gradient + HVP (~2 s) against a retained-graph
+   HVP (~0.7 s) plus one graph build; 3x there needs an HVP ~40% cheaper. Where the top clusters (csqa, arc)
+   the warm start and the certified stop win (6 and 4 HVPs against 7-8 products).
 2. cost -- one HVP on the retained graph over one gradient (forward + backward, no create_graph) of the
    same loss with the same cross-entropy, per backend, with and without attention_hvp.py's blocks.
    Interleaved repetitions, minimum of each.
