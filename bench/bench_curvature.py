@@ -555,6 +555,31 @@ def say_breakdown(cell, b):
 OURS = "ours (hessian_spectrum defaults)"
 
 
+def run_interleaved(methods, repeats, rho, cell):
+    """{method: its runs}: every method once per repeat, interleaved so that a slow spell of the shared machine
+    hits all. Ours and the Lanczos peers first (the peers most often fastest); a later peer still short of 1e-3
+    past the fastest peer's time so far in the repeat is cut there (not eigsh: ARPACK gives no estimate before
+    it stops), which saves the bench most of their budgets' time."""
+    first = [k for k in methods if k.startswith("ours") or "lanczos" in k]
+    order = first + [k for k in methods if k not in first]
+    runs = {k: [] for k in order}
+    for rep in range(repeats):
+        best = None
+        for k in order:
+            DEADLINE[0] = best if not k.startswith("ours") and "eigsh" not in k else None
+            try:
+                runs[k].append(methods[k](rep))
+            finally:
+                DEADLINE[0] = None
+            r = runs[k][-1]
+            reached = None if k.startswith("ours") else crossing(r["trace"], rho)[0]
+            if reached is not None:
+                best = reached if best is None else min(best, reached)
+            print(f"[{cell}] repeat {rep}: {k}: stopped at {r['wall_time_s']:.2f} s after {r['hvp_count']} products",
+                  flush=True)  # a run cut short still shows what it measured
+    return runs
+
+
 def speed_on_task(task, attn, args, backend):
     """The side-by-side table for one task and attention kernel (every method on the model loaded with
     attn_implementation=attn) -> the cell's record."""
@@ -599,25 +624,7 @@ def speed_on_task(task, attn, args, backend):
             lambda rep: curvlinops_lanczos(model, batches, seed=args.seed + rep, truth=rho)
     else:
         print("curvlinops not installed (python -m pip install curvlinops-for-pytorch==3.0.1): skipped")
-    # the peers most often fastest first: the others are cut once past the fastest peer's time in the repeat (not
-    # eigsh: ARPACK gives no estimate before it stops), which saves the bench most of their budgets' time
-    first = [k for k in methods if k.startswith("ours") or "lanczos" in k]
-    methods = {k: methods[k] for k in first + [k for k in methods if k not in first]}
-    runs = {k: [] for k in methods}
-    for rep in range(args.repeats):  # interleaved, so that a slow spell of the shared machine hits all
-        best = None
-        for k, fn in methods.items():
-            DEADLINE[0] = best if not k.startswith("ours") and "eigsh" not in k else None
-            try:
-                runs[k].append(fn(rep))
-            finally:
-                DEADLINE[0] = None
-            r = runs[k][-1]
-            reached = None if k.startswith("ours") else crossing(r["trace"], rho)[0]
-            if reached is not None:
-                best = reached if best is None else min(best, reached)
-            print(f"[{cell}] repeat {rep}: {k}: stopped at {r['wall_time_s']:.2f} s after {r['hvp_count']} products",
-                  flush=True)  # a run cut short still shows what it measured
+    runs = run_interleaved(methods, args.repeats, rho, cell)
     sm = {k: summarize(k, v, rho, own_stop=k.startswith("ours")) for k, v in runs.items()}
     mine = sm[OURS]["time_to_1e-3_s"]
     # a peer that never came within 1e-3 in its budget took longer than its whole run: a lower bound
