@@ -170,15 +170,15 @@ def run_cli(args):
         common.check_out(args.out, args.overwrite, example="curvature.json")
         for r in refs if args.taylor_out else []:
             common.check_out(os.path.join(r, args.taylor_out), args.overwrite, flag="--taylor_out")
-        owned_group = False
+        owned_group, finished = False, False
         if common.under_torchrun():
             device, owned_group = common.setup_process_group(device)
         try:
-            return run(args, model_path, refs, device)
+            out = run(args, model_path, refs, device)
+            finished = True
+            return out
         finally:
-            if owned_group:
-                import torch.distributed as dist
-                dist.destroy_process_group()
+            common.end_process_group(owned_group, finished)
     except HessianError as e:
         raise CommandLineError(str(e)) from e
 

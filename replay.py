@@ -21,8 +21,8 @@ import time
 
 import torch.distributed as dist
 
-from chained_tuning.common import (HelpFormatter, UserError, check_device, die_on_user_error, setup_process_group,
-                                   torchrun_rank_world)
+from chained_tuning.common import (HelpFormatter, UserError, check_device, die_on_user_error, end_process_group,
+                                   setup_process_group, torchrun_rank_world)
 from chained_tuning.data.tasks import add_data_options
 from chained_tuning.evaluation import DEFAULTS as EVAL_DEFAULTS
 from chained_tuning.evaluation import SCORERS
@@ -38,11 +38,13 @@ from chained_tuning.replay_sweep import FIRST_EVAL, NUMERIC_RULES, POINT, SUMMAR
 def main(args):
     t0 = time.time()
     rank, world = torchrun_rank_world()
+    finished = False
     try:
-        return sweep(args, t0, rank, world)
+        out = sweep(args, t0, rank, world)
+        finished = True
+        return out
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group(world > 1 and dist.is_initialized(), finished)
 
 
 def sweep(args, t0, rank, world):

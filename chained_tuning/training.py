@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from . import distributed, lora
 from .checkpoint import check_tokenizer_matches, read_meta, write_meta
-from .common import (UserError, atomic_dir, check_args, check_device, check_out, exact, ids_sha256, read_json,
-                     round_half_up, run_metadata, seed_everything, seeded_samples, setup_process_group,
+from .common import (UserError, atomic_dir, check_args, check_device, check_out, end_process_group, exact, ids_sha256,
+                     read_json, round_half_up, run_metadata, seed_everything, seeded_samples, setup_process_group,
                      torchrun_rank_world, under_torchrun, write_json_atomic, write_jsonl_atomic)
 from .data.tasks import GENERATIVE_TASKS, TASKS, TaskData, data_options, load_task, parse_tasks
 from .evaluation import evaluate_checkpoint, evaluate_model
@@ -319,14 +319,15 @@ def train_stage(cfg):
     micro = check_stage(cfg, world)
     shown_out = cfg.get("out_name") or cfg["out"]  # a caller that trains into a temporary folder names the final one
     device = check_device(cfg["device"])
-    own_group = False
+    own_group, finished = False, False
     if under_torchrun():
         device, own_group = setup_process_group(device, timeout=distributed.timeout(cfg["dist_timeout_min"]))
     try:
-        return _train_stage(cfg, rank, world, micro, device, shown_out)
+        out = _train_stage(cfg, rank, world, micro, device, shown_out)
+        finished = True
+        return out
     finally:
-        if own_group:
-            dist.destroy_process_group()
+        end_process_group(own_group, finished)
 
 
 def _train_stage(cfg, rank, world, micro, device, shown_out):
