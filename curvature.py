@@ -139,6 +139,9 @@ def build_parser():
     ap.add_argument("--slq_probes", type=int, default=d.slq_probes, help="probes of the density (SLQ, >= 2)")
     ap.add_argument("--slq_steps", type=int, default=d.slq_steps, help="Lanczos steps per density probe (>= 3)")
     ap.add_argument("--topk", type=int, default=d.topk, help="eigenvalues at each end for topk (>= 1)")
+    ap.add_argument("--reorth", choices=M.REORTH, default=d.reorth, help="the Lanczos of density, topk and blocks: "
+                    "full (a stored basis, steps + 1 vectors), none (three vectors: 7B), auto (full where the "
+                    "basis fits the free memory)")
     return ap
 
 
@@ -213,7 +216,7 @@ def check_flags(args):
 
 def _measure_options(args):
     return M.MeasureOptions(args.trace_products, args.slq_probes, args.slq_steps, args.topk, args.max_iter,
-                            args.rtol, args.seed)
+                            args.rtol, args.seed, args.reorth)
 
 
 # -------------------------------------------------------------------------------------------- the run

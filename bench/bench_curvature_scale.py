@@ -252,29 +252,40 @@ def minutes_per_solve(lengths, ratios, plans, args):
     return out
 
 
-def measures_plan(minutes, args):
+def measures_plan(minutes, plans, args):
     """curvature.py --measures at 7B per task: each measure's HVPs at its defaults (MeasureOptions; topk and
     blocks: at most max_steps Lanczos steps, each block capped at max_steps too), the minutes those HVPs take
-    on the rho solve's operator (its graphs already built: minutes_per_solve's hvp_s each), and the fp32 Lanczos
-    basis each rank holds (full reorthogonalisation: steps + 1 shards of 1/gpus of the vector; a block's basis
-    is the block's size, the largest block a decoder layer)."""
+    on the rho solve's operator (its graphs already built: minutes_per_solve's hvp_s each), and the fp32 vectors
+    each rank holds: with a stored Lanczos basis (full reorthogonalisation: steps + 1 shards of 1/gpus of the
+    vector; a block's basis is the block's size, the largest block a decoder layer) and without (three). Free
+    memory: the GPU less the plan's total (the graphs retained); --reorth auto stores the basis where it and two
+    more vectors fit 70% of that (measures.memory_budget), as measures._reorthogonalise decides."""
     from chained_tuning.hessian.measures import MeasureOptions
     d = MeasureOptions()
     shard = 4 * PARAMS_7B / args.gpus
     layer_shard = 4 * PARAMS_PER_LAYER / args.gpus
     blocks = N_LAYERS_7B + 2  # each decoder layer, the embeddings, the head
-    rows = {"rho": (args.hvps, 3 * shard, f"--hvps {args.hvps} (the assumed solve)"),
-            "trace": (d.trace_products, (d.trace_products // 3 + 2) * shard,
+    # name: (HVPs, vectors with the basis, without it (None: no such path), size of one, note)
+    rows = {"rho": (args.hvps, 3, None, shard, f"--hvps {args.hvps} (the assumed solve)"),
+            "trace": (d.trace_products, d.trace_products // 3 + 2, None, shard,
                       f"Hutch++ {d.trace_products} HVPs; holds its m/3 basis Q"),
-            "density": (d.slq_probes * d.slq_steps, (d.slq_steps + 1) * shard,
+            "density": (d.slq_probes * d.slq_steps, d.slq_steps + 1, 3, shard,
                         f"SLQ {d.slq_probes} probes x {d.slq_steps} steps"),
-            "topk": (d.max_steps, (d.max_steps + 1) * shard, f"at most {d.max_steps} steps (top/bottom {d.topk})"),
-            "blocks": (blocks * d.max_steps, (d.max_steps + 1) * layer_shard,
+            "topk": (d.max_steps, d.max_steps + 1, 3, shard, f"at most {d.max_steps} steps (top/bottom {d.topk})"),
+            "blocks": (blocks * d.max_steps, d.max_steps + 1, 3, layer_shard,
                        f"at most {d.max_steps} steps for each of {blocks} blocks")}
     out = {}
     for task, m in minutes.items():
-        out[task] = {name: {"hvp_count": n, "minutes": n * m["hvp_s"] / 60, "basis_gb_per_gpu": b / 1e9,
-                            "note": note} for name, (n, b, note) in rows.items()}
+        free = max(args.gpu_gb * 1e9 - plans[task]["total"], 0.0)
+        out[task] = {}
+        for name, (n, full, lean, size, note) in rows.items():
+            basis_fits = (full + 2) * size <= 0.7 * free
+            held = full if (basis_fits or lean is None) else lean
+            out[task][name] = {"hvp_count": n, "minutes": n * m["hvp_s"] / 60, "basis_gb_per_gpu": full * size / 1e9,
+                               "lean_gb_per_gpu": None if lean is None else lean * size / 1e9,
+                               "free_gb_per_gpu": free / 1e9, "reorth_auto": None if lean is None else
+                               ("full" if basis_fits else "none"),
+                               "fits": bool(name == "rho" or held * size <= free), "note": note}
     return out
 
 
@@ -448,7 +459,7 @@ def main():
         res["plan"] = plan(g, lengths, args)
         res["longest_micro_batch"] = longest_micro_batch(g, ck, res["plan"], args)
         res["minutes"] = minutes_per_solve(lengths, ratios, res["plan"], args)
-        res["measures"] = measures_plan(res["minutes"], args)
+        res["measures"] = measures_plan(res["minutes"], res["plan"], args)
         print(f"\nper-GPU plan, Llama-2-7B ({PARAMS_7B / 1e9:.2f}B parameters), {args.samples} samples on {args.gpus}"
               f" x {args.gpu_gb:.0f} GB (assumptions: {json.dumps(res['assumptions'])})")
         for task, row in res["plan"].items():
@@ -467,9 +478,12 @@ def main():
             print(f"    longest micro-batch one HVP can recompute beside the rest: {lm['rebuilt_tokens']} tokens with the "
                   f"graph rebuilt ({lm['rebuilt_bytes_per_token'] / 2**20:.1f} MiB/token), {lm['layerwise_tokens']} "
                   f"layer-wise (--gradient_checkpointing on, {lm['layerwise_bytes_per_token'] / 2**20:.2f} MiB/token)")
-            for name, mm in res["measures"][task].items():  # beside the plan's parts: the Lanczos basis
-                print(f"    --measures {name:8s} {mm['hvp_count']:5d} HVPs {mm['minutes']:8.2f} min, Lanczos basis "
-                      f"{mm['basis_gb_per_gpu']:6.1f} GB per GPU ({mm['note']})")
+            for name, mm in res["measures"][task].items():  # beside the plan's parts: the vectors they hold
+                way = ("" if mm["reorth_auto"] is None else f"; --reorth auto: {mm['reorth_auto']}, "
+                       f"{mm['lean_gb_per_gpu']:.1f} GB without")
+                print(f"    --measures {name:8s} {mm['hvp_count']:5d} HVPs {mm['minutes']:8.2f} min, basis "
+                      f"{mm['basis_gb_per_gpu']:6.1f} GB per GPU of {mm['free_gb_per_gpu']:.1f} free{way} -> "
+                      f"{'fits' if mm['fits'] else 'does NOT fit'} ({mm['note']})")
     with open(os.path.join(args.out, "bench_curvature_scale.json"), "w") as f:
         json.dump(res, f, indent=2)
     print(f"wrote {args.out}/bench_curvature_scale.json")

@@ -8,6 +8,7 @@ tests/test_measures.py OUT.json` writes what rank 0 computed.
 import json
 import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,8 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import curvature as C  # noqa: E402
 from chained_tuning.hessian.errors import CurvatureError  # noqa: E402
+from chained_tuning.hessian import measures as measures_module  # noqa: E402
 from chained_tuning.hessian.measures import (MOMENTS, MeasureOptions, _seed, parameter_blocks,  # noqa: E402
-                                             parse_measures, rademacher, spectral_measures)
+                                             parse_measures, rademacher, spectral_measures, top_k)
+from chained_tuning.hessian.solvers import _dot, _start_vector, lanczos_basis  # noqa: E402
 from test_curvature import batches, dense_hessian, tiny_llama  # noqa: E402
 from test_curvature_distributed import torchrun  # noqa: E402
 
@@ -29,6 +32,7 @@ from test_curvature_distributed import torchrun  # noqa: E402
 EXACT = 1e-6
 TIGHT = MeasureOptions(trace_products=60, slq_probes=6, slq_steps=12, topk=4, max_steps=600, rtol=1e-8, seed=3)
 ALL = ("trace", "density", "topk", "blocks")
+LANCZOS = ("density", "topk", "blocks")  # the measures on a Lanczos basis (reorth)
 
 
 def solve_all(opt):
@@ -48,6 +52,22 @@ def dense():
 @pytest.fixture(scope="module")
 def one():
     return solve_all(TIGHT)
+
+
+@pytest.fixture(scope="module")
+def lean(one):
+    """The Lanczos measures on the same operator without reorthogonalisation (three vectors: the 7B path)."""
+    _, op, _ = one
+    return spectral_measures(op, LANCZOS, replace(TIGHT, reorth="none", rtol=1e-6))
+
+
+@pytest.fixture(params=["full", "none"])
+def lanczos(request, one):
+    """(operator, measures, reorth): TIGHT's "auto" (which picks full on a tiny model), and "none"."""
+    m = one[2] if request.param == "full" else request.getfixturevalue("lean")
+    for name in ("density", "topk"):
+        assert m[name]["reorthogonalisation"] == request.param
+    return one[1], m, request.param
 
 
 def flat(v):
@@ -78,10 +98,11 @@ def test_trace_within_its_standard_error(one, dense):
     assert t["standard_error"] == pytest.approx(float(vals.std() / k ** 0.5), rel=1e-5)
 
 
-def test_density_moments(one, dense):
+def test_density_moments(lanczos, dense):
     """Per probe the quadrature's moments are z^T H^p z / n exactly (p <= 2 steps - 1): checked tight against
-    the dense H and the same probes; their mean is within 3 standard errors of the eigenvalues' moments."""
-    _, op, m = one
+    the dense H and the same probes; their mean is within 3 standard errors of the eigenvalues' moments. As
+    tight without reorthogonalisation."""
+    op, m, _ = lanczos
     d = m["density"]
     assert d["hvp_count"] == TIGHT.slq_probes * TIGHT.slq_steps == sum(d["steps_taken"])
     assert len(d["nodes"]) == len(d["weights"]) == TIGHT.slq_probes
@@ -103,17 +124,18 @@ def test_density_moments(one, dense):
     assert d["trace"] == pytest.approx(n * d["moments"][0])
 
 
-def test_topk_both_ends(one, dense):
-    _, _, m = one
+def test_topk_both_ends(lanczos, dense):
+    _, m, reorth = lanczos
     t, ev = m["topk"], dense["ev"]
+    assert t["vectors_held"] == (t["steps"] + 1 if reorth == "full" else 3)
     assert t["converged"] and t["hvp_count"] == t["steps"]
     rho = float(np.abs(ev).max())
     assert np.allclose(t["largest"], ev[::-1][:4], rtol=0, atol=1e-5 * rho)
     assert np.allclose(t["smallest"], ev[:4], rtol=0, atol=1e-5 * rho)
 
 
-def test_block_extremes_against_dense_blocks(one, dense):
-    _, op, m = one
+def test_block_extremes_against_dense_blocks(lanczos, dense):
+    op, m, reorth = lanczos
     H = dense["H"]
     sizes = np.cumsum([0] + [p.numel() for p in op.params])
     blocks = parameter_blocks(op.model, op.params)
@@ -125,10 +147,64 @@ def test_block_extremes_against_dense_blocks(one, dense):
         ev = torch.linalg.eigvalsh(H[idx][:, idx]).numpy()
         b = got[name]
         scale = float(np.abs(ev).max())
-        assert b["n"] == len(idx) and b["converged"]
+        assert b["n"] == len(idx) and b["converged"] and b["reorthogonalisation"] == reorth
         assert abs(b["lambda_max"] - ev[-1]) <= 1e-5 * scale, (name, b["lambda_max"], ev[-1])
         assert abs(b["lambda_min"] - ev[0]) <= 1e-5 * scale, (name, b["lambda_min"], ev[0])
         assert b["rho"] == pytest.approx(scale, rel=1e-5)
+
+
+class Diagonal:
+    """The operator of diag(ev) in `dtype` (HessianOperator's interface as measures.py uses it)."""
+
+    def __init__(self, ev, dtype):
+        self.d, self.vec_dtype, self.hvp_count = torch.tensor(ev, dtype=dtype), dtype, 0
+        self.params = [torch.zeros(len(ev), dtype=dtype)]
+
+    def hvp(self, v):
+        self.hvp_count += 1
+        return [self.d * v[0]]
+
+    def dot(self, a, b):
+        return _dot(a, b)
+
+    def random(self, seed):
+        return _start_vector(self.params, seed, self.vec_dtype)
+
+    def reduce_sum(self, x):
+        return float(x)
+
+
+def test_ghost_copies_merged_without_reorthogonalisation():
+    """float32 Lanczos without reorthogonalisation on 2010 eigenvalues, five apart at each end: converged
+    eigenvalues come back as copies (ghosts), which would fill the top five with 10.0 and 9.0; merged, both
+    ends equal the true five to float32 rounding, in more steps than with the basis. Three vectors are held."""
+    rng = np.random.default_rng(0)
+    ev = np.concatenate([rng.uniform(-1, 1, 2000), [10, 9, 8.5, 8.4, 7, -6, -5.5, -5.4, -5, -4.9]])
+    want = np.sort(ev)
+    got = {r: top_k(Diagonal(ev, torch.float32), 5, 300, 1e-4, 1, r) for r in ("full", "none")}
+    for r, t in got.items():
+        assert t["converged"], r
+        np.testing.assert_allclose(t["largest"], want[::-1][:5], rtol=0, atol=1e-5, err_msg=r)
+        np.testing.assert_allclose(t["smallest"], want[:5], rtol=0, atol=1e-5, err_msg=r)
+    assert got["full"]["copies_merged"] == 0 and got["none"]["copies_merged"] > 0
+    assert got["none"]["steps"] > got["full"]["steps"] and got["none"]["vectors_held"] == 3
+    op = Diagonal(ev, torch.float32)
+    _, _, basis = lanczos_basis(op.hvp, op.dot, op.random(1), 40, reorthogonalise=False)
+    assert len(basis) == 2
+
+
+def test_reorth_auto_follows_the_free_memory(monkeypatch):
+    """auto: the basis where steps + 3 vectors fit operator.memory_budget, else none; full and none whatever."""
+    ev = np.linspace(-1.0, 2.0, 500)
+    need = (12 + 3) * 500 * 8  # slq_steps + 1 vectors + two, float64
+    for budget, reorth, want in ((need, "auto", "full"), (need - 1, "auto", "none"), (0, "full", "full"),
+                                 (1 << 40, "none", "none")):
+        monkeypatch.setattr(measures_module, "memory_budget", lambda device, b=budget: b)
+        d = spectral_measures(Diagonal(ev, torch.float64), ["density"],
+                              MeasureOptions(slq_probes=2, slq_steps=12, reorth=reorth))["density"]
+        assert d["reorthogonalisation"] == want and d["settings"]["reorth"] == reorth, (budget, reorth)
+        # the moments do not depend on it: z^T H^p z / n with Rademacher z is mean(ev^p) for a diagonal H
+        np.testing.assert_allclose(d["moments"], [np.mean(ev ** p) for p in range(1, MOMENTS + 1)], rtol=1e-12)
 
 
 def test_records_hold_counts_times_and_settings(one):
@@ -144,7 +220,8 @@ def test_bad_names_and_settings():
         with pytest.raises(CurvatureError, match="--measures"):
             parse_measures(bad)
     for kw, word in (({"trace_products": 10}, "trace_products"), ({"slq_probes": 1}, "slq_probes"),
-                     ({"slq_steps": 2}, "slq_steps"), ({"topk": 0}, "topk"), ({"rtol": 0}, "rtol")):
+                     ({"slq_steps": 2}, "slq_steps"), ({"topk": 0}, "topk"), ({"rtol": 0}, "rtol"),
+                     ({"reorth": "partial"}, "reorth"), ({"reorth": "none", "rtol": 1e-7}, "rtol")):
         with pytest.raises(CurvatureError, match=word):
             spectral_measures(None, ["trace"], MeasureOptions(**kw))  # refused before any HVP
 
@@ -157,7 +234,8 @@ def test_cli_measures(tmp_path):
     p = run_cli("--model", "tiny", "--task", "arc", "--out", str(out), "--measures", "rho,curv")
     assert p.returncode == 2 and p.stderr.startswith("error: --measures") and p.stderr.count("\n") == 1, p.stderr
     for flags, word in ((["--trace_products", "10"], "--trace_products"), (["--slq_probes", "1"], "--slq_probes"),
-                        (["--slq_steps", "2"], "--slq_steps"), (["--topk", "0"], "--topk")):
+                        (["--slq_steps", "2"], "--slq_steps"), (["--topk", "0"], "--topk"),
+                        (["--reorth", "none", "--rtol", "1e-7"], "--rtol")):
         args = C.build_parser().parse_args(["--model", "tiny", "--task", "arc", "--out", str(out), *flags])
         with pytest.raises(C.CommandLineError, match="^" + word):  # main() prints it as one line, exit 2
             C.run_cli(args)
@@ -222,8 +300,8 @@ def test_report_fits_each_measure_and_names_the_best(tmp_path):
 DIST = MeasureOptions(trace_products=12, slq_probes=2, slq_steps=8, topk=2, max_steps=80, rtol=1e-6, seed=1)
 
 
-def pick(res, m):
-    return {"rho": res["rho"], "measures": m}
+def pick(res, m, lean):
+    return {"rho": res["rho"], "measures": m, "without_reorthogonalisation": lean}
 
 
 def worker(out):
@@ -231,9 +309,10 @@ def worker(out):
     dist.init_process_group("gloo")
     res, op, m = solve_all(DIST)
     assert isinstance(op, C.ShardedOperator)
+    lean = spectral_measures(op, LANCZOS, replace(DIST, reorth="none"))
     if dist.get_rank() == 0:
         with open(out, "w") as f:
-            json.dump(pick(res, m), f)
+            json.dump(pick(res, m, lean), f)
     dist.destroy_process_group()
 
 
@@ -261,8 +340,19 @@ def test_two_processes_equal_one(tmp_path):
     p = torchrun(os.path.abspath(__file__), str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     two = json.loads(out.read_text())
-    res, _, m = solve_all(DIST)
-    one = json.loads(json.dumps(pick(res, m)))
+    res, op, m = solve_all(DIST)
+    one = json.loads(json.dumps(pick(res, m, spectral_measures(op, LANCZOS, replace(DIST, reorth="none")))))
+    # without reorthogonalisation the residuals of converged Ritz values are rounding-level numbers (1e-6 of
+    # rho here) that the sums' order moves; both sides must be converged, the values themselves equal
+    for side in (one, two):
+        lean = side["without_reorthogonalisation"]
+        t = lean["topk"]
+        rho = max(abs(t["largest"][0]), abs(t["smallest"][0]))
+        for rec in [t] + lean["blocks"]["blocks"]:
+            assert rec["converged"] and rec["reorthogonalisation"] == "none"
+            scale = rho if rec is t else rec["rho"]
+            for key in [k for k in rec if k.startswith("residual_")]:
+                assert np.max(rec.pop(key)) <= DIST.rtol * scale, key
     close(one, two)
 
 

@@ -7,6 +7,9 @@ MEASURES = ("rho", "trace", "density", "topk", "blocks")
 DEFAULTS = {"trace_products": 30, "slq_probes": 4, "slq_steps": 30, "topk": 5, "max_steps": 100}
 
 
+# the Lanczos of density, topk and blocks: "full" reorthogonalisation (a stored basis: steps + 1 vectors), "none"
+# (three vectors: the 7B path), "auto" (full where the basis fits the memory free when the measure starts)
+REORTH = ("auto", "full", "none")
 MOMENTS = 4  # the density's moments recorded (1/n tr H^p, p = 1..MOMENTS); SLQ is exact per probe to 2 steps - 1
 # the rule each measure setting must meet (a predicate and the words an error gives)
 RULES = {"trace_products": (lambda v: v >= 6 and v % 3 == 0, "a multiple of 3, at least 6 (sketch, its range and "

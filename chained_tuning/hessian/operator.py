@@ -18,7 +18,9 @@ from .solvers import _dot, _start_vector
 CHECKPOINTING = ("auto", "on", "off")  # HessianOperator's gradient_checkpointing
 
 
-def _default_budget(device) -> int:
+def memory_budget(device) -> int:
+    """Bytes a new allocation on `device` may take now: 70% of a GPU's free memory, half of the host's available
+    memory (8 GiB where /proc/meminfo cannot be read)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(0.7 * free)
@@ -78,7 +80,7 @@ class HessianOperator:
             self._choose_cross_entropy(fused_ce, probe)
             self._choose_forwards(probe, last_layer_rows, block_attention, share_prefix)
         dev = self.params[0].device
-        self.budget = int(graph_memory_budget) if graph_memory_budget is not None else _default_budget(dev)
+        self.budget = int(graph_memory_budget) if graph_memory_budget is not None else memory_budget(dev)
         self._choose_checkpointing(gradient_checkpointing)
         self._zero_counts(first_batch)
         self._build_graphs(first_batch)

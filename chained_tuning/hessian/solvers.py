@@ -141,7 +141,7 @@ def _subsample_start_vector(op, seed, steps=WARM_STEPS):
     dot = op.dot
     r = op.random(seed)
     q0, _ = _mixed_start_vector(op, seed, r)  # the subsample's graph sits inside g: the same lean
-    alphas, betas, basis = lanczos_full(op.hvp_first, dot, q0, steps)
+    alphas, betas, basis = lanczos_basis(op.hvp_first, dot, q0, steps)
     k = len(alphas)
     tridiag = np.diag(alphas) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
     theta, eigvecs = np.linalg.eigh(tridiag)
@@ -153,27 +153,40 @@ def _subsample_start_vector(op, seed, steps=WARM_STEPS):
                 "subsample_ritz": [float(theta[0]), float(theta[-1])]}
 
 
-def lanczos_full(matvec, dot, v0, steps, stop=None):
-    """Lanczos with a stored basis and full reorthogonalisation (modified Gram-Schmidt, twice): no ghost copies,
-    so that every Ritz value of T_k, not only the extreme ones, approximates a distinct eigenvalue, and the
-    quadrature T_k gives (its nodes, the squared first components of its eigenvectors) is exact for the
-    moments up to 2k - 1. matvec(v) -> H v, dot(a, b) the (all-reduced) inner product; v0 need not be
-    normalised. Stops after `steps` steps, at an invariant subspace (beta_k <= 1e-12 max |alpha|) or where
-    stop(alphas, betas) is true. Returns (alphas, betas, basis): k + 1 parameter-sized vectors are held at once
-    (a sharded operator: k + 1 shards per rank)."""
+def lanczos_basis(matvec, dot, v0, steps, stop=None, reorthogonalise=True):
+    """Lanczos from v0 (need not be normalised); matvec(v) -> H v, dot(a, b) the (all-reduced) inner product.
+    Stops after `steps` steps, at an invariant subspace (beta_k <= 1e-12 max |alpha|) or where stop(alphas, betas)
+    is true. Returns (alphas, betas, basis).
+    reorthogonalise=True: the basis is stored and each new vector orthogonalised against all of it (modified
+    Gram-Schmidt, twice): no ghost copies, so every Ritz value of T_k, not only the extreme ones, approximates a
+    distinct eigenvalue, and the quadrature T_k gives (its nodes, the squared first components of its
+    eigenvectors) is exact for the moments up to 2k - 1. It holds k + 1 parameter-sized vectors at once (a
+    sharded operator: k + 1 shards per rank), and `basis` is all of them.
+    reorthogonalise=False: the three-term recurrence alone, three vectors held whatever k (`basis`: the last
+    two). Orthogonality is lost once a Ritz value converges, and converged eigenvalues come back as copies
+    ("ghosts"), but a Ritz value with a small residual still lies that close to an eigenvalue (Paige 1980) and
+    the quadrature's low moments stay accurate (Knizhnerman 1996): the memory-lean path (measures.py)."""
     basis, alphas, betas = [_normalize(v0, dot)], [], []
     for j in range(steps):
         w = matvec(basis[-1])
-        alphas.append(dot(w, basis[-1]))
-        for _ in range(2):  # twice is enough (Kahan)
-            for q in basis:
-                c = dot(w, q)
-                w = [a - c * b for a, b in zip(w, q)]
+        if reorthogonalise:
+            alphas.append(dot(w, basis[-1]))
+            for _ in range(2):  # twice is enough (Kahan)
+                for q in basis:
+                    c = dot(w, q)
+                    w = [a - c * b for a, b in zip(w, q)]
+        else:  # Paige's order: beta's term out before alpha is taken (the stabler variant)
+            if len(basis) > 1:
+                w = [a - betas[-1] * b for a, b in zip(w, basis[-2])]
+            alphas.append(dot(w, basis[-1]))
+            w = [a - alphas[-1] * b for a, b in zip(w, basis[-1])]
         b = _norm(w, dot)
         betas.append(b)
         if j == steps - 1 or not b > 1e-12 * max(abs(a) for a in alphas) or (stop and stop(alphas, betas)):
             break
         basis.append([t / b for t in w])
+        if not reorthogonalise:
+            basis = basis[-2:]
     return alphas, betas, basis
 
 

@@ -24,7 +24,7 @@ import torch
 from . import ops
 from .answer_loss import _ce_mode, _count_answer_tokens, _prepare_model
 from .errors import CurvatureError
-from .operator import CHECKPOINTING, HessianOperator, _default_budget
+from .operator import CHECKPOINTING, HessianOperator, memory_budget
 from .reference import lanczos_step_torch, power_step_torch
 from .sharded import ShardedOperator, _dist, _gather_ints, split_rows
 from .solvers import (DEFAULT_RTOL, DOMINANT_MARGIN, START_VECTORS, STOP_REASONS, STOP_RULES, WARM_SHARE,
@@ -232,7 +232,7 @@ def _count_samples(batches, world):
 def _warm_rows(model, batches, n_samples, solve, build, start, auto_start, world, device):
     """The samples of the subsample warm start (the first ones of batches[0]), 0 for none."""
     params = [p for p in model.parameters() if p.requires_grad]
-    budget = build.graph_memory_budget if build.graph_memory_budget is not None else _default_budget(device)
+    budget = build.graph_memory_budget if build.graph_memory_budget is not None else memory_budget(device)
     warm_rows = min(int(batches[0]["input_ids"].shape[0]), max(2, math.ceil(n_samples * WARM_SHARE)))
     want_warm = solve.v0 is None and start == "subsample" and 0 < warm_rows < n_samples
     if want_warm and auto_start and not (warm_rows <= n_samples / 4 and _warm_start_fits(params, budget, world)
