@@ -257,34 +257,40 @@ def measures_plan(minutes, plans, args):
     blocks: at most max_steps Lanczos steps, each block capped at max_steps too), the minutes those HVPs take
     on the rho solve's operator (its graphs already built: minutes_per_solve's hvp_s each), and the fp32 vectors
     each rank holds: with a stored Lanczos basis (full reorthogonalisation: steps + 1 shards of 1/gpus of the
-    vector; a block's basis is the block's size, the largest block a decoder layer) and without (three). Free
-    memory: the GPU less the plan's total (the graphs retained); --reorth auto stores the basis where it and two
-    more vectors fit 70% of that (measures.memory_budget), as measures._reorthogonalise decides."""
+    vector; a block's basis is the block's size, the largest block a decoder layer) and without (three); the
+    trace's Hutch++ basis Q (m/3 vectors) on the GPU or in host memory (four vectors on the GPU). Free memory:
+    the GPU less the plan's total (the graphs retained) plus the solve's three vectors, let go when it returns;
+    --reorth auto stores the Lanczos basis, and the trace keeps Q on the GPU, where it and two more vectors fit
+    70% of that (measures.memory_budget), as measures._reorthogonalise and _basis_home decide."""
     from chained_tuning.hessian.measures import MeasureOptions
     d = MeasureOptions()
     shard = 4 * PARAMS_7B / args.gpus
     layer_shard = 4 * PARAMS_PER_LAYER / args.gpus
     blocks = N_LAYERS_7B + 2  # each decoder layer, the embeddings, the head
-    # name: (HVPs, vectors with the basis, without it (None: no such path), size of one, note)
-    rows = {"rho": (args.hvps, 3, None, shard, f"--hvps {args.hvps} (the assumed solve)"),
-            "trace": (d.trace_products, d.trace_products // 3 + 2, None, shard,
-                      f"Hutch++ {d.trace_products} HVPs; holds its m/3 basis Q"),
-            "density": (d.slq_probes * d.slq_steps, d.slq_steps + 1, 3, shard,
+    # name: (HVPs, vectors on the GPU with the basis there, without it (None: no other path), size of one,
+    # auto's two choices, note)
+    lanczos = ("full", "none")
+    rows = {"rho": (args.hvps, 3, None, shard, None, f"--hvps {args.hvps} (the assumed solve)"),
+            "trace": (d.trace_products, d.trace_products // 3 + 3, 4, shard, ("device", "host"),
+                      f"Hutch++ {d.trace_products} HVPs; its m/3 basis Q, {d.trace_products // 3 * shard / 1e9:.1f} "
+                      f"GB per rank, in host memory where it is not on the GPU"),
+            "density": (d.slq_probes * d.slq_steps, d.slq_steps + 1, 3, shard, lanczos,
                         f"SLQ {d.slq_probes} probes x {d.slq_steps} steps"),
-            "topk": (d.max_steps, d.max_steps + 1, 3, shard, f"at most {d.max_steps} steps (top/bottom {d.topk})"),
-            "blocks": (blocks * d.max_steps, d.max_steps + 1, 3, layer_shard,
+            "topk": (d.max_steps, d.max_steps + 1, 3, shard, lanczos,
+                     f"at most {d.max_steps} steps (top/bottom {d.topk})"),
+            "blocks": (blocks * d.max_steps, d.max_steps + 1, 3, layer_shard, lanczos,
                        f"at most {d.max_steps} steps for each of {blocks} blocks")}
     out = {}
     for task, m in minutes.items():
-        free = max(args.gpu_gb * 1e9 - plans[task]["total"], 0.0)
+        free = max(args.gpu_gb * 1e9 - plans[task]["total"] + 3 * 4 * math.ceil(PARAMS_7B / args.gpus), 0.0)
         out[task] = {}
-        for name, (n, full, lean, size, note) in rows.items():
+        for name, (n, full, lean, size, choices, note) in rows.items():
             basis_fits = (full + 2) * size <= 0.7 * free
             held = full if (basis_fits or lean is None) else lean
             out[task][name] = {"hvp_count": n, "minutes": n * m["hvp_s"] / 60, "basis_gb_per_gpu": full * size / 1e9,
                                "lean_gb_per_gpu": None if lean is None else lean * size / 1e9,
-                               "free_gb_per_gpu": free / 1e9, "reorth_auto": None if lean is None else
-                               ("full" if basis_fits else "none"),
+                               "free_gb_per_gpu": free / 1e9, "auto": None if choices is None else
+                               choices[0 if basis_fits else 1],
                                "fits": bool(name == "rho" or held * size <= free), "note": note}
     return out
 
@@ -479,9 +485,9 @@ def main():
                   f"graph rebuilt ({lm['rebuilt_bytes_per_token'] / 2**20:.1f} MiB/token), {lm['layerwise_tokens']} "
                   f"layer-wise (--gradient_checkpointing on, {lm['layerwise_bytes_per_token'] / 2**20:.2f} MiB/token)")
             for name, mm in res["measures"][task].items():  # beside the plan's parts: the vectors they hold
-                way = ("" if mm["reorth_auto"] is None else f"; --reorth auto: {mm['reorth_auto']}, "
-                       f"{mm['lean_gb_per_gpu']:.1f} GB without")
-                print(f"    --measures {name:8s} {mm['hvp_count']:5d} HVPs {mm['minutes']:8.2f} min, basis "
+                way = ("" if mm["auto"] is None else f"; auto: {mm['auto']} ({mm['lean_gb_per_gpu']:.1f} GB on the "
+                       f"GPU without the basis there)")
+                print(f"    --measures {name:8s} {mm['hvp_count']:5d} HVPs {mm['minutes']:8.2f} min, with the basis "
                       f"{mm['basis_gb_per_gpu']:6.1f} GB per GPU of {mm['free_gb_per_gpu']:.1f} free{way} -> "
                       f"{'fits' if mm['fits'] else 'does NOT fit'} ({mm['note']})")
     with open(os.path.join(args.out, "bench_curvature_scale.json"), "w") as f:

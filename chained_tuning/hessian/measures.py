@@ -118,9 +118,11 @@ def _axpy(v, c, q):
 
 
 def _project_out(v, basis, dot):
-    """v minus its components along the orthonormal `basis` (Gram-Schmidt twice)."""
+    """v minus its components along the orthonormal `basis` (Gram-Schmidt twice; a basis vector held in host
+    memory comes to v's device one at a time)."""
     for _ in range(2):
         for q in basis:
+            q = [t.to(a.device, non_blocking=True) for t, a in zip(q, v)]
             v = _axpy(v, dot(v, q), q)
     return v
 
@@ -139,6 +141,20 @@ def _reorthogonalise(op, vectors, reorth):
     size = torch.empty((), dtype=base.vec_dtype).element_size()
     fits = (vectors + 2) * numel * size <= memory_budget(base.params[0].device)
     return base.reduce_sum(0.0 if fits else 1.0) == 0.0
+
+
+def _basis_home(op, vectors):
+    """Where Hutch++ keeps its basis Q: on the operator's device where `vectors` of its vectors fit
+    operator.memory_budget there, else in host memory (7B: 10 vectors of 3.4 GB per GPU beside the retained
+    graphs), brought back one vector at a time. Every rank takes the same answer. Returns (device, "device" or
+    "host")."""
+    numel = op.S if hasattr(op, "S") else _dimension(op)
+    device = op.params[0].device
+    size = torch.empty((), dtype=op.vec_dtype).element_size()
+    fits = vectors * numel * size <= memory_budget(device)
+    if op.reduce_sum(0.0 if fits else 1.0) == 0.0:
+        return device, "device"
+    return torch.device("cpu"), "host"
 
 
 def _lanczos_record(reorth, steps):
@@ -160,19 +176,25 @@ def hutchpp_trace(op, products, seed):
     """Hutch++: tr(H) = tr(Q^T H Q) + tr((I - QQ^T) H (I - QQ^T)), Q an orthonormal basis of H S (S: m/3
     Rademacher probes), the first term exact, the second Hutchinson's estimate with m/3 Rademacher probes g
     projected off Q. Its standard error: the residual probes' sample standard deviation / sqrt(m/3) (the
-    estimator's only random part given Q). HVPs: m/3 + rank(HS) + m/3 <= m."""
+    estimator's only random part given Q). HVPs: m/3 + rank(HS) + m/3 <= m. Q (m/3 vectors) is held on the
+    device or in host memory (_basis_home, recorded as basis_memory); each H s is orthogonalised as it comes."""
     k = int(products) // 3
     dot = op.dot
-    sketch = [op.hvp(rademacher(op, _seed(seed, "trace_sketch", i))) for i in range(k)]
+    device = op.params[0].device
+    home, memory = _basis_home(op, k + 3)  # Q, the vector being orthogonalised and two transients
     basis = []
-    for y in sketch:  # Q: the sketch's range; a direction already spanned (H of low rank) is dropped
+    for i in range(k):  # Q: the sketch's range; a direction already spanned (H of low rank) is dropped
+        y = op.hvp(rademacher(op, _seed(seed, "trace_sketch", i)))
         scale = math.sqrt(max(dot(y, y), 0.0))
         y = _project_out(y, basis, dot)
         nrm = math.sqrt(max(dot(y, y), 0.0))
         if nrm > 1e-10 * scale:
-            basis.append([t / nrm for t in y])
-    del sketch
-    exact = float(sum(dot(q, op.hvp(q)) for q in basis))
+            basis.append([(t / nrm).to(home) for t in y])
+    exact = 0.0
+    for q in basis:
+        q = [t.to(device) for t in q]
+        exact += dot(q, op.hvp(q))
+    exact = float(exact)
     vals = []
     for i in range(k):
         g = _project_out(rademacher(op, _seed(seed, "trace_residual", i)), basis, dot)
@@ -180,7 +202,8 @@ def hutchpp_trace(op, products, seed):
     resid = float(np.mean(vals))
     se = float(np.std(vals, ddof=1) / math.sqrt(k))
     return {"trace": exact + resid, "standard_error": se, "method": "hutch++", "low_rank_part": exact,
-            "low_rank_dim": len(basis), "residual_part": resid, "residual_probes": k, "n": _dimension(op)}
+            "low_rank_dim": len(basis), "residual_part": resid, "residual_probes": k, "n": _dimension(op),
+            "basis_memory": memory}
 
 
 # ------------------------------------------------------------------------------------------ the density

@@ -22,6 +22,7 @@ DOMINANT_MARGIN = 0.05
 STOP_REASONS = {0: "max_iter", 1: "bound_both_ends", 2: "invariant_subspace", 3: "bound_dominant_end"}
 DEFAULT_RTOL = 1e-3
 RANDOM_BLOCK = 1 << 20  # elements per seeded block of the random vector
+DOT_CHUNK = 1 << 24     # elements per float64 partial inner product (_dot)
 WARM_STEPS = 4        # Lanczos steps on the subsample (4: the tiny ARC checkpoint needs 2 full HVPs, 4 with 3)
 WARM_SHARE = 0.1     # of the samples in the warm-start subsample (at least 2)
 WARM_RANDOM = 0.05    # weight of the seeded random part added to the warm-start vector
@@ -118,12 +119,18 @@ def _mixed_start_vector(op, seed, r=None):
     gn, rn = _norm(g, op.dot), _norm(r, op.dot)
     if not (gn > 0 and math.isfinite(gn)):
         return r, "random"
-    return [(a.double() / gn + b.double() / rn).to(b.dtype).contiguous() for a, b in zip(g, r)], "gradient+random"
+    return [_in_float64(lambda x, y: x / gn + y / rn, a, b) for a, b in zip(g, r)], "gradient+random"
 
 
 def _dot(a, b):
-    """<a, b> over lists of tensors, accumulated in float64."""
-    return float(sum(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in zip(a, b)))
+    """<a, b> over lists of tensors, accumulated in float64, DOT_CHUNK elements at a time: the float64 copies
+    stay small (a whole 7B shard's would be 2 x 6.7 GB per GPU on 8)."""
+    parts = []
+    for x, y in zip(a, b):
+        x, y = x.reshape(-1), y.reshape(-1)
+        for i in range(0, x.numel(), DOT_CHUNK):
+            parts.append(torch.dot(x[i:i + DOT_CHUNK].double(), y[i:i + DOT_CHUNK].double()))
+    return float(sum(parts))
 
 
 def _norm(v, dot=_dot):
@@ -163,9 +170,10 @@ def lanczos_basis(matvec, dot, v0, steps, stop=None, reorthogonalise=True):
     eigenvectors) is exact for the moments up to 2k - 1. It holds k + 1 parameter-sized vectors at once (a
     sharded operator: k + 1 shards per rank), and `basis` is all of them.
     reorthogonalise=False: the three-term recurrence alone, three vectors held whatever k (`basis`: the last
-    two). Orthogonality is lost once a Ritz value converges, and converged eigenvalues come back as copies
-    ("ghosts"), but a Ritz value with a small residual still lies that close to an eigenvalue (Paige 1980) and
-    the quadrature's low moments stay accurate (Knizhnerman 1996): the memory-lean path (measures.py)."""
+    two; matvec's output is updated in place, so it must be a new tensor, as every operator's hvp is).
+    Orthogonality is lost once a Ritz value converges, and converged eigenvalues come back as copies ("ghosts"),
+    but a Ritz value with a small residual still lies that close to an eigenvalue (Paige 1980) and the
+    quadrature's low moments stay accurate (Knizhnerman 1996): the memory-lean path (measures.py)."""
     basis, alphas, betas = [_normalize(v0, dot)], [], []
     for j in range(steps):
         w = matvec(basis[-1])
@@ -175,18 +183,24 @@ def lanczos_basis(matvec, dot, v0, steps, stop=None, reorthogonalise=True):
                 for q in basis:
                     c = dot(w, q)
                     w = [a - c * b for a, b in zip(w, q)]
-        else:  # Paige's order: beta's term out before alpha is taken (the stabler variant)
+        else:  # Paige's order: beta's term out before alpha is taken (the stabler variant); in place on w
             if len(basis) > 1:
-                w = [a - betas[-1] * b for a, b in zip(w, basis[-2])]
+                for a, q in zip(w, basis[-2]):
+                    a.sub_(q, alpha=betas[-1])
             alphas.append(dot(w, basis[-1]))
-            w = [a - alphas[-1] * b for a, b in zip(w, basis[-1])]
+            for a, q in zip(w, basis[-1]):
+                a.sub_(q, alpha=alphas[-1])
         b = _norm(w, dot)
         betas.append(b)
         if j == steps - 1 or not b > 1e-12 * max(abs(a) for a in alphas) or (stop and stop(alphas, betas)):
             break
-        basis.append([t / b for t in w])
-        if not reorthogonalise:
-            basis = basis[-2:]
+        if reorthogonalise:
+            basis.append([t / b for t in w])
+        else:  # w becomes the next vector where it is: q_{j-1} is let go first, three vectors at most
+            basis = [basis[-1]]
+            for t in w:
+                t.div_(b)
+            basis.append(w)
     return alphas, betas, basis
 
 
@@ -206,7 +220,17 @@ def _normalize(v, dot=_dot):
     nrm = _norm(v, dot)
     if nrm == 0:
         raise CurvatureError("start vector is zero")
-    return [(t.double() / nrm).to(t.dtype).contiguous() for t in v]
+    return [_in_float64(lambda x: x / nrm, t) for t in v]
+
+
+def _in_float64(fn, *tensors):
+    """fn of the tensors computed in float64 and stored in the last one's dtype, DOT_CHUNK elements at a time
+    (the float64 copies stay small, as in _dot); a new contiguous tensor of the last one's shape."""
+    out = torch.empty(tensors[-1].shape, dtype=tensors[-1].dtype, device=tensors[-1].device)
+    flat, ins = out.view(-1), [t.reshape(-1) for t in tensors]
+    for i in range(0, flat.numel(), DOT_CHUNK):
+        flat[i:i + DOT_CHUNK] = fn(*(t[i:i + DOT_CHUNK].double() for t in ins))
+    return out
 
 
 def _lanczos_python(op, v0, max_iter, rtol, step, stop="dominant", margin=DOMINANT_MARGIN, times=None,
