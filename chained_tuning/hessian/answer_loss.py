@@ -248,26 +248,33 @@ def _routed_attention(model, fused, eager_as_sdpa=False, min_block=None):
             model.set_attn_implementation("eager")
 
 
+def _routed_probe(model, fused, forward):
+    """forward() under the block attention as the operator would run it (blocks of 4 rows, so that short probes
+    use them too; eager attention as SDPA where _eager_as_sdpa) -> (that forward, the list each of its runs
+    appends its count of routed attention calls to, the operator's attention context)."""
+    switch, routed = _eager_as_sdpa(model), []
+
+    def mine():
+        with _routed_attention(model, fused, switch, min_block=4) as mode:
+            out = forward()
+        routed.append(mode.routed)
+        return out
+    return mine, routed, functools.partial(_routed_attention, model, fused, switch)
+
+
 def _block_attention(model, batch, fused):
     """("blocks_fused" | "blocks", context) where attention_hvp.block_attention (fused: its softmax double
     backward from the extension) gives the model's answer-row logits on two rows of `batch` as the model does
-    (blocks of 4 rows, so that short probes use them too) and took over the model's attention (a float32 or
-    half-precision model loaded with eager attention runs SDPA inside, _eager_as_sdpa); else ("model", nullcontext): the model's own
+    and took over the model's attention (_routed_probe); else ("model", nullcontext): the model's own
     attention, as before."""
     ids, am, keep = _probe(model, batch)
     if not bool(keep.any()):
         return "model", contextlib.nullcontext
     fused = bool(fused) and attention_hvp.fused_softmax_available()
-    routed, switch = [], _eager_as_sdpa(model)
-
-    def mine():
-        with _routed_attention(model, fused, switch, min_block=4) as mode:
-            out = _answer_logits(model, ids, am, keep)
-        routed.append(mode.routed)
-        return out
+    mine, routed, context = _routed_probe(model, fused, lambda: _answer_logits(model, ids, am, keep))
     if not _same_forward(lambda: _answer_logits(model, ids, am, keep), mine) or not any(routed):
         return "model", contextlib.nullcontext
-    return ("blocks_fused" if fused else "blocks"), functools.partial(_routed_attention, model, fused, switch)
+    return ("blocks_fused" if fused else "blocks"), context
 
 
 def _every_shortcut(model, batch, fused, last_layer_rows, block_attention, share_prefix):
@@ -285,19 +292,13 @@ def _every_shortcut(model, batch, fused, last_layer_rows, block_attention, share
         return None
     blocks = block_attention and next(model.parameters()).device.type == "cpu"
     fused = bool(fused) and attention_hvp.fused_softmax_available()
-    switch, routed = _eager_as_sdpa(model), []
 
-    def mine():
-        with (_routed_attention(model, fused, switch, min_block=4) if blocks else contextlib.nullcontext()) as mode:
-            out = parts[1](_answer_hidden(parts[0], ids, am, keep, rows, P))
-        routed.append(mode.routed if blocks else 0)
-        return out
-    if not _same_forward(lambda: _answer_logits(model, ids, am, keep), mine) or (blocks and not any(routed)):
+    def head():
+        return parts[1](_answer_hidden(parts[0], ids, am, keep, rows, P))
+    mine, routed, context = _routed_probe(model, fused, head) if blocks else (head, [1], contextlib.nullcontext)
+    if not _same_forward(lambda: _answer_logits(model, ids, am, keep), mine) or not any(routed):
         return None
-    if not blocks:
-        return rows, "model", contextlib.nullcontext, bool(P)
-    return (rows, "blocks_fused" if fused else "blocks", functools.partial(_routed_attention, model, fused, switch),
-            bool(P))
+    return rows, ("blocks_fused" if fused else "blocks") if blocks else "model", context, bool(P)
 
 
 def _checkpointing(model) -> bool:
