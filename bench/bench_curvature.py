@@ -45,10 +45,11 @@
    time: graph build (forwards + first gradients with create_graph), subsample warm start (its sub-HVPs), each
    solve iteration (one HVP + the vector updates; mean), other. At the end the task x kernel table (< 3x marked).
    Measured (this machine, one thread, nothing else running; --samples 50 --repeats 3 --skip cost,memory, the
-   command above, BBQ in a second run with --tasks bbq), ours / the fastest peer (eigenthings Lanczos or
-   power, oracle budget): toxigen 2.26x sdpa / 2.42x eager, csqa2 2.30x / 2.10x, csqa 3.05x / 3.25x, arc
-   3.78x / 4.04x, bbq 4.36x / 4.36x. One solve on toxigen/sdpa: 3.45 s = graph build 0.60 + warm start 0.56 (4 sub-HVPs) + 3 x
-   0.77 s HVPs (last round's code, repeats 1: 4.02 s = 0.64 + 0.57 + 3 x 0.94, 1.64x). Where the top eigenvalue
+   command above run per pair of tasks), ours / the fastest peer (eigenthings Lanczos or power, oracle budget):
+   toxigen 2.31x sdpa / 2.56x eager, csqa2 2.37x / 2.32x, csqa 3.05x / 3.25x, arc 3.78x / 4.04x, bbq 4.36x /
+   4.36x (toxigen and csqa2 measured with the warm start's early stop, WARM_RTOL, which leaves csqa, arc and bbq
+   at 4 sub-steps). One solve on toxigen/sdpa: 3.08 s = graph build 0.55 + warm start 0.43 (3 sub-HVPs) + 3 x
+   0.70 s HVPs (two rounds ago, repeats 1: 4.02 s = 0.64 + 0.57 + 3 x 0.94, 1.64x). Where the top eigenvalue
    stands apart (toxigen, csqa2) the oracle peers are within 1e-3 after 3-4 products and a certified Lanczos
    needs 2-3: the ratio is one product's cost, a fresh forward + gradient + HVP (~2 s) against a retained-graph
    HVP (~0.7 s) plus one graph build; 3x there needs an HVP ~40% cheaper. Where the top clusters (csqa, arc)

@@ -156,6 +156,19 @@ def test_dominant_stop_rule(model64, dense):
         C.hessian_spectrum(model64, batches(), backend="torch", stop="either")
 
 
+def test_warm_start_stops_where_the_subsample_is_certified(model64, dense, monkeypatch):
+    """The warm start's sub-Lanczos stops once H_1's dominant end is certified to WARM_RTOL (at least 2 steps),
+    else after WARM_STEPS; the full solve reaches the dense rho either way."""
+    from chained_tuning.hessian import solvers
+    steps = {}
+    for warm_rtol in (1e30, 1e-30):  # certified at once; never
+        monkeypatch.setattr(solvers, "WARM_RTOL", warm_rtol)
+        r = C.hessian_spectrum(model64, batches(), tol=1e-7, max_iter=400, backend="torch", start="subsample")
+        steps[warm_rtol] = r["warm_start"]["steps"]
+        assert r["sub_hvp_count"] == steps[warm_rtol] and rel(r["rho"], dense["rho"]) <= 1e-5
+    assert steps == {1e30: 2, 1e-30: solvers.WARM_STEPS}
+
+
 def test_start_vectors(model64, dense):
     """The subsample warm start, the gradient+random start and the random start all converge to the dense
     spectrum. By default Lanczos takes the warm start where it is cheap (8 samples or more) and its basis
