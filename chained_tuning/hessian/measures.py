@@ -33,7 +33,7 @@ from .errors import CurvatureError
 # parse_measures: re-exported, the measures' own names
 from .measure_names import DEFAULTS, MEASURES, MOMENTS, REORTH, RULES, parse_measures  # noqa: F401
 from .operator import memory_budget
-from .solvers import DEFAULT_RTOL, lanczos_basis
+from .solvers import DEFAULT_RTOL, lanczos_basis, tridiagonal
 
 # probe seeds: op.random(PROBE_SEED_BASE * (seed + 1) + TAG * PROBE_SEED_TAG + i), apart from the solver's seed
 PROBE_SEED_BASE, PROBE_SEED_TAG = 7919, 1000
@@ -127,33 +127,33 @@ def _project_out(v, basis, dot):
     return v
 
 
-def _reorthogonalise(op, vectors, reorth):
-    """True where the Lanczos of `op` stores its basis: reorth "full", or "auto" and `vectors` of op's vectors
-    (this rank's part of each) plus two more fit in operator.memory_budget now. Every rank takes the same
-    answer (one that does not fit makes all go without): their inner products stay matched."""
-    if reorth != "auto":
-        return reorth == "full"
+def _fits_on_every_rank(op, vectors) -> bool:
+    """Whether `vectors` of op's vectors (this rank's part of each) fit operator.memory_budget on its device now,
+    on every rank (one that does not fit decides for all, so that their inner products stay matched)."""
     base = getattr(op, "op", op)  # BlockOperator -> its operator (HessianOperator or ShardedOperator)
     if isinstance(op, BlockOperator):
         numel = sum(b - a for a, b in op.slices) if op.sharded else op.n
     else:
         numel = op.S if hasattr(op, "S") else _dimension(op)
     size = torch.empty((), dtype=base.vec_dtype).element_size()
-    fits = (vectors + 2) * numel * size <= memory_budget(base.params[0].device)
+    fits = vectors * numel * size <= memory_budget(base.params[0].device)
     return base.reduce_sum(0.0 if fits else 1.0) == 0.0
 
 
+def _reorthogonalise(op, vectors, reorth):
+    """True where the Lanczos of `op` stores its basis: reorth "full", or "auto" and `vectors` of op's vectors
+    plus two more fit on every rank (_fits_on_every_rank)."""
+    if reorth != "auto":
+        return reorth == "full"
+    return _fits_on_every_rank(op, vectors + 2)
+
+
 def _basis_home(op, vectors):
-    """Where Hutch++ keeps its basis Q: on the operator's device where `vectors` of its vectors fit
-    operator.memory_budget there, else in host memory (7B: 10 vectors of 3.4 GB per GPU beside the retained
-    graphs), brought back one vector at a time. Every rank takes the same answer. Returns (device, "device" or
-    "host")."""
-    numel = op.S if hasattr(op, "S") else _dimension(op)
-    device = op.params[0].device
-    size = torch.empty((), dtype=op.vec_dtype).element_size()
-    fits = vectors * numel * size <= memory_budget(device)
-    if op.reduce_sum(0.0 if fits else 1.0) == 0.0:
-        return device, "device"
+    """Where Hutch++ keeps its basis Q: on the operator's device where `vectors` of its vectors fit on every rank,
+    else in host memory (7B: 10 vectors of 3.4 GB per GPU beside the retained graphs), brought back one vector at
+    a time. Returns (device, "device" or "host")."""
+    if _fits_on_every_rank(op, vectors):
+        return op.params[0].device, "device"
     return torch.device("cpu"), "host"
 
 
@@ -163,12 +163,7 @@ def _lanczos_record(reorth, steps):
 
 
 def _tridiagonal(alphas, betas):
-    k = len(alphas)
-    T = np.diag(np.asarray(alphas, dtype=np.float64))
-    if k > 1:
-        off = np.asarray(betas[:k - 1], dtype=np.float64)
-        T += np.diag(off, 1) + np.diag(off, -1)
-    return np.linalg.eigh(T)
+    return np.linalg.eigh(tridiagonal(alphas, betas))
 
 
 # -------------------------------------------------------------------------------------------- the trace

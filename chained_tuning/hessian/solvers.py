@@ -30,6 +30,17 @@ WARM_RANDOM = 0.05    # weight of the seeded random part added to the warm-start
 WARM_VECTORS = 6      # parameter-sized vectors the warm start holds at once (basis + work + first gradient)
 
 
+def tridiagonal(alphas, betas):
+    """T_k of a Lanczos run (float64): alphas on the diagonal, the first k - 1 betas beside it (the last beta is
+    the residual's norm, not part of T_k)."""
+    k = len(alphas)
+    T = np.diag(np.asarray(alphas, dtype=np.float64))
+    if k > 1:
+        off = np.asarray(betas[:k - 1], dtype=np.float64)
+        T += np.diag(off, 1) + np.diag(off, -1)
+    return T
+
+
 def ritz_bounds(alphas, betas):
     """Extreme Ritz values of T_k and their certified error bounds (the rule of csrc/hessian.cpp's
     ritz_bounds): (theta_min, theta_max, r_min, r_max, bound_min, bound_max). r = |beta_k s_k| puts an
@@ -43,10 +54,7 @@ def ritz_bounds(alphas, betas):
     1.5e-3, and with k = 2, where the other Ritz value mixes all the rest, 1e-3 at 3e-3). bound is the smaller
     of r and max(r^2 / gap, |theta_k - theta_{k-1}|)."""
     k = len(alphas)
-    tridiag = np.diag(np.asarray(alphas, dtype=np.float64))
-    if k > 1:
-        off = np.asarray(betas[: k - 1], dtype=np.float64)
-        tridiag += np.diag(off, 1) + np.diag(off, -1)
+    tridiag = tridiagonal(alphas, betas)
     theta, eigvecs = np.linalg.eigh(tridiag)
     r = np.abs(float(betas[k - 1]) * eigvecs[-1, :])
     prev = np.linalg.eigvalsh(tridiag[: k - 1, : k - 1]) if k >= 3 else None
@@ -156,8 +164,7 @@ def _subsample_start_vector(op, seed, steps=WARM_STEPS):
     alphas, betas, basis = lanczos_basis(op.hvp_first, dot, q0, steps,
                                          stop=lambda a, b: len(a) >= 2 and _lanczos_stop(a, b, WARM_RTOL) != 0)
     k = len(alphas)
-    tridiag = np.diag(alphas) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
-    theta, eigvecs = np.linalg.eigh(tridiag)
+    theta, eigvecs = np.linalg.eigh(tridiagonal(alphas, betas))
     col = eigvecs[:, -1] if abs(theta[-1]) >= abs(theta[0]) else eigvecs[:, 0]
     y = [sum(float(col[i]) * basis[i][n] for i in range(k)) for n in range(len(basis[0]))]
     y = _normalize(y, dot)
