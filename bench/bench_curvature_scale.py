@@ -295,6 +295,16 @@ def measures_plan(minutes, plans, args):
     return out
 
 
+def say_measures(rows):
+    """measures_plan's rows of one task, a line each, beside the plan's parts: the vectors they hold."""
+    for name, mm in rows.items():
+        way = ("" if mm["auto"] is None else f"; auto: {mm['auto']} ({mm['lean_gb_per_gpu']:.1f} GB on the "
+               f"GPU without the basis there)")
+        print(f"    --measures {name:8s} {mm['hvp_count']:5d} HVPs {mm['minutes']:8.2f} min, with the basis "
+              f"{mm['basis_gb_per_gpu']:6.1f} GB per GPU of {mm['free_gb_per_gpu']:.1f} free{way} -> "
+              f"{'fits' if mm['fits'] else 'does NOT fit'} ({mm['note']})")
+
+
 def _best_time(fn, sync, reps=3):
     best = float("inf")
     for _ in range(reps):
@@ -484,12 +494,7 @@ def main():
             print(f"    longest micro-batch one HVP can recompute beside the rest: {lm['rebuilt_tokens']} tokens with the "
                   f"graph rebuilt ({lm['rebuilt_bytes_per_token'] / 2**20:.1f} MiB/token), {lm['layerwise_tokens']} "
                   f"layer-wise (--gradient_checkpointing on, {lm['layerwise_bytes_per_token'] / 2**20:.2f} MiB/token)")
-            for name, mm in res["measures"][task].items():  # beside the plan's parts: the vectors they hold
-                way = ("" if mm["auto"] is None else f"; auto: {mm['auto']} ({mm['lean_gb_per_gpu']:.1f} GB on the "
-                       f"GPU without the basis there)")
-                print(f"    --measures {name:8s} {mm['hvp_count']:5d} HVPs {mm['minutes']:8.2f} min, with the basis "
-                      f"{mm['basis_gb_per_gpu']:6.1f} GB per GPU of {mm['free_gb_per_gpu']:.1f} free{way} -> "
-                      f"{'fits' if mm['fits'] else 'does NOT fit'} ({mm['note']})")
+            say_measures(res["measures"][task])
     with open(os.path.join(args.out, "bench_curvature_scale.json"), "w") as f:
         json.dump(res, f, indent=2)
     print(f"wrote {args.out}/bench_curvature_scale.json")
