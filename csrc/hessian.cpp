@@ -13,6 +13,13 @@
 //   hessian::softmax_backward(grad_probs, probs) -> grad_logits
 //   hessian::softmax_backward_backward(ggrad, grad_probs, probs) -> (grad_grad_probs, grad_probs_of_probs)
 //        the backward of softmax's backward along the last dim, one pass per row (attention_hvp.py; CPU only)
+//   hessian::multi_dot(a[], b[]) -> <a, b>                                      (float64; CPU only)
+//   hessian::rms_norm_backward(grad_y, x, w, rstd) -> (grad_x, grad_w)
+//   hessian::rms_norm_backward_backward(gg_x, gg_w, grad_y, x, w, rstd) -> (grad_grad_y, grad_x, grad_w)
+//   hessian::swiglu_backward(grad_h, a, b, s) -> (grad_a, grad_b)          (h = silu(a) b, s = sigmoid(a))
+//   hessian::swiglu_backward_backward(gg_a, gg_b, grad_h, a, b, s) -> (grad_grad_h, grad_a, grad_b)
+//        RMSNorm's and the SwiGLU gate's backward and its backward, one pass or two per row
+//        (fused_layers.py; CPU only)
 //   hessian::linear_xent(hidden, weight, labels, ignore_index, chunk_rows) -> (loss_rows, probs)
 //   hessian::linear_xent_backward(grad_loss, hidden, weight, probs, labels, ...) -> (grad_hidden, grad_weight)
 //   hessian::linear_xent_hvp(u?, U?, grad_loss, hidden, weight, probs, labels, ...)
@@ -382,6 +389,15 @@ TORCH_LIBRARY(hessian, m) {
       "int ignore_index) -> (Tensor, Tensor)");
   m.def("softmax_backward(Tensor grad_probs, Tensor probs) -> Tensor");
   m.def("softmax_backward_backward(Tensor ggrad, Tensor grad_probs, Tensor probs) -> (Tensor, Tensor)");
+  m.def("multi_dot(Tensor[] a, Tensor[] b) -> Tensor");
+  m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor w, Tensor rstd) -> (Tensor, Tensor)");
+  m.def(
+      "rms_norm_backward_backward(Tensor gg_x, Tensor gg_w, Tensor grad_y, Tensor x, Tensor w, Tensor rstd) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("swiglu_backward(Tensor grad_h, Tensor a, Tensor b, Tensor s) -> (Tensor, Tensor)");
+  m.def(
+      "swiglu_backward_backward(Tensor gg_a, Tensor gg_b, Tensor grad_h, Tensor a, Tensor b, Tensor s) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("linear_xent(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, int chunk_rows=0) -> (Tensor, Tensor)");
   m.def(
       "linear_xent_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor probs, Tensor labels, "

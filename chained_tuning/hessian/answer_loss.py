@@ -15,7 +15,7 @@ import functools
 import torch
 
 from . import attention as attention_hvp
-from . import ops, shared_prefix
+from . import fused_layers, ops, shared_prefix
 from .answer_rows import AnswerRows
 from .errors import CurvatureError
 
@@ -235,53 +235,71 @@ def _eager_as_sdpa(model) -> bool:
 
 
 @contextlib.contextmanager
-def _routed_attention(model, fused, eager_as_sdpa=False, min_block=None):
-    """attention_hvp.block_attention; eager_as_sdpa: the model's eager attention switched to SDPA inside (only SDPA
-    calls can be routed to the blocks) and back after."""
+def _routed_attention(model, fused, eager_as_sdpa=False, min_block=None, layers=False):
+    """attention_hvp.block_attention and, where `layers`, fused_layers.fused_layers (RMSNorm, the SwiGLU gate and
+    the rotary embedding with their double backward fused); eager_as_sdpa: the model's eager attention switched to
+    SDPA inside (only SDPA calls can be routed to the blocks) and back after. Yields the block attention's mode,
+    with `layers` set to the number of modules fused_layers swapped."""
     if eager_as_sdpa:
         model.set_attn_implementation("sdpa")
     try:
-        with attention_hvp.block_attention(min_block=min_block, fused=fused) as mode:
+        with attention_hvp.block_attention(min_block=min_block, fused=fused) as mode, \
+                (fused_layers.fused_layers(model) if layers else contextlib.nullcontext(0)) as swapped:
+            mode.layers = swapped
             yield mode
     finally:
         if eager_as_sdpa:
             model.set_attn_implementation("eager")
 
 
-def _routed_probe(model, fused, forward):
+def _routed_probe(model, fused, forward, layers):
     """forward() under the block attention as the operator would run it (blocks of 4 rows, so that short probes
-    use them too; eager attention as SDPA where _eager_as_sdpa) -> (that forward, the list each of its runs
-    appends its count of routed attention calls to, the operator's attention context)."""
-    switch, routed = _eager_as_sdpa(model), []
+    use them too; eager attention as SDPA where _eager_as_sdpa; the fused layers where `layers`) -> (that
+    forward, the list each of its runs appends (routed attention calls, modules swapped) to, the operator's
+    attention context)."""
+    switch, runs = _eager_as_sdpa(model), []
 
     def mine():
-        with _routed_attention(model, fused, switch, min_block=4) as mode:
+        with _routed_attention(model, fused, switch, min_block=4, layers=layers) as mode:
             out = forward()
-        routed.append(mode.routed)
+        runs.append((mode.routed, mode.layers))
         return out
-    return mine, routed, functools.partial(_routed_attention, model, fused, switch)
+    return mine, runs, functools.partial(_routed_attention, model, fused, switch, layers=layers)
+
+
+def _first_routed(model, fused, forward, reference):
+    """(modules fused, the attention context) of the first of the fused layers on and off (on only where
+    `fused`) under which forward() equals reference() and the block attention took over the model's attention;
+    None where neither does."""
+    for layers in ((True, False) if fused and fused_layers.fused_layers_available() else (False,)):
+        mine, runs, context = _routed_probe(model, fused, forward, layers)
+        if _same_forward(reference, mine) and any(r for r, _ in runs):
+            return runs[-1][1], context
+    return None
 
 
 def _block_attention(model, batch, fused):
-    """("blocks_fused" | "blocks", context) where attention_hvp.block_attention (fused: its softmax double
-    backward from the extension) gives the model's answer-row logits on two rows of `batch` as the model does
-    and took over the model's attention (_routed_probe); else ("model", nullcontext): the model's own
-    attention, as before."""
+    """("blocks_fused" | "blocks", context, modules fused) where attention_hvp.block_attention (fused: its softmax
+    double backward from the extension, and fused_layers where that holds too) gives the model's answer-row
+    logits on two rows of `batch` as the model does and took over the model's attention (_first_routed); else
+    ("model", nullcontext, 0): the model's own attention and layers, as before."""
     ids, am, keep = _probe(model, batch)
     if not bool(keep.any()):
-        return "model", contextlib.nullcontext
+        return "model", contextlib.nullcontext, 0
     fused = bool(fused) and attention_hvp.fused_softmax_available()
-    mine, routed, context = _routed_probe(model, fused, lambda: _answer_logits(model, ids, am, keep))
-    if not _same_forward(lambda: _answer_logits(model, ids, am, keep), mine) or not any(routed):
-        return "model", contextlib.nullcontext
-    return ("blocks_fused" if fused else "blocks"), context
+    logits = lambda: _answer_logits(model, ids, am, keep)  # noqa: E731
+    found = _first_routed(model, fused, logits, logits)
+    if found is None:
+        return "model", contextlib.nullcontext, 0
+    return ("blocks_fused" if fused else "blocks"), found[1], found[0]
 
 
 def _every_shortcut(model, batch, fused, last_layer_rows, block_attention, share_prefix):
     """The usual case checked once: the fused LM head + cross-entropy with, as asked, the last layer at the answer
-    rows, attention in blocks (CPU) and the shared prefix, all at once against the model's own answer-row logits
-    on two rows of `batch` (one pair of forwards instead of one per shortcut). -> (last_rows, attention name,
-    attention context, share_prefix) where the whole path holds, else None: the caller checks each alone."""
+    rows, attention in blocks and the fused layers (CPU) and the shared prefix, all at once against the model's
+    own answer-row logits on two rows of `batch` (one pair of forwards instead of one per shortcut; a second
+    without the fused layers where they alone differ). -> (last_rows, attention name, attention context,
+    share_prefix, modules fused) where the whole path holds, else None: the caller checks each alone."""
     parts = linear_head(model)
     if parts is None:
         return None
@@ -290,15 +308,17 @@ def _every_shortcut(model, batch, fused, last_layer_rows, block_attention, share
     P = shared_prefix.shared_prefix_length(ids, am, keep, min_saved=1) if share_prefix else 0
     if (last_layer_rows and rows is None) or (share_prefix and not P) or not bool(keep.any()):
         return None
-    blocks = block_attention and next(model.parameters()).device.type == "cpu"
     fused = bool(fused) and attention_hvp.fused_softmax_available()
 
     def head():
         return parts[1](_answer_hidden(parts[0], ids, am, keep, rows, P))
-    mine, routed, context = _routed_probe(model, fused, head) if blocks else (head, [1], contextlib.nullcontext)
-    if not _same_forward(lambda: _answer_logits(model, ids, am, keep), mine) or not any(routed):
+    reference = lambda: _answer_logits(model, ids, am, keep)  # noqa: E731
+    if not (block_attention and next(model.parameters()).device.type == "cpu"):
+        return (rows, "model", contextlib.nullcontext, bool(P), 0) if _same_forward(reference, head) else None
+    found = _first_routed(model, fused, head, reference)
+    if found is None:
         return None
-    return rows, ("blocks_fused" if fused else "blocks") if blocks else "model", context, bool(P)
+    return rows, "blocks_fused" if fused else "blocks", found[1], bool(P), found[0]
 
 
 def _checkpointing(model) -> bool:

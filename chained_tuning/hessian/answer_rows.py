@@ -34,8 +34,14 @@ ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "co
 class AnswerRows:
     """The pruned forward for one decoder (see the module docstring)."""
 
-    def __init__(self, rope):
-        self.rope = rope  # the model's own apply_rotary_pos_emb: its convention for the halves of a head
+    def __init__(self, modeling):
+        self.modeling = modeling  # the attention's modeling module: its apply_rotary_pos_emb, looked up per call
+
+    @property
+    def rope(self):
+        """The model's own apply_rotary_pos_emb (its convention for the halves of a head), as it stands now (so
+        that fused_layers' form applies inside its context)."""
+        return self.modeling.apply_rotary_pos_emb
 
     @classmethod
     def build(cls, dec):
@@ -51,8 +57,8 @@ class AnswerRows:
             return None
         if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
             return None
-        rope = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
-        return cls(rope) if callable(rope) else None
+        modeling = sys.modules.get(type(attn).__module__)
+        return cls(modeling) if callable(getattr(modeling, "apply_rotary_pos_emb", None)) else None
 
     def __call__(self, dec, ids, am, keep, past=None):
         """dec's last hidden state (after the final norm) at keep's rows, row-major: decoder(...)[keep]. past: the

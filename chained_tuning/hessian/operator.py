@@ -66,7 +66,9 @@ class HessianOperator:
         block_attention (CPU): the graphs' SDPA attention in causal blocks with the softmax's double backward
         fused (attention.py), where the model's forward is the same with it on the first batch; `attention`
         says which ran ("blocks_fused", "blocks" without the extension, or "model"); a model loaded with eager
-        attention runs SDPA inside them.
+        attention runs SDPA inside them. With the extension the same context fuses RMSNorm, the SwiGLU gate and
+        the rotary embedding's double backward where that holds on the probe too (fused_layers.py);
+        `fused_layers` counts the modules swapped.
         share_prefix: the tokens every row of a micro-batch begins with (the task's instruction) run once for all
         its rows (shared_prefix.py), where that equals the whole rows' forward on the first batch;
         `prefix_tokens_saved` counts the positions the retained and rebuilt graphs do not hold."""
@@ -122,7 +124,7 @@ class HessianOperator:
         if found is None:
             return False
         self.ce, self.fused = "linear_xent", True
-        self.last_rows, self.attention, self._attn, self.share_prefix = found
+        self.last_rows, self.attention, self._attn, self.share_prefix, self.fused_layers = found
         return True
 
     def _choose_cross_entropy(self, fused_ce, probe):
@@ -147,9 +149,9 @@ class HessianOperator:
         self.last_rows = None
         if self.ce == "linear_xent" and last_layer_rows and probe is not None:
             self.last_rows = _last_layer_rows(self.model, probe)
-        self.attention, self._attn = "model", contextlib.nullcontext
+        self.attention, self._attn, self.fused_layers = "model", contextlib.nullcontext, 0
         if block_attention and probe is not None and self.params[0].device.type == "cpu":
-            self.attention, self._attn = _block_attention(self.model, probe, fused=self.fused)
+            self.attention, self._attn, self.fused_layers = _block_attention(self.model, probe, fused=self.fused)
         self.share_prefix = bool(share_prefix and probe is not None and
                                  _shared_prefix(self.model, probe, self.ce, self.last_rows, self._attn))
 

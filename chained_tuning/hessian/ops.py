@@ -75,6 +75,33 @@ def softmax_backward_backward(ggrad: Tensor, grad_probs: Tensor, probs: Tensor) 
     return torch.ops.hessian.softmax_backward_backward.default(ggrad, grad_probs, probs)
 
 
+def multi_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """<a, b> over the two lists of tensors, float64 accumulation of exact products (CPU only)."""
+    return torch.ops.hessian.multi_dot.default(a, b)
+
+
+def rms_norm_backward(grad_y: Tensor, x: Tensor, w: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_w) of y = w * x * rstd along the last dim, rstd = (mean(x^2) + eps)^-1/2 (CPU only)."""
+    return torch.ops.hessian.rms_norm_backward.default(grad_y, x, w, rstd)
+
+
+def rms_norm_backward_backward(gg_x: Tensor, gg_w: Tensor, grad_y: Tensor, x: Tensor, w: Tensor,
+                               rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of rms_norm_backward w.r.t. (grad_y, x, w), rstd's dependence on x included (CPU only)."""
+    return torch.ops.hessian.rms_norm_backward_backward.default(gg_x, gg_w, grad_y, x, w, rstd)
+
+
+def swiglu_backward(grad_h: Tensor, a: Tensor, b: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """(grad_a, grad_b) of h = silu(a) * b, given s = sigmoid(a) (CPU only)."""
+    return torch.ops.hessian.swiglu_backward.default(grad_h, a, b, s)
+
+
+def swiglu_backward_backward(gg_a: Tensor, gg_b: Tensor, grad_h: Tensor, a: Tensor, b: Tensor,
+                             s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of swiglu_backward w.r.t. (grad_h, a, b), given s = sigmoid(a) (CPU only)."""
+    return torch.ops.hessian.swiglu_backward_backward.default(gg_a, gg_b, grad_h, a, b, s)
+
+
 def linear_xent(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
                 chunk_rows: int = 0) -> tuple[Tensor, Tensor]:
     """(loss per row, probabilities) of the cross-entropy of hidden @ weight.T: the LM head and the loss fused."""
@@ -225,6 +252,27 @@ def _softmax_backward_backward_fake(ggrad, grad_probs, probs):  # contiguous out
     return probs.new_empty(probs.shape), probs.new_empty(probs.shape)
 
 
+def _multi_dot_fake(a, b):
+    return a[0].new_empty((), dtype=torch.float64)
+
+
+def _rms_norm_backward_fake(grad_y, x, w, rstd):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(w)
+
+
+def _rms_norm_backward_backward_fake(gg_x, gg_w, grad_y, x, w, rstd):
+    out = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return out(x), out(x), out(w)
+
+
+def _swiglu_backward_fake(grad_h, a, b, s):
+    return tuple(torch.empty_like(a, memory_format=torch.contiguous_format) for _ in range(2))
+
+
+def _swiglu_backward_backward_fake(gg_a, gg_b, grad_h, a, b, s):
+    return tuple(torch.empty_like(a, memory_format=torch.contiguous_format) for _ in range(3))
+
+
 def _lanczos_step_fake(w, v, v_prev, beta):
     return w[0].new_empty((2,), dtype=torch.float64)
 
@@ -250,6 +298,11 @@ FAKE_KERNELS = {
     "softmax_xent_backward_backward": _softmax_xent_backward_backward_fake,
     "softmax_backward": _softmax_backward_fake,
     "softmax_backward_backward": _softmax_backward_backward_fake,
+    "multi_dot": _multi_dot_fake,
+    "rms_norm_backward": _rms_norm_backward_fake,
+    "rms_norm_backward_backward": _rms_norm_backward_backward_fake,
+    "swiglu_backward": _swiglu_backward_fake,
+    "swiglu_backward_backward": _swiglu_backward_backward_fake,
     "lanczos_step": _lanczos_step_fake,
     "power_step": _power_step_fake,
     "shard_dot": _shard_dot_fake,

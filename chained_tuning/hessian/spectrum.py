@@ -108,6 +108,8 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
         result's backend.last_layer says which ran.
     block_attention: on CPU, the SDPA attention of the graphs in causal blocks with the softmax's double backward
         fused, where verified (HessianOperator, attention.py); the result's backend.attention says which ran.
+        With the extension this also fuses RMSNorm, the SwiGLU gate and the rotary embedding's double backward
+        where verified (fused_layers.py); backend.fused_layers counts the modules.
     share_prefix: the tokens all rows of a micro-batch begin with run once, where verified (HessianOperator,
         shared_prefix.py); the result's backend.shared_prefix says whether it ran and the positions it saved.
     progress: called as progress(iteration, running rho) after every iteration of the Python solver loops
@@ -356,7 +358,7 @@ def _backend_record(ext, use_ext, build, cpp_loop, local):
             "solver_loop": "cpp" if cpp_loop else "python", "step": "fused_op" if use_ext else "torch",
             "cross_entropy": CE_NAMES[local.ce],
             "last_layer": "answer_rows" if local.last_rows is not None else "full",
-            "attention": local.attention,
+            "attention": local.attention, "fused_layers": int(local.fused_layers),
             "shared_prefix": {"on": local.share_prefix, "positions_saved": int(local.prefix_tokens_saved)}}
 
 

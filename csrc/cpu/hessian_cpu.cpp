@@ -34,7 +34,18 @@ void check_lists(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>
   }
 }
 
-// sum_i a_i * b_i over all tensors, float64 accumulation
+// sum_i a_i * b_i over all tensors, float64 accumulation. Eight partial sums in turn: one running sum waits
+// for each addition to finish (four cycles an element), eight keep the adder busy.
+template <typename scalar_t>
+double dot_range(const scalar_t* pa, const scalar_t* pb, int64_t lo, int64_t hi) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = lo;
+  for (; i + 8 <= hi; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += to_d(pa[i + k]) * to_d(pb[i + k]);
+  for (; i < hi; ++i) acc[0] += to_d(pa[i]) * to_d(pb[i]);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 double multi_dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
   double total = 0.0;
   for (size_t t = 0; t < a.size(); ++t) {
@@ -44,10 +55,7 @@ double multi_dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>
       const scalar_t* pb = bc.data_ptr<scalar_t>();
       total += at::parallel_reduce(
           0, ac.numel(), kGrain, 0.0,
-          [&](int64_t lo, int64_t hi, double acc) {
-            for (int64_t i = lo; i < hi; ++i) acc += to_d(pa[i]) * to_d(pb[i]);
-            return acc;
-          },
+          [&](int64_t lo, int64_t hi, double acc) { return acc + dot_range(pa, pb, lo, hi); },
           std::plus<double>());
     });
   }
@@ -382,6 +390,204 @@ std::tuple<at::Tensor, at::Tensor> softmax_backward_backward_cpu(const at::Tenso
   return {dG, dp};
 }
 
+// <a, b> over all tensors of the two lists, float64 accumulation (solvers._dot's inner product, without its
+// float64 copies): one float64 scalar.
+at::Tensor multi_dot_cpu(at::TensorList a_, at::TensorList b_) {
+  std::vector<at::Tensor> a(a_.begin(), a_.end()), b(b_.begin(), b_.end());
+  check_lists(a, b, "multi_dot");
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kDouble));
+  out.data_ptr<double>()[0] = multi_dot(a, b);
+  return out;
+}
+
+// ----------------------------------------------------------------------- RMSNorm and the SwiGLU gate (CPU)
+// y = w * x * rstd along the last dim (n), rstd = (mean(x^2) + eps)^-1/2 per row (given, from the forward).
+// The rows are cut into at most kRowChunks fixed chunks: each chunk sums its rows' share of the weight's
+// gradient into a buffer of its own and the chunks are added in order, so the result does not depend on
+// the number of threads.
+constexpr int64_t kRowChunks = 64;
+
+struct Rows {
+  int64_t n, rows, chunks, per_chunk;
+};
+
+Rows row_layout(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd, const char* what) {
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && x.size(-1) == w.size(0), what, ": w must be 1-D of x's last size");
+  const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
+  TORCH_CHECK(rstd.numel() == rows, what, ": rstd must hold one value per row of x (", rows, "), got ",
+              rstd.numel());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() && rstd.scalar_type() == x.scalar_type(), what,
+              ": x, w and rstd must have one dtype");
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(kRowChunks, rows));
+  return {n, rows, chunks, (rows + chunks - 1) / chunks};
+}
+
+template <typename acc_t, typename scalar_t>
+void add_chunks(const std::vector<acc_t>& part, int64_t chunks, int64_t n, scalar_t* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t s = 0;
+    for (int64_t c = 0; c < chunks; ++c) s += part[c * n + j];
+    out[j] = static_cast<scalar_t>(s);
+  }
+}
+
+// First backward: u = w gy, c = <x, u> / n;  gx = rstd u - rstd^3 c x;  gw = sum over rows of gy x rstd.
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x_,
+                                                         const at::Tensor& w_, const at::Tensor& rstd_) {
+  TORCH_CHECK(grad_y.sizes() == x_.sizes() && grad_y.scalar_type() == x_.scalar_type(),
+              "rms_norm_backward: grad_y must have x's shape and dtype");
+  const Rows L = row_layout(x_, w_, rstd_, "rms_norm_backward");
+  at::Tensor gy = grad_y.contiguous(), x = x_.contiguous(), w = w_.contiguous(), rstd = rstd_.contiguous();
+  at::Tensor gx = at::empty_like(x), gw = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rms_norm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *pg = gy.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>(), *pw = w.data_ptr<scalar_t>();
+    const scalar_t* pr = rstd.data_ptr<scalar_t>();
+    scalar_t* ogx = gx.data_ptr<scalar_t>();
+    const int64_t n = L.n;
+    std::vector<acc_t> part(L.chunks * n, acc_t(0));
+    at::parallel_for(0, L.chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        acc_t* gwp = part.data() + c * n;
+        for (int64_t r = c * L.per_chunk; r < std::min(L.rows, (c + 1) * L.per_chunk); ++r) {
+          const scalar_t *g = pg + r * n, *xr = px + r * n;
+          const acc_t rs = static_cast<acc_t>(pr[r]);
+          acc_t xu = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            const acc_t gj = static_cast<acc_t>(g[j]), xj = static_cast<acc_t>(xr[j]);
+            xu += xj * static_cast<acc_t>(pw[j]) * gj;
+            gwp[j] += gj * xj * rs;
+          }
+          const acc_t k = rs * rs * rs * xu / static_cast<acc_t>(n);
+          scalar_t* o = ogx + r * n;
+          for (int64_t j = 0; j < n; ++j)
+            o[j] = static_cast<scalar_t>(rs * static_cast<acc_t>(pw[j]) * static_cast<acc_t>(g[j]) -
+                                         k * static_cast<acc_t>(xr[j]));
+        }
+      }
+    });
+    add_chunks(part, L.chunks, n, gw.data_ptr<scalar_t>());
+  });
+  return {gx, gw};
+}
+
+// The backward of that backward, given A = d/d gx and B = d/d gw (per row: au = <A, u>, ax = <A, x>,
+// bg = <B gy, x>; P = rstd A - rstd^3 ax / n x):
+//   d gy = w P + B x rstd;   d w = sum over rows of gy P;
+//   d x  = x (3 rstd^5 c ax - rstd^3 au - rstd^3 bg) / n - rstd^3 ax / n u - rstd^3 c A + rstd B gy.
+// Autograd spends some thirty passes over [rows, n] on this; here each row is read twice.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_backward_cpu(
+    const at::Tensor& gg_x, const at::Tensor& gg_w, const at::Tensor& grad_y, const at::Tensor& x_,
+    const at::Tensor& w_, const at::Tensor& rstd_) {
+  TORCH_CHECK(gg_x.sizes() == x_.sizes() && grad_y.sizes() == x_.sizes() && gg_w.sizes() == w_.sizes() &&
+                  gg_x.scalar_type() == x_.scalar_type() && grad_y.scalar_type() == x_.scalar_type() &&
+                  gg_w.scalar_type() == x_.scalar_type(),
+              "rms_norm_backward_backward: gg_x and grad_y must have x's shape and dtype, gg_w w's");
+  const Rows L = row_layout(x_, w_, rstd_, "rms_norm_backward_backward");
+  at::Tensor A = gg_x.contiguous(), B = gg_w.contiguous(), gy = grad_y.contiguous(), x = x_.contiguous();
+  at::Tensor w = w_.contiguous(), rstd = rstd_.contiguous();
+  at::Tensor dgy = at::empty_like(x), dx = at::empty_like(x), dw = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rms_norm_backward_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *pa = A.data_ptr<scalar_t>(), *pb = B.data_ptr<scalar_t>(), *pg = gy.data_ptr<scalar_t>();
+    const scalar_t *px = x.data_ptr<scalar_t>(), *pw = w.data_ptr<scalar_t>(), *pr = rstd.data_ptr<scalar_t>();
+    scalar_t *ogy = dgy.data_ptr<scalar_t>(), *ox = dx.data_ptr<scalar_t>();
+    const int64_t n = L.n;
+    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+    std::vector<acc_t> part(L.chunks * n, acc_t(0));
+    at::parallel_for(0, L.chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        acc_t* dwp = part.data() + c * n;
+        for (int64_t r = c * L.per_chunk; r < std::min(L.rows, (c + 1) * L.per_chunk); ++r) {
+          const scalar_t *a = pa + r * n, *g = pg + r * n, *xr = px + r * n;
+          const acc_t rs = static_cast<acc_t>(pr[r]), rs3 = rs * rs * rs;
+          acc_t xu = 0, au = 0, ax = 0, bg = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            const acc_t xj = static_cast<acc_t>(xr[j]), aj = static_cast<acc_t>(a[j]);
+            const acc_t gj = static_cast<acc_t>(g[j]), uj = static_cast<acc_t>(pw[j]) * gj;
+            xu += xj * uj;
+            au += aj * uj;
+            ax += aj * xj;
+            bg += static_cast<acc_t>(pb[j]) * gj * xj;
+          }
+          const acc_t cc = xu * inv_n;
+          const acc_t kx = (3 * rs3 * rs * rs * cc * ax - rs3 * au - rs3 * bg) * inv_n;
+          const acc_t ku = rs3 * ax * inv_n, ka = rs3 * cc;
+          scalar_t *o1 = ogy + r * n, *o2 = ox + r * n;
+          for (int64_t j = 0; j < n; ++j) {
+            const acc_t xj = static_cast<acc_t>(xr[j]), aj = static_cast<acc_t>(a[j]);
+            const acc_t gj = static_cast<acc_t>(g[j]), wj = static_cast<acc_t>(pw[j]), bj = static_cast<acc_t>(pb[j]);
+            const acc_t P = rs * aj - ku * xj;
+            o1[j] = static_cast<scalar_t>(wj * P + bj * xj * rs);
+            dwp[j] += gj * P;
+            o2[j] = static_cast<scalar_t>(kx * xj - ku * wj * gj - ka * aj + rs * bj * gj);
+          }
+        }
+      }
+    });
+    add_chunks(part, L.chunks, n, dw.data_ptr<scalar_t>());
+  });
+  return {dgy, dx, dw};
+}
+
+// h = silu(a) b (the SwiGLU gate), elementwise, given s = sigmoid(a) (saved by the forward: no exp() here, so
+// the loops vectorise); silu' = s (1 + a (1 - s)), silu'' = s (1 - s) (2 + a (1 - 2 s)).
+void swiglu_check(std::initializer_list<const at::Tensor*> ts, const char* what) {
+  const at::Tensor& a = **ts.begin();
+  for (const at::Tensor* t : ts) {
+    TORCH_CHECK(t->sizes() == a.sizes(), what, ": the tensors must have one shape");
+    TORCH_CHECK(t->scalar_type() == a.scalar_type(), what, ": the tensors must have one dtype");
+  }
+}
+
+// First backward: ga = gh b silu'(a), gb = gh silu(a).
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad_h, const at::Tensor& a_,
+                                                       const at::Tensor& b_, const at::Tensor& s_) {
+  swiglu_check({&a_, &grad_h, &b_, &s_}, "swiglu_backward");
+  at::Tensor gh = grad_h.contiguous(), a = a_.contiguous(), b = b_.contiguous(), sg = s_.contiguous();
+  at::Tensor ga = at::empty_like(a), gb = at::empty_like(a);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "swiglu_backward", [&] {
+    const scalar_t *pg = gh.data_ptr<scalar_t>(), *pa = a.data_ptr<scalar_t>(), *pb = b.data_ptr<scalar_t>();
+    const scalar_t* ps = sg.data_ptr<scalar_t>();
+    scalar_t *oa = ga.data_ptr<scalar_t>(), *ob = gb.data_ptr<scalar_t>();
+    at::parallel_for(0, a.numel(), kGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const scalar_t ai = pa[i], gi = pg[i], s = ps[i];
+        oa[i] = gi * pb[i] * s * (scalar_t(1) + ai * (scalar_t(1) - s));
+        ob[i] = gi * ai * s;
+      }
+    });
+  });
+  return {ga, gb};
+}
+
+// The backward of that backward, given A = d/d ga and B = d/d gb:
+//   d gh = A b silu'(a) + B silu(a);  d a = gh (A b silu''(a) + B silu'(a));  d b = A gh silu'(a).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_backward_backward_cpu(
+    const at::Tensor& gg_a, const at::Tensor& gg_b, const at::Tensor& grad_h, const at::Tensor& a_,
+    const at::Tensor& b_, const at::Tensor& s_) {
+  swiglu_check({&a_, &gg_a, &gg_b, &grad_h, &b_, &s_}, "swiglu_backward_backward");
+  at::Tensor A = gg_a.contiguous(), B = gg_b.contiguous(), gh = grad_h.contiguous();
+  at::Tensor a = a_.contiguous(), b = b_.contiguous(), sg = s_.contiguous();
+  at::Tensor dgh = at::empty_like(a), da = at::empty_like(a), db = at::empty_like(a);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "swiglu_backward_backward", [&] {
+    const scalar_t *pA = A.data_ptr<scalar_t>(), *pB = B.data_ptr<scalar_t>(), *pg = gh.data_ptr<scalar_t>();
+    const scalar_t *pa = a.data_ptr<scalar_t>(), *pb = b.data_ptr<scalar_t>(), *ps = sg.data_ptr<scalar_t>();
+    scalar_t *o1 = dgh.data_ptr<scalar_t>(), *o2 = da.data_ptr<scalar_t>(), *o3 = db.data_ptr<scalar_t>();
+    at::parallel_for(0, a.numel(), kGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const scalar_t ai = pa[i], bi = pb[i], gi = pg[i], Ai = pA[i], Bi = pB[i], s = ps[i];
+        const scalar_t t = scalar_t(1) - s;
+        const scalar_t d1 = s * (scalar_t(1) + ai * t), d2 = s * t * (scalar_t(2) + ai * (t - s));
+        o1[i] = Ai * bi * d1 + Bi * ai * s;
+        o2[i] = gi * (Ai * bi * d2 + Bi * d1);
+        o3[i] = Ai * gi * d1;
+      }
+    });
+  });
+  return {dgh, da, db};
+}
+
 TORCH_LIBRARY_IMPL(hessian, CPU, m) {
   m.impl("lanczos_step", &lanczos_step_cpu);
   m.impl("power_step", &power_step_cpu);
@@ -392,6 +598,11 @@ TORCH_LIBRARY_IMPL(hessian, CPU, m) {
   m.impl("softmax_xent_backward_backward", &softmax_xent_backward_backward_cpu);
   m.impl("softmax_backward", &softmax_backward_cpu);
   m.impl("softmax_backward_backward", &softmax_backward_backward_cpu);
+  m.impl("multi_dot", &multi_dot_cpu);
+  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+  m.impl("rms_norm_backward_backward", &rms_norm_backward_backward_cpu);
+  m.impl("swiglu_backward", &swiglu_backward_cpu);
+  m.impl("swiglu_backward_backward", &swiglu_backward_backward_cpu);
 }
 
 }  // namespace hessian
