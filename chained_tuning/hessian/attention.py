@@ -73,6 +73,81 @@ class _Softmax(torch.autograd.Function):
         return _SoftmaxBackward.apply(g, y)
 
 
+class _Prefixes(torch.autograd.Function):
+    """x's leading slices x[..., :e] along `dim` for each end e, views. Autograd's slice backward would build a
+    zero-filled x-sized gradient for each and add them up; here one buffer takes every slice's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, ends, dim):
+        ctx.shape, ctx.ends, ctx.dim = x.shape, ends, dim
+        return tuple(x.narrow(dim, 0, e) for e in ends)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _PrefixSum.apply(ctx.shape, ctx.ends, ctx.dim, *grads), None, None
+
+
+class _PrefixSum(torch.autograd.Function):
+    """The backward of _Prefixes: the slices' gradients added into one x-sized buffer (linear, so its backward
+    is _Prefixes again)."""
+
+    @staticmethod
+    def forward(ctx, shape, ends, dim, *grads):
+        ctx.ends, ctx.dim = ends, dim
+        ref = next(g for g in grads if g is not None)
+        out = ref.new_zeros(shape)
+        for g, e in zip(grads, ends):
+            if g is not None:
+                out.narrow(dim, 0, e).add_(g)
+        return out
+
+    @staticmethod
+    def backward(ctx, gg):
+        return (None, None, None, *_Prefixes.apply(gg, ctx.ends, ctx.dim))
+
+
+class _Cat(torch.autograd.Function):
+    """torch.cat whose backward is one node (_Split: views of the gradient) with a backward of one cat.
+    Autograd's cat backward slices the gradient, and under create_graph each slice is a node whose backward
+    builds a zero-filled gradient of the whole; the KV cache's cat of the shared prefix's keys and values with
+    the row's costs that in every HVP."""
+
+    @staticmethod
+    def forward(ctx, dim, *tensors):
+        ctx.dim, ctx.sizes = dim, [t.shape[dim] for t in tensors]
+        return torch.cat(tensors, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, *_Split.apply(g, ctx.dim, ctx.sizes))
+
+
+class _Split(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, dim, sizes):
+        ctx.dim = dim
+        return tuple(g.split(sizes, dim))
+
+    @staticmethod
+    def backward(ctx, *gg):
+        return _Cat.apply(ctx.dim, *gg), None, None
+
+
+def _cat_args(args, kwargs):
+    """(dim, tensors) of a torch.cat call that _Cat takes (two or more CPU tensors of one dtype and rank, one
+    needing a gradient), else None."""
+    tensors = args[0] if args else kwargs.get("tensors")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if (set(kwargs) - {"tensors", "dim"} or not isinstance(tensors, (list, tuple)) or len(tensors) < 2
+            or not isinstance(dim, int) or not all(isinstance(t, torch.Tensor) for t in tensors)):
+        return None
+    first = tensors[0]
+    if not (first.device.type == "cpu" and any(t.requires_grad for t in tensors) and first.dim() > 0
+            and all(t.dtype == first.dtype and t.dim() == first.dim() and t.device == first.device for t in tensors)):
+        return None
+    return dim % first.dim(), tensors
+
+
 def causal_edges(mask, L, S, blocks=None, min_block=None):
     """Row edges [0, e_1, ..., L] of the query blocks (at most `blocks`, of at least `min_block` rows; default
     BLOCKS, MIN_BLOCK) where `mask` (additive, -inf masked; [..., L, S]) masks every key at or past each block's
@@ -126,15 +201,18 @@ def block_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     if edges is None:
         scores = q @ kt
         return softmax(scores if attn_mask is None else scores + attn_mask) @ value
-    out, off = [], S - L
-    for a, b in zip(edges[:-1], edges[1:]):
-        e = off + b
-        out.append(softmax(q[..., a:b, :] @ kt[..., :e] + attn_mask[..., a:b, :e]) @ value[..., :e, :])
+    off = S - L
+    ends = [off + b for b in edges[1:]]
+    qs = q.split([b - a for a, b in zip(edges[:-1], edges[1:])], dim=-2)
+    ks, vs = _Prefixes.apply(kt, ends, -1), _Prefixes.apply(value, ends, -2)
+    out = [softmax(qb @ kb + attn_mask[..., a:b, :e]) @ vb
+           for qb, kb, vb, a, b, e in zip(qs, ks, vs, edges[:-1], edges[1:], ends)]
     return torch.cat(out, dim=-2)
 
 
 class _BlockAttention(TorchFunctionMode):
-    """Routes F.scaled_dot_product_attention on CPU tensors without dropout or a negative scale to block_sdpa."""
+    """Routes F.scaled_dot_product_attention on CPU tensors without dropout or a negative scale to block_sdpa, and
+    torch.cat of CPU tensors that need a gradient (the KV cache's) to _Cat."""
 
     def __init__(self, blocks, min_block, fused):
         super().__init__()
@@ -148,6 +226,10 @@ class _BlockAttention(TorchFunctionMode):
             if q.device.type == "cpu" and not p and (scale is None or scale > 0) and not (causal and mask is not None):
                 self.routed += 1
                 return block_sdpa(q, k, v, mask, 0.0, causal, scale, gqa, **self.kw)
+        elif func is torch.cat and torch.is_grad_enabled():
+            found = _cat_args(args, kwargs)
+            if found is not None:
+                return _Cat.apply(found[0], *found[1])
         return func(*args, **kwargs)
 
 

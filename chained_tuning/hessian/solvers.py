@@ -205,7 +205,9 @@ def lanczos_basis(matvec, dot, v0, steps, stop=None, reorthogonalise=True):
             alphas.append(dot(w, basis[-1]))
             for _ in range(2):  # twice is enough (Kahan)
                 for q in basis:
-                    torch._foreach_add_(w, q, alpha=-dot(w, q))  # in place: matvec's output is a new tensor
+                    c = dot(w, q)  # every rank takes part in the all-reduce, an empty shard too
+                    if w:
+                        torch._foreach_add_(w, q, alpha=-c)  # in place: matvec's output is a new tensor
         else:  # Paige's order: beta's term out before alpha is taken (the stabler variant); in place on w
             if len(basis) > 1:
                 for a, q in zip(w, basis[-2]):
