@@ -140,6 +140,10 @@ def test_functions_gradgradcheck():
     assert torch.autograd.gradgradcheck(FL._SwiGLU.apply, (a, b))
     cos, sin = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g, dtype=torch.float64)
     assert torch.autograd.gradgradcheck(lambda x: FL._Rotary.apply(x, cos, sin), (x,))
+    W = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(FL._Linear.apply, (x, W))
+    frozen = W.detach()  # a frozen weight (a LoRA base layer): no gradient of it is formed
+    assert torch.autograd.gradgradcheck(lambda x: FL._Linear.apply(x, frozen), (x,))
 
 
 def tiny_sdpa_llama(dtype, layers=2, seed=0):
@@ -169,12 +173,13 @@ def test_context_swaps_and_restores_with_identical_forward():
         with FL.fused_layers(model) as swapped:
             got = model(input_ids=ids).logits
             assert modeling_llama.apply_rotary_pos_emb is not original
-    assert swapped == 2 * 2 + 1 + 2 + 1  # the norms, the MLPs, the modeling module's rotary embedding
+    # the norms, the MLPs, the bias-free linear layers (7 a layer and the head), the modeling module's rotary
+    assert swapped == (2 * 2 + 1) + 2 + (2 * 7 + 1) + 1
     assert torch.equal(got, want)  # the models' own forward ops
     assert modeling_llama.apply_rotary_pos_emb is original
     assert not any("forward" in vars(m) for m in model.modules())
     with FL.fused_layers(tiny_sdpa_llama(torch.float64)) as swapped64:
-        assert swapped64 == 2 + 1  # a float64 model keeps HF's RMSNorm (it rounds through float32)
+        assert swapped64 == 2 + 15 + 1  # a float64 model keeps HF's RMSNorm (it rounds through float32)
 
 
 @needs_ops
@@ -185,7 +190,7 @@ def test_operator_with_fused_layers_matches_without():
     bs = [make_batch(3, 10, 1), make_batch(2, 8, 2, n_answer=3)]
     op = C.HessianOperator(model, bs, fused_ce="auto")
     ref = C.HessianOperator(model, bs, fused_ce="auto", block_attention=False)
-    assert op.fused_layers == 8 and ref.fused_layers == 0
+    assert op.fused_layers == 23 and ref.fused_layers == 0
     v = op.random(3)
     a, b = (torch.cat([t.reshape(-1) for t in o.hvp(v)]) for o in (op, ref))
     assert float((a - b).norm() / b.norm()) <= 1e-5
@@ -202,7 +207,7 @@ def test_spectrum_with_fused_layers_matches_dense():
     with sdpa_kernel(SDPBackend.MATH):
         dense = dense_hessian(model, bs)
     r, op = C.hessian_spectrum(model, bs, rtol=1e-7, max_iter=400, stop="both", return_operator=True)
-    assert r["backend"]["fused_layers"] == 2
+    assert r["backend"]["fused_layers"] == 1 + 8 + 1  # MLP, linear layers, rotary (not the float64 norms)
     assert rel(r["lambda_max"], dense["lmax"]) <= 1e-5 and rel(r["lambda_min"], dense["lmin"]) <= 1e-5
     v = op.random(1)
     flat_v = torch.cat([t.reshape(-1) for t in v])

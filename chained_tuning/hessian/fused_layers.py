@@ -146,6 +146,54 @@ class _SwiGLU(torch.autograd.Function):
         return _SwiGLUBackward.apply(gh.contiguous(), a, b, s)
 
 
+class _LinearBackward(torch.autograd.Function):
+    """(gx, gW) = (gy W, gy^T x) of y = x W^T, rows flattened, each only where asked (a frozen LoRA base weight
+    needs no gW); its backward, given A = d/d gx and B = d/d gW: d gy = A W^T + x B^T, d x = gy B,
+    d W = gy^T A. The same six matmuls per linear as autograd's, in two nodes instead of about ten (the views and
+    transposes around every mm were each a node of the HVP)."""
+
+    @staticmethod
+    def forward(ctx, gy, x, w, need_x, need_w):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(gy, x, w)
+        g2 = gy.reshape(-1, gy.shape[-1])
+        return ((g2 @ w).view(x.shape) if need_x else None,
+                (g2.t() @ x.reshape(-1, x.shape[-1])) if need_w else None)
+
+    @staticmethod
+    def backward(ctx, A, B):
+        gy, x, w = ctx.saved_tensors
+        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
+        g2 = gy.reshape(-1, gy.shape[-1])
+        d_gy = d_x = d_w = None
+        if need_gy and (A is not None or B is not None):
+            d_gy = A.reshape(-1, A.shape[-1]) @ w.t() if A is not None else None
+            if B is not None:
+                xb = x.reshape(-1, x.shape[-1]) @ B.t()
+                d_gy = xb if d_gy is None else d_gy + xb
+            d_gy = d_gy.view(gy.shape)
+        if need_x and B is not None:
+            d_x = (g2 @ B).view(x.shape)
+        if need_w and A is not None:
+            d_w = g2.t() @ A.reshape(-1, A.shape[-1])
+        return d_gy, d_x, d_w, None, None
+
+
+class _Linear(torch.autograd.Function):
+    """y = F.linear(x, W) (no bias), its backward differentiable through _LinearBackward."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        gx, gw = _LinearBackward.apply(gy, x, w, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return gx, gw
+
+
 def _rotate_half(x):
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -210,6 +258,19 @@ def _is_swiglu_mlp(m) -> bool:
             and parts[0].weight.dtype in (torch.float32, torch.float64) and parts[0].weight.device.type == "cpu")
 
 
+def _is_plain_linear(m) -> bool:
+    return (type(m) is torch.nn.Linear and m.bias is None and m.weight.dtype in (torch.float32, torch.float64)
+            and m.weight.device.type == "cpu")
+
+
+def _linear_forward(m):
+    def forward(x):
+        if x.dtype != m.weight.dtype:
+            return F.linear(x, m.weight)
+        return _Linear.apply(x, m.weight)
+    return forward
+
+
 def _rms_norm_forward(m):
     def forward(x):
         if x.dtype != torch.float32:
@@ -254,6 +315,9 @@ def fused_layers(model):
             swapped.append(m)
         elif _is_swiglu_mlp(m):
             m.forward = _swiglu_forward(m)
+            swapped.append(m)
+        elif _is_plain_linear(m):
+            m.forward = _linear_forward(m)
             swapped.append(m)
     originals = [mod.apply_rotary_pos_emb for mod in rotary]
     for mod, fn in zip(rotary, originals):
