@@ -18,7 +18,8 @@
 //   hessian::rms_norm_backward_backward(gg_x, gg_w, grad_y, x, w, rstd) -> (grad_grad_y, grad_x, grad_w)
 //   hessian::swiglu_backward(grad_h, a, b, s) -> (grad_a, grad_b)          (h = silu(a) b, s = sigmoid(a))
 //   hessian::swiglu_backward_backward(gg_a, gg_b, grad_h, a, b, s) -> (grad_grad_h, grad_a, grad_b)
-//        RMSNorm's and the SwiGLU gate's backward and its backward, one pass or two per row
+//   hessian::rotary(x, cos, sin, adjoint) -> R x or R^T x          (the rotary embedding, cos/sin broadcast)
+//        RMSNorm's and the SwiGLU gate's backward and its backward, one pass or two per row; the rotation
 //        (fused_layers.py; CPU only)
 //   hessian::linear_xent(hidden, weight, labels, ignore_index, chunk_rows) -> (loss_rows, probs)
 //   hessian::linear_xent_backward(grad_loss, hidden, weight, probs, labels, ...) -> (grad_hidden, grad_weight)
@@ -398,6 +399,7 @@ TORCH_LIBRARY(hessian, m) {
   m.def(
       "swiglu_backward_backward(Tensor gg_a, Tensor gg_b, Tensor grad_h, Tensor a, Tensor b, Tensor s) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool adjoint) -> Tensor");
   m.def("linear_xent(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, int chunk_rows=0) -> (Tensor, Tensor)");
   m.def(
       "linear_xent_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor probs, Tensor labels, "

@@ -86,6 +86,27 @@ def test_swiglu_kernels_match_autograd(dtype, tol):
 
 
 @needs_ops
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rotary_kernel_is_the_rotation_and_its_adjoint(dtype):
+    """hessian::rotary against HF's rotation in PyTorch ops on a non-contiguous [B, H, T, D] with HF's broadcast
+    cos and sin, and its adjoint against <R x, g> = <x, R^T g>."""
+    g = gen(5)
+    x = torch.randn(2, 6, 3, 8, generator=g, dtype=torch.float64).transpose(1, 2).to(dtype)
+    cos, sin = (torch.randn(2, 1, 6, 8, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    want = x * cos + FL._rotate_half(x) * sin
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float((ops.rotary(x, cos, sin, False) - want).abs().max()) <= tol * float(want.abs().max())
+    y = torch.randn(want.shape, generator=g, dtype=torch.float64).to(dtype)
+    lhs, rhs = float((want.double() * y.double()).sum()), float((x.double() * ops.rotary(y, cos, sin, True).double()).sum())
+    assert abs(lhs - rhs) <= tol * float((want.double() * y.double()).abs().sum())
+    torch.library.opcheck(torch.ops.hessian.rotary.default, (x, cos, sin, True))
+    with pytest.raises(RuntimeError, match="broadcast"):
+        ops.rotary(x, cos[:, :, :3], sin, False)
+    with pytest.raises(RuntimeError, match="even"):
+        ops.rotary(x[..., :3], cos[..., :3], sin[..., :3], False)
+
+
+@needs_ops
 def test_opcheck_and_bad_input():
     g = gen(2)
     x, gy, A = (torch.randn(3, 7, generator=g, dtype=torch.float64) for _ in range(3))

@@ -1,24 +1,33 @@
-"""RMSNorm and the SwiGLU gate for Hessian-vector products: their backward and its backward in one or two passes.
+"""The layers of a Llama-family model for Hessian-vector products: each a node or two, its backward's backward in
+one or two passes.
 
     from chained_tuning.hessian.fused_layers import fused_layers
-    with fused_layers(model) as swapped:   # the model's RMSNorm and SwiGLU MLP modules run the fused forms
+    with fused_layers(model) as swapped:   # the model's norms, MLP gates, linear layers and rotary embedding
         loss = model(...)                   # the first-order graph built here makes every HVP through it cheaper
 
-An HVP on a retained graph runs the first backward backwards. Autograd takes HF's RMSNorm (x in float32, pow,
-mean, rsqrt, two products) through some thirty elementwise passes over [rows, hidden] and the MLP's
-silu(gate) * up through a dozen over [rows, intermediate]; on the tiny Llama these are about a sixth of an HVP.
-Here each is one autograd node whose backward is another node (hessian::rms_norm_backward, swiglu_backward) whose
-backward is one kernel (rms_norm_backward_backward, swiglu_backward_backward), all in csrc/cpu. The forwards are
-the model's own ops, so the outputs are bit-identical; the derivatives are the closed forms below, checked
-against autograd's in tests/test_fused_layers.py. A third derivative (create_graph through an HVP) runs the same
-closed forms in differentiable PyTorch ops.
+An HVP on a retained graph runs the first backward backwards, node by node. Autograd takes HF's RMSNorm (x in
+float32, pow, mean, rsqrt, two products) through some thirty elementwise passes over [rows, hidden], the MLP's
+silu(gate) * up through a dozen over [rows, intermediate], the rotary embedding's backward through a cat and two
+zero-filled slices, and wraps every linear layer's matmuls in views and transposes that are nodes of their own
+(about ten per linear layer; at some 10 us a node they were a sixth of the tiny Llama's HVP). Here:
+- RMSNorm and the SwiGLU gate: one autograd node whose backward is another node (hessian::rms_norm_backward,
+  swiglu_backward) whose backward is one kernel (rms_norm_backward_backward, swiglu_backward_backward; csrc/cpu);
+- the rotary embedding x cos + rotate_half(x) sin: linear in x, so its backward is the adjoint rotation and that
+  one's backward the rotation again, in four PyTorch ops each;
+- a bias-free linear layer: two nodes, the same six matmuls per HVP as autograd's (_LinearBackward).
+The forwards are the model's own ops, so the outputs are bit-identical; the derivatives are the closed forms
+below, checked against autograd's in tests/test_fused_layers.py. A third derivative (create_graph through an HVP)
+runs the same closed forms in differentiable PyTorch ops.
 
-Only float32 or float64 modules on CPU of the two shapes HF's Llama family uses are swapped:
+Only float32 or float64 modules on CPU of the shapes HF's Llama family uses are swapped:
 - an RMSNorm: a module whose class name ends in "RMSNorm" with a 1-D `weight` and a float `variance_epsilon`
   (Llama, Mistral, Qwen2); y = weight * x * (mean(x^2) + eps)^-1/2, computed in float32 as HF does (a float64
   module is left alone: HF rounds it through float32, which the closed forms would not);
 - a SwiGLU MLP: `gate_proj`, `up_proj` and `down_proj` linear layers and a SiLU `act_fn`;
-  down_proj(silu(gate_proj(x)) * up_proj(x)).
+  down_proj(silu(gate_proj(x)) * up_proj(x));
+- an nn.Linear without bias (a LoRA adapter's too: a frozen weight gets no gradient formed);
+- the attention's modeling module's apply_rotary_pos_emb(q, k, cos, sin) next to a rotate_half (swapped in the
+  module for the context's length).
 HessianOperator uses them only after finding the model's forward the same with them (answer_loss.py's probe),
 so a module that only looks like these (Gemma's 1 + weight) is caught there. Imports ops.py alone.
 """
@@ -32,7 +41,8 @@ import torch.nn.functional as F
 
 from . import ops
 
-FUSED_OPS = ("rms_norm_backward", "rms_norm_backward_backward", "swiglu_backward", "swiglu_backward_backward")
+FUSED_OPS = ("rms_norm_backward", "rms_norm_backward_backward", "swiglu_backward", "swiglu_backward_backward",
+             "rotary")
 
 
 def fused_layers_available() -> bool:
@@ -200,17 +210,20 @@ def _rotate_half(x):
 
 
 class _RotaryT(torch.autograd.Function):
-    """R^T g = g cos - rotate_half(g sin), the adjoint of the rotation; linear in g, so its backward is R."""
+    """R^T g = g cos - rotate_half(g sin), the adjoint of the rotation (hessian::rotary, one pass); linear in g,
+    so its backward is R."""
 
     @staticmethod
     def forward(ctx, g, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return g * cos - _rotate_half(g * sin)
+        return ops.rotary(g, cos, sin, True)
 
     @staticmethod
     def backward(ctx, gg):
         cos, sin = ctx.saved_tensors
-        return _Rotary.apply(gg, cos, sin), None, None
+        if torch.is_grad_enabled():  # a third derivative asked for: R through _Rotary, differentiable
+            return _Rotary.apply(gg, cos, sin), None, None
+        return ops.rotary(gg, cos, sin, False), None, None
 
 
 class _Rotary(torch.autograd.Function):

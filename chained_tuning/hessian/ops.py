@@ -102,6 +102,11 @@ def swiglu_backward_backward(gg_a: Tensor, gg_b: Tensor, grad_h: Tensor, a: Tens
     return torch.ops.hessian.swiglu_backward_backward.default(gg_a, gg_b, grad_h, a, b, s)
 
 
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, adjoint: bool) -> Tensor:
+    """x cos + rotate_half(x) sin (adjoint: x cos - rotate_half(x sin)), cos and sin broadcast to x (CPU only)."""
+    return torch.ops.hessian.rotary.default(x, cos, sin, adjoint)
+
+
 def linear_xent(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
                 chunk_rows: int = 0) -> tuple[Tensor, Tensor]:
     """(loss per row, probabilities) of the cross-entropy of hidden @ weight.T: the LM head and the loss fused."""
@@ -273,6 +278,10 @@ def _swiglu_backward_backward_fake(gg_a, gg_b, grad_h, a, b, s):
     return tuple(torch.empty_like(a, memory_format=torch.contiguous_format) for _ in range(3))
 
 
+def _rotary_fake(x, cos, sin, adjoint):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def _lanczos_step_fake(w, v, v_prev, beta):
     return w[0].new_empty((2,), dtype=torch.float64)
 
@@ -303,6 +312,7 @@ FAKE_KERNELS = {
     "rms_norm_backward_backward": _rms_norm_backward_backward_fake,
     "swiglu_backward": _swiglu_backward_fake,
     "swiglu_backward_backward": _swiglu_backward_backward_fake,
+    "rotary": _rotary_fake,
     "lanczos_step": _lanczos_step_fake,
     "power_step": _power_step_fake,
     "shard_dot": _shard_dot_fake,

@@ -588,6 +588,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_backward_backward_cpu(
   return {dgh, da, db};
 }
 
+// The rotary embedding along the last dim (D = 2h) of x [..., T, D] with cos and sin broadcast to x's shape
+// (HF's [B or 1, 1, T, D]): R x = x cos + rotate_half(x) sin, rotate_half(x) = (-x[h:], x[:h]); adjoint:
+// R^T g = g cos - rotate_half(g sin). One pass for either, cos and sin read through their (broadcast) strides.
+at::Tensor rotary_cpu(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& sin_, bool adjoint) {
+  TORCH_CHECK(x_.dim() >= 1 && x_.size(-1) % 2 == 0, "rotary: x's last size must be even");
+  TORCH_CHECK(cos_.scalar_type() == x_.scalar_type() && sin_.scalar_type() == x_.scalar_type(),
+              "rotary: x, cos and sin must have one dtype");
+  at::Tensor x = x_.contiguous();
+  at::Tensor c, s;
+  try {
+    c = cos_.expand(x.sizes());
+    s = sin_.expand(x.sizes());
+  } catch (const c10::Error&) {
+    TORCH_CHECK(false, "rotary: cos and sin must broadcast to x's shape");
+  }
+  if (c.stride(-1) != 1) c = c.contiguous();
+  if (s.stride(-1) != 1) s = s.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const int64_t D = x.size(-1), h = D / 2, rows = D ? x.numel() / D : 0, nd = x.dim();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rotary", [&] {
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    const scalar_t *pc = c.data_ptr<scalar_t>(), *ps = s.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(D, 1)), [&](int64_t lo, int64_t hi) {
+      std::vector<int64_t> idx(nd, 0);
+      for (int64_t r = lo; r < hi; ++r) {
+        int64_t rem = r, oc = 0, os = 0;
+        for (int64_t d = nd - 2; d >= 0; --d) {  // the row's index -> cos's and sin's offsets
+          const int64_t i = rem % x.size(d);
+          rem /= x.size(d);
+          oc += i * c.stride(d);
+          os += i * s.stride(d);
+        }
+        const scalar_t *xr = px + r * D, *cr = pc + oc, *sr = ps + os;
+        scalar_t* o = po + r * D;
+        if (!adjoint) {
+          for (int64_t j = 0; j < h; ++j) {
+            o[j] = xr[j] * cr[j] - xr[j + h] * sr[j];
+            o[j + h] = xr[j + h] * cr[j + h] + xr[j] * sr[j + h];
+          }
+        } else {
+          for (int64_t j = 0; j < h; ++j) {
+            o[j] = xr[j] * cr[j] + xr[j + h] * sr[j + h];
+            o[j + h] = xr[j + h] * cr[j + h] - xr[j] * sr[j];
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(hessian, CPU, m) {
   m.impl("lanczos_step", &lanczos_step_cpu);
   m.impl("power_step", &power_step_cpu);
@@ -603,6 +655,7 @@ TORCH_LIBRARY_IMPL(hessian, CPU, m) {
   m.impl("rms_norm_backward_backward", &rms_norm_backward_backward_cpu);
   m.impl("swiglu_backward", &swiglu_backward_cpu);
   m.impl("swiglu_backward_backward", &swiglu_backward_backward_cpu);
+  m.impl("rotary", &rotary_cpu);
 }
 
 }  // namespace hessian
