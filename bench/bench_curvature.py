@@ -16,9 +16,10 @@
    process, each method on the same operator (the answer-token NLL over the samples' answer tokens):
    - ours: curvature.hessian_spectrum defaults (Lanczos, --rtol 1e-3 certified, subsample warm start,
      retained graph, extension if it loads, attention in causal blocks with the fused softmax double backward,
-     the shared prompt prefix run once); the time is its own stop (no oracle), clock started before the graph
-     build. Diagnostic rows (not in the ratio): the model's own attention (block_attention=False: what
-     attention.py saves; an eager float32 model runs SDPA inside the operator so the blocks apply to it too),
+     the norms, MLP gates, linear layers and rotary embedding fused (fused_layers.py), the shared prompt prefix
+     run once); the time is its own stop (no oracle), clock started before the graph build. Diagnostic rows (not
+     in the ratio): the model's own attention and layers (block_attention=False: what attention.py and
+     fused_layers.py save; an eager float32 model runs SDPA inside the operator so the blocks apply to it too),
      whole rows (share_prefix=False: what shared_prefix.py saves) and start="gradient+random" (what the
      subsample warm start buys);
    - PyHessian 0.1 `hessian(...).eigenvalues()` power iteration on one batch of all samples (its retained-graph
@@ -593,8 +594,9 @@ def speed_on_task(task, attn, args, backend):
     print(f"[{cell}] {model_dir}: {len(batches)} micro-batches, {sum(b['input_ids'].numel() for b in batches)} "
           f"padded tokens; ARPACK rho {rho:.8g} ({truth['matvecs']} HVPs, {truth['seconds']:.1f} s)", flush=True)
     methods = {OURS: lambda rep: ours(model, batches, backend, seed=args.seed + rep),
-               "ours, the model's own attention": lambda rep: ours(model, batches, backend, seed=args.seed + rep,
-                                                                    block_attention=False),
+               "ours, the model's own attention and layers": lambda rep: ours(model, batches, backend,
+                                                                               seed=args.seed + rep,
+                                                                               block_attention=False),
                # diagnostic rows (not in the ratio): what sharing the prompt prefix and the subsample warm start buy
                "ours, whole rows (no shared prefix)": lambda rep: ours(model, batches, backend, seed=args.seed + rep,
                                                                        share_prefix=False),

@@ -212,3 +212,20 @@ def test_lanczos_with_blocks_matches_dense(backend, monkeypatch):
     assert rel(r["loss"], dense["loss"]) <= 1e-12
     with pytest.raises(C.CurvatureError, match="block_attention must be True or False"):
         C.hessian_spectrum(model, bs, block_attention="yes")
+
+
+def test_cat_and_prefix_slices_second_derivatives():
+    """_Cat (the KV cache's torch.cat inside the context) and _Prefixes (the blocks' key and value slices): first
+    and second derivatives against finite differences (float64), and the context routes a cat only where a
+    gradient is needed."""
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: A._Cat.apply(-2, a, b), (a, b))
+    x = torch.randn(2, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: A._Prefixes.apply(x, [2, 5, 7], -1), (x,))
+    with A.block_attention():
+        routed = torch.cat([a, b], dim=-2)
+        plain = torch.cat([a.detach(), b.detach()], dim=-2)
+    assert type(routed.grad_fn).__name__ == "_CatBackward" and plain.grad_fn is None
+    assert torch.equal(routed, torch.cat([a, b], dim=-2))

@@ -236,10 +236,10 @@ def _eager_as_sdpa(model) -> bool:
 
 @contextlib.contextmanager
 def _routed_attention(model, fused, eager_as_sdpa=False, min_block=None, layers=False):
-    """attention_hvp.block_attention and, where `layers`, fused_layers.fused_layers (RMSNorm, the SwiGLU gate and
-    the rotary embedding with their double backward fused); eager_as_sdpa: the model's eager attention switched to
-    SDPA inside (only SDPA calls can be routed to the blocks) and back after. Yields the block attention's mode,
-    with `layers` set to the number of modules fused_layers swapped."""
+    """attention_hvp.block_attention and, where `layers`, fused_layers.fused_layers (the norms, MLP gates, linear
+    layers and rotary embedding with their double backward fused); eager_as_sdpa: the model's eager attention
+    switched to SDPA inside (only SDPA calls can be routed to the blocks) and back after. Yields the block
+    attention's mode, with `layers` set to the number of modules fused_layers swapped."""
     if eager_as_sdpa:
         model.set_attn_implementation("sdpa")
     try:

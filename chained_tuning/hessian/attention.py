@@ -11,6 +11,9 @@ Llama that is about a third of an HVP. Two savings, both exact:
   after the softmax), so BLOCKS blocks do (BLOCKS + 1) / (2 BLOCKS) of the [T, T] work, 62.5% with 4;
 - hessian::softmax_backward_backward (csrc/, where the extension is loaded): the double backward in one pass
   per row.
+Inside the context the KV cache's torch.cat (a shared prefix's keys and values ahead of the row's) and the blocks'
+leading key and value slices are one autograd node each (_Cat, _Prefixes), whose backward is one node too: autograd
+slices the gradient there, and under create_graph each slice's backward fills an input-sized tensor with zeros.
 The forward is the math SDPA kernel's: q and k scaled by sqrt(scale), a boolean mask as -inf, a fully masked
 row 0, half-precision inputs computed in float32. Blocks are used only where the mask masks every key past the
 block (checked on the mask itself), so a mask that is not causal runs whole. CPU only: on a GPU at 7B
