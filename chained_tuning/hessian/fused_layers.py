@@ -177,10 +177,13 @@ class _LinearBackward(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.shape[-1])
         d_gy = d_x = d_w = None
         if need_gy and (A is not None or B is not None):
-            d_gy = A.reshape(-1, A.shape[-1]) @ w.t() if A is not None else None
-            if B is not None:
-                xb = x.reshape(-1, x.shape[-1]) @ B.t()
-                d_gy = xb if d_gy is None else d_gy + xb
+            x2 = x.reshape(-1, x.shape[-1])
+            if A is None:
+                d_gy = x2 @ B.t()
+            else:
+                d_gy = A.reshape(-1, A.shape[-1]) @ w.t()
+                if B is not None:  # accumulated into by the matmul itself (out of place where graphed)
+                    d_gy = torch.addmm(d_gy, x2, B.t()) if torch.is_grad_enabled() else d_gy.addmm_(x2, B.t())
             d_gy = d_gy.view(gy.shape)
         if need_x and B is not None:
             d_x = (g2 @ B).view(x.shape)
