@@ -45,16 +45,20 @@
    Printed per cell: the table, ours / the fastest peer, and where one of our solves (the median one) spends its
    time: graph build (forwards + first gradients with create_graph), subsample warm start (its sub-HVPs), each
    solve iteration (one HVP + the vector updates; mean), other. At the end the task x kernel table (< 3x marked).
-   Measured (this machine, one thread, nothing else running; --samples 50 --repeats 3 --skip cost,memory, the
-   command above run per pair of tasks), ours / the fastest peer (eigenthings Lanczos or power, oracle budget):
-   toxigen 2.31x sdpa / 2.56x eager, csqa2 2.37x / 2.32x, csqa 3.05x / 3.25x, arc 3.78x / 4.04x, bbq 4.36x /
-   4.36x (toxigen and csqa2 measured with the warm start's early stop, WARM_RTOL, which leaves csqa, arc and bbq
-   at 4 sub-steps). One solve on toxigen/sdpa: 3.08 s = graph build 0.55 + warm start 0.43 (3 sub-HVPs) + 3 x
-   0.70 s HVPs (two rounds ago, repeats 1: 4.02 s = 0.64 + 0.57 + 3 x 0.94, 1.64x). Where the top eigenvalue
-   stands apart (toxigen, csqa2) the oracle peers are within 1e-3 after 3-4 products and a certified Lanczos
-   needs 2-3: the ratio is one product's cost, a fresh forward + gradient + HVP (~2 s) against a retained-graph
-   HVP (~0.7 s) plus one graph build; 3x there needs an HVP ~40% cheaper. Where the top clusters (csqa, arc)
-   the warm start and the certified stop win (csqa, arc, bbq: 6, 4 and 2 HVPs against 8, 7 and 5 products).
+   Measured (this machine, one thread, nothing else running; --samples 50 --skip cost,memory, the command above
+   run per task or pair of tasks), ours / the fastest peer (eigenthings Lanczos or power, oracle budget), median
+   of 3: toxigen 3.35x sdpa / 3.09x eager, csqa2 3.11x / 2.99x (2.74x-3.11x over three runs of 3: the cell sits
+   at the 3x line), csqa 3.97x / 3.93x; --repeats 1: arc 4.93x / 4.85x, bbq 5.65x / 5.52x. One solve on
+   toxigen/sdpa: 1.79 s = graph build 0.34 + warm start 0.17 (3 sub-HVPs) + 3 x 0.43 s HVPs; a round before,
+   3.08 s = 0.55 + 0.43 + 3 x 0.70 (2.31x); two before, repeats 1: 4.02 s = 0.64 + 0.57 + 3 x 0.94 (1.64x).
+   The HVP fell by fused_layers.py (the norms, MLP gates, bias-free linear layers and rotary embedding: one or
+   two autograd nodes each, 4,900 nodes an HVP instead of 10,600) and attention.py's KV-cache cat and block
+   slices without zero-filled gradients; the warm start by its inner products (hessian::multi_dot).
+   Where the top eigenvalue stands apart (toxigen, csqa2) the oracle peers are within 1e-3 after 3-4 products
+   and a certified Lanczos needs 2-3: the ratio is one product's cost, a fresh forward + gradient + HVP
+   (~1.3 s) against a retained-graph HVP (~0.4 s) plus one graph build and the warm start. Where the top
+   clusters (csqa, arc) the warm start and the certified stop win (csqa, arc, bbq: 6, 4 and 2 HVPs against 8,
+   7 and 5 products).
 2. cost -- one HVP on the retained graph over one gradient (forward + backward, no create_graph) of the
    same loss with the same cross-entropy, per backend, with and without attention_hvp.py's blocks.
    Interleaved repetitions, minimum of each.
