@@ -247,12 +247,14 @@ class _Rotary(torch.autograd.Function):
 
 def _rotary(original):
     """HF's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) through _Rotary (the original where cos or sin
-    carries a gradient, the call has other arguments, or q is not a float32/float64 CPU tensor: the kernel's
-    case)."""
+    carries a gradient, the call has other arguments, or q, k, cos and sin are not float32/float64 CPU tensors of
+    one dtype: the kernel's case. OLMo-2 rotates float64 q and k by float32 cos and sin; the probe, a forward
+    without gradients, would not see the backward's dtype error)."""
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         dim = kwargs.get("unsqueeze_dim", args[0] if len(args) == 1 else 1)
         if (len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} or cos.requires_grad or sin.requires_grad
-                or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64)):
+                or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64)
+                or not q.dtype == k.dtype == cos.dtype == sin.dtype):
             return original(q, k, cos, sin, *args, **kwargs)
         cos, sin = cos.unsqueeze(dim), sin.unsqueeze(dim)
         return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
