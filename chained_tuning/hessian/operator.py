@@ -66,8 +66,8 @@ class HessianOperator:
         block_attention (CPU): the graphs' SDPA attention in causal blocks with the softmax's double backward
         fused (attention.py), where the model's forward is the same with it on the first batch; `attention`
         says which ran ("blocks_fused", "blocks" without the extension, or "model"); a model loaded with eager
-        attention runs SDPA inside them. With the extension the same context fuses RMSNorm, the SwiGLU gate and
-        the rotary embedding's double backward where that holds on the probe too (fused_layers.py);
+        attention runs SDPA inside them. With the extension the same context fuses RMSNorm, the SwiGLU gate, the
+        bias-free linear layers and the rotary embedding's double backward where that holds on the probe too (fused_layers.py);
         `fused_layers` counts the modules swapped.
         share_prefix: the tokens every row of a micro-batch begins with (the task's instruction) run once for all
         its rows (shared_prefix.py), where that equals the whole rows' forward on the first batch;

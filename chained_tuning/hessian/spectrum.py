@@ -108,7 +108,8 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
         result's backend.last_layer says which ran.
     block_attention: on CPU, the SDPA attention of the graphs in causal blocks with the softmax's double backward
         fused, where verified (HessianOperator, attention.py); the result's backend.attention says which ran.
-        With the extension this also fuses RMSNorm, the SwiGLU gate and the rotary embedding's double backward
+        With the extension this also fuses RMSNorm, the SwiGLU gate, the linear layers and the rotary embedding's
+        double backward
         where verified (fused_layers.py); backend.fused_layers counts the modules.
     share_prefix: the tokens all rows of a micro-batch begin with run once, where verified (HessianOperator,
         shared_prefix.py); the result's backend.shared_prefix says whether it ran and the positions it saved.
