@@ -109,8 +109,7 @@ def hessian_spectrum(model, batches, method="lanczos", rtol=DEFAULT_RTOL, max_it
     block_attention: on CPU, the SDPA attention of the graphs in causal blocks with the softmax's double backward
         fused, where verified (HessianOperator, attention.py); the result's backend.attention says which ran.
         With the extension this also fuses RMSNorm, the SwiGLU gate, the linear layers and the rotary embedding's
-        double backward
-        where verified (fused_layers.py); backend.fused_layers counts the modules.
+        double backward where verified (fused_layers.py); backend.fused_layers counts the modules.
     share_prefix: the tokens all rows of a micro-batch begin with run once, where verified (HessianOperator,
         shared_prefix.py); the result's backend.shared_prefix says whether it ran and the positions it saved.
     progress: called as progress(iteration, running rho) after every iteration of the Python solver loops
