@@ -23,12 +23,13 @@ from test_curvature import needs_ext  # noqa: E402
 PREFIX = 9
 
 
-def prefixed_batch(seed=3, rows=5, T=18):
-    """Rows that begin with the same PREFIX tokens (an instruction), then differ; right padding of different
-    lengths and answers of 1-3 tokens."""
+def prefixed_batch(seed=3, rows=5, T=18, prompt=None):
+    """Rows that begin with the same PREFIX tokens (an instruction; prompt: the seed of those tokens, the same
+    for every batch given it), then differ; right padding of different lengths and answers of 1-3 tokens."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, VOCAB, (rows, T), generator=g)
-    ids[:, :PREFIX] = torch.randint(4, VOCAB, (PREFIX,), generator=g)
+    head = g if prompt is None else torch.Generator().manual_seed(prompt)
+    ids[:, :PREFIX] = torch.randint(4, VOCAB, (PREFIX,), generator=head)
     am = torch.ones_like(ids)
     labels = torch.full_like(ids, -100)
     for r in range(rows):
@@ -113,6 +114,52 @@ def test_the_operator_is_the_same(ce, attn):
 
 
 @needs_ext
+@pytest.mark.parametrize("rebuilt", [False, True])
+def test_micro_batches_of_one_prompt_share_its_run(rebuilt):
+    """Micro-batches that begin with the same prompt share one run of it: the retained graphs its forward, and
+    all but the largest's and the subsample's its backward too (one backward over their summed losses). Loss,
+    gradient, H v (twice: the rebuilt graph's backward must free nothing the retained ones share) and the
+    subsample's H_1 v equal the whole rows' (float64); the 2-, 4- and 1-row micro-batches, too short to share a
+    prefix of their own, take the stored one; the positions spared by hand. rebuilt: a budget under which the
+    4-row micro-batch is rebuilt at every HVP, with no prefix (3 * PREFIX spares less than MIN_SAVED_TOKENS)."""
+    model = decoder_lm("llama", layers=2)
+    bs = [prefixed_batch(s, rows=r, T=t, prompt=11) for s, r, t in ((3, 6, 18), (4, 5, 17), (5, 1, 20))]
+    kw = {"fused_ce": "linear_xent", "keep_first": 2, "gradient_checkpointing": "off"}
+    budget = int(1.8 * C.HessianOperator(model, bs, **kw).graph_bytes) if rebuilt else None
+    shared = C.HessianOperator(model, bs, graph_memory_budget=budget, **kw)
+    whole = C.HessianOperator(model, bs, share_prefix=False, **kw)  # every graph retained
+    assert shared.share_prefix and shared.first_out is not None
+    assert [int(b["input_ids"].shape[0]) for b in shared.recompute] == ([4] if rebuilt else [])
+    rows = 2 + 5 + 1 + (0 if rebuilt else 4)  # the retained graphs' rows; the prompt run once for all of them
+    assert shared.prefix_tokens_saved == (rows - 1) * PREFIX
+    g = torch.Generator().manual_seed(1)
+    v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in shared.params]
+    assert abs(shared.loss_value - whole.loss_value) <= 1e-7 * abs(whole.loss_value)
+    pairs = [(shared.hvp(v), whole.hvp(v)), (shared.hvp(v), whole.hvp(v)), (shared.hvp_first(v), whole.hvp_first(v))]
+    if not rebuilt:  # gradient(): the retained graphs' share of it
+        pairs.append((shared.gradient(), whole.gradient()))
+    for a, b in pairs:
+        assert float((flat(a) - flat(b)).norm() / flat(b).norm()) <= 1e-7
+
+
+@needs_ext
+def test_one_prompt_runs_once_for_every_retained_graph():
+    """The decoder runs the prompt (one row of PREFIX tokens) as often for three micro-batches that begin with it
+    as for one of them alone: once, besides the probes."""
+    model = decoder_lm("llama", layers=2)
+    bs = [prefixed_batch(s, prompt=11) for s in (3, 4, 5)]
+    runs = []
+    model.get_decoder().register_forward_pre_hook(
+        lambda m, args, kw: runs.append(tuple(kw["input_ids"].shape) == (1, PREFIX)), with_kwargs=True)
+    counts = []
+    for batches in (bs[:1], bs):
+        runs.clear()
+        C.HessianOperator(model, batches, fused_ce="linear_xent")
+        counts.append(sum(runs))
+    assert counts[0] == counts[1] > 0
+
+
+@needs_ext
 def test_the_spectrum_is_the_same():
     model = decoder_lm("llama", layers=2)
     bs = [prefixed_batch(5), prefixed_batch(6)]
@@ -133,7 +180,8 @@ def test_a_cache_that_does_not_continue_the_rows_is_refused(monkeypatch):
     batch = prefixed_batch()
     assert answer_loss._shared_prefix(model, batch, "torch", None, lambda: torch.no_grad())
     real = shared_prefix.prefix_cache
-    monkeypatch.setattr(shared_prefix, "prefix_cache", lambda module, ids, P: real(module, ids, P - 1))
+    monkeypatch.setattr(shared_prefix, "prefix_cache",
+                        lambda module, ids, P, store=None: real(module, ids, P - 1, store))
     assert not answer_loss._shared_prefix(model, batch, "torch", None, lambda: torch.no_grad())
     op = C.HessianOperator(model, [batch], fused_ce="torch")
     assert not op.share_prefix and op.prefix_tokens_saved == 0

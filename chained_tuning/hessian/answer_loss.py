@@ -89,11 +89,11 @@ def _answer_positions(batch, dev):
     return ids, am, keep, targets
 
 
-def _answer_logits(model, ids, am, keep, answer_logits_only=True, prefix=0):
+def _answer_logits(model, ids, am, keep, answer_logits_only=True, prefix=0, prefixes=None):
     """The model's logits at keep's rows (prefix: the first `prefix` positions run once for all rows,
-    shared_prefix.py)."""
+    shared_prefix.py; prefixes: its store, to share them across micro-batches)."""
     with _math_sdpa():
-        past = shared_prefix.prefix_cache(model, ids, prefix) if prefix else None
+        past = shared_prefix.prefix_cache(model, ids, prefix, prefixes) if prefix else None
         ids, keep = shared_prefix.suffix(ids, keep, prefix)
         try:
             if not answer_logits_only:
@@ -109,12 +109,12 @@ def _answer_logits(model, ids, am, keep, answer_logits_only=True, prefix=0):
     return logits
 
 
-def _answer_hidden(dec, ids, am, keep, last_rows=None, prefix=0):
+def _answer_hidden(dec, ids, am, keep, last_rows=None, prefix=0, prefixes=None):
     """dec's last hidden state at keep's rows; last_rows: an answer_rows.AnswerRows that runs dec's last layer
     at those rows only (verified by _last_layer_rows); prefix: the first `prefix` positions run once for all rows
-    (shared_prefix.py; verified by _shared_prefix)."""
+    (shared_prefix.py; verified by _shared_prefix), prefixes: its store."""
     with _math_sdpa():
-        past = shared_prefix.prefix_cache(dec, ids, prefix) if prefix else None
+        past = shared_prefix.prefix_cache(dec, ids, prefix, prefixes) if prefix else None
         ids, keep = shared_prefix.suffix(ids, keep, prefix)
         if last_rows is not None and bool(keep.any()):
             return last_rows(dec, ids, am, keep, past)
@@ -139,7 +139,7 @@ def _last_layer_rows(model, batch):
 
 
 def batch_answer_loss_sum(model, batch, fused=False, answer_logits_only: bool = True, last_rows=None,
-                          share_prefix: bool = False):
+                          share_prefix: bool = False, prefixes: dict | None = None):
     """Sum of answer-token NLL of one batch; logits are only projected at positions that predict an answer
     token (HF `logits_to_keep` boolean mask), falling back to full logits for models without it.
 
@@ -148,19 +148,20 @@ def batch_answer_loss_sum(model, batch, fused=False, answer_logits_only: bool = 
     linear_head() holds -- HessianOperator verifies it). answer_logits_only=False projects every position
     (finetune.answer_loss_sum's way; benchmarks only). last_rows (linear_xent): the decoder's last layer run at
     the answer rows only (_last_layer_rows; HessianOperator verifies it). share_prefix: the tokens every row
-    begins with run once (shared_prefix.py; HessianOperator verifies it with _shared_prefix)."""
+    begins with run once (shared_prefix.py; HessianOperator verifies it with _shared_prefix); prefixes: a dict
+    that keeps each prefix run, for later micro-batches that begin with it (shared_prefix.prefix_cache's store)."""
     mode = _ce_mode(fused)
     dev = next(model.parameters()).device
     ids, am, keep, targets = _answer_positions(batch, dev)
-    prefix = shared_prefix.shared_prefix_length(ids, am, keep) if share_prefix else 0
+    prefix = shared_prefix.prefix_length(ids, am, keep, prefixes) if share_prefix else 0
     if mode == "linear_xent":
         parts = linear_head(model)
         if parts is None:
             raise CurvatureError("linear_xent needs an HF causal LM with an nn.Linear LM head without bias")
-        rows = _answer_hidden(parts[0], ids, am, keep, last_rows, prefix)
+        rows = _answer_hidden(parts[0], ids, am, keep, last_rows, prefix, prefixes)
         losses, _ = ops.linear_xent(rows, parts[1].weight, targets, IGNORE_INDEX)
         return losses.sum()
-    logits = _answer_logits(model, ids, am, keep, answer_logits_only, prefix)
+    logits = _answer_logits(model, ids, am, keep, answer_logits_only, prefix, prefixes)
     if logits is None or logits.shape[0] != targets.shape[0]:
         raise RuntimeError("model output does not line up with the labels (expected [batch, seq, vocab] logits)")
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -221,8 +222,8 @@ def _shared_prefix(model, batch, ce, last_rows, attention) -> bool:
     def forward(prefix):
         with attention():
             if ce == "linear_xent":
-                return _answer_hidden(linear_head(model)[0], ids, am, keep, last_rows, prefix)
-            return _answer_logits(model, ids, am, keep, prefix=prefix)
+                return _answer_hidden(linear_head(model)[0], ids, am, keep, last_rows, prefix, {})
+            return _answer_logits(model, ids, am, keep, prefix=prefix, prefixes={})
     return _same_forward(lambda: forward(0), lambda: forward(P))
 
 
@@ -310,8 +311,8 @@ def _every_shortcut(model, batch, fused, last_layer_rows, block_attention, share
         return None
     fused = bool(fused) and attention_hvp.fused_softmax_available()
 
-    def head():
-        return parts[1](_answer_hidden(parts[0], ids, am, keep, rows, P))
+    def head():  # the prefix through a store, as the operator runs it
+        return parts[1](_answer_hidden(parts[0], ids, am, keep, rows, P, {} if P else None))
     reference = lambda: _answer_logits(model, ids, am, keep)  # noqa: E731
     if not (block_attention and next(model.parameters()).device.type == "cpu"):
         return (rows, "model", contextlib.nullcontext, bool(P), 0) if _same_forward(reference, head) else None

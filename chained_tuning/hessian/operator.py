@@ -179,6 +179,7 @@ class HessianOperator:
             self.first_tokens = _count_answer_tokens(first_batch)
         self.sub_hvp_count = 0
         self.retained = 0
+        self._prefix_of = {}  # id(micro-batch) -> (rows, the prefix's tokens) where a retained graph shares one
         self.g_index, self.g_out = [], []
 
     def _build_graphs(self, first_batch):
@@ -195,14 +196,16 @@ class HessianOperator:
             self._lw = LayerwiseHVP(self.model, self.params, self.total_tokens, _answer_positions, _math_sdpa)
 
     # ------------------------------------------------------------------------------------------ the graphs
-    def _first_order(self, batch, create_graph=True):
-        loss = self._loss(batch)
+    def _first_order(self, batch, create_graph=True, prefixes=None):
+        return self._gradient(self._loss(batch, prefixes), create_graph)
+
+    def _gradient(self, loss, create_graph=True):
         self.loss_value += float(loss.detach())
         grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
         self.grads_count += 1
         return grads
 
-    def _measured_first_order(self, batch):
+    def _measured_first_order(self, batch, prefixes=None):
         """The first-order graph of `batch` and the bytes of the tensors it saved (parameters excluded)."""
         param_ptrs = {p.untyped_storage().data_ptr() for p in self.params}
         seen = {}
@@ -218,46 +221,60 @@ class HessianOperator:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            grads = self._first_order(batch)
+            grads = self._first_order(batch, prefixes=prefixes)
         return grads, int(sum(seen.values()))
 
     def _build(self, has_first=False):
+        """The retained graphs share each prompt prefix's forward (one store for all of them, shared_prefix.py).
+        The largest micro-batch is built alone (its graph is the measurement) and so is the subsample's (the warm
+        start needs its gradient); the other retained ones take one backward over their summed losses, so the
+        prefix's backward, and its part of every HVP, runs once for all of them instead of once per micro-batch."""
         sizes = [int(b["input_ids"].numel()) for b in self.batches]
         largest = max(range(len(sizes)), key=lambda i: (sizes[i], -i))
-        # the largest first (its graph is the measurement), then the subsample's (the warm start needs it)
         order = [largest] + ([0] if has_first and largest != 0 else [])
         order += [i for i in range(len(sizes)) if i not in order]
-        used = 0
+        prefixes = {} if self.share_prefix else None
+        used, summed = 0, None
         for i in order:
             b = self.batches[i]
             if i == largest:
-                grads, self.graph_bytes = self._measured_first_order(b)
+                grads, self.graph_bytes = self._measured_first_order(b, prefixes)
                 need = self.graph_bytes
             else:
                 need = self.graph_bytes * sizes[i] // max(sizes[largest], 1)
             if used + need > self.budget:
                 if i == largest:
                     del grads
+                    self._prefix_of.pop(id(b), None)  # rebuilt at every HVP, with a prefix of its own
                 self.recompute.append(b)
                 if i != largest:
                     self.loss_value += float(self._loss_only(b))
                 continue
-            if i != largest:
-                grads = self._first_order(b)
             used += need
             self.retained += 1
             if i == 0 and has_first:
+                if i != largest:
+                    grads = self._first_order(b, prefixes=prefixes)
                 fi = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
                 self.first_index, self.first_out = fi, [grads[j] for j in fi]
-            if self._g_sum is None:
-                self._g_sum = list(grads)
-            else:
-                self._g_sum = [a if g is None else (g if a is None else a + g) for a, g in zip(self._g_sum, grads)]
+            elif i != largest:
+                loss = self._loss(b, prefixes)
+                summed = loss if summed is None else summed + loss
+                continue
+            self._add_gradient(grads)
             del grads
+        if summed is not None:
+            self._add_gradient(self._gradient(summed))
         if self._g_sum is not None:
             self.g_index = [i for i, g in enumerate(self._g_sum) if g is not None and g.requires_grad]
             self.g_out = [self._g_sum[i] for i in self.g_index]
         self._split_recompute(used, sizes[largest])
+
+    def _add_gradient(self, grads):
+        if self._g_sum is None:
+            self._g_sum = list(grads)
+        else:
+            self._g_sum = [a if g is None else (g if a is None else a + g) for a, g in zip(self._g_sum, grads)]
 
     def _split_recompute(self, used, largest_size):
         """Rebuild the recomputed graphs where the largest fits beside the retained ones, else go layer-wise."""
@@ -272,23 +289,34 @@ class HessianOperator:
         self.layerwise = [b for b, n in zip(self.recompute, need) if n > room]
         self.recompute = [b for b, n in zip(self.recompute, need) if n <= room]
 
-    def _loss(self, b):
+    def _loss(self, b, prefixes=None):
+        """b's share of the loss; prefixes: the store of the prompt prefixes the retained graphs share (never for
+        a graph rebuilt at every HVP, whose backward frees what it ran through)."""
+        if prefixes is not None:  # the prefix batch_answer_loss_sum will take, for prefix_tokens_saved
+            ids, am, keep, _ = _answer_positions(b, self.params[0].device)
+            P = shared_prefix.prefix_length(ids, am, keep, prefixes)
+            if P:
+                self._prefix_of[id(b)] = (int(ids.shape[0]), tuple(ids[0, :P].tolist()))
         with self._attn():
             loss = batch_answer_loss_sum(self.model, b, self.ce, self.answer_logits_only, self.last_rows,
-                                         self.share_prefix)
+                                         self.share_prefix, prefixes)
         return loss / self.total_tokens
 
     @property
     def prefix_tokens_saved(self) -> int:
-        """Positions the shared prefixes spare each HVP (the micro-batches taken layer-wise keep whole rows)."""
+        """Positions the shared prefixes spare each HVP: every row's prefix, less each prefix the retained graphs
+        share run once and a rebuilt micro-batch's run at every HVP (the micro-batches taken layer-wise keep whole
+        rows)."""
         if not self.share_prefix:
             return 0
         whole = {id(b) for b in self.layerwise}
         saved = 0
         for b in self.batches:
-            if id(b) not in whole:
+            if id(b) not in whole and id(b) not in self._prefix_of:  # rebuilt: its own prefix at every HVP
                 ids, am, keep, _ = _answer_positions(b, self.params[0].device)
                 saved += (ids.shape[0] - 1) * shared_prefix.shared_prefix_length(ids, am, keep)
+        saved += sum(rows * len(head) for rows, head in self._prefix_of.values())
+        return saved - sum(len(head) for head in {head for _, head in self._prefix_of.values()})  # each run once
         return saved
 
     @property
