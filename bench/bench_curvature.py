@@ -46,14 +46,17 @@
    time: graph build (forwards + first gradients with create_graph), subsample warm start (its sub-HVPs), each
    solve iteration (one HVP + the vector updates; mean), other. At the end the task x kernel table (< 3x marked).
    Measured (this machine, one thread, nothing else running; --samples 50 --skip cost,memory, the command above
-   run per task or pair of tasks), ours / the fastest peer (eigenthings Lanczos or power, oracle budget), median
-   of 3: toxigen 3.35x sdpa / 3.09x eager, csqa2 3.11x / 2.99x (2.74x-3.11x over three runs of 3: the cell sits
-   at the 3x line), csqa 3.97x / 3.93x; --repeats 1: arc 4.93x / 4.85x, bbq 5.65x / 5.52x. One solve on
-   toxigen/sdpa: 1.79 s = graph build 0.34 + warm start 0.17 (3 sub-HVPs) + 3 x 0.43 s HVPs; a round before,
-   3.08 s = 0.55 + 0.43 + 3 x 0.70 (2.31x); two before, repeats 1: 4.02 s = 0.64 + 0.57 + 3 x 0.94 (1.64x).
-   The HVP fell by fused_layers.py (the norms, MLP gates, bias-free linear layers and rotary embedding: one or
-   two autograd nodes each, 4,900 nodes an HVP instead of 10,600) and attention.py's KV-cache cat and block
-   slices without zero-filled gradients; the warm start by its inner products (hessian::multi_dot).
+   run per task or group of tasks), ours / the fastest peer (eigenthings Lanczos, oracle budget), median of 3,
+   sdpa / eager: toxigen 3.50x / 3.49x, csqa2 3.39x / 3.32x, csqa 4.28x / 4.43x, arc 5.05x / 4.99x, bbq 5.65x /
+   6.22x. One solve on csqa2/sdpa: 1.27 s = graph build 0.31 + warm start 0.19 (3 sub-HVPs) + 2 x 0.385 s HVPs
+   (the commit before, same session: 1.46 s = 0.37 + 0.19 + 2 x 0.45); toxigen/sdpa 1.87 s = 0.34 + 0.19 +
+   3 x 0.445 (before: 2.15 s = 0.41 + 0.21 + 3 x 0.51). The last step: the retained graphs share one run of
+   the prompt across micro-batches, and one backward over their summed losses runs its backward once
+   (shared_prefix.py's store, HessianOperator._build). Rounds before: fused_layers.py (the norms, MLP gates,
+   bias-free linear layers and rotary embedding: one or two autograd nodes each, 4,900 nodes an HVP instead of
+   10,600), attention.py's KV-cache cat and block slices without zero-filled gradients, the warm start's inner
+   products (hessian::multi_dot); toxigen/sdpa went 4.02 s (1.64x) -> 3.08 s (2.31x) -> 1.79 s (3.35x) on a
+   faster day of this machine (the same code ran 15-20% slower in this session).
    Where the top eigenvalue stands apart (toxigen, csqa2) the oracle peers are within 1e-3 after 3-4 products
    and a certified Lanczos needs 2-3: the ratio is one product's cost, a fresh forward + gradient + HVP
    (~1.3 s) against a retained-graph HVP (~0.4 s) plus one graph build and the warm start. Where the top
