@@ -70,7 +70,8 @@ class HessianOperator:
         bias-free linear layers and the rotary embedding's double backward where that holds on the probe too (fused_layers.py);
         `fused_layers` counts the modules swapped.
         share_prefix: the tokens every row of a micro-batch begins with (the task's instruction) run once for all
-        its rows (shared_prefix.py), where that equals the whole rows' forward on the first batch;
+        its rows (shared_prefix.py), and once for all the retained micro-batches that begin with them (_build),
+        where that equals the whole rows' forward on the first batch;
         `prefix_tokens_saved` counts the positions the retained and rebuilt graphs do not hold."""
         self.answer_logits_only = answer_logits_only
         self.model = model
@@ -374,7 +375,8 @@ class HessianOperator:
         return _start_vector(self.params, seed, self.vec_dtype)
 
     def gradient(self):
-        """The loss gradient (a by-product of the graph build), or None where no graph is retained."""
+        """The retained graphs' share of the loss gradient (a by-product of the graph build: all of it where every
+        graph is retained; the start vector needs no more), or None where no graph is retained."""
         if self._g_sum is None:
             return None
         return [torch.zeros_like(p, dtype=self.vec_dtype) if t is None else t.detach().to(self.vec_dtype)
