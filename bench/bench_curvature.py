@@ -51,9 +51,9 @@
    6.22x. One solve on csqa2/sdpa: 1.27 s = graph build 0.31 + warm start 0.19 (3 sub-HVPs) + 2 x 0.385 s HVPs
    (the commit before, run alternately with it: 1.46 s = 0.37 + 0.19 + 2 x 0.45); toxigen/sdpa 1.87 s = 0.34 +
    0.19 + 3 x 0.445 (alternately: 2.00 s = 0.36 + 0.20 + 3 x 0.48 against the commit before's 2.17 s = 0.41 +
-   0.21 + 3 x 0.52). The last step: the retained graphs share one run of
-   the prompt across micro-batches, and one backward over their summed losses runs its backward once
-   (shared_prefix.py's store, HessianOperator._build). Rounds before: fused_layers.py (the norms, MLP gates,
+   0.21 + 3 x 0.52). The last step: the retained graphs share one run of the prompt across micro-batches, and
+   one backward over their summed losses runs its backward once (shared_prefix.py's store,
+   HessianOperator._build). Rounds before: fused_layers.py (the norms, MLP gates,
    bias-free linear layers and rotary embedding: one or two autograd nodes each, 4,900 nodes an HVP instead of
    10,600), attention.py's KV-cache cat and block slices without zero-filled gradients, the warm start's inner
    products (hessian::multi_dot); toxigen/sdpa went 4.02 s (1.64x) -> 3.08 s (2.31x) -> 1.79 s (3.35x) on a
