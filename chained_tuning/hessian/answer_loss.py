@@ -312,7 +312,7 @@ def _every_shortcut(model, batch, fused, last_layer_rows, block_attention, share
     fused = bool(fused) and attention_hvp.fused_softmax_available()
 
     def head():  # the prefix through a store, as the operator runs it
-        return parts[1](_answer_hidden(parts[0], ids, am, keep, rows, P, {} if P else None))
+        return parts[1](_answer_hidden(parts[0], ids, am, keep, rows, P, {}))
     reference = lambda: _answer_logits(model, ids, am, keep)  # noqa: E731
     if not (block_attention and next(model.parameters()).device.type == "cpu"):
         return (rows, "model", contextlib.nullcontext, bool(P), 0) if _same_forward(reference, head) else None

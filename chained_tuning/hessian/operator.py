@@ -67,8 +67,8 @@ class HessianOperator:
         fused (attention.py), where the model's forward is the same with it on the first batch; `attention`
         says which ran ("blocks_fused", "blocks" without the extension, or "model"); a model loaded with eager
         attention runs SDPA inside them. With the extension the same context fuses RMSNorm, the SwiGLU gate, the
-        bias-free linear layers and the rotary embedding's double backward where that holds on the probe too (fused_layers.py);
-        `fused_layers` counts the modules swapped.
+        bias-free linear layers and the rotary embedding's double backward where that holds on the probe too
+        (fused_layers.py); `fused_layers` counts the modules swapped.
         share_prefix: the tokens every row of a micro-batch begins with (the task's instruction) run once for all
         its rows (shared_prefix.py), and once for all the retained micro-batches that begin with them (_build),
         where that equals the whole rows' forward on the first batch;
@@ -198,9 +198,9 @@ class HessianOperator:
 
     # ------------------------------------------------------------------------------------------ the graphs
     def _first_order(self, batch, create_graph=True, prefixes=None):
-        return self._gradient(self._loss(batch, prefixes), create_graph)
+        return self._grads_of(self._loss(batch, prefixes), create_graph)
 
-    def _gradient(self, loss, create_graph=True):
+    def _grads_of(self, loss, create_graph=True):
         self.loss_value += float(loss.detach())
         grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
         self.grads_count += 1
@@ -265,7 +265,7 @@ class HessianOperator:
             self._add_gradient(grads)
             del grads
         if summed is not None:
-            self._add_gradient(self._gradient(summed))
+            self._add_gradient(self._grads_of(summed))
         if self._g_sum is not None:
             self.g_index = [i for i, g in enumerate(self._g_sum) if g is not None and g.requires_grad]
             self.g_out = [self._g_sum[i] for i in self.g_index]
@@ -318,7 +318,6 @@ class HessianOperator:
                 saved += (ids.shape[0] - 1) * shared_prefix.shared_prefix_length(ids, am, keep)
         saved += sum(rows * len(head) for rows, head in self._prefix_of.values())
         return saved - sum(len(head) for head in {head for _, head in self._prefix_of.values()})  # each run once
-        return saved
 
     @property
     def retained_count(self):

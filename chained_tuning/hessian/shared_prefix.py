@@ -42,8 +42,7 @@ def prefix_length(ids, am, keep, store=None) -> int:
     """P for ids: shared_prefix_length's, or the longest prefix `store` holds (prefix_cache's) that every row
     begins with, attended and predicting no answer token, where that is longer: a stored prefix spares every
     row's P positions at no cost of its own, so one row or a short batch takes it too."""
-    P = shared_prefix_length(ids, am, keep)
-    B, T = ids.shape
+    P, T = shared_prefix_length(ids, am, keep), ids.shape[1]
     for Q, head in store or ():
         if P < Q < T and bool((ids[:, :Q] == ids.new_tensor(head)).all() and am[:, :Q].bool().all()
                                and not keep[:, :Q].any()):
